@@ -1,0 +1,225 @@
+"""Specs -> modules. The only place where token specs become ``nn.Module``s.
+
+Every structure is first traced on the meta device (no memory, no compute): each layer is
+built with meta parameters and run on a meta tensor of the incoming shape, so a wrong
+argument, a channel mismatch or a layer that cannot take its input is reported with the
+file, position and token before any real weight exists.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from . import layers  # noqa: F401  (registers the built-in tokens)
+from .dsl.grammar import TokenSpec
+from .registry import LAYERS, LayerType, Registry
+from .utils import format_shape
+
+_DIM_NAMES = {1: "(C, L)", 2: "(C, H, W)", 3: "(C, D, H, W)"}
+
+
+class Stack(nn.Sequential):
+    """A built token list. ``forward`` returns the output; ``forward_aux`` also returns the
+    auxiliary losses of layers registered with ``aux=True`` (quantizers), by name."""
+
+    def __init__(self, modules, aux_flags=None):
+        super().__init__(*modules)
+        self.aux_flags = tuple(aux_flags or (False,) * len(modules))
+        self.has_aux = any(self.aux_flags)
+
+    def forward_aux(self, x):
+        aux = {}
+        for index, (module, is_aux) in enumerate(zip(self, self.aux_flags)):
+            if is_aux:
+                x, losses = module(x)
+                aux.update({f"{name}_{index}": value for name, value in losses.items()})
+            else:
+                x = module(x)
+        return x, aux
+
+    def forward(self, x):
+        if self.has_aux:
+            return self.forward_aux(x)[0]
+        return super().forward(x)
+
+
+@dataclass
+class LayerRow:
+    position: int | None
+    token: str
+    out_shape: tuple[int, ...]
+    params: int
+
+
+@dataclass
+class StackPlan:
+    """The outcome of tracing a structure: what to build and the shapes it produces."""
+
+    source: str | None
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    layers: list[tuple[LayerType, dict]] = field(default_factory=list)
+    rows: list[LayerRow] = field(default_factory=list)
+    specs: list[TokenSpec] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(r.params for r in self.rows)
+
+    def build(self, device=None) -> Stack:
+        """Real modules on ``device`` (random init, in structure order, so seeding holds)."""
+        with torch.device(device or "cpu"):
+            modules = [layer.factory(**kwargs) for layer, kwargs in self.layers]
+        return Stack(modules, [layer.aux for layer, _ in self.layers])
+
+
+def expand(specs: list[TokenSpec]) -> list[TokenSpec]:
+    """Unroll ``N*TOKEN`` into N specs that keep the original text and position."""
+    return [spec for spec in specs for _ in range(spec.repeat)]
+
+
+def trace(specs: list[TokenSpec], in_shape, *, registry: Registry = LAYERS,
+          input_name: str = "the input") -> StackPlan:
+    """Check a structure against a per-sample input shape without allocating anything."""
+    in_shape = tuple(int(s) for s in in_shape)
+    source = specs[0].source if specs else None
+    plan = StackPlan(source=source, in_shape=in_shape, out_shape=in_shape)
+    shape = in_shape
+    for index, spec in enumerate(expand(specs)):
+        layer = registry.get(spec)
+        spatial = len(shape) - 1
+        if layer.dims is not None and spatial not in layer.dims:
+            wanted = " or ".join(_DIM_NAMES.get(d, f"{d}D") for d in layer.dims)
+            raise spec.error(
+                f"{layer.name} works on {wanted} data, but {_describe_input(index, input_name)} "
+                f"has shape {format_shape(shape)}"
+            )
+        kwargs = layer.bind(spec, shape, _describe_input(index, input_name))
+        try:
+            with torch.device("meta"):
+                module = layer.factory(**kwargs)
+        except Exception as exc:  # constructors reject values with several exception types
+            raise spec.error(f"invalid arguments for {layer.signature()}: {_first_line(exc)}") from None
+        try:
+            out = module(torch.empty((2, *shape), device="meta"))
+        except Exception as exc:  # torch reports bad sizes with many exception types
+            raise spec.error(
+                f"cannot be applied to {_describe_input(index, input_name)} of shape "
+                f"{format_shape(shape)}: {_first_line(exc)}"
+            ) from None
+        if layer.aux:
+            out = out[0]
+        shape = tuple(out.shape[1:])
+        if any(s == 0 for s in shape):
+            raise spec.error(f"produces an empty output {format_shape(shape)}: the input is too small")
+        params = sum(p.numel() for p in module.parameters())
+        plan.layers.append((layer, kwargs))
+        plan.rows.append(LayerRow(spec.position, spec.text, shape, params))
+        plan.specs.append(spec)
+    plan.out_shape = shape
+    return plan
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _describe_input(index: int, input_name: str) -> str:
+    return input_name if index == 0 else "the previous layer's output"
+
+
+def format_table(plan: StackPlan, title: str | None = None) -> str:
+    """Per-layer table: position, token, output shape, parameters."""
+    rows = [("pos", "token", "output shape", "params")]
+    rows.append(("", "(input)", format_shape(plan.in_shape), ""))
+    for r in plan.rows:
+        rows.append((str(r.position or ""), r.token, format_shape(r.out_shape), f"{r.params:,}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [title] if title else []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(
+            cell.rjust(w) if col in (0, 3) else cell.ljust(w) for col, (cell, w) in enumerate(zip(row, widths))
+        ).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append(f"total parameters: {plan.params:,}")
+    return "\n".join(lines)
+
+
+def count_values(shape) -> int:
+    return math.prod(shape)
+
+
+def as_specs(structure, name: str = "<structure>") -> list[TokenSpec]:
+    """A path to a JSON file, a list of token strings, or already parsed specs."""
+    from .dsl.structure import load_structure, parse_structure
+
+    if isinstance(structure, (str, os.PathLike)):
+        return load_structure(structure)
+    if isinstance(structure, list) and structure and all(isinstance(s, TokenSpec) for s in structure):
+        return structure
+    return parse_structure(structure, source=name)
+
+
+@dataclass
+class VAEPlan:
+    """Both stacks traced against the data shape, and the latent between them."""
+
+    data_shape: tuple[int, ...]
+    encoder: StackPlan
+    decoder: StackPlan
+    latent: nn.Module
+    latent_shape: tuple[int, ...]
+
+    def build(self, device=None, scaling_factor: float = 1.0, output: str = "value"):
+        from .model import VAE
+
+        return VAE(
+            self.encoder.build(device), self.decoder.build(device), self.latent.to(device or "cpu"),
+            self.latent_shape, scaling_factor=scaling_factor, output=output,
+        )
+
+    def table(self) -> str:
+        return "\n\n".join([
+            format_table(self.encoder, f"encoder ({self.encoder.source})"),
+            f"latent: {self.latent.kind}, shape {format_shape(self.latent_shape)}",
+            format_table(self.decoder, f"decoder ({self.decoder.source})"),
+        ])
+
+
+def plan_vae(encoder, decoder, data_shape, latent: nn.Module | None = None, *,
+             registry: Registry = LAYERS) -> VAEPlan:
+    """Trace encoder and decoder on the meta device; raise StructureError on any mismatch."""
+    from .latents import GaussianLatent
+
+    latent = GaussianLatent() if latent is None else latent
+    data_shape = tuple(int(s) for s in data_shape)
+    encoder_specs, decoder_specs = as_specs(encoder, "<encoder>"), as_specs(decoder, "<decoder>")
+    enc = trace(encoder_specs, data_shape, registry=registry, input_name="the input data")
+    try:
+        latent_shape = tuple(latent.latent_shape(enc.out_shape))
+    except ValueError as exc:
+        raise enc.specs[-1].error(str(exc)) from None
+    dec = trace(
+        decoder_specs, latent_shape, registry=registry,
+        input_name=f"the {latent.kind} latent (from the encoder's output {format_shape(enc.out_shape)})",
+    )
+    if dec.out_shape != data_shape:
+        raise dec.specs[-1].error(
+            f"the decoder's output has shape {format_shape(dec.out_shape)}, but it must reproduce "
+            f"the input shape {format_shape(data_shape)} (channels, then spatial sizes)"
+        )
+    return VAEPlan(data_shape, enc, dec, latent, latent_shape)
+
+
+def build_vae(encoder, decoder, data_shape, latent: nn.Module | None = None, *, device=None,
+              scaling_factor: float = 1.0, output: str = "value", registry: Registry = LAYERS):
+    """Check, then build: ``build_vae("enc.json", "dec.json", (3, 64, 64))``."""
+    plan = plan_vae(encoder, decoder, data_shape, latent, registry=registry)
+    return plan.build(device, scaling_factor=scaling_factor, output=output)

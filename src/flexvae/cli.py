@@ -1,0 +1,174 @@
+"""Command line: ``python train.py -t`` (the original's flags) and ``flexvae train`` (subcommands).
+
+Each mode is a thin call into the package. User mistakes (FlexVAEError) print one line and
+exit with status 1; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import FlexVAEError
+
+DEFAULT_CONFIG = "configs/config.toml"
+
+# (flag for train.py, subcommand for flexvae, help)
+MODES = [
+    ("-t", "train", "train the configured model (resumes a run directory that has a checkpoint)"),
+    ("-i", "reconstruct", "inference: reconstruct every image of a folder, with PSNR/SSIM per image"),
+    ("-e", "encode", "encode every image of a folder to latent files plus a manifest"),
+    ("-d", "decode", "decode latent files back to images"),
+    ("-mem", "mem", "find the largest training batch size that fits on the device"),
+    ("--check", "check", "build and check the structures; print the per-layer table"),
+    ("--layers", "layers", "list every layer token with its arguments"),
+]
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", default=None,
+                        help=f"TOML config (default: {DEFAULT_CONFIG}, or built-in defaults if it is missing)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (repeatable), e.g. --set train.lr=3e-4")
+    parser.add_argument("--ckpt", help="checkpoint file, or a run directory (its latest checkpoint); "
+                                       "default: train.out_dir")
+    parser.add_argument("--input", help="input folder (default: data.path for -i/-e, <run>/latents for -d)")
+    parser.add_argument("--output", help="output folder (default: inside the run directory)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default: train.device)")
+    parser.add_argument("--fresh", action="store_true", help="-t: ignore existing checkpoints and start over")
+    parser.add_argument("--sample", action="store_true", help="-e: store a posterior sample instead of the mean")
+    parser.add_argument("--side-by-side", action="store_true", help="-i: write original and reconstruction side by side")
+    parser.add_argument("--write", action="store_true", help="-mem: store the batch size found in the config file")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+
+def train_py_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="flexvae: VAEs declared as JSON token lists. Give exactly one mode.")
+    group = parser.add_mutually_exclusive_group(required=True)
+    for flag, name, text in MODES:
+        group.add_argument(flag, dest="mode", action="store_const", const=name, help=text)
+    _add_options(parser)
+    return parser
+
+
+def flexvae_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexvae", description="flexvae: VAEs declared as JSON token lists.")
+    sub = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
+    for _, name, text in MODES:
+        _add_options(sub.add_parser(name, help=text, description=text))
+    return parser
+
+
+def _load_config(args):
+    from .config import load_config
+
+    path = args.config
+    if path is None:
+        path = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None
+    return load_config(path, args.set), path
+
+
+def _device(args, cfg) -> str:
+    from .config import resolve_device
+
+    return resolve_device(args.device or cfg.train.device)
+
+
+def _load_model(args, cfg, device):
+    from .inference import ModelContext
+    from .loading import model_from_checkpoint
+    from .train.checkpoint import load_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint(args.ckpt or cfg.train.out_dir)
+    ckpt = load_checkpoint(path, with_train_state=False)
+    model, stored_cfg, plan = model_from_checkpoint(ckpt, device=device, prefer_ema=not args.no_ema,
+                                                    extra_plugins=cfg.model.plugins)
+    print(f"model: {path} (step {ckpt.step})")
+    return ModelContext.from_checkpoint(model, stored_cfg, plan), ckpt
+
+
+def _run_dir(args, cfg) -> Path:
+    if args.ckpt:
+        ckpt = Path(args.ckpt)
+        if ckpt.is_file():
+            return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        return ckpt.parent if ckpt.name == "checkpoints" else ckpt
+    return Path(cfg.train.out_dir)
+
+
+def run_mode(args) -> int:
+    cfg, config_path = _load_config(args)
+    mode = args.mode
+    if mode == "layers":
+        from .loading import load_plugins
+        from .registry import LAYERS
+        from . import build  # noqa: F401  (registers the built-in tokens)
+
+        load_plugins(cfg.model.plugins, config_path)
+        print(LAYERS.table())
+        return 0
+    if mode == "check":
+        from .loading import plan_from_config
+
+        print(plan_from_config(cfg, config_path).table())
+        return 0
+    if mode == "train":
+        from .train.trainer import train
+
+        train(cfg, config_path, fresh=args.fresh, device=args.device)
+        return 0
+    if mode == "mem":
+        from .train.memory import find_max_batch, write_batch_size
+
+        result = find_max_batch(cfg, config_path, device=_device(args, cfg))
+        print(result.format())
+        if args.write:
+            size = result.confirmed or result.predicted
+            write_batch_size(config_path, size)
+            print(f"wrote train.batch_size = {size} to {config_path}")
+        return 0
+
+    device = _device(args, cfg)
+    ctx, _ = _load_model(args, cfg, device)
+    run_dir = _run_dir(args, cfg)
+    workers = cfg.data.num_workers
+    if mode == "reconstruct":
+        from .inference import reconstruct_folder
+
+        out = Path(args.output or run_dir / "reconstructions")
+        summary = reconstruct_folder(ctx, args.input or cfg.data.path, out, batch_size=cfg.encode.batch_size,
+                                     num_workers=workers, side_by_side=args.side_by_side, device=device)
+        print(f"reconstructed {summary['images']} images into {out}: mean PSNR {summary['psnr']:.2f} dB, "
+              f"mean SSIM {summary['ssim']:.4f}; per-image values in {out / 'metrics.csv'}")
+    elif mode == "encode":
+        from .inference import encode_folder
+
+        out = Path(args.output or run_dir / "latents")
+        summary = encode_folder(ctx, args.input or cfg.data.path, out, fmt=cfg.encode.format,
+                                sample=args.sample or cfg.encode.sample, batch_size=cfg.encode.batch_size,
+                                num_workers=workers, device=device, seed=cfg.train.seed)
+        print(f"encoded into {out}: {json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in summary.items()})}")
+    elif mode == "decode":
+        from .inference import decode_folder
+
+        out = Path(args.output or run_dir / "decoded")
+        summary = decode_folder(ctx, args.input or run_dir / "latents", out, batch_size=cfg.encode.batch_size,
+                                device=device)
+        print(f"decoded {summary['decoded']} latents into {out} ({summary['failed']} failed)")
+    return 0
+
+
+def main(argv=None, prog: str = "flexvae") -> int:
+    parser = train_py_parser() if prog == "train.py" else flexvae_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run_mode(args)
+    except FlexVAEError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

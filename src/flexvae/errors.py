@@ -1,0 +1,39 @@
+"""Errors caused by the user's input: config, structure files, data, checkpoints.
+
+The CLI prints these as one message and exits non-zero, without a traceback
+(``--debug`` shows it). Programming errors stay ordinary exceptions.
+"""
+
+
+class FlexVAEError(Exception):
+    """A mistake the user can fix; the message says what and where."""
+
+
+class StructureError(FlexVAEError):
+    """A structure file (token list) is malformed or does not fit the data."""
+
+    def __init__(self, message, source=None, position=None, token=None):
+        self.source = source
+        self.position = position
+        self.token = token
+        where = []
+        if source is not None:
+            where.append(str(source))
+        if position is not None:
+            where.append(f"position {position}")
+        prefix = ", ".join(where)
+        if token is not None:
+            prefix = f"{prefix}, token {token!r}" if prefix else f"token {token!r}"
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class ConfigError(FlexVAEError):
+    """A config file or override is malformed, unknown or of the wrong type."""
+
+
+class DataError(FlexVAEError):
+    """An input folder or dataset cannot be used."""
+
+
+class CheckpointError(FlexVAEError):
+    """A checkpoint is missing, unreadable or does not match what is asked of it."""

@@ -1,0 +1,1 @@
+"""Training: the training loop, memory planning and checkpoints."""

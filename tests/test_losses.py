@@ -1,0 +1,260 @@
+"""Loss terms, KL schedules and SSIM, against hand-computed values and reference libraries."""
+
+import dataclasses
+import math
+
+import pytest
+import pytorch_msssim
+import torch
+import torch.nn.functional as F
+
+from flexvae.config import LossConfig
+from flexvae.errors import ConfigError
+from flexvae.latents import DiagonalGaussian, PointPosterior
+from flexvae.losses import (
+    check_loss_config,
+    kld_term,
+    kld_weight_at,
+    pick_ssim_kind,
+    psnr,
+    reconstruction_loss,
+    ssim_value,
+    ssim_window,
+    vae_loss,
+)
+from flexvae.model import VAEOutput
+
+
+def cfg(**changes) -> LossConfig:
+    return dataclasses.replace(LossConfig(), **changes)
+
+
+def batch(shape=(2, 3, 16, 16), latent=(2, 4, 4, 4), seed=0):
+    """Images in [-1, 1], a nearby reconstruction and a posterior."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(shape, generator=generator) * 2 - 1
+    recon = (x + 0.2 * torch.randn(shape, generator=generator)).clamp(-1, 1)
+    mean = torch.randn(latent, generator=generator)
+    logvar = torch.randn(latent, generator=generator)
+    posterior = DiagonalGaussian(mean, logvar)
+    return x, VAEOutput(recon, posterior, posterior.mean)
+
+
+# ------------------------------------------------------------------ KL schedules
+@pytest.mark.parametrize("step", [0, 1, 500, 10_000])
+def test_constant_schedule(step):
+    assert kld_weight_at(step, cfg(kld_weight=0.3)) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("step, expected", [(0, 0.0), (25, 0.25), (50, 0.5), (100, 1.0), (101, 1.0), (1000, 1.0)])
+def test_linear_schedule(step, expected):
+    config = cfg(kld_weight=0.02, kld_schedule="linear", kld_warmup_steps=100)
+    # kld_weight * min(1, step / kld_warmup_steps)
+    assert kld_weight_at(step, config) == pytest.approx(0.02 * expected)
+
+
+def test_linear_schedule_without_warmup_is_constant():
+    assert kld_weight_at(0, cfg(kld_weight=0.02, kld_schedule="linear", kld_warmup_steps=0)) == pytest.approx(0.02)
+
+
+@pytest.mark.parametrize(
+    "step, ratio, expected",
+    [(0, 0.5, 0.0), (25, 0.5, 0.5), (50, 0.5, 1.0), (75, 0.5, 1.0), (99, 0.5, 1.0), (100, 0.5, 0.0),
+     (110, 0.5, 0.2), (260, 0.5, 1.0), (50, 1.0, 0.5), (99, 1.0, 0.99), (10, 0.25, 0.4), (30, 0.25, 1.0)],
+)
+def test_cyclical_schedule(step, ratio, expected):
+    # Within each period of 100 steps: ramp from 0 over the first `ratio` of it, then hold.
+    config = cfg(kld_weight=2.0, kld_schedule="cyclical", kld_cycle_steps=100, kld_cycle_ratio=ratio)
+    assert kld_weight_at(step, config) == pytest.approx(2.0 * expected)
+
+
+def test_kl_weight_from_the_config_reaches_the_loss():
+    x, out = batch()
+    for weight in (0.0, 1e-4, 0.5):
+        loss = vae_loss(x, out, cfg(kld_weight=weight))
+        assert loss.kld_weight == weight
+        assert loss.total.item() == pytest.approx((loss.terms["recon"] + weight * loss.terms["kld"]).item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------ KL reduction
+def test_kl_sum_is_mean_times_latent_elements_per_sample():
+    _, out = batch(latent=(3, 4, 5, 6))
+    mean_kl = kld_term(out.posterior, "mean")
+    sum_kl = kld_term(out.posterior, "sum")
+    assert sum_kl.item() == pytest.approx(mean_kl.item() * 4 * 5 * 6, rel=1e-5)
+    assert sum_kl.item() == pytest.approx(out.posterior.kl().mean().item(), rel=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        kld_term(out.posterior, "max")
+
+
+def test_kl_of_a_point_posterior_is_zero():
+    posterior = PointPosterior(torch.randn(2, 4, 3, 3))
+    assert kld_term(posterior, "mean").item() == 0 and kld_term(posterior, "sum").item() == 0
+
+
+# ------------------------------------------------------------------ reconstruction
+def test_reconstruction_losses_match_torch():
+    x, out = batch()
+    assert torch.allclose(reconstruction_loss(out.recon, x, "mse"), F.mse_loss(out.recon, x))
+    assert torch.allclose(reconstruction_loss(out.recon, x, "l1"), F.l1_loss(out.recon, x))
+    logits = torch.randn_like(x) * 3
+    expected = F.binary_cross_entropy(torch.sigmoid(logits), (x + 1) / 2)
+    assert torch.allclose(reconstruction_loss(logits, x, "bce"), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown reconstruction loss"):
+        reconstruction_loss(out.recon, x, "huber")
+
+
+@pytest.mark.parametrize("recon", ["mse", "l1", "bce"])
+def test_vae_loss_recon_term(recon):
+    x, out = batch()
+    loss = vae_loss(x, out, cfg(recon=recon), output="logits" if recon == "bce" else "value")
+    assert torch.allclose(loss.terms["recon"], reconstruction_loss(out.recon, x, recon))
+
+
+# ------------------------------------------------------------------ SSIM
+def test_ssim_off_has_no_term_and_does_not_crash():
+    x, out = batch()
+    loss = vae_loss(x, out, cfg(ssim=False))
+    assert "ssim" not in loss.terms and torch.isfinite(loss.total)
+    # Not even on 1D data, where SSIM is undefined.
+    x1, out1 = batch(shape=(2, 3, 16), latent=(2, 4, 4))
+    check_loss_config(cfg(ssim=False), (3, 16))
+    assert "ssim" not in vae_loss(x1, out1, cfg(ssim=False)).terms
+
+
+def test_ssim_of_identical_images_is_one():
+    x, _ = batch()
+    assert ssim_value(x, x).item() == pytest.approx(1.0, abs=1e-6)
+    posterior = DiagonalGaussian(torch.zeros(2, 4, 4, 4), torch.zeros(2, 4, 4, 4))
+    loss = vae_loss(x, VAEOutput(x.clone(), posterior, posterior.mean), cfg(ssim=True))
+    assert loss.terms["ssim"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_ssim_data_range_is_fixed(scale):
+    # A batch with small deviations must not get a smaller data range: SSIM is always taken
+    # on [0, 1] with data_range=1.
+    generator = torch.Generator().manual_seed(0)
+    a = (torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1) * scale
+    b = (a + 0.3 * torch.randn(2, 3, 32, 32, generator=generator)).clamp(-1, 1) * scale
+    expected = pytorch_msssim.ssim((a + 1) / 2, (b + 1) / 2, data_range=1.0, win_size=11)
+    assert torch.allclose(ssim_value(a, b), expected, atol=1e-6)
+
+
+def test_ssim_changes_with_the_scale_of_the_difference():
+    # With a range guessed per batch, shrinking both images would leave SSIM nearly unchanged.
+    generator = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1
+    b = (a + 0.3 * torch.randn(2, 3, 32, 32, generator=generator)).clamp(-1, 1)
+    assert ssim_value(a, b).item() < 0.9
+    assert ssim_value(0.01 * a, 0.01 * b).item() > 0.99
+
+
+def test_ssim_window_shrinks_for_small_images():
+    assert ssim_window((32, 32)) == 11
+    assert ssim_window((8, 16)) == 7
+    assert ssim_window((9, 9)) == 9
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.rand(1, 1, 8, 8, generator=generator) * 2 - 1 for _ in range(2))
+    expected = pytorch_msssim.ssim((a + 1) / 2, (b + 1) / 2, data_range=1.0, win_size=7)
+    assert torch.allclose(ssim_value(a, b), expected, atol=1e-6)
+
+
+def test_ms_ssim_matches_reference_on_large_images():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 1, 176, 176, generator=generator) * 2 - 1
+    b = (a + 0.2 * torch.randn(1, 1, 176, 176, generator=generator)).clamp(-1, 1)
+    expected = pytorch_msssim.ms_ssim((a + 1) / 2, (b + 1) / 2, data_range=1.0, win_size=11)
+    assert torch.allclose(ssim_value(a, b, "auto"), expected, atol=1e-6)
+    assert torch.allclose(ssim_value(a, b, "ms-ssim"), expected, atol=1e-6)
+    plain = pytorch_msssim.ssim((a + 1) / 2, (b + 1) / 2, data_range=1.0, win_size=11)
+    assert torch.allclose(ssim_value(a, b, "ssim"), plain, atol=1e-6)
+
+
+def test_ssim_on_3d_data():
+    x, out = batch(shape=(1, 1, 8, 8, 8), latent=(1, 2, 4, 4, 4))
+    check_loss_config(cfg(ssim=True), (1, 8, 8, 8))
+    loss = vae_loss(x, out, cfg(ssim=True))
+    assert 0 < loss.terms["ssim"].item() < 2
+
+
+def test_ssim_on_logits_output_uses_the_image():
+    x, out = batch()
+    logits = torch.randn_like(x)
+    logits_out = VAEOutput(logits, out.posterior, out.z)
+    loss = vae_loss(x, logits_out, cfg(ssim=True, recon="bce"), output="logits")
+    expected = 1 - ssim_value(torch.sigmoid(logits) * 2 - 1, x)
+    assert torch.allclose(loss.terms["ssim"], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kind, spatial, expected",
+    [("auto", (32, 32), "ssim"), ("auto", (160, 160), "ssim"), ("auto", (161, 161), "ms-ssim"),
+     ("auto", (256, 100), "ssim"), ("auto", (256, 256), "ms-ssim"), ("ssim", (512, 512), "ssim"),
+     ("ms-ssim", (161, 200), "ms-ssim")],
+)
+def test_pick_ssim_kind(kind, spatial, expected):
+    assert pick_ssim_kind(kind, spatial) == expected
+
+
+def test_check_loss_config_errors():
+    with pytest.raises(ConfigError, match="2D or 3D data"):
+        check_loss_config(cfg(ssim=True), (3, 64))
+    with pytest.raises(ConfigError, match="ms-ssim.*160 px") as info:
+        check_loss_config(cfg(ssim=True, ssim_kind="ms-ssim"), (3, 32, 32))
+    assert "32x32" in str(info.value)
+    with pytest.raises(ConfigError, match="at least 3 px"):
+        check_loss_config(cfg(ssim=True), (3, 2, 32))
+    check_loss_config(cfg(ssim=True), (3, 32, 32))
+    check_loss_config(cfg(ssim=True, ssim_kind="ms-ssim"), (3, 256, 256))
+
+
+# ------------------------------------------------------------------ sparsity and weights
+def test_sparse_term_is_mean_absolute_posterior_mean():
+    x, out = batch()
+    loss = vae_loss(x, out, cfg(sparse=True))
+    assert torch.allclose(loss.terms["sparse"], out.posterior.mean.abs().mean())
+    assert loss.terms["sparse"].item() > 0
+    assert "sparse" not in vae_loss(x, out, cfg(sparse=False)).terms
+
+
+def test_weights_multiply_their_terms():
+    x, out = batch()
+    out.aux["commitment"] = torch.tensor(0.25)
+    config = cfg(alpha=2.0, kld_weight=0.3, beta=0.5, gamma=0.7, ssim=True, sparse=True)
+    loss = vae_loss(x, out, config)
+    terms = loss.terms
+    assert set(terms) == {"recon", "kld", "ssim", "sparse", "commitment"}
+    expected = 2.0 * terms["recon"] + 0.3 * terms["kld"] + 0.5 * terms["ssim"] + 0.7 * terms["sparse"] + 0.25
+    assert loss.total.item() == pytest.approx(expected.item(), rel=1e-6)
+    # Each weight really moves the total.
+    for field, value in [("alpha", 3.0), ("kld_weight", 0.9), ("beta", 1.5), ("gamma", 2.0)]:
+        changed = vae_loss(x, out, dataclasses.replace(config, **{field: value}))
+        assert changed.total.item() != pytest.approx(loss.total.item())
+
+
+def test_scheduled_weight_is_used_in_the_total():
+    x, out = batch()
+    config = cfg(kld_weight=0.4, kld_schedule="linear", kld_warmup_steps=10)
+    loss = vae_loss(x, out, config, step=5)
+    assert loss.kld_weight == pytest.approx(0.2)
+    assert loss.total.item() == pytest.approx((loss.terms["recon"] + 0.2 * loss.terms["kld"]).item(), rel=1e-6)
+
+
+def test_loss_backpropagates():
+    x, out = batch()
+    recon = out.recon.clone().requires_grad_(True)
+    mean = out.posterior.mean.clone().requires_grad_(True)
+    posterior = DiagonalGaussian(mean, out.posterior.logvar)
+    loss = vae_loss(x, VAEOutput(recon, posterior, mean), cfg(ssim=True, sparse=True))
+    loss.total.backward()
+    assert torch.isfinite(recon.grad).all() and torch.isfinite(mean.grad).all()
+
+
+def test_psnr():
+    target = torch.zeros(2, 3, 4, 4)
+    image = torch.full_like(target, 0.1)
+    image[1] = 0.2
+    expected = torch.tensor([10 * math.log10(4 / 0.01), 10 * math.log10(4 / 0.04)])
+    assert torch.allclose(psnr(image, target), expected, atol=1e-4)
+    assert torch.isfinite(psnr(target, target)).all()
