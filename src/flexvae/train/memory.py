@@ -302,12 +302,23 @@ def _probe(runner, sizes, log, device) -> tuple[list[int], list[float], int | No
     return peaks, timings, None
 
 
+def _warm_up(runner, sizes, device) -> None:
+    """One unmeasured step, at the largest probe size when it fits: AdamW's state and one-off
+    allocations (some kernels set up buffers only for batches above 1) exist before measuring."""
+    for size in (sizes[-1], sizes[0]):
+        try:
+            runner.step(size)
+            return
+        except _out_of_memory_errors(device):
+            pass
+        runner.release()
+    raise FlexVAEError(f"a training step at batch size {sizes[0]} already runs out of memory on {device}")
+
+
 def _cpu_confirm_cap(sizes, seconds) -> int:
-    """Largest batch whose step should finish within CPU_CONFIRM_SECONDS, from the probe timings."""
-    overhead, per_sample = fit_linear(sizes, seconds)
-    if per_sample <= 0:  # timings too noisy for a line: charge the slowest rate seen to every sample
-        overhead, per_sample = 0.0, max(t / s for s, t in zip(sizes, seconds))
-    return max(1, math.floor((CPU_CONFIRM_SECONDS - max(0.0, overhead)) / max(per_sample, 1e-9)))
+    """Batch whose step should take at most CPU_CONFIRM_SECONDS, charging the largest probe's time
+    per sample to every sample (an upper bound on the rate: it includes the per-step overhead)."""
+    return max(1, math.floor(CPU_CONFIRM_SECONDS * sizes[-1] / max(seconds[-1], 1e-9)))
 
 
 def _confirm_cuda(runner, size: int, log) -> tuple[int, str]:
@@ -380,11 +391,7 @@ def find_max_batch(cfg, config_path=None, device=None, log=print, *, cpu_method:
     runner = StepRunner(cfg, config_path, device) if in_process else ChildRunner(cfg, config_path)
     log(f"probing whole training steps on {device} at batch sizes {sizes}")
     if in_process:
-        try:
-            runner.step(sizes[0])  # warm-up: AdamW's state is allocated here, before any measurement
-        except _out_of_memory_errors(device):
-            raise FlexVAEError(f"a training step at batch size {sizes[0]} already runs out of memory on "
-                               f"{device}") from None
+        _warm_up(runner, sizes, device)
     for attempt in range(2):
         peaks, timings, failed = _probe(runner, sizes, log, device)
         sizes = sizes[:len(peaks)]
