@@ -13,7 +13,7 @@ from flexvae.latents import DeterministicLatent
 
 STRUCTURES = Path(__file__).resolve().parents[1] / "structures"
 # Preset name -> image side it is traced at. Large presets are only traced on the meta device.
-PRESET_SIZES = {"original": 256, "fixed256": 256, "small": 32, "tiny": 16}
+PRESET_SIZES = {"original": 256, "fixed256": 256, "small": 32, "tiny": 16, "sd_vae": 256}
 BUILT_FOR_REAL = {"small", "tiny"}
 PRESETS = sorted({p.name.rsplit("_", 1)[0] for p in STRUCTURES.glob("*_encoder.json")})
 

@@ -171,7 +171,7 @@ def test_misplaced_key_suggests_right_section():
 def test_unknown_section():
     msg = error_of(config_from_dict, {"trian": {"lr": 0.1}}, "my.toml")
     assert msg.startswith("my.toml: unknown section [trian]. Did you mean [train]?")
-    assert "[data], [model], [loss], [train], [encode], [mem]" in msg
+    assert "[data], [model], [latent], [loss], [train], [encode], [mem]" in msg
 
 
 def test_top_level_key_is_an_error():

@@ -25,25 +25,62 @@ _DIM_NAMES = {1: "(C, L)", 2: "(C, H, W)", 3: "(C, D, H, W)"}
 
 class Stack(nn.Sequential):
     """A built token list. ``forward`` returns the output; ``forward_aux`` also returns the
-    auxiliary losses of layers registered with ``aux=True`` (quantizers), by name."""
+    auxiliary losses of layers registered with ``aux=True`` (quantizers), by name.
 
-    def __init__(self, modules, aux_flags=None):
+    Gradient checkpointing (recompute activations in the backward pass instead of storing
+    them) applies to segments: ``"marked"`` uses the structure's '@' tokens and
+    "@begin"/"@end" spans, ``"blocks"`` also every residual and attention block. Layers with
+    auxiliary outputs are never recomputed (a quantizer's codebook update must run once).
+    """
+
+    def __init__(self, modules, aux_flags=None, checkpoint_groups=None):
         super().__init__(*modules)
-        self.aux_flags = tuple(aux_flags or (False,) * len(modules))
+        count = len(self)
+        self.aux_flags = tuple(aux_flags or (False,) * count)
         self.has_aux = any(self.aux_flags)
+        self.checkpoint_groups = tuple(checkpoint_groups or (None,) * count)
+        self.grad_checkpointing = "off"
+
+    def segments(self, mode: str) -> list[tuple[int, int, bool]]:
+        """(start, end, recompute) runs of consecutive layers for a checkpointing mode."""
+        groups = []
+        for index, (module, group, is_aux) in enumerate(zip(self, self.checkpoint_groups, self.aux_flags)):
+            if is_aux or mode == "off":
+                group = None
+            elif group is None and mode == "blocks" and getattr(module, "checkpoint_unit", False):
+                group = f"block{index}"
+            groups.append(group)
+        out, start = [], 0
+        for index in range(1, len(groups) + 1):
+            if index == len(groups) or groups[index] != groups[start] or groups[start] is None:
+                out.append((start, index, groups[start] is not None))
+                start = index
+        return out
 
     def forward_aux(self, x):
+        from torch.utils.checkpoint import checkpoint
+
         aux = {}
-        for index, (module, is_aux) in enumerate(zip(self, self.aux_flags)):
-            if is_aux:
-                x, losses = module(x)
-                aux.update({f"{name}_{index}": value for name, value in losses.items()})
-            else:
-                x = module(x)
+        recompute_allowed = self.grad_checkpointing != "off" and self.training and torch.is_grad_enabled()
+        for start, end, recompute in self.segments(self.grad_checkpointing if recompute_allowed else "off"):
+            if recompute:
+                x = checkpoint(self._run, x, start, end, use_reentrant=False)
+                continue
+            for index in range(start, end):
+                if self.aux_flags[index]:
+                    x, losses = self[index](x)
+                    aux.update({f"{name}_{index}": value for name, value in losses.items()})
+                else:
+                    x = self[index](x)
         return x, aux
 
+    def _run(self, x, start: int, end: int):
+        for index in range(start, end):
+            x = self[index](x)
+        return x
+
     def forward(self, x):
-        if self.has_aux:
+        if self.has_aux or self.grad_checkpointing != "off":
             return self.forward_aux(x)[0]
         return super().forward(x)
 
@@ -75,7 +112,19 @@ class StackPlan:
         """Real modules on ``device`` (random init, in structure order, so seeding holds)."""
         with torch.device(device or "cpu"):
             modules = [layer.factory(**kwargs) for layer, kwargs in self.layers]
-        return Stack(modules, [layer.aux for layer, _ in self.layers])
+        return Stack(modules, [layer.aux for layer, _ in self.layers], self.checkpoint_groups())
+
+    def checkpoint_groups(self) -> list:
+        """Per layer: None, or a key shared by the layers recomputed together."""
+        groups = []
+        for index, spec in enumerate(self.specs):
+            if spec.checkpoint == "token":
+                groups.append(f"token{index}")  # every repeat of an '@' token on its own
+            elif spec.checkpoint is not None:
+                groups.append(f"span{spec.checkpoint}")
+            else:
+                groups.append(None)
+        return groups
 
 
 def expand(specs: list[TokenSpec]) -> list[TokenSpec]:
@@ -90,6 +139,7 @@ def trace(specs: list[TokenSpec], in_shape, *, registry: Registry = LAYERS,
     source = specs[0].source if specs else None
     plan = StackPlan(source=source, in_shape=in_shape, out_shape=in_shape)
     shape = in_shape
+    seen: dict = {}
     for index, spec in enumerate(expand(specs)):
         layer = registry.get(spec)
         spatial = len(shape) - 1
@@ -100,29 +150,36 @@ def trace(specs: list[TokenSpec], in_shape, *, registry: Registry = LAYERS,
                 f"has shape {format_shape(shape)}"
             )
         kwargs = layer.bind(spec, shape, _describe_input(index, input_name))
-        try:
-            with torch.device("meta"):
-                module = layer.factory(**kwargs)
-        except Exception as exc:  # constructors reject values with several exception types
-            raise spec.error(f"invalid arguments for {layer.signature()}: {_first_line(exc)}") from None
-        try:
-            out = module(torch.empty((2, *shape), device="meta"))
-        except Exception as exc:  # torch reports bad sizes with many exception types
-            raise spec.error(
-                f"cannot be applied to {_describe_input(index, input_name)} of shape "
-                f"{format_shape(shape)}: {_first_line(exc)}"
-            ) from None
-        if layer.aux:
-            out = out[0]
-        shape = tuple(out.shape[1:])
-        if any(s == 0 for s in shape):
-            raise spec.error(f"produces an empty output {format_shape(shape)}: the input is too small")
-        params = sum(p.numel() for p in module.parameters())
+        # The same layer with the same arguments on the same input shape traces the same way:
+        # repetitive structures are checked once per distinct layer, not once per token.
+        key = (layer.name, tuple(sorted(kwargs.items())), shape)
+        if key not in seen:
+            seen[key] = _trace_layer(layer, kwargs, spec, shape, _describe_input(index, input_name))
+        shape, params = seen[key]
         plan.layers.append((layer, kwargs))
         plan.rows.append(LayerRow(spec.position, spec.text, shape, params))
         plan.specs.append(spec)
     plan.out_shape = shape
     return plan
+
+
+def _trace_layer(layer: LayerType, kwargs: dict, spec: TokenSpec, shape, input_desc: str):
+    """Build one layer on the meta device and run it: (output shape, parameter count)."""
+    try:
+        with torch.device("meta"):
+            module = layer.factory(**kwargs)
+    except Exception as exc:  # constructors reject values with several exception types
+        raise spec.error(f"invalid arguments for {layer.signature()}: {_first_line(exc)}") from None
+    try:
+        out = module(torch.empty((2, *shape), device="meta"))
+    except Exception as exc:  # torch reports bad sizes with many exception types
+        raise spec.error(f"cannot be applied to {input_desc} of shape {format_shape(shape)}: {_first_line(exc)}") from None
+    if layer.aux:
+        out = out[0]
+    out_shape = tuple(out.shape[1:])
+    if any(s == 0 for s in out_shape):
+        raise spec.error(f"produces an empty output {format_shape(out_shape)}: the input is too small")
+    return out_shape, sum(p.numel() for p in module.parameters())
 
 
 def _first_line(exc: Exception) -> str:

@@ -24,7 +24,16 @@ MODES = [
     ("-mem", "mem", "find the largest training batch size that fits on the device"),
     ("--check", "check", "build and check the structures; print the per-layer table"),
     ("--layers", "layers", "list every layer token with its arguments"),
+    ("-eval", "evaluate", "evaluate a checkpoint on a folder: MSE, PSNR, SSIM, MS-SSIM, KL per channel, "
+                          "active units, importance-sampled NLL; JSON and a table"),
+    ("-inter", "interpolate", "interpolate between --input and --input2 (images or folders) in latent space: "
+                              "linear and spherical PNG strips"),
+    ("-pics", "pictures", "latent traversal grid, prior samples and training-history plots into <run>/pictures"),
+    ("-probe", "probe", "linear probe: classify a labelled folder (--input) from latents vs PCA of pixels"),
+    ("-matrix", "matrix", "train and evaluate every combination of an experiment matrix (--matrix FILE)"),
 ]
+IMPORT_HELP = ("convert a Stable Diffusion VAE (diffusers folder or original .safetensors) into a flexvae "
+               "checkpoint at --output (default runs/sd_vae/checkpoints/step_00000000.safetensors)")
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
@@ -35,13 +44,21 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", help="checkpoint file, or a run directory (its latest checkpoint); "
                                        "default: train.out_dir")
     parser.add_argument("--input", help="input folder (default: data.path for -i/-e, <run>/latents for -d)")
-    parser.add_argument("--output", help="output folder (default: inside the run directory)")
+    parser.add_argument("--output", help="output folder (default: inside the run directory); "
+                                         "the checkpoint file for --import-weights")
     parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default: train.device)")
     parser.add_argument("--fresh", action="store_true", help="-t: ignore existing checkpoints and start over")
     parser.add_argument("--sample", action="store_true", help="-e: store a posterior sample instead of the mean")
     parser.add_argument("--side-by-side", action="store_true", help="-i: write original and reconstruction side by side")
     parser.add_argument("--write", action="store_true", help="-mem: store the batch size found in the config file")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
+    parser.add_argument("--input2", help="-inter: second image or folder; -probe: labelled test folder")
+    parser.add_argument("--matrix", help="-matrix: the experiment matrix TOML file")
+    parser.add_argument("--steps", type=int, help="-inter: images per interpolation (8); -pics: traversal steps (9)")
+    parser.add_argument("--nll-samples", type=int, help="-eval: importance samples per image for the NLL "
+                                                        "(default 100, fewer above 64x64 px; 0 = skip)")
+    parser.add_argument("--nll-sigma", help="-eval: decoder sigma of the Gaussian likelihood, or 'auto' "
+                                            "(sqrt of the reconstruction MSE; default)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
 
@@ -51,6 +68,7 @@ def train_py_parser() -> argparse.ArgumentParser:
     group = parser.add_mutually_exclusive_group(required=True)
     for flag, name, text in MODES:
         group.add_argument(flag, dest="mode", action="store_const", const=name, help=text)
+    group.add_argument("--import-weights", metavar="SRC", help=IMPORT_HELP)
     _add_options(parser)
     return parser
 
@@ -60,6 +78,9 @@ def flexvae_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
     for _, name, text in MODES:
         _add_options(sub.add_parser(name, help=text, description=text))
+    importer = sub.add_parser("import-weights", help=IMPORT_HELP, description=IMPORT_HELP)
+    importer.add_argument("import_weights", metavar="SRC", help="diffusers VAE folder or original .safetensors")
+    _add_options(importer)
     return parser
 
 
@@ -101,6 +122,10 @@ def _run_dir(args, cfg) -> Path:
 
 
 def run_mode(args) -> int:
+    if getattr(args, "import_weights", None):
+        from .convert_sd import import_command
+
+        return import_command(args)
     cfg, config_path = _load_config(args)
     mode = args.mode
     if mode == "layers":
@@ -127,11 +152,15 @@ def run_mode(args) -> int:
         result = find_max_batch(cfg, config_path, device=_device(args, cfg))
         print(result.format())
         if args.write:
-            size = result.confirmed or result.predicted
+            size = result.recommended
             write_batch_size(config_path, size)
             print(f"wrote train.batch_size = {size} to {config_path}")
         return 0
 
+    if mode in ("evaluate", "interpolate", "pictures", "probe", "matrix"):
+        from .analysis.commands import run_analysis
+
+        return run_analysis(mode, args, cfg)
     device = _device(args, cfg)
     ctx, _ = _load_model(args, cfg, device)
     run_dir = _run_dir(args, cfg)
@@ -172,3 +201,8 @@ def main(argv=None, prog: str = "flexvae") -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # -t turns Ctrl-C into a TrainingError after saving; other modes stop here
+        if args.debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130

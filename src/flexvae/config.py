@@ -34,6 +34,7 @@ UNIT_OPEN_CLOSED = ("in (0, 1]", lambda v: 0 < v <= 1)
 UNIT_CLOSED = ("in [0, 1]", lambda v: 0 <= v <= 1)
 UNIT_OPEN = ("in (0, 1)", lambda v: 0 < v < 1)
 UNIT_CLOSED_OPEN = ("in [0, 1)", lambda v: 0 <= v < 1)
+AT_LEAST_TWO = (">= 2", lambda v: v >= 2)
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -71,6 +72,33 @@ class ModelConfig:
     scaling_factor: float = _f(
         1.0, "latents are multiplied by this when encoded, divided by it before decoding", POSITIVE)
     plugins: list[str] = _f([], "Python modules or .py files that register extra layer tokens")
+
+
+@dataclass(frozen=True)
+class LatentConfig:
+    """Parameters of the latent types that model.latent selects; each doc names its type."""
+
+    codebook_size: int = _f(512, "vq: codebook entries (log2 of it = bits per latent position)", POSITIVE)
+    code_dim: int = _f(4, "vq: code dimension; the encoder's last layer outputs this many channels", POSITIVE)
+    commitment: float = _f(0.25, "vq: commitment loss weight beta in beta * |z_e - sg(z_q)|^2", NON_NEGATIVE)
+    ema_decay: float = _f(
+        0.99, "vq: EMA decay of the codebook updates; 0 = learn the codebook by gradient (adds a codebook loss)",
+        UNIT_CLOSED_OPEN)
+    dead_threshold: float = _f(
+        0.1, "vq: restart codes whose average use falls below this fraction of an even share "
+             "(batch vectors / codebook size) from random encoder outputs; 0 = never", NON_NEGATIVE)
+    kmeans_init: bool = _f(False, "vq: initialise the codebook by k-means on the first training batch")
+    fsq_levels: list[int] = _f(
+        [8, 5, 5, 5], "fsq: levels per channel; the encoder's last layer outputs len(levels) channels",
+        AT_LEAST_TWO, (1, None))
+    categories: int = _f(16, "categorical: values of each categorical variable", AT_LEAST_TWO)
+    groups: int = _f(
+        4, "categorical: variables per latent position; the encoder outputs groups x categories logits", POSITIVE)
+    tau_start: float = _f(1.0, "categorical: Gumbel-softmax temperature at step 0", POSITIVE)
+    tau_min: float = _f(0.5, "categorical: lowest temperature, also used outside training", POSITIVE)
+    tau_rate: float = _f(
+        1e-3, "categorical: temperature decay, tau = max(tau_min, tau_start * exp(-tau_rate * step))", NON_NEGATIVE)
+    hard: bool = _f(True, "categorical: one-hot samples with straight-through gradients; false = soft samples")
 
 
 @dataclass(frozen=True)
@@ -135,6 +163,7 @@ class MemConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)

@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -21,6 +22,7 @@ from .errors import DataError
 from .losses import psnr
 
 LATENT_SUFFIXES = {"safetensors": ".safetensors", "npy": ".npy"}
+CODES_SUFFIX = ".codes.npy"  # npy format: a discrete latent's integer codes beside its latent file
 MANIFEST = "manifest.jsonl"
 
 
@@ -36,6 +38,15 @@ def safe_output_path(out_root: Path, relpath: str, suffix: str | None = None) ->
     if root not in target.resolve().parents:
         raise DataError(f"refusing output path outside {out_root}: {relpath}")
     return target
+
+
+def output_names(relpaths, suffix: str) -> dict[str, str]:
+    """Relative output path for each input: its suffix replaced by ``suffix``, except where two
+    inputs would share that name (``x.png`` and ``x.jpg``): those keep their own suffix and get
+    ``suffix`` appended (``x.png.png``, ``x.jpg.png``), so no output overwrites another."""
+    plain = {rel: PurePosixPath(rel).with_suffix(suffix).as_posix() for rel in relpaths}
+    counts = Counter(plain.values())
+    return {rel: name if counts[name] == 1 else rel + suffix for rel, name in plain.items()}
 
 
 def _folder_loader(ctx, input_dir, batch_size, num_workers, device, paths=None):
@@ -72,6 +83,7 @@ def reconstruct_folder(ctx: ModelContext, input_dir, output_dir, *, batch_size=1
     out_root = Path(output_dir)
     out_root.mkdir(parents=True, exist_ok=True)
     dataset, loader = _folder_loader(ctx, input_dir, batch_size, num_workers, device)
+    names = output_names(dataset.relpaths, ".png")
     skips = SkipLog()
     rows = []
     for batch in tqdm(loader, disable=not progress, desc="reconstruct"):
@@ -85,7 +97,7 @@ def reconstruct_folder(ctx: ModelContext, input_dir, output_dir, *, batch_size=1
         ssims = ssim((recon.float() + 1) / 2, (images.float() + 1) / 2, data_range=1.0,
                      win_size=window, size_average=False).tolist()
         for rel, original, output, p, s in zip(batch.paths, images, recon, scores, ssims):
-            target = safe_output_path(out_root, rel, ".png")
+            target = safe_output_path(out_root, names[rel])
             save_image(torch.cat([original, output], dim=-1) if side_by_side else output, target)
             rows.append({"path": rel, "psnr": p, "ssim": s})
     with open(out_root / "metrics.csv", "w", newline="") as fh:
@@ -102,33 +114,60 @@ def reconstruct_folder(ctx: ModelContext, input_dir, output_dir, *, batch_size=1
     }
 
 
-def save_latent(tensor: torch.Tensor, path: Path, fmt: str) -> None:
-    """One latent per file, written atomically; safetensors key 'latent'."""
+def codes_path(path: Path) -> Path:
+    """Where the npy format keeps a latent's integer codes: ``x.npy`` -> ``x.codes.npy``."""
+    return path.with_name(path.stem + CODES_SUFFIX)
+
+
+def save_latent(tensor: torch.Tensor, path: Path, fmt: str, codes: torch.Tensor | None = None) -> None:
+    """One latent per file, written atomically; safetensors key 'latent', plus 'codes' (int64)
+    for discrete latents. The npy format writes the codes to ``<name>.codes.npy`` first."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "npy":
+        if codes is not None:
+            _atomic_npy(codes.long().cpu().numpy(), codes_path(path))
+        _atomic_npy(tensor.cpu().numpy(), path)
+        return
+    tensors = {"latent": tensor.contiguous().cpu()}
+    if codes is not None:
+        tensors["codes"] = codes.long().contiguous().cpu()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        if fmt == "npy":
-            with open(tmp, "wb") as fh:
-                np.save(fh, tensor.cpu().numpy())
-        else:
-            save_file({"latent": tensor.contiguous().cpu()}, str(tmp))
+        save_file(tensors, str(tmp))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def load_latent(path: Path) -> torch.Tensor:
-    """Read a latent written by ``save_latent`` (never unpickles: allow_pickle=False)."""
+def _atomic_npy(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_latent_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(latent, integer codes or None) written by ``save_latent`` (never unpickles)."""
     from safetensors.torch import load_file
 
     if path.suffix == ".npy":
-        return torch.from_numpy(np.load(path, allow_pickle=False))
+        latent = torch.from_numpy(np.load(path, allow_pickle=False))
+        extra = codes_path(path)
+        return latent, torch.from_numpy(np.load(extra, allow_pickle=False)) if extra.is_file() else None
     tensors = load_file(str(path))
     if "latent" not in tensors:
         raise DataError(f"{path}: no 'latent' tensor (found {', '.join(tensors) or 'nothing'})")
-    return tensors["latent"]
+    return tensors["latent"], tensors.get("codes")
+
+
+def load_latent(path: Path) -> torch.Tensor:
+    """Read a latent written by ``save_latent`` (never unpickles: allow_pickle=False)."""
+    return load_latent_file(path)[0]
 
 
 def read_manifest(path: Path) -> dict[str, dict]:
@@ -160,11 +199,12 @@ def encode_folder(ctx: ModelContext, input_dir, output_dir, *, fmt="safetensors"
     input_root = Path(input_dir)
     todo = []
     images = find_images(input_root)
+    names = output_names([path.relative_to(input_root).as_posix() for path in images], suffix)
     for path in images:
         rel = path.relative_to(input_root).as_posix()
-        done = previous.get(rel, {}).get("status") == "ok" and safe_output_path(out_root, rel, suffix).exists()
+        done = previous.get(rel, {}).get("status") == "ok" and safe_output_path(out_root, names[rel]).exists()
         if not done:
-            todo.append(path)
+            todo.append(rel)  # relative to input_root: ImageFolder joins it to its (absolute) root
     entries = dict(previous)
     generator = torch.Generator(device=device).manual_seed(seed)
     total, total_sq, count = 0.0, 0.0, 0
@@ -178,16 +218,19 @@ def encode_folder(ctx: ModelContext, input_dir, output_dir, *, fmt="safetensors"
                 entries[rel] = {"path": rel, "status": "failed", "reason": reason}
             if batch.images is None:
                 continue
-            latents = ctx.vae.encode_latents(batch.images.to(device), sample=sample, generator=generator)
+            latents, codes = ctx.vae.encode_with_codes(batch.images.to(device), sample=sample, generator=generator)
             latents = latents.float().cpu()
+            codes = [None] * len(latents) if codes is None else codes.cpu()
             total += latents.sum().item()
             total_sq += latents.pow(2).sum().item()
             count += latents.numel()
-            for rel, latent in zip(batch.paths, latents):
-                target = safe_output_path(out_root, rel, suffix)
-                save_latent(latent, target, fmt)
+            for rel, latent, code in zip(batch.paths, latents, codes):
+                target = safe_output_path(out_root, names[rel])
+                save_latent(latent, target, fmt, codes=code)
                 entries[rel] = {"path": rel, "status": "ok", "file": target.relative_to(out_root).as_posix(),
                                 "shape": list(latent.shape)}
+                if code is not None:
+                    entries[rel]["codes_shape"] = list(code.shape)
     _write_manifest(manifest_path, entries)
     summary = {
         "encoded": len(todo) - skips.count,
@@ -216,37 +259,55 @@ def _write_manifest(path: Path, entries: dict) -> None:
 
 @torch.no_grad()
 def decode_folder(ctx: ModelContext, input_dir, output_dir, *, batch_size=32, device="cpu", progress=True) -> dict:
-    """Decode every latent file (.safetensors/.npy) under ``input_dir`` to a PNG at the same relative path."""
+    """Decode every latent file (.safetensors/.npy) under ``input_dir`` to a PNG at the same relative path.
+
+    A file holding integer codes of a discrete latent is decoded from its codes (the stored
+    float latent is then only a convenience for other tools).
+    """
     from tqdm import tqdm
 
     in_root, out_root = Path(input_dir), Path(output_dir)
     if not in_root.is_dir():
         raise DataError(f"latent folder not found: {in_root}")
     files = sorted(p for p in in_root.rglob("*") if p.suffix in (".safetensors", ".npy") and p.is_file()
-                   and not p.name.startswith("."))
+                   and not p.name.startswith(".") and not p.name.endswith(CODES_SUFFIX))
     if not files:
         raise DataError(f"no latent files (.safetensors or .npy) under {in_root}")
+    names = output_names([path.relative_to(in_root).as_posix() for path in files], ".png")
     expected = tuple(ctx.vae.latent_shape)
+    discrete = ctx.vae.latent if hasattr(ctx.vae.latent, "decode_codes") else None
+    expected_codes = tuple(discrete.code_shape(expected)) if discrete is not None else None
     done, failed = 0, []
     for start in tqdm(range(0, len(files), batch_size), disable=not progress, desc="decode"):
-        chunk, tensors = [], []
+        chunk, tensors = [], []  # tensors: raw latents, as the decoder takes them
         for path in files[start:start + batch_size]:
             try:
-                latent = load_latent(path)
+                latent, codes = load_latent_file(path)
             except Exception as exc:  # unreadable file: report, go on
                 failed.append((path, str(exc)))
                 continue
-            if tuple(latent.shape) != expected:
+            if discrete is not None and codes is not None:
+                if tuple(codes.shape) != expected_codes:
+                    failed.append((path, f"codes shape {tuple(codes.shape)}, the model expects {expected_codes}"))
+                    continue
+                try:
+                    raw = discrete.decode_codes(codes.unsqueeze(0).to(device))[0].float().cpu()
+                except ValueError as exc:
+                    failed.append((path, str(exc)))
+                    continue
+            elif tuple(latent.shape) != expected:
                 failed.append((path, f"latent shape {tuple(latent.shape)}, the model expects {expected}"))
                 continue
+            else:
+                raw = latent.float() / ctx.vae.scaling_factor
             chunk.append(path)
-            tensors.append(latent)
+            tensors.append(raw)
         if not tensors:
             continue
-        images = ctx.vae.to_image(ctx.vae.decode_latents(torch.stack(tensors).to(device).float()))
+        images = ctx.vae.to_image(ctx.vae.decode(torch.stack(tensors).to(device)))
         for path, image in zip(chunk, images):
             rel = path.relative_to(in_root).as_posix()
-            save_image(image, safe_output_path(out_root, rel, ".png"))
+            save_image(image, safe_output_path(out_root, names[rel]))
             done += 1
     for path, reason in failed:
         print(f"warning: skipped {path}: {reason}")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .build import VAEPlan, as_specs, plan_vae
+from .dsl.structure import unparse_structure
 from .errors import CheckpointError, ConfigError, StructureError
 from .latents import LATENTS
 
@@ -58,14 +59,28 @@ def structure_specs(value, role: str, config_path=None):
     return as_specs(list(value), f"model.{role} in {config_path or 'the config'}")
 
 
-def make_latent(model_cfg):
+def make_latent(cfg):
+    """The latent module named by ``model.latent``, built from the [latent] section.
+
+    ``cfg`` is a whole Config; a bare [model] section is accepted too ([latent] defaults then).
+    """
+    from .config import LatentConfig
+
+    model_cfg = getattr(cfg, "model", cfg)
+    latent_cfg = getattr(cfg, "latent", None)
+    latent_cfg = latent_cfg if isinstance(latent_cfg, LatentConfig) else LatentConfig()
     try:
         latent_class = LATENTS[model_cfg.latent]
     except KeyError:
         raise ConfigError(
             f"model.latent = {model_cfg.latent!r} is not available; choose one of {', '.join(LATENTS)}"
         ) from None
-    return latent_class.from_config(model_cfg) if hasattr(latent_class, "from_config") else latent_class()
+    if not hasattr(latent_class, "from_config"):
+        return latent_class()
+    try:
+        return latent_class.from_config(latent_cfg)
+    except ValueError as exc:
+        raise ConfigError(f"[latent] settings for model.latent = {model_cfg.latent!r}: {exc}") from None
 
 
 def data_shape(cfg) -> tuple[int, ...]:
@@ -76,7 +91,7 @@ def plan_from_config(cfg, config_path=None) -> VAEPlan:
     load_plugins(cfg.model.plugins, config_path)
     encoder = structure_specs(cfg.model.encoder, "encoder", config_path)
     decoder = structure_specs(cfg.model.decoder, "decoder", config_path)
-    return plan_vae(encoder, decoder, data_shape(cfg), make_latent(cfg.model))
+    return plan_vae(encoder, decoder, data_shape(cfg), make_latent(cfg))
 
 
 def output_kind(cfg) -> str:
@@ -99,8 +114,8 @@ def checkpoint_metadata(cfg, plan: VAEPlan, step: int, scaling_factor: float) ->
         "flexvae_version": __version__,
         "step": int(step),
         "config": config_to_dict(cfg),
-        "encoder": [spec.text for spec in _unexpanded(plan.encoder.specs)],
-        "decoder": [spec.text for spec in _unexpanded(plan.decoder.specs)],
+        "encoder": unparse_structure(_unexpanded(plan.encoder.specs)),
+        "decoder": unparse_structure(_unexpanded(plan.decoder.specs)),
         "data_shape": list(plan.data_shape),
         "latent_shape": list(plan.latent_shape),
         "scaling_factor": float(scaling_factor),
@@ -132,7 +147,7 @@ def model_from_checkpoint(ckpt, device=None, prefer_ema: bool = True, extra_plug
         plan = plan_vae(
             as_specs(meta["encoder"], f"{ckpt.path} (encoder)"),
             as_specs(meta["decoder"], f"{ckpt.path} (decoder)"),
-            meta["data_shape"], make_latent(cfg.model),
+            meta["data_shape"], make_latent(cfg),
         )
     except StructureError as exc:
         hint = ""

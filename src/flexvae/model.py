@@ -40,9 +40,9 @@ class VAE(nn.Module):
         self.scaling_factor = float(scaling_factor)
         self.output = output
 
-    def _encode(self, x):
+    def _encode(self, x, step: int | None = None):
         h, aux = self.encoder.forward_aux(x)
-        return self.latent(h), aux
+        return (self.latent(h) if step is None else self.latent(h, step=step)), aux
 
     def encode(self, x: torch.Tensor):
         return self._encode(x)[0]
@@ -50,11 +50,34 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> VAEOutput:
-        posterior, aux = self._encode(x)
+    def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None,
+                step: int | None = None) -> VAEOutput:
+        """``step`` (the optimizer step, passed by the trainer) reaches the latent, whose
+        schedules may use it (the categorical latent's temperature)."""
+        posterior, aux = self._encode(x, step)
         z = posterior.sample(generator) if sample else posterior.mode()
         recon, decoder_aux = self.decoder.forward_aux(z)
-        return VAEOutput(recon, posterior, z, {**aux, **posterior.aux_losses(), **decoder_aux})
+        # Quantizer tokens' losses are named <loss>_<layer index>; the prefix keeps the
+        # encoder's and the decoder's apart.
+        aux = {**{f"enc_{k}": v for k, v in aux.items()}, **posterior.aux_losses(),
+               **{f"dec_{k}": v for k, v in decoder_aux.items()}}
+        return VAEOutput(recon, posterior, z, aux)
+
+    def metrics(self) -> dict:
+        """Non-loss diagnostics of the quantizers (codebook usage, perplexity) by name, as
+        floats: the latent's under their own names, quantizer tokens' as enc_/dec_<name>_<index>."""
+        found = dict(self.latent.metrics()) if hasattr(self.latent, "metrics") else {}
+        for prefix, stack in (("enc", self.encoder), ("dec", self.decoder)):
+            for index, module in enumerate(stack):
+                if hasattr(module, "metrics"):
+                    found.update({f"{prefix}_{k}_{index}": v for k, v in module.metrics().items()})
+        return found
+
+    def set_grad_checkpointing(self, mode: str) -> None:
+        """'off', 'marked' ('@' tokens and spans) or 'blocks' (also every VAERB/VAEA)."""
+        if mode not in ("off", "marked", "blocks"):
+            raise ValueError(f"grad checkpointing must be off, marked or blocks, got {mode!r}")
+        self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = mode
 
     def to_image(self, recon: torch.Tensor) -> torch.Tensor:
         """Decoder output -> image values in [-1, 1]."""
@@ -67,9 +90,20 @@ class VAE(nn.Module):
         return self.to_image(self.decode(self.encode(x).mode()))
 
     def encode_latents(self, x: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        return self.encode_with_codes(x, sample, generator)[0]
+
+    def encode_with_codes(self, x: torch.Tensor, sample: bool = False, generator=None):
+        """(scaled latents, integer codes) where the latent is discrete; codes are None otherwise."""
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample else posterior.mode()
-        return z * self.scaling_factor
+        codes = self.latent.codes(posterior) if hasattr(self.latent, "codes") else None
+        return z * self.scaling_factor, codes
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Integer codes of a discrete latent -> decoder output."""
+        if not hasattr(self.latent, "decode_codes"):
+            raise ValueError(f"a {self.latent.kind} latent has no integer codes")
+        return self.decode(self.latent.decode_codes(codes))
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         # Not in place: the caller's tensor stays as it was.

@@ -4,6 +4,7 @@
     "2*VAERB_256_256"        two residual blocks
     "GN_32_?_eps=1e-6"       GroupNorm, channels inferred, keyword argument
     "UpS_2_mode=nearest"     string values only as keyword values
+    "@2*VAERB_256_256"       '@' marks a token for gradient checkpointing
 
 Arguments are separated by ``_``. A positional argument is an integer, a float or
 ``?`` (take the value from the previous layer's output, e.g. in-channels). A keyword
@@ -63,6 +64,9 @@ class TokenSpec:
     text: str = ""
     source: str | None = None
     position: int | None = None
+    # Gradient checkpointing: None, "token" (an '@' token: each repeat on its own), or the
+    # number of the "@begin" ... "@end" span the token belongs to (one segment per span).
+    checkpoint: str | int | None = None
 
     def error(self, message: str) -> StructureError:
         return StructureError(message, source=self.source, position=self.position, token=self.text)
@@ -101,6 +105,9 @@ def parse_token(text: str, source: str | None = None, position: int | None = Non
     if not isinstance(text, str):
         raise fail(f"expected a token string such as \"C2d_3_64_3_1_1\", found {type(text).__name__}")
     body = text.strip()
+    checkpoint = None
+    if body.startswith("@"):
+        checkpoint, body = "token", body[1:]
     if not body:
         raise fail("empty token")
 
@@ -152,5 +159,5 @@ def parse_token(text: str, source: str | None = None, position: int | None = Non
         raise fail(_word_message(name, pending_words[0]))
     return TokenSpec(
         name=name, args=tuple(args), kwargs=kwargs, repeat=repeat,
-        text=text, source=source, position=position,
+        text=text, source=source, position=position, checkpoint=checkpoint,
     )

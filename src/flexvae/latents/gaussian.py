@@ -82,7 +82,7 @@ class GaussianLatent(nn.Module):
             )
         return (channels // 2, *encoder_shape[1:])
 
-    def forward(self, h: torch.Tensor) -> DiagonalGaussian:
+    def forward(self, h: torch.Tensor, step: int | None = None) -> DiagonalGaussian:
         mean, logvar = h.chunk(2, dim=1)
         return DiagonalGaussian(mean, logvar)
 
@@ -98,7 +98,7 @@ class DeterministicLatent(nn.Module):
     def latent_shape(self, encoder_shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(encoder_shape)
 
-    def forward(self, h: torch.Tensor) -> PointPosterior:
+    def forward(self, h: torch.Tensor, step: int | None = None) -> PointPosterior:
         return PointPosterior(h)
 
     def sample_prior(self, n, latent_shape, generator=None, device=None) -> torch.Tensor:

@@ -15,6 +15,8 @@ from .norm_act import DEFAULT_GROUPS, group_count
     doc="GroupNorm, single-head self-attention over all positions (not causal), projection, plus the input",
 )
 class AttentionBlock(nn.Module):
+    checkpoint_unit = True  # recomputed under train.grad_checkpointing = "blocks"
+
     def __init__(self, channels: int, groups: int = DEFAULT_GROUPS, eps: float = 1e-5):
         super().__init__()
         self.group_norm = nn.GroupNorm(group_count(channels, groups), channels, eps=eps)

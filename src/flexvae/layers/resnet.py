@@ -20,6 +20,8 @@ from .norm_act import DEFAULT_GROUPS, group_count
     pass_dims=True,
 )
 class ResidualBlock(nn.Module):
+    checkpoint_unit = True  # recomputed under train.grad_checkpointing = "blocks"
+
     def __init__(self, in_channels: int, out_channels: int, groups: int = DEFAULT_GROUPS,
                  eps: float = 1e-5, dropout: float = 0.0, dims: int = 2):
         super().__init__()

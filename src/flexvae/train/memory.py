@@ -3,7 +3,8 @@
 A training step's peak memory grows linearly with the batch: the runtime, weights, gradients
 and AdamW state are fixed; inputs and activations (SSIM included when it is on) grow per
 sample. Each probe runs the real ``train_step`` (forward, loss, backward, clipping, optimizer
-step) on random images, after one warm-up step so that AdamW's state already exists.
+step) on random images, after one warm-up step so that AdamW's state already exists. Only one
+micro-batch is measured (grad_accum = 1): the micro-batch is what has to fit.
 
 Peaks: on CUDA the allocator's peak (``max_memory_allocated``). On CPU the process's peak
 resident memory: in this process through Linux's resettable high-water mark (``VmHWM`` after
@@ -18,6 +19,7 @@ import copy
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -101,7 +103,8 @@ class MemResult:
             f"batch-size search on {self.device} (whole training steps: forward, loss, backward, AdamW step)",
             f"  probe peaks (batch: MiB): {peaks}",
             f"  per-sample memory:       {self.per_sample_bytes / MiB:,.2f} MiB",
-            f"  fixed memory:            {self.fixed_bytes / MiB:,.1f} MiB (runtime, weights, gradients, optimizer state)",
+            f"  fixed memory:            {self.fixed_bytes / MiB:,.1f} MiB "
+            f"(runtime, weights, gradients, optimizer state)",
             f"  budget:                  {self.budget_bytes / MiB:,.1f} MiB {self.budget_note}".rstrip(),
             f"  predicted batch size:    {self.predicted:,}",
             f"  confirmed batch size:    {confirmed} ({self.confirm_note})",
@@ -117,21 +120,22 @@ def _proc_status_bytes(key: str) -> int:
         return int(re.search(rf"^{key}:\s+(\d+) kB", fh.read(), re.M).group(1)) * 1024
 
 
-_libc = None
+@functools.cache
+def _glibc_malloc_trim():
+    """glibc's malloc_trim, or None on other C libraries."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
 
 
 def _trim_heap() -> None:
     """Hand freed heap pages back to the system, so an earlier probe's memory does not count."""
-    global _libc
     gc.collect()
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        try:
-            _libc = ctypes.CDLL(name) if name else False
-        except OSError:
-            _libc = False
-    if _libc and hasattr(_libc, "malloc_trim"):  # glibc only
-        _libc.malloc_trim(0)
+    malloc_trim = _glibc_malloc_trim()
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def _reset_high_water_mark() -> bool:
@@ -167,8 +171,8 @@ def _cgroup_room() -> int | None:
         if controllers == "":
             files += [(f"/sys/fs/cgroup/{p}/memory.max", f"/sys/fs/cgroup/{p}/memory.current") for p in (path, "")]
         elif "memory" in controllers.split(","):
-            files += [(f"/sys/fs/cgroup/memory/{p}/memory.limit_in_bytes", f"/sys/fs/cgroup/memory/{p}/memory.usage_in_bytes")
-                      for p in (path, "")]
+            files += [(f"/sys/fs/cgroup/memory/{p}/memory.limit_in_bytes",
+                       f"/sys/fs/cgroup/memory/{p}/memory.usage_in_bytes") for p in (path, "")]
     for limit_file, usage_file in files:
         try:
             limit = Path(limit_file).read_text().strip()
@@ -248,26 +252,30 @@ class ChildRunner:
     then the measured step) whose own peak resident memory ``os.wait4`` reports."""
 
     def __init__(self, cfg, config_path=None):
-        self.request = {"config": config_to_dict(cfg), "config_path": None if config_path is None else str(config_path)}
+        self.request = {"config": config_to_dict(cfg),
+                        "config_path": None if config_path is None else str(config_path)}
         self.steps = 0
 
     def measure(self, batch_size: int) -> tuple[int, float]:
         package_root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-        with tempfile.TemporaryFile("w+") as stdin, tempfile.TemporaryFile("w+") as out:
+        code = f"from {__name__} import _child_main; _child_main()"
+        files = [tempfile.TemporaryFile("w+") for _ in range(3)]
+        with files[0] as stdin, files[1] as out, files[2] as err:
             json.dump({**self.request, "batch_size": batch_size}, stdin)
             stdin.seek(0)
-            child = subprocess.Popen([sys.executable, "-m", __name__], stdin=stdin, stdout=out,
-                                     stderr=subprocess.STDOUT, env=env)
-            _, status, usage = os.wait4(child.pid, 0)
+            child = subprocess.Popen([sys.executable, "-c", code], stdin=stdin, stdout=out, stderr=err, env=env)
+            _, status, usage = os.wait4(child.pid, 0)  # this child's own peak, unlike RUSAGE_CHILDREN
             child.returncode = os.waitstatus_to_exitcode(status)
             out.seek(0)
-            text = out.read()
+            err.seek(0)
+            text, errors = out.read(), err.read()
         self.steps += 2
         if child.returncode != 0:
-            raise FlexVAEError(f"the probe at batch size {batch_size} failed in its child process:\n{text.strip()[-2000:]}")
-        peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
-        return peak, json.loads(text.strip().splitlines()[-1])["seconds"]
+            raise FlexVAEError(f"the probe at batch size {batch_size} failed in its child process:\n"
+                               f"{errors.strip()[-2000:]}")
+        peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024  # bytes vs KiB
+        return peak, json.loads(text)["seconds"]
 
 
 def _child_main() -> None:
@@ -379,6 +387,8 @@ def find_max_batch(cfg, config_path=None, device=None, log=print, *, cpu_method:
     device = torch.device(resolve_device(device or cfg.train.device))
     if device.type not in ("cuda", "cpu"):
         raise FlexVAEError(f"-mem measures memory on cuda or cpu, not {device.type}; pass --device cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FlexVAEError(f"device {device} was asked for, but this PyTorch sees no CUDA device")
     sizes = sorted(set(cfg.mem.probe_sizes))
     if len(sizes) < 2:
         raise FlexVAEError(f"mem.probe_sizes needs at least two different batch sizes, got {cfg.mem.probe_sizes}")
@@ -386,6 +396,13 @@ def find_max_batch(cfg, config_path=None, device=None, log=print, *, cpu_method:
     if device.type == "cpu" and cpu_method == "auto":
         cpu_method = "proc" if _reset_high_water_mark() else "child"
     in_process = device.type == "cuda" or cpu_method == "proc"
+    if not in_process and not hasattr(os, "wait4"):
+        raise FlexVAEError("measuring CPU memory needs Linux or macOS (a process's own peak memory)")
+    if not in_process and sizes[0] == 1:
+        # on CPU a batch of 1 skips kernels that set up extra buffers for larger batches (oneDNN
+        # convolutions); in-process the warm-up hides this, a fresh child per probe cannot
+        sizes = [s for s in sizes if s > 1] if len(sizes) > 2 else [2 * s for s in sizes]
+        notes.append("batch 1 left out of the probes in child processes: it takes other CPU kernels")
     if not in_process:
         notes.append("CPU peaks measured in one fresh child process per probe (no resettable peak in /proc)")
     runner = StepRunner(cfg, config_path, device) if in_process else ChildRunner(cfg, config_path)
@@ -410,6 +427,10 @@ def find_max_batch(cfg, config_path=None, device=None, log=print, *, cpu_method:
             f"the per-sample memory is too small to measure against noise (fit gave {per_sample / MiB:,.3f} MiB); "
             f"set mem.probe_sizes to larger batch sizes, e.g. [16, 32, 64]")
 
+    scatter = max(abs(p - fixed - per_sample * s) for s, p in zip(sizes, peaks))
+    if scatter > 0.25 * per_sample * (sizes[-1] - sizes[0]):
+        notes.append(f"the probes scatter by up to {scatter / MiB:,.1f} MiB around the fitted line; "
+                     f"larger mem.probe_sizes give a steadier fit")
     budget, budget_note = _budget(device, runner, cfg.mem.margin)
     if device.type == "cuda":
         notes.append(f"allocator reserved up to {runner.reserved_peak / MiB:,.1f} MiB at batch {sizes[-1]} "
@@ -434,8 +455,10 @@ def find_max_batch(cfg, config_path=None, device=None, log=print, *, cpu_method:
 
 # ------------------------------------------------------------------ writing the result
 _HEADER = re.compile(r"^\s*\[(\[?)([^\[\]]*)\]\]?\s*(#.*)?$")
-_ROOT_KEY = re.compile(r"""^(\s*train\s*\.\s*(?:batch_size|"batch_size"|'batch_size')\s*=\s*)([^#\r\n]*?)(\s*(?:#.*)?)$""")
-_KEY = re.compile(r"""^(\s*(?:batch_size|"batch_size"|'batch_size')\s*=\s*)([^#\r\n]*?)(\s*(?:#.*)?)$""")
+# (key and "="), (the value: an integer has no "#"), (spaces and comment)
+_ASSIGN = r"""\s*(?:batch_size|"batch_size"|'batch_size')\s*=\s*)([^#\r\n]*?)(\s*(?:#.*)?)$"""
+_KEY = re.compile(r"^(\s*" + _ASSIGN)
+_ROOT_KEY = re.compile(r"^(\s*train\s*\.\s*" + _ASSIGN)  # train.batch_size = ... before any header
 
 
 def _table_name(line: str) -> str | None:
@@ -488,6 +511,8 @@ def write_batch_size(config_path, batch_size: int) -> None:
         raise FlexVAEError(f"config file not found: {config_path}") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise FlexVAEError(f"cannot update {config_path}: {exc}") from None
+    if not isinstance(before.get("train", {}), dict):
+        raise FlexVAEError(f"{config_path}: 'train' must be a table ([train] header)")
     new_text = set_batch_size_text(text, int(batch_size))
     expected = copy.deepcopy(before)
     expected.setdefault("train", {})["batch_size"] = int(batch_size)
@@ -510,7 +535,3 @@ def write_batch_size(config_path, batch_size: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-if __name__ == "__main__":
-    _child_main()

@@ -98,7 +98,7 @@ def train_step(model, batches, optimizer, cfg, step: int) -> StepResult:
     totals: dict[str, float] = {}
     loss_sum, kld_weight = 0.0, 0.0
     for images in batches:
-        out = model(images)
+        out = model(images, step=step)
         losses = vae_loss(images, out, cfg.loss, step, output=model.output)
         (losses.total / len(batches)).backward()
         loss_sum += losses.total.item() / len(batches)
@@ -177,6 +177,18 @@ def _summary(model, data_shape, device) -> str:
         return f"(torchinfo summary unavailable: {exc})"
 
 
+def _torch_rng_state():
+    """torch's CPU and CUDA generator states: the RNGs a training step draws from."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def _set_torch_rng_state(state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 class Trainer:
     def __init__(self, cfg, config_path=None, fresh: bool = False, device: str | None = None, quiet: bool = False):
         self.cfg = cfg
@@ -196,6 +208,10 @@ class Trainer:
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema else None
         self.step = 0
         self.skips = SkipLog()
+        self._rng_state = None  # restored right before the loop, see train()
+        # Samples of the StreamSampler consumed so far: batches whose images all failed to load
+        # are skipped, so this can run ahead of step * batch_size.
+        self.stream_position = 0
 
     def log(self, text: str) -> None:
         if not self.quiet:
@@ -220,13 +236,27 @@ class Trainer:
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            self._apply_config_hyperparameters(ckpt.step)
         if self.ema is not None and ckpt.ema_state:
             self.ema.state = {k: v.to(self.device) for k, v in ckpt.ema_state.items()}
-        if "rng" in state:
-            restore_rng_state(state["rng"])
+        # Restored just before the first step (train()): building the loader and the summary
+        # draw from the global RNG, which an uninterrupted run did before its first step.
+        self._rng_state = state.get("rng")
+        per_step = self.cfg.train.batch_size * self.cfg.train.grad_accum
+        self.stream_position = int(state.get("stream_position", ckpt.step * per_step))
         self.step = ckpt.step
         self.log(f"resuming {self.run_dir} from step {self.step} ({found[-1].name})")
         return True
+
+    def _apply_config_hyperparameters(self, step: int) -> None:
+        """Loading the optimizer and scheduler states brings back the stored lr, betas and weight
+        decay; the current config (saved as config.toml) is what the resumed run must use."""
+        tcfg = self.cfg.train
+        lr = tcfg.lr * lr_factor(step, tcfg)
+        for group, decay in zip(self.optimizer.param_groups, (tcfg.weight_decay, 0.0)):
+            group.update(lr=lr, initial_lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=decay)
+        self.scheduler.base_lrs = [tcfg.lr] * len(self.optimizer.param_groups)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def save(self) -> Path:
         meta = checkpoint_metadata(self.cfg, self.plan, self.step, self.model.scaling_factor)
@@ -234,6 +264,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": capture_rng_state(),
+            "stream_position": self.stream_position,
         }
         path = save_checkpoint(
             self.run_dir / "checkpoints" / checkpoint_name(self.step), self.model.state_dict(), meta,
@@ -249,8 +280,8 @@ class Trainer:
             data.source, data.path, train=True, channels=data.channels, image_size=data.image_size,
             resize_filter=data.resize_filter, pad_to_square=data.pad_to_square, flip=False,
         )
-        per_step = self.cfg.train.batch_size * self.cfg.train.grad_accum
-        sampler = StreamSampler(len(dataset), seed=self.cfg.train.seed, start=self.step * per_step)
+        sampler = StreamSampler(len(dataset), seed=self.cfg.train.seed, start=self.stream_position)
+        self._read_position = self.stream_position  # runs ahead of stream_position during a step
         loader = make_loader(dataset, self.cfg.train.batch_size, shuffle=False, num_workers=data.num_workers,
                              device_type=self.device.type, sampler=sampler)
         return dataset, loader
@@ -258,6 +289,7 @@ class Trainer:
     def _next_images(self, batches):
         while True:
             batch = next(batches)
+            self._read_position += len(batch.paths) + len(batch.failures)
             self.skips.add(batch.failures)
             if batch.images is not None:
                 return batch.images.to(self.device, non_blocking=True)
@@ -282,20 +314,24 @@ class Trainer:
         if self.step >= tcfg.max_steps:
             self.log(f"{self.run_dir} already reached train.max_steps = {tcfg.max_steps}; nothing to do")
             return None
+        dataset, loader = self._loader()  # a missing data folder fails before the summary is printed
         self.log(_summary(self.model, self.plan.data_shape, self.device))
         self.log(f"device: {self.device}; data shape {self.plan.data_shape}; latent {self.plan.latent_shape}")
-        dataset, loader = self._loader()
         batches = iter(loader)
         fixed = self._fixed_batch(dataset)
         metrics = MetricsLog(self.run_dir)
+        if self._rng_state is not None:
+            restore_rng_state(self._rng_state)
         from tqdm import tqdm
 
         progress = tqdm(total=tcfg.max_steps, initial=self.step, disable=self.quiet, dynamic_ncols=True)
         self.model.train()
         last_saved = None
         tick, images_seen = time.perf_counter(), 0
+        step_rng = None
         try:
             while self.step < tcfg.max_steps:
+                step_rng = _torch_rng_state()  # what a Ctrl-C before this step completes saves
                 micro = [self._next_images(batches) for _ in range(tcfg.grad_accum)]
                 micro = [random_flip(m, tcfg.seed, self.step) if cfg.data.flip else m for m in micro]
                 result = train_step(self.model, micro, self.optimizer, cfg, self.step)
@@ -303,6 +339,7 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(self.model)
                 self.step += 1
+                self.stream_position, step_rng = self._read_position, None
                 images_seen += sum(m.shape[0] for m in micro)
                 progress.update(1)
                 progress.set_postfix({k: f"{v:.4g}" for k, v in {"loss": result.loss, **result.terms}.items()})
@@ -312,6 +349,7 @@ class Trainer:
                         "step": self.step, "loss": result.loss, **result.terms,
                         "kld_weight": result.kld_weight, "lr": self.scheduler.get_last_lr()[0],
                         "grad_norm": result.grad_norm, "images_per_s": images_seen / max(elapsed, 1e-9),
+                        **self.model.metrics(),  # quantizer diagnostics (codebook usage...), not losses
                     })
                     tick, images_seen = time.perf_counter(), 0
                 if self.step % tcfg.sample_every == 0 or self.step == tcfg.max_steps:
@@ -320,6 +358,8 @@ class Trainer:
                     last_saved = self.save()
         except KeyboardInterrupt:
             progress.close()
+            if step_rng is not None:  # interrupted within a step: save the RNG as that step found it
+                _set_torch_rng_state(step_rng)
             if self.step and (last_saved is None or not last_saved.name.endswith(checkpoint_name(self.step))):
                 self.save()
             raise TrainingError(

@@ -1,0 +1,125 @@
+"""The Stable Diffusion autoencoder in flexvae against diffusers' AutoencoderKL, same weights.
+
+A randomly initialised AutoencoderKL with the SD 1.x/2.x config is saved as a diffusers
+folder and imported with flexvae's converter. Both models then encode (posterior mean) and
+decode the same input; runs alternate (diffusers, flexvae, diffusers, ...) after a warm-up,
+and the medians, their ratio (flexvae / diffusers, goal <= 1.0) and the largest absolute
+differences of mean, log-variance and decoder output are printed. CPU fp32 always; on a
+CUDA device also fp32 and bf16 autocast there.
+
+    python bench/bench_sd_vae.py [--size 256] [--reps 5] [--threads N]
+
+Needs diffusers (a test-only dependency). No network access: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+SD = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+          up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+          norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+
+
+def make_models(folder: Path):
+    from diffusers import AutoencoderKL
+
+    from flexvae.convert_sd import load_sd_vae
+
+    torch.manual_seed(0)
+    reference = AutoencoderKL(**SD).eval()
+    with torch.no_grad():  # move norms and biases off their 1/0 initial values
+        for p in reference.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    reference.save_pretrained(folder, safe_serialization=True)
+    model = load_sd_vae(folder)[0]
+    return reference, model
+
+
+def step_diffusers(vae, x):
+    mean = vae.encode(x).latent_dist.mean
+    return vae.decode(mean).sample
+
+
+def step_flexvae(vae, x):
+    return vae.decode(vae.encode(x).mean)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def timed(fn, model, x, device, autocast):
+    sync(device)
+    start = time.perf_counter()
+    with autocast:
+        fn(model, x)
+    sync(device)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def differences(reference, model, x):
+    ref, post = reference.encode(x).latent_dist, model.encode(x)
+    return {
+        "mean": (ref.mean - post.mean).abs().max().item(),
+        "logvar": (ref.logvar - post.logvar).abs().max().item(),
+        "decoder": (reference.decode(ref.mean).sample - model.decode(ref.mean)).abs().max().item(),
+    }
+
+
+def compare(reference, model, x, device, reps, warmup, dtype=None):
+    reference, model, x = reference.to(device), model.to(device), x.to(device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    for _ in range(warmup):
+        timed(step_diffusers, reference, x, device, autocast)
+        timed(step_flexvae, model, x, device, autocast)
+    ref_times, flex_times = [], []
+    for _ in range(reps):  # interleaved, so drifts in machine load hit both alike
+        ref_times.append(timed(step_diffusers, reference, x, device, autocast))
+        flex_times.append(timed(step_flexvae, model, x, device, autocast))
+    ref_median, flex_median = statistics.median(ref_times), statistics.median(flex_times)
+    label = f"{device.type} {'fp32' if dtype is None else str(dtype).replace('torch.', '') + ' autocast'}"
+    print(f"{label}: diffusers {ref_median * 1e3:.1f} ms, flexvae {flex_median * 1e3:.1f} ms "
+          f"(median of {reps}), ratio flexvae/diffusers {flex_median / ref_median:.3f} (goal <= 1.0)")
+    return flex_median / ref_median
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=256, help="input side length (a multiple of 8)")
+    parser.add_argument("--reps", type=int, default=5, help="timed runs per model")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per model first")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} CPU threads; input 1x3x{args.size}x{args.size}")
+    with tempfile.TemporaryDirectory() as tmp:
+        reference, model = make_models(Path(tmp))
+    x = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    cpu = torch.device("cpu")
+    diffs = differences(reference, model, x)
+    print("largest absolute difference (cpu fp32): "
+          + ", ".join(f"{name} {value:.2e}" for name, value in diffs.items()))
+    compare(reference, model, x, cpu, args.reps, args.warmup)
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        compare(reference, model, x, cuda, max(args.reps, 10), max(args.warmup, 3))
+        compare(reference, model, x, cuda, max(args.reps, 10), max(args.warmup, 3), dtype=torch.bfloat16)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Data-path benchmarks: do reading and writing files slow training and encoding down?
+
+1. Training steps of the default config (configs/config.toml: small model, 32 px, batch 16) fed
+   through the trainer's own data path (ImageFolder on assets/photos, StreamSampler,
+   make_loader, Trainer._next_images) against the same model, optimizer and train_step fed one
+   pre-built in-memory batch. Blocks of steps alternate (loader, memory, memory, loader, ...)
+   after a warm-up; the ratio of the median block throughputs is printed (goal >= 0.90) for
+   each num_workers setting.
+2. ``-e`` end to end (encode_folder on assets/photos: reading, preprocessing, encoding and
+   writing latent files and the manifest) against encode_latents alone on the same images
+   already in memory, same batch size (goal >= 0.90).
+
+    python bench/bench_train.py [--steps N] [--block N] [--workers 0,1,2] [--reps N] [--threads N]
+
+Prints only; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "configs/config.toml"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------ 1. training
+def train_comparison(cfg, workers: int, steps: int, block: int, warmup: int, out_dir: str) -> dict:
+    from flexvae.config import apply_overrides
+    from flexvae.train.trainer import Trainer, random_flip, train_step
+
+    cfg = apply_overrides(cfg, [f"data.num_workers={workers}", f"train.out_dir={out_dir}"])
+    tcfg = cfg.train
+    trainer = Trainer(cfg, CONFIG, quiet=True)
+    device = trainer.device
+    dataset, loader = trainer._loader()
+    batches = iter(loader)
+    memory = torch.stack([dataset[i % len(dataset)]["image"] for i in range(tcfg.batch_size)]).to(device)
+    trainer.model.train()
+
+    def one_step(micro):
+        micro = [random_flip(m, tcfg.seed, trainer.step) if cfg.data.flip else m for m in micro]
+        train_step(trainer.model, micro, trainer.optimizer, cfg, trainer.step)
+        trainer.scheduler.step()
+        if trainer.ema is not None:
+            trainer.ema.update(trainer.model)
+        trainer.step += 1
+
+    def from_loader():
+        one_step([trainer._next_images(batches) for _ in range(tcfg.grad_accum)])
+
+    def from_memory():
+        one_step([memory] * tcfg.grad_accum)
+
+    def timed_block(step_fn) -> float:
+        sync(device)
+        began = time.perf_counter()
+        for _ in range(block):
+            step_fn()
+        sync(device)
+        return block / (time.perf_counter() - began)
+
+    for _ in range(warmup):  # starts the workers, fills their prefetch queue, warms the allocator
+        from_loader()
+        from_memory()
+    rates = {"loader": [], "memory": []}
+    for i in range(max(1, steps // block)):
+        order = ("loader", "memory") if i % 2 == 0 else ("memory", "loader")
+        for name in order:
+            rates[name].append(timed_block(from_loader if name == "loader" else from_memory))
+    del batches, loader  # stops the workers
+    images_per_step = tcfg.batch_size * tcfg.grad_accum
+    loader_rate, memory_rate = statistics.median(rates["loader"]), statistics.median(rates["memory"])
+    return {
+        "workers": workers, "steps": len(rates["loader"]) * block, "images_per_step": images_per_step,
+        "loader": loader_rate, "memory": memory_rate, "ratio": loader_rate / memory_rate,
+        "spread": (min(r / m for r, m in zip(rates["loader"], rates["memory"])),
+                   max(r / m for r, m in zip(rates["loader"], rates["memory"]))),
+    }
+
+
+# ------------------------------------------------------------------ 2. encoding
+def encode_comparison(cfg, reps: int, workers_list, out_root: Path) -> list[dict]:
+    from flexvae.data import ImageFolder
+    from flexvae.inference import ModelContext, encode_folder
+    from flexvae.loading import model_from_config
+
+    device = torch.device(_device(cfg))
+    model, plan = model_from_config(cfg, CONFIG, device=device)
+    model.eval()
+    ctx = ModelContext(model, tuple(plan.data_shape), cfg.data.resize_filter, cfg.data.pad_to_square)
+    folder = ImageFolder(cfg.data.path, channels=cfg.data.channels, image_size=cfg.data.image_size,
+                         resize_filter=cfg.data.resize_filter, pad_to_square=cfg.data.pad_to_square)
+    images = torch.stack([folder[i]["image"] for i in range(len(folder))]).to(device)
+    count, batch_size = len(folder), cfg.encode.batch_size
+
+    @torch.no_grad()
+    def model_only() -> float:
+        sync(device)
+        began = time.perf_counter()
+        for start in range(0, count, batch_size):
+            ctx.vae.encode_latents(images[start:start + batch_size]).float().cpu()
+        sync(device)
+        return count / (time.perf_counter() - began)
+
+    results = []
+    run = 0
+    for workers in workers_list:
+        def end_to_end() -> float:
+            nonlocal run
+            run += 1
+            began = time.perf_counter()
+            summary = encode_folder(ctx, cfg.data.path, out_root / f"latents_{run}", fmt=cfg.encode.format,
+                                    batch_size=batch_size, num_workers=workers, device=str(device), progress=False)
+            elapsed = time.perf_counter() - began
+            assert summary["encoded"] == count, summary
+            return count / elapsed
+
+        end_to_end(), model_only()  # warm-up
+        rates = {"files": [], "model": []}
+        for i in range(reps):
+            order = (("files", end_to_end), ("model", model_only))
+            for name, fn in order if i % 2 == 0 else order[::-1]:
+                rates[name].append(fn())
+        files, model_rate = statistics.median(rates["files"]), statistics.median(rates["model"])
+        results.append({"workers": workers, "images": count, "batch": batch_size, "files": files,
+                        "model": model_rate, "ratio": files / model_rate})
+    return results
+
+
+def _device(cfg) -> str:
+    from flexvae.config import resolve_device
+
+    return resolve_device(cfg.train.device)
+
+
+# ------------------------------------------------------------------ main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=120, help="timed training steps per path and setting")
+    parser.add_argument("--block", type=int, default=10, help="steps per timed block")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per path first")
+    parser.add_argument("--workers", default="0,1,2", help="num_workers settings to try")
+    parser.add_argument("--reps", type=int, default=7, help="timed encode runs per path and setting")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    os.chdir(REPO)  # the config names its structures and images relative to the repository
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from flexvae.config import load_config
+
+    cfg = load_config(CONFIG)
+    workers_list = [int(w) for w in args.workers.split(",")]
+    print(f"{platform.processor() or platform.machine()} / {os.cpu_count()} CPUs / torch {torch.__version__} / "
+          f"{torch.get_num_threads()} threads / device {_device(cfg)}")
+    print(f"config {CONFIG}: {cfg.data.image_size} px, batch {cfg.train.batch_size} x {cfg.train.grad_accum}, "
+          f"images from {cfg.data.path}, default num_workers {cfg.data.num_workers}")
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"\n1. Training throughput: trainer data path vs in-memory batch "
+              f"({args.steps} steps each, blocks of {args.block}, alternating)")
+        for workers in workers_list:
+            r = train_comparison(cfg, workers, args.steps, args.block, args.warmup, str(Path(tmp) / f"run{workers}"))
+            default = "  (default)" if workers == cfg.data.num_workers else ""
+            print(f"  num_workers={workers}: loader {r['loader']:6.2f} steps/s {r['loader'] * r['images_per_step']:7.1f} img/s"
+                  f" | memory {r['memory']:6.2f} steps/s {r['memory'] * r['images_per_step']:7.1f} img/s"
+                  f" | ratio {r['ratio']:.3f} (blocks {r['spread'][0]:.2f}..{r['spread'][1]:.2f})"
+                  f"  goal >= 0.90{default}")
+
+        print(f"\n2. -e throughput: encode_folder end to end vs encode_latents on in-memory images "
+              f"(median of {args.reps})")
+        for r in encode_comparison(cfg, args.reps, sorted({0, cfg.data.num_workers}), Path(tmp)):
+            default = "  (default)" if r["workers"] == cfg.data.num_workers else ""
+            print(f"  num_workers={r['workers']}: files {r['files']:7.1f} img/s | model only {r['model']:7.1f} img/s"
+                  f" | ratio {r['ratio']:.3f}  goal >= 0.90  ({r['images']} images, batch {r['batch']}){default}")
+    print(f"\ntotal bench time {time.perf_counter() - began:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The analysis modes of the command line (-eval, -inter, -pics, -probe, -matrix).
+
+Each function takes the parsed arguments and the current config, calls one analysis
+module and prints where its output went. Models come from the checkpoint alone
+(``--ckpt`` or ``train.out_dir``): its stored config supplies the preprocessing and the
+default data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import DataError
+from . import MissingDependency
+from .common import first_images, image_dataset, image_loader, load_model, write_json
+
+MODES = ("evaluate", "interpolate", "pictures", "probe", "matrix")
+
+
+def _model(args, cfg, device):
+    model = load_model(args.ckpt or cfg.train.out_dir, device=device, prefer_ema=not args.no_ema,
+                       plugins=cfg.model.plugins)
+    print(f"model: {model.path} (step {model.step})")
+    return model
+
+
+def _output(args, run_dir: Path, name: str) -> Path:
+    out = Path(args.output) if args.output else run_dir / name
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def evaluate(args, cfg, device, run_dir) -> int:
+    from .evaluate import evaluate_model, format_report
+
+    model = _model(args, cfg, device)
+    dataset = image_dataset(model.ctx, args.input, model.cfg)
+    loader = image_loader(dataset, cfg.encode.batch_size, device, cfg.data.num_workers)
+    sigma = args.nll_sigma or "auto"
+    if sigma != "auto":
+        try:
+            sigma = float(sigma)
+        except ValueError:
+            raise DataError(f"--nll-sigma must be a positive number or 'auto', got {args.nll_sigma!r}") from None
+        if not sigma > 0:
+            raise DataError(f"--nll-sigma must be positive, got {args.nll_sigma!r}")
+    result = evaluate_model(model.vae, loader, nll_samples=args.nll_samples, nll_sigma=sigma,
+                            device=device, seed=cfg.train.seed, progress=True)
+    data = args.input or model.cfg.data.val_path or f"{model.cfg.data.path} ({model.cfg.data.source})"
+    result = {"checkpoint": str(model.path), "step": model.step, "data": str(data),
+              "nll_samples": args.nll_samples, **result}
+    out = _output(args, run_dir, "evaluation")
+    report = format_report(result)
+    write_json(result, out / "evaluation.json")
+    (out / "evaluation.md").write_text(f"Evaluation of {model.path} (step {model.step}) on {data}\n\n{report}\n")
+    print(report)
+    print(f"written: {out / 'evaluation.json'} and {out / 'evaluation.md'}")
+    return 0
+
+
+def interpolate(args, cfg, device, run_dir) -> int:
+    from .interpolate import interpolate_inputs
+
+    if not args.input or not args.input2:
+        raise DataError("interpolation needs two inputs: --input A --input2 B (two images, or two folders "
+                        "whose images pair up in sorted order)")
+    model = _model(args, cfg, device)
+    out = _output(args, run_dir, "interpolation")
+    summary = interpolate_inputs(model.ctx, args.input, args.input2, out, steps=args.steps or 8, device=device)
+    print(f"{summary['pairs']} pair(s), {summary['steps']} steps: " + ", ".join(summary["files"].values()))
+    return 0
+
+
+def pictures(args, cfg, device, run_dir) -> int:
+    from .pictures import (kl_per_channel_history, plot_history, prior_grid, read_metrics, traversal_grid,
+                           write_kl_history)
+
+    model = _model(args, cfg, device)
+    out = _output(args, run_dir, "pictures")
+    images = first_images(image_dataset(model.ctx, args.input, model.cfg, train=True), 64).to(device)
+    info = traversal_grid(model.vae, images[:1], images, out / "traversal.png", steps=args.steps or 9)
+    print(f"traversal of channels {info['channels']} (largest KL first): {out / 'traversal.png'}")
+    print(f"prior samples: {prior_grid(model.vae, out / 'prior.png', seed=cfg.train.seed)}")
+    metrics = run_dir / "metrics.csv"
+    if not metrics.is_file():
+        print(f"no {metrics}: training-history plots skipped")
+        return 0
+    history = kl_per_channel_history(run_dir, images, device=device)
+    if history["steps"]:
+        write_kl_history(history, out / "kl_channels.csv")
+    try:
+        written = plot_history(read_metrics(metrics), out, history)
+    except MissingDependency as exc:
+        raise MissingDependency(f"traversal and prior grids written; history plots not: {exc}") from None
+    print("training history: " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def probe(args, cfg, device, run_dir) -> int:
+    from .probe import format_probe, run_probe
+
+    if not args.input:
+        raise DataError("the probe needs a labelled image folder: --input ROOT with one sub-folder per class "
+                        "(and optionally --input2 TEST_ROOT laid out the same way)")
+    model = _model(args, cfg, device)
+    result = run_probe(model.ctx, args.input, args.input2, seed=cfg.train.seed, device=device)
+    out = _output(args, run_dir, "probe")
+    text = format_probe(result)
+    write_json({"checkpoint": str(model.path), "step": model.step, **result}, out / "probe.json")
+    (out / "probe.md").write_text(text + "\n")
+    print(text)
+    print(f"written: {out / 'probe.json'} and {out / 'probe.md'}")
+    return 0
+
+
+def matrix(args, cfg) -> int:
+    from .matrix import run_matrix
+
+    if not args.matrix:
+        raise DataError("give the matrix file: --matrix FILE.toml")
+    result = run_matrix(args.matrix, device=args.device, extra_overrides=args.set)
+    print(Path(result["markdown"]).read_text())
+    print(f"written: {result['markdown']} and {result['csv']}")
+    return 1 if any(r["status"].startswith("failed") for r in result["rows"]) else 0
+
+
+def run_analysis(mode: str, args, cfg) -> int:
+    from ..cli import _device, _run_dir
+
+    if mode == "matrix":
+        return matrix(args, cfg)
+    handler = {"evaluate": evaluate, "interpolate": interpolate, "pictures": pictures, "probe": probe}[mode]
+    return handler(args, cfg, _device(args, cfg), _run_dir(args, cfg))

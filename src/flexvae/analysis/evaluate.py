@@ -1,0 +1,363 @@
+"""Evaluation of a trained model on a set of images.
+
+Reported, all on images in [-1, 1] (the training range):
+
+- reconstruction from the posterior mean: MSE, PSNR (peak-to-peak 2), SSIM and MS-SSIM
+  (SSIM's Gaussian window, sigma 1.5, K = (0.01, 0.03), computed on [0, 1]);
+  MS-SSIM uses as many of the standard 5 scales as the image holds (the coarsest scale
+  must still hold one window); their weights are renormalised to sum to 1;
+- KL(q(z|x) || N(0, I)) in nats per image, per latent channel (summed over spatial
+  positions) and per element;
+- active units (Burda et al.): element u is active when Cov_x(E_q[z_u]) > 0.01, the
+  variance over the images of its posterior mean; a channel is active when the mean of
+  its elements' variances exceeds the same threshold. Few active units = posterior collapse;
+- an importance-sampled negative log-likelihood for Gaussian posteriors:
+  log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, z_k ~ q(z|x),
+  with the decoder likelihood
+    'value' output: Gaussian N(x; decoder(z), sigma^2 I) on x in [-1, 1], sigma fixed
+      by the caller or 'auto' = sqrt(mean squared error of the raw decoder output at the
+      posterior mean), the maximum-likelihood shared sigma for these images;
+    'logits' output: Bernoulli with probabilities sigmoid(logits) on targets (x + 1) / 2
+      in [0, 1] (a proper likelihood only for binary images).
+  Bits per dimension: Bernoulli NLL / (D ln 2). For the Gaussian the density lives on
+  [-1, 1], where one 8-bit grey level is 2/255 = 1/127.5 wide, so the density per grey
+  level is p(x) / 127.5 per dimension: bits/dim = (NLL + D ln 127.5) / (D ln 2).
+  The same samples give the ELBO; -ELBO >= NLL.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..losses import ssim_window
+
+ACTIVE_THRESHOLD = 0.01
+LOG_2PI = math.log(2 * math.pi)
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+GREY_LEVELS_PER_UNIT = 127.5  # 8-bit grey levels per unit of x in [-1, 1]
+SSIM_K = (0.01, 0.03)
+MAX_LISTED_ELEMENTS = 65536  # per-element KL goes into the JSON up to this latent size
+
+
+# ------------------------------------------------------------------ SSIM family
+def _gauss_1d(size: int, device, sigma: float = 1.5) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float32, device=device) - size // 2
+    g = torch.exp(-coords.pow(2) / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    channels = x.shape[1]
+    x = F.conv2d(x, g.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
+    return F.conv2d(x, g.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
+
+
+def _ssim_cs(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor):
+    """SSIM and contrast-structure per (image, channel) for images in [0, 1]."""
+    c1, c2 = SSIM_K[0] ** 2, SSIM_K[1] ** 2
+    mu_a, mu_b = _blur(a, g), _blur(b, g)
+    var_a = _blur(a * a, g) - mu_a.pow(2)
+    var_b = _blur(b * b, g) - mu_b.pow(2)
+    cov = _blur(a * b, g) - mu_a * mu_b
+    cs = (2 * cov + c2) / (var_a + var_b + c2)
+    ssim = (2 * mu_a * mu_b + c1) / (mu_a.pow(2) + mu_b.pow(2) + c1) * cs
+    return ssim.flatten(2).mean(-1), cs.flatten(2).mean(-1)
+
+
+def ms_ssim_scales(side: int, window: int) -> int:
+    """How many of the 5 standard scales fit: the coarsest must still hold one window."""
+    scales = 0
+    while scales < len(MS_SSIM_WEIGHTS) and side >= window:
+        scales += 1
+        side = (side + 1) // 2
+    return scales
+
+
+def ssim_scores(image: torch.Tensor, target: torch.Tensor):
+    """Per-image SSIM and MS-SSIM of (B, C, H, W) images in [-1, 1].
+
+    Returns (ssim, ms_ssim or None, window, scales); MS-SSIM is None when fewer than
+    two scales fit the image.
+    """
+    a, b = (image.float() + 1) / 2, (target.float() + 1) / 2
+    spatial = tuple(a.shape[2:])
+    window = ssim_window(spatial)
+    g = _gauss_1d(window, a.device)
+    ssim, _ = _ssim_cs(a, b, g)
+    scales = ms_ssim_scales(min(spatial), window)
+    if scales < 2:
+        return ssim.mean(1), None, window, scales
+    weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], device=a.device)
+    weights = weights / weights.sum()
+    factors = []
+    for level in range(scales):
+        s, cs = _ssim_cs(a, b, g)
+        if level < scales - 1:
+            factors.append(torch.relu(cs))
+            padding = [n % 2 for n in a.shape[2:]]
+            a, b = F.avg_pool2d(a, 2, padding=padding), F.avg_pool2d(b, 2, padding=padding)
+    factors.append(torch.relu(s))
+    ms = torch.prod(torch.stack(factors) ** weights.view(-1, 1, 1), dim=0)
+    return ssim.mean(1), ms.mean(1), window, scales
+
+
+# ---------------------------------------------------------------- likelihood
+def is_gaussian(posterior) -> bool:
+    return hasattr(posterior, "mean") and hasattr(posterior, "logvar")
+
+
+def decoder_log_likelihood(output: str, recon: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """log p(x|z) per sample (nats): Gaussian(sigma) for 'value' output, Bernoulli for 'logits'."""
+    recon, x = recon.double(), x.double()
+    if output == "logits":
+        target = (x + 1) / 2
+        ll = -F.binary_cross_entropy_with_logits(recon, target, reduction="none")
+    else:
+        ll = -0.5 * ((x - recon) / sigma).pow(2) - math.log(sigma) - 0.5 * LOG_2PI
+    return ll.flatten(1).sum(1)
+
+
+@torch.no_grad()
+def importance_log_weights(vae, x: torch.Tensor, num_samples: int = 100, sigma: float = 0.1,
+                           generator: torch.Generator | None = None, max_batch: int = 256) -> torch.Tensor:
+    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) for K draws z_k ~ q(z|x); shape (K, B)."""
+    posterior = vae.encode(x)
+    if not is_gaussian(posterior):
+        raise ValueError("the importance-sampled likelihood needs a Gaussian posterior")
+    mean, logvar = posterior.mean.double(), posterior.logvar.double()
+    std = torch.exp(0.5 * logvar)
+    batch = x.shape[0]
+    chunk = max(1, min(num_samples, max_batch // max(1, batch)))
+    out = []
+    for start in range(0, num_samples, chunk):
+        k = min(chunk, num_samples - start)
+        eps = torch.randn((k, *mean.shape), generator=generator, device=mean.device, dtype=torch.float32).double()
+        z = mean + std * eps
+        recon = vae.decode(z.reshape(k * batch, *mean.shape[1:]).to(x.dtype))
+        repeated = x.unsqueeze(0).expand(k, *x.shape).reshape(k * batch, *x.shape[1:])
+        log_px_z = decoder_log_likelihood(vae.output, recon, repeated, sigma).view(k, batch)
+        log_pz = (-0.5 * z.pow(2) - 0.5 * LOG_2PI).flatten(2).sum(2)
+        log_qz = (-0.5 * eps.pow(2) - 0.5 * logvar - 0.5 * LOG_2PI).flatten(2).sum(2)
+        out.append(log_px_z + log_pz - log_qz)
+    return torch.cat(out, dim=0)
+
+
+def importance_nll(vae, x: torch.Tensor, num_samples: int = 100, sigma: float = 0.1,
+                   generator: torch.Generator | None = None, max_batch: int = 256) -> torch.Tensor:
+    """-log p(x) per sample in nats, estimated with ``num_samples`` importance samples."""
+    log_w = importance_log_weights(vae, x, num_samples, sigma, generator, max_batch)
+    return -(torch.logsumexp(log_w, dim=0) - math.log(num_samples))
+
+
+def bits_per_dim(nll_nats: float, dims: int, output: str) -> float:
+    """NLL per dimension in bits; a Gaussian density is first converted to 8-bit grey-level units."""
+    shift = 0.0 if output == "logits" else dims * math.log(GREY_LEVELS_PER_UNIT)
+    return (nll_nats + shift) / (dims * math.log(2))
+
+
+def default_nll_samples(data_shape) -> int:
+    """100 importance samples up to 64x64 pixels, fewer for larger images (at least 8)."""
+    pixels = math.prod(data_shape[1:])
+    return 100 if pixels <= 64 * 64 else max(8, 100 * 64 * 64 // pixels)
+
+
+# ------------------------------------------------------------------ evaluation
+def _images(batch):
+    return batch if isinstance(batch, torch.Tensor) else batch.images
+
+
+class _Moments:
+    """Running sums (float64) for means and variances over images."""
+
+    def __init__(self):
+        self.n, self.total, self.total_sq = 0, None, None
+
+    def add(self, values: torch.Tensor) -> None:
+        v = values.detach().double().cpu()
+        s, sq = v.sum(0), v.pow(2).sum(0)
+        self.total = s if self.total is None else self.total + s
+        self.total_sq = sq if self.total_sq is None else self.total_sq + sq
+        self.n += v.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return self.total / self.n
+
+    def variance(self) -> torch.Tensor:
+        """Unbiased variance over the images (0 for a single image)."""
+        if self.n < 2:
+            return torch.zeros_like(self.total)
+        return ((self.total_sq - self.total.pow(2) / self.n) / (self.n - 1)).clamp_min(0)
+
+
+def _per_channel(values: torch.Tensor, reduce: str) -> torch.Tensor:
+    """(C, *spatial) -> (C,); a 1-D latent (D,) is D channels of one element each."""
+    flat = values.reshape(values.shape[0], -1) if values.dim() > 1 else values.reshape(-1, 1)
+    return flat.sum(1) if reduce == "sum" else flat.mean(1)
+
+
+@torch.no_grad()
+def evaluate_model(vae, batches, *, nll_samples: int | None = None, nll_sigma="auto", nll_images: int = 512,
+                   device="cpu", seed: int = 0, progress: bool = False) -> dict:
+    """Evaluate on ``batches``: a re-iterable of image tensors or loader ``Batch``es.
+
+    ``nll_samples`` = 0 skips the likelihood; None picks :func:`default_nll_samples`.
+    The likelihood is estimated on the first ``nll_images`` images.
+    """
+    from tqdm import tqdm
+
+    vae.eval()
+    sums = {"mse": 0.0, "psnr": 0.0, "ssim": 0.0, "ms_ssim": 0.0, "raw_se": 0.0}
+    count, values = 0, 0
+    kl, means = _Moments(), _Moments()
+    ssim_info = None
+    for batch in tqdm(batches, disable=not progress, desc="evaluate"):
+        x = _images(batch)
+        if x is None:
+            continue
+        x = x.to(device)
+        posterior = vae.encode(x)
+        raw = vae.decode(posterior.mode())
+        image = vae.to_image(raw)
+        per_image = (image.float() - x.float()).pow(2).flatten(1).mean(1)
+        sums["mse"] += per_image.sum().item()
+        sums["psnr"] += (10 * torch.log10(4.0 / per_image.clamp_min(1e-12))).sum().item()
+        if vae.output == "value":
+            sums["raw_se"] += (raw.double() - x.double()).pow(2).sum().item()
+        if x.dim() == 4 and min(x.shape[2:]) >= 3:
+            ssim, ms, window, scales = ssim_scores(image, x)
+            sums["ssim"] += ssim.sum().item()
+            if ms is not None:
+                sums["ms_ssim"] += ms.sum().item()
+            ssim_info = (window, scales, ms is not None)
+        if hasattr(posterior, "kl_elements"):
+            kl.add(posterior.kl_elements())
+        means.add(posterior.mode())
+        count += x.shape[0]
+        values += x[0].numel() * x.shape[0]
+    if count == 0:
+        raise ValueError("no images to evaluate")
+
+    data_shape = tuple(x.shape[1:])
+    result = {"images": count, "data_shape": list(data_shape), "latent_shape": list(vae.latent_shape)}
+    recon = {"mse": sums["mse"] / count, "psnr": sums["psnr"] / count, "ssim": None, "ms_ssim": None}
+    if ssim_info is not None:
+        window, scales, has_ms = ssim_info
+        recon.update(ssim=sums["ssim"] / count, ssim_window=window)
+        if has_ms:
+            recon.update(ms_ssim=sums["ms_ssim"] / count, ms_ssim_scales=scales)
+    result["reconstruction"] = recon
+
+    if kl.n:
+        kl_mean = kl.mean()
+        result["kl"] = {
+            "total_nats": float(kl_mean.sum()),
+            "per_channel": [float(v) for v in _per_channel(kl_mean, "sum")],
+            "per_element_max": float(kl_mean.max()),
+            "per_element_mean": float(kl_mean.mean()),
+        }
+        if kl_mean.numel() <= MAX_LISTED_ELEMENTS:
+            result["kl"]["per_element"] = kl_mean.float().tolist()  # nested like the latent shape
+    variance = means.variance()
+    channel_activity = _per_channel(variance, "mean")
+    result["active_units"] = {
+        "rule": f"Cov_x(E_q[z_u]) > {ACTIVE_THRESHOLD}",
+        "threshold": ACTIVE_THRESHOLD,
+        "elements": int((variance > ACTIVE_THRESHOLD).sum()),
+        "of_elements": int(variance.numel()),
+        "channels": int((channel_activity > ACTIVE_THRESHOLD).sum()),
+        "of_channels": int(channel_activity.numel()),
+        "channel_activity": [float(v) for v in channel_activity],
+    }
+
+    samples = default_nll_samples(data_shape) if nll_samples is None else int(nll_samples)
+    if samples > 0:
+        result["nll"] = _nll(vae, batches, samples, nll_sigma, nll_images, sums["raw_se"] / values,
+                             data_shape, device, seed, progress)
+    return result
+
+
+def _nll(vae, batches, samples, sigma, limit, raw_mse, data_shape, device, seed, progress) -> dict:
+    from tqdm import tqdm
+
+    probe = next((_images(b) for b in batches if _images(b) is not None), None)
+    if not is_gaussian(vae.encode(probe[:1].to(device))):
+        return {"skipped": "the importance-sampled likelihood needs a Gaussian posterior"}
+    if vae.output == "logits":
+        likelihood, sigma = "bernoulli", None
+    else:
+        if sigma == "auto":
+            sigma = max(math.sqrt(raw_mse), 1e-3)
+            likelihood = "gaussian, sigma = sqrt(MSE) of the decoder mean (auto)"
+        else:
+            sigma = float(sigma)
+            likelihood = "gaussian, fixed sigma"
+    generator = torch.Generator(device=device).manual_seed(seed)
+    nll, neg_elbo, done = [], [], 0
+    for batch in tqdm(batches, disable=not progress, desc=f"NLL ({samples} samples)"):
+        x = _images(batch)
+        if x is None:
+            continue
+        x = x[: limit - done].to(device)
+        log_w = importance_log_weights(vae, x, samples, sigma if sigma is not None else 1.0, generator)
+        nll.append(-(torch.logsumexp(log_w, 0) - math.log(samples)))
+        neg_elbo.append(-log_w.mean(0))
+        done += x.shape[0]
+        if done >= limit:
+            break
+    nll, neg_elbo = torch.cat(nll), torch.cat(neg_elbo)
+    dims = math.prod(data_shape)
+    mean_nll = float(nll.mean())
+    return {
+        "likelihood": likelihood,
+        "sigma": sigma,
+        "samples": samples,
+        "images": int(nll.numel()),
+        "nats": mean_nll,
+        "nats_std_error": float(nll.std() / math.sqrt(nll.numel())) if nll.numel() > 1 else None,
+        "bits_per_dim": bits_per_dim(mean_nll, dims, vae.output),
+        "neg_elbo_nats": float(neg_elbo.mean()),
+        "neg_elbo_bits_per_dim": bits_per_dim(float(neg_elbo.mean()), dims, vae.output),
+        "dims": dims,
+    }
+
+
+# ------------------------------------------------------------------ reporting
+def format_report(result: dict, top: int = 8) -> str:
+    """The evaluation as Markdown: a summary table, then KL and activity per channel."""
+    from .common import markdown_table
+
+    rec = result["reconstruction"]
+    rows = [("images", result["images"]),
+            ("MSE (images in [-1, 1])", rec["mse"]),
+            ("PSNR (dB)", rec["psnr"]),
+            ("SSIM" + (f" (window {rec['ssim_window']})" if rec.get("ssim_window") else ""), rec["ssim"])]
+    if rec.get("ms_ssim") is not None:
+        rows.append((f"MS-SSIM ({rec['ms_ssim_scales']} scales)", rec["ms_ssim"]))
+    else:
+        rows.append(("MS-SSIM", "n/a (image too small for 2 scales)"))
+    if "kl" in result:
+        rows.append(("KL (nats per image)", result["kl"]["total_nats"]))
+    au = result["active_units"]
+    rows.append((f"active units ({au['rule']})", f"{au['elements']} / {au['of_elements']}"))
+    rows.append(("active channels", f"{au['channels']} / {au['of_channels']}"))
+    nll = result.get("nll")
+    if nll and "skipped" not in nll:
+        rows.append((f"NLL (nats, {nll['samples']} IS samples, {nll['images']} images)", nll["nats"]))
+        rows.append(("NLL (bits/dim)", nll["bits_per_dim"]))
+        rows.append(("-ELBO (nats)", nll["neg_elbo_nats"]))
+        rows.append(("decoder likelihood", nll["likelihood"] + (f" = {nll['sigma']:.4g}" if nll["sigma"] else "")))
+    elif nll:
+        rows.append(("NLL", f"skipped: {nll['skipped']}"))
+    text = [markdown_table(["metric", "value"], rows)]
+    if "kl" in result:
+        kl = result["kl"]["per_channel"]
+        activity = au["channel_activity"]
+        order = sorted(range(len(kl)), key=lambda i: -kl[i])[:top]
+        text += ["", f"Latent channels by KL (top {len(order)} of {len(kl)}):", "",
+                 markdown_table(["channel", "KL (nats)", "Var_x of mean", "active"],
+                                [(i, kl[i], activity[i], "yes" if activity[i] > ACTIVE_THRESHOLD else "no")
+                                 for i in order])]
+    return "\n".join(text)

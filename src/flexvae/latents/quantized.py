@@ -1,0 +1,85 @@
+"""What the discrete latents (vq, fsq) share: a posterior holding integer codes and the
+bookkeeping that turns codes into decoder inputs and back."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..utils import format_shape
+
+
+class QuantizedPosterior:
+    """A quantized code: sampling and the mode both return the quantized value (with a
+    straight-through gradient to the encoder), the KL term is zero, and ``codes`` holds the
+    integer index of every position, shape (B, *spatial)."""
+
+    def __init__(self, value: torch.Tensor, codes: torch.Tensor, losses: dict | None = None,
+                 pre_quant: torch.Tensor | None = None):
+        self.mean = value
+        self.codes = codes
+        self.losses = dict(losses or {})
+        self.pre_quant = pre_quant  # the encoder's output before quantization
+
+    def sample(self, generator=None) -> torch.Tensor:
+        return self.mean
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl_elements(self) -> torch.Tensor:
+        return torch.zeros_like(self.mean)
+
+    def kl(self) -> torch.Tensor:
+        return self.mean.new_zeros(self.mean.shape[0])
+
+    def aux_losses(self) -> dict:
+        return self.losses
+
+
+class QuantizedLatent(nn.Module):
+    """Base of the quantized latents. A subclass sets ``kind``, holds ``self.quantizer``
+    (with ``forward(z) -> (z_q, codes, losses)``, ``num_codes``, ``lookup(codes)`` and
+    ``dim``) and names what ``dim`` is in build errors via ``_dim_words``."""
+
+    kind = "quantized"
+    _dim_words = "code dimension"
+
+    def latent_shape(self, encoder_shape: tuple[int, ...]) -> tuple[int, ...]:
+        channels, dim = encoder_shape[0], self.quantizer.dim
+        if channels != dim:
+            raise ValueError(
+                f"the encoder outputs {channels} channels (shape {format_shape(encoder_shape)}), "
+                f"but a {self.kind} latent with {self._dim_words} {dim} needs {dim}; "
+                f"make the last layer output {dim} channels"
+            )
+        return tuple(encoder_shape)
+
+    def forward(self, h: torch.Tensor, step: int | None = None) -> QuantizedPosterior:
+        z_q, codes, losses = self.quantizer(h)
+        return QuantizedPosterior(z_q, codes, losses, pre_quant=h)
+
+    # ------------------------------------------------------------ integer codes
+    def code_shape(self, latent_shape) -> tuple[int, ...]:
+        """Per-sample shape of the integer codes: one code per position."""
+        return tuple(latent_shape[1:])
+
+    def codes(self, posterior) -> torch.Tensor:
+        return posterior.codes
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Integer codes (B, *spatial) -> the raw latent (B, C, *spatial) the decoder takes."""
+        codes = codes.long()
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= self.quantizer.num_codes:
+            raise ValueError(f"codes must lie in [0, {self.quantizer.num_codes - 1}], found [{low}, {high}]")
+        return self.quantizer.lookup(codes)
+
+    def sample_prior(self, n, latent_shape, generator=None, device=None) -> torch.Tensor:
+        """Discrete latents have a uniform prior: every code of every position is equally likely."""
+        codes = torch.randint(0, self.quantizer.num_codes, (n, *self.code_shape(latent_shape)),
+                              generator=generator, device=device)
+        return self.quantizer.lookup(codes)
+
+    def metrics(self) -> dict:
+        return self.quantizer.metrics() if hasattr(self.quantizer, "metrics") else {}

@@ -1,0 +1,203 @@
+"""Vector quantization (VQ-VAE): each position's channel vector snaps to its nearest codebook entry.
+
+    z_q = e_k,  k = argmin_j ||z_e - e_j||^2            (per position, over channels)
+    loss = commitment * ||z_e - sg(z_q)||^2  [+ ||sg(z_e) - z_q||^2 when the codebook is learned by gradient]
+    decoder input = z_e + sg(z_q - z_e)                (straight-through: gradients reach the encoder)
+
+With ``decay > 0`` the codebook is not trained by gradient but follows an exponential moving
+average of the vectors assigned to each code (Laplace-smoothed counts), updated in training
+mode only. Codes whose moving-average use per training batch falls below ``dead_threshold``
+times an even share (batch vectors / codebook size) are restarted from random encoder
+outputs of the current batch; ``kmeans_init`` runs a few
+Lloyd iterations on the first training batch to place the codebook. Codebook usage (the
+fraction of codes used in the last ``usage_window`` training batches) and the perplexity of
+the last batch's assignments are reported by ``metrics()``; they are never loss terms.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .quantized import QuantizedLatent
+
+USAGE_DECAY_WITHOUT_EMA = 0.99  # how fast usage counts forget when the codebook is learned by gradient
+
+
+def _squared_distances(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """(N, D), (K, D) -> (N, K) squared Euclidean distances."""
+    return flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)
+
+
+class VectorQuantizer(nn.Module):
+    """Quantizes channel-first maps (B, D, *spatial) against a codebook of ``codebook_size`` x ``dim``.
+
+    ``forward`` returns ``(z_q, codes, losses)``: the straight-through quantized map, the
+    integer codes (B, *spatial) and the loss terms by name.
+    """
+
+    def __init__(self, codebook_size: int, dim: int, commitment: float = 0.25, decay: float = 0.99,
+                 dead_threshold: float = 0.0, kmeans_init: bool = False, kmeans_iters: int = 10,
+                 usage_window: int = 100, eps: float = 1e-5):
+        super().__init__()
+        if codebook_size < 1 or dim < 1:
+            raise ValueError(f"codebook size and dimension must be positive, got {codebook_size} and {dim}")
+        if commitment < 0:
+            raise ValueError(f"the commitment weight must be >= 0, got {commitment}")
+        if not 0 <= decay < 1:
+            raise ValueError(f"the EMA decay must be in [0, 1) (0 = learn the codebook by gradient), got {decay}")
+        if dead_threshold < 0:
+            raise ValueError(f"the dead-code threshold must be >= 0, got {dead_threshold}")
+        self.codebook_size, self.dim = int(codebook_size), int(dim)
+        self.commitment, self.decay, self.dead_threshold = float(commitment), float(decay), float(dead_threshold)
+        self.kmeans_init, self.kmeans_iters = bool(kmeans_init), int(kmeans_iters)
+        self.usage_window, self.eps = int(usage_window), float(eps)
+        initial = torch.randn(self.codebook_size, self.dim)
+        if self.ema:
+            self.register_buffer("embedding", initial)
+        else:
+            self.embedding = nn.Parameter(initial)
+        # EMA statistics: vectors assigned per batch and their sum, both starting at zero (their
+        # ratio, the code's new value, then needs no bias correction). A code that has never
+        # received a vector keeps its initial value.
+        self.register_buffer("cluster_size", torch.zeros(self.codebook_size))
+        self.register_buffer("embed_sum", torch.zeros(self.codebook_size, self.dim))
+        self.register_buffer("initialized", torch.tensor(not self.kmeans_init))
+        # Diagnostics only (not saved): training batches seen, last batch each code was used in.
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("last_used", torch.full((self.codebook_size,), -1, dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("perplexity", torch.zeros(()), persistent=False)
+
+    @property
+    def ema(self) -> bool:
+        return self.decay > 0
+
+    @property
+    def num_codes(self) -> int:
+        return self.codebook_size
+
+    def extra_repr(self) -> str:
+        return (f"codebook_size={self.codebook_size}, dim={self.dim}, commitment={self.commitment}, "
+                f"decay={self.decay}, dead_threshold={self.dead_threshold}, kmeans_init={self.kmeans_init}")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, z: torch.Tensor):
+        if z.dim() < 2 or z.shape[1] != self.dim:
+            raise ValueError(
+                f"VQ with code dimension {self.dim} needs {self.dim} channels, got shape {tuple(z.shape[1:])}"
+            )
+        channels_last = z.movedim(1, -1)
+        flat = channels_last.reshape(-1, self.dim)
+        measure = not z.is_meta  # the builder's shape trace runs on meta tensors: no statistics there
+        update = self.training and measure
+        with torch.no_grad():
+            flat_f = flat.detach().float()
+            if update and self.kmeans_init and not bool(self.initialized):
+                self._kmeans(flat_f)
+            codes = _squared_distances(flat_f, self.embedding.detach().float()).argmin(dim=1)
+        z_q = F.embedding(codes, self.embedding).view(channels_last.shape).movedim(-1, 1).to(z.dtype)
+        losses = {"vq_commit": self.commitment * F.mse_loss(z.float(), z_q.detach().float())}
+        if not self.ema:
+            losses["vq_codebook"] = F.mse_loss(z_q.float(), z.detach().float())
+        out = z + (z_q - z).detach()
+        if measure:
+            with torch.no_grad():
+                counts = torch.bincount(codes, minlength=self.codebook_size).float()
+                probs = counts / counts.sum().clamp_min(1)
+                self.perplexity.copy_(torch.exp(-(probs * probs.clamp_min(1e-10).log()).sum()))
+                if update:
+                    self._update(flat_f, codes, counts)
+        return out, codes.view(channels_last.shape[:-1]), losses
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """Integer codes (B, *spatial) -> codebook vectors as a channel-first map (B, D, *spatial)."""
+        return F.embedding(codes.long(), self.embedding).movedim(-1, 1)
+
+    # ------------------------------------------------------------ training state
+    @torch.no_grad()
+    def _update(self, flat: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> None:
+        self.calls += 1
+        self.last_used.copy_(torch.where(counts > 0, self.calls, self.last_used))
+        if self.ema:
+            sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, flat)
+            # Under DDP, all-reduce (sum) `counts` and `sums` across processes here, so every
+            # replica applies the same EMA update and keeps the same codebook.
+            self.cluster_size.lerp_(counts, 1 - self.decay)
+            self.embed_sum.lerp_(sums, 1 - self.decay)
+            total = self.cluster_size.sum()
+            smoothed = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total  # Laplace
+            updated = self.embed_sum / smoothed.unsqueeze(1)
+            self.embedding.copy_(torch.where((self.cluster_size > 0).unsqueeze(1), updated, self.embedding))
+        else:
+            self.cluster_size.lerp_(counts, 1 - USAGE_DECAY_WITHOUT_EMA)
+        if self.dead_threshold > 0:
+            self._restart_dead(flat)
+
+    @torch.no_grad()
+    def _restart_dead(self, flat: torch.Tensor) -> None:
+        """A code is dead when its moving-average use per batch falls below ``dead_threshold``
+        times an even share (batch vectors / codebook size); it then takes the value of a random
+        encoder output of this batch. Written without a data-dependent branch (no device sync)."""
+        # Under DDP the random picks differ per process: broadcast the result from rank 0.
+        threshold = self.dead_threshold * flat.shape[0] / self.codebook_size
+        dead = self.cluster_size < threshold
+        fresh = flat[torch.randint(0, flat.shape[0], (self.codebook_size,), device=flat.device)]
+        self.embedding.copy_(torch.where(dead.unsqueeze(1), fresh, self.embedding))
+        self.cluster_size.copy_(torch.where(dead, torch.full_like(self.cluster_size, threshold), self.cluster_size))
+        self.embed_sum.copy_(torch.where(dead.unsqueeze(1), fresh * threshold, self.embed_sum))
+
+    @torch.no_grad()
+    def _kmeans(self, flat: torch.Tensor) -> None:
+        """A few Lloyd iterations on one batch of encoder outputs, started from random samples."""
+        n = flat.shape[0]
+        if n >= self.codebook_size:
+            pick = torch.randperm(n, device=flat.device)[:self.codebook_size]
+        else:
+            pick = torch.randint(0, n, (self.codebook_size,), device=flat.device)
+        centers = flat[pick].clone()
+        counts = torch.zeros(self.codebook_size, device=flat.device)
+        for _ in range(self.kmeans_iters):
+            assign = _squared_distances(flat, centers).argmin(dim=1)
+            counts = torch.bincount(assign, minlength=self.codebook_size).float()
+            sums = torch.zeros_like(centers).index_add_(0, assign, flat)
+            centers = torch.where(counts.unsqueeze(1) > 0, sums / counts.clamp_min(1).unsqueeze(1), centers)
+        self.embedding.copy_(centers)
+        self.cluster_size.copy_(counts)
+        self.embed_sum.copy_(centers * counts.unsqueeze(1))
+        self.initialized.fill_(True)
+
+    # -------------------------------------------------------------- diagnostics
+    def usage(self) -> float:
+        """Fraction of codes used at least once in the last ``usage_window`` training batches."""
+        recent = (self.last_used >= 0) & (self.calls - self.last_used < self.usage_window)
+        return float(recent.float().mean())
+
+    def metrics(self) -> dict:
+        """Codebook usage and perplexity (exp of the entropy of the last batch's code histogram)."""
+        return {"vq_usage": self.usage(), "vq_perplexity": float(self.perplexity)}
+
+
+class VQLatent(QuantizedLatent):
+    """The encoder outputs ``code_dim`` channels per position; each position becomes one of
+    ``codebook_size`` codes (log2(codebook_size) bits per position)."""
+
+    kind = "vq"
+
+    def __init__(self, codebook_size: int = 512, code_dim: int = 4, commitment: float = 0.25,
+                 ema_decay: float = 0.99, dead_threshold: float = 0.0, kmeans_init: bool = False):
+        super().__init__()
+        self.quantizer = VectorQuantizer(codebook_size, code_dim, commitment, ema_decay, dead_threshold,
+                                         kmeans_init)
+
+    @classmethod
+    def from_config(cls, latent_cfg) -> "VQLatent":
+        return cls(latent_cfg.codebook_size, latent_cfg.code_dim, latent_cfg.commitment,
+                   latent_cfg.ema_decay, latent_cfg.dead_threshold, latent_cfg.kmeans_init)
+
+    @property
+    def bits_per_position(self) -> float:
+        return math.log2(self.quantizer.codebook_size)

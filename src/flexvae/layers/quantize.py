@@ -1,0 +1,52 @@
+"""Quantizer tokens: the latents' quantizers placed at any position of an encoder or decoder.
+
+    "VQ_512_?"                  512-entry codebook, code dimension = the input's channels
+    "VQ_512_64_beta=0.5"        commitment weight 0.5
+    "VQ_512_?_decay=0_dead=0"   codebook learned by gradient, no dead-code restart
+    "FSQ_8_5_5_5"               4 channels quantized to 8, 5, 5 and 5 levels
+
+Each quantizes every position's channel vector of a (C, *spatial) map (or a (C,) vector);
+the output has the input's shape. Their losses (``vq_commit``, and ``vq_codebook`` without
+EMA) are returned as auxiliary outputs: the VAE adds them to the total loss and logs them as
+``enc_<loss>_<index>`` / ``dec_<loss>_<index>`` (index = 0-based layer position after
+unrolling repeats). A VQ token's codebook usage and perplexity are logged the same way.
+"""
+
+from __future__ import annotations
+
+from ..latents.fsq import FiniteScalarQuantizer
+from ..latents.vq import VectorQuantizer
+from ..registry import Arg, register
+
+
+@register(
+    "VQ",
+    Arg("codebook_size", doc="codebook entries"),
+    Arg("dim", infer="channels", doc="code dimension: the input's channels"),
+    Arg("beta", float, 0.25, doc="commitment loss weight"),
+    Arg("decay", float, 0.99, doc="EMA decay of the codebook; 0 = learned by gradient (adds a codebook loss)"),
+    Arg("dead", float, 0.1, doc="restart codes used less than this fraction of an even share; 0 = never"),
+    Arg("kmeans", bool, False, doc="k-means initialisation on the first training batch"),
+    doc="vector quantization of each position's channels (aux loss vq_commit); output shape = input shape",
+    aux=True,
+)
+class VQLayer(VectorQuantizer):
+    def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, decay: float = 0.99,
+                 dead: float = 0.1, kmeans: bool = False):
+        super().__init__(codebook_size, dim, commitment=beta, decay=decay, dead_threshold=dead, kmeans_init=kmeans)
+
+    def forward(self, x):
+        z_q, _, losses = super().forward(x)
+        return z_q, losses
+
+
+@register(
+    "FSQ",
+    Arg("levels", variadic=True, doc="levels per channel (each >= 2); the input has one channel per level"),
+    doc="finite scalar quantization of each channel to a few levels in [-1, 1]; no loss; output shape = input shape",
+    aux=True,
+)
+class FSQLayer(FiniteScalarQuantizer):
+    def forward(self, x):
+        z_q, _, losses = super().forward(x)
+        return z_q, losses

@@ -1,0 +1,331 @@
+"""The command line end to end: every mode in a subprocess, on a generated image folder.
+
+One tiny run is trained once per module (``-t``) and then reconstructed (``-i``), encoded
+(``-e``) and decoded (``-d``). User mistakes must give one ``error:`` line on stderr, a
+non-zero exit status and no traceback (``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "configs/tiny_test.toml"
+READABLE = ["cats/a.png", "cats/b.png", "cats/deep/c.JPG", "cats/deep/d.jpeg", "dogs/e.png",
+            "dogs/f.png", "grey.png", "wide.png"]
+BROKEN = ["broken.png", "dogs/truncated.png"]
+
+
+def make_images(root: Path) -> Path:
+    """Small smooth images in nested folders (PNG and JPEG, grey, non-square), plus a
+    truncated PNG, a text file named broken.png and a text file that is not an image."""
+    rng = np.random.default_rng(0)
+    for i, rel in enumerate(READABLE):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h, w = (16 + i % 3 * 4, 24) if rel != "wide.png" else (16, 24)
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x * 255 / w, y * 255 / h, np.full((h, w), 40.0 * (i % 6))], -1)
+        array = np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)
+        img = Image.fromarray(array)
+        img = img.convert("L") if rel == "grey.png" else img
+        img.save(path, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG")
+    (root / "broken.png").write_text("this is not a PNG file")
+    data = (root / "dogs/e.png").read_bytes()
+    (root / "dogs/truncated.png").write_bytes(data[: len(data) // 2])
+    (root / "notes.txt").write_text("not an image, not an input")
+    return root
+
+
+def run_cli(*args, cwd=REPO, program=None, expect=0):
+    """Run ``train.py`` (or ``program``) with ``args``; check the exit status unless ``expect`` is None."""
+    command = program or [sys.executable, str(REPO / "train.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny tensors: one thread is fastest
+    proc = subprocess.run([*command, *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    if expect is not None:
+        check_rc(proc, expect)
+    return proc
+
+
+def check_rc(proc, expect=0):
+    assert proc.returncode == expect, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def run_many(jobs: dict[str, dict]) -> dict[str, subprocess.CompletedProcess]:
+    """Run independent commands side by side (each is mostly a torch import): {name: run_cli kwargs}."""
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        futures = {name: pool.submit(run_cli, *job.pop("args"), expect=None, **job) for name, job in jobs.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def console_script() -> list[str]:
+    """The installed ``flexvae`` command, or the same entry point through this Python."""
+    program = Path(sys.executable).with_name("flexvae")
+    if program.exists():
+        return [str(program)]
+    return [sys.executable, "-c", "import sys; from flexvae.cli import main; sys.exit(main())"]
+
+
+def tiny_args(images: Path, run_dir: Path, *extra) -> list:
+    return ["-c", TINY, "--set", f"train.out_dir={run_dir}", "--set", f"data.path={images}",
+            "--set", "data.num_workers=0", *extra]
+
+
+def error_line(proc) -> str:
+    """The single stderr line of a user mistake; fails on a traceback or extra lines."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0]
+
+
+def steps_of(run_dir: Path) -> list[int]:
+    return sorted(int(p.stem.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*.safetensors"))
+
+
+def metric_steps(run_dir: Path) -> list[int]:
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        return [int(row["step"]) for row in csv.DictReader(fh)]
+
+
+# ------------------------------------------------------------------ fixtures
+@dataclass
+class Runs:
+    root: Path
+    images: Path
+    run: Path  # the 4-step run trained by -t
+    results: dict = field(default_factory=dict)  # job name -> CompletedProcess
+
+    def __getitem__(self, name):
+        return self.results[name]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    """Every subprocess of this module that needs torch, run in three waves of parallel jobs:
+    training and the jobs that need no checkpoint; then those that use the trained run;
+    then those that use the outputs of the second wave."""
+    root = tmp_path_factory.mktemp("cli")
+    r = Runs(root, make_images(root / "images"), root / "run")
+    bad = root / "bad_encoder.json"
+    bad.write_text(json.dumps(["C2d_3_8_3_1_1", "NoSuchLayer_8", "C2d_8_4_3_1_1"]))
+    (root / "empty_run").mkdir()
+    r.results.update(run_many({
+        "train": {"args": ["-t", *tiny_args(r.images, r.run)]},
+        "check": {"args": ["--check", *tiny_args(r.images, root / "unused")]},
+        "layers": {"args": ["--layers"]},
+        "non_finite": {"args": ["-t", *tiny_args(r.images, root / "exploding", "--set", "train.lr=1e30",
+                                                 "--set", "train.save_every=1", "--set", "train.max_steps=8")]},
+        "missing_folder": {"args": ["-t", *tiny_args(root / "no_such_folder", root / "run_missing")]},
+        "bad_structure": {"args": ["--check", *tiny_args(r.images, root / "unused", "--set",
+                                                         f"model.encoder={bad}")]},
+        "no_checkpoint": {"args": ["-i", *tiny_args(r.images, root / "empty_run")]},
+    }))
+    check_rc(r["train"])
+    shutil.copytree(r.run, root / "resumed")
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    # names no structure, and another image size: -e must take both from the checkpoint
+    (elsewhere / "other.toml").write_text("[data]\nimage_size = 64\nnum_workers = 0\n")
+    r.results.update(run_many({
+        "reconstruct": {"args": ["-i", *tiny_args(r.images, r.run), "--output", root / "recon"]},
+        "encode": {"args": ["-e", *tiny_args(r.images, r.run)]},
+        "encode_elsewhere": {"args": ["encode", "-c", "other.toml", "--ckpt", r.run, "--input", "../images",
+                                      "--output", root / "npy", "--set", "encode.format=npy"],
+                             "cwd": elsewhere, "program": console_script()},
+        "resume": {"args": ["-t", *tiny_args(r.images, root / "resumed", "--set", "train.max_steps=6")]},
+    }))
+    check_rc(r["encode"])
+    check_rc(r["resume"])
+    r.results["resumed_metric_steps"] = metric_steps(root / "resumed")
+    r.results["resumed_steps"] = steps_of(root / "resumed")
+    r.results.update(run_many({
+        "decode": {"args": ["-d", *tiny_args(r.images, r.run)]},
+        "fresh": {"args": ["-t", *tiny_args(r.images, root / "resumed", "--set", "train.max_steps=2", "--fresh")]},
+    }))
+    return r
+
+
+# ------------------------------------------------------------------ modes
+def test_train_writes_a_complete_run(runs):
+    proc, run_dir = check_rc(runs["train"]), runs.run
+    assert steps_of(run_dir) == [2, 4]
+    assert metric_steps(run_dir) == [1, 2, 3, 4]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_00000002.png", "step_00000004.png"]
+    assert "done: step 4" in proc.stdout
+    # both unreadable files are reported, training goes on
+    assert "broken.png" in proc.stderr and "truncated.png" in proc.stderr
+    # the resolved config (file + overrides) is saved in the run directory
+    from flexvae.config import load_config
+
+    saved = load_config(run_dir / "config.toml")
+    assert saved.train.out_dir == str(run_dir) and saved.data.path == str(runs.images)
+    assert saved.data.image_size == 16 and saved.train.max_steps == 4
+    assert saved == load_config(REPO / TINY, [f"train.out_dir={run_dir}", f"data.path={runs.images}",
+                                              "data.num_workers=0"])
+
+
+def test_reconstruct_mirrors_the_tree_with_metrics(runs):
+    proc, out = check_rc(runs["reconstruct"]), runs.root / "recon"
+    assert "reconstructed 8 images" in proc.stdout
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert written == sorted(Path(rel).with_suffix(".png").as_posix() for rel in READABLE)
+    for path in out.rglob("*.png"):
+        assert Image.open(path).size == (16, 16)
+    with open(out / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["path"] for r in rows[:-1]] == sorted(READABLE)
+    assert rows[-1]["path"] == "MEAN"
+    psnrs = [float(r["psnr"]) for r in rows[:-1]]
+    ssims = [float(r["ssim"]) for r in rows[:-1]]
+    assert all(np.isfinite(psnrs)) and all(-1 <= s <= 1 for s in ssims)
+    assert float(rows[-1]["psnr"]) == pytest.approx(np.mean(psnrs), abs=1e-3)
+    assert float(rows[-1]["ssim"]) == pytest.approx(np.mean(ssims), abs=1e-4)
+
+
+def test_encode_writes_latents_manifest_and_stats(runs):
+    proc, latents = check_rc(runs["encode"]), runs.run / "latents"
+    manifest = [json.loads(line) for line in (latents / "manifest.jsonl").read_text().splitlines()]
+    by_path = {entry["path"]: entry for entry in manifest}
+    # every input is accounted for, broken files included; notes.txt is not an input
+    assert sorted(by_path) == sorted(READABLE + BROKEN)
+    assert all(by_path[rel]["status"] == "failed" and by_path[rel]["reason"] for rel in BROKEN)
+    raw = []
+    for rel in READABLE:
+        entry = by_path[rel]
+        assert entry["status"] == "ok" and entry["file"] == Path(rel).with_suffix(".safetensors").as_posix()
+        tensor = load_file(str(latents / entry["file"]))["latent"]
+        assert list(tensor.shape) == entry["shape"] == [2, 8, 8]
+        raw.append(tensor)
+    stats = json.loads((latents / "latent_stats.json").read_text())
+    std = torch.stack(raw).double().std(unbiased=False).item()  # scaling_factor is 1: raw latents
+    assert stats["suggested_scaling_factor"] == pytest.approx(1 / std, rel=1e-4)
+    assert '"failed": 2' in proc.stdout
+
+
+def test_decode_round_trip(runs):
+    proc, decoded, recon = check_rc(runs["decode"]), runs.run / "decoded", runs.root / "recon"
+    assert "decoded 8 latents" in proc.stdout
+    assert sorted(p.relative_to(decoded).as_posix() for p in decoded.rglob("*.png")) == \
+        sorted(Path(rel).with_suffix(".png").as_posix() for rel in READABLE)
+    # decode(encode(x)) is the reconstruction -i writes (up to PNG rounding)
+    for path in decoded.rglob("*.png"):
+        image = np.asarray(Image.open(path), dtype=np.int16)
+        assert image.shape == (16, 16, 3)
+        other = np.asarray(Image.open(recon / path.relative_to(decoded)), dtype=np.int16)
+        assert np.abs(image - other).max() <= 1
+
+
+def test_checkpoint_is_self_describing(runs):
+    """``flexvae encode`` from another folder (input given relative to it), with a config that names
+    no structure and a different image size: the model and its preprocessing come from the
+    checkpoint alone."""
+    proc, out, latents = check_rc(runs["encode_elsewhere"]), runs.root / "npy", runs.run / "latents"
+    assert "step 4" in proc.stdout
+    for rel in READABLE:
+        array = np.load(out / Path(rel).with_suffix(".npy"), allow_pickle=False)
+        stored = load_file(str(latents / Path(rel).with_suffix(".safetensors")))["latent"]
+        # a second encode (other format, working folder and config) gives the same latents
+        assert torch.equal(torch.from_numpy(array), stored)
+    assert not list(out.rglob("*.safetensors"))
+
+
+def test_check_and_layers_modes(runs):
+    proc = check_rc(runs["check"])
+    assert "VAERB" in proc.stdout or "ResidualBlock" in proc.stdout
+    assert not (runs.root / "unused").exists()
+    proc = check_rc(runs["layers"])
+    for token in ("C2d", "VAERB", "VAEA", "GN", "SiLU", "UpS"):
+        assert token in proc.stdout
+
+
+# ------------------------------------------------------------ run lifecycle
+def test_train_again_resumes_and_fresh_starts_over(runs):
+    proc = runs["resume"]
+    assert "resuming" in proc.stdout and "from step 4" in proc.stdout
+    assert runs["resumed_steps"][-1] == 6
+    assert runs["resumed_metric_steps"] == [1, 2, 3, 4, 5, 6]
+
+    proc = check_rc(runs["fresh"])
+    assert "resuming" not in proc.stdout
+    assert steps_of(runs.root / "resumed") == [2]
+    assert metric_steps(runs.root / "resumed") == [1, 2]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(runs):
+    proc = check_rc(runs["non_finite"], 1)
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the loss became" in errors[0] and "train.lr" in errors[0]
+    failed_at = int(re.search(r"at step (\d+)", errors[0]).group(1))
+    assert failed_at >= 2
+    # every step before the failing one was checkpointed; the failing one was not
+    assert steps_of(runs.root / "exploding")[-1] == failed_at - 1
+
+
+# ------------------------------------------------------------ user mistakes
+def test_unknown_config_key_names_the_closest_key(tmp_path):
+    args = tiny_args(tmp_path / "images", tmp_path / "run", "--set", "train.learning_rate=0.1")
+    line = error_line(run_cli("-t", *args, expect=None))
+    assert "train.learning_rate" in line and "Did you mean 'train.lr'?" in line
+
+
+def test_unknown_key_in_a_config_file(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text("[train]\nmax_step = 3\n")
+    line = error_line(run_cli("-t", "-c", config, expect=None))
+    assert str(config) in line and "'train.max_steps'" in line
+
+
+def test_wrong_type(tmp_path):
+    args = tiny_args(tmp_path / "images", tmp_path / "run", "--set", "train.max_steps=many")
+    line = error_line(run_cli("-t", *args, expect=None))
+    assert "'train.max_steps' must be an int" in line and "'many'" in line
+
+
+def test_missing_image_folder(runs):
+    line = error_line(runs["missing_folder"])
+    assert str(runs.root / "no_such_folder") in line and "does not exist" in line
+
+
+def test_bad_structure(runs):
+    line = error_line(runs["bad_structure"])
+    assert "NoSuchLayer" in line and "position 2" in line and "--layers" in line
+
+
+def test_no_checkpoint_found(runs):
+    line = error_line(runs["no_checkpoint"])
+    assert "no checkpoint found" in line and str(runs.root / "empty_run") in line
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    args = tiny_args(tmp_path / "images", tmp_path / "run", "--set", "train.learning_rate=0.1")
+    proc = run_cli("-t", *args, "--debug", expect=None)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr and "train.lr" in proc.stderr
+
+
+def test_exactly_one_mode_is_required():
+    proc = run_cli(expect=2)
+    assert "one of the arguments" in proc.stderr and "-t" in proc.stderr
+    proc = run_cli("-t", "-e", expect=2)
+    assert "not allowed with" in proc.stderr

@@ -1,0 +1,266 @@
+"""Batch-size search (-mem): the fit, the prediction, real CPU measurements and writing the result."""
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from flexvae.config import load_config
+from flexvae.errors import FlexVAEError
+from flexvae.loading import model_from_config
+from flexvae.train import memory
+from flexvae.train.memory import (
+    MiB,
+    ChildRunner,
+    MemResult,
+    StepRunner,
+    find_max_batch,
+    fit_linear,
+    predict_batch,
+    write_batch_size,
+)
+from flexvae.train.trainer import make_optimizer, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny_test.toml"
+
+
+@pytest.fixture(autouse=True)
+def repo_root(monkeypatch):
+    """Structure paths in the configs are relative to the repository root."""
+    monkeypatch.chdir(ROOT)
+
+
+@pytest.fixture
+def one_thread():
+    """Real steps on one thread: faster on a small shared CPU, and steadier memory readings."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**mem):
+    cfg = load_config(TINY)
+    return dataclasses.replace(cfg, mem=dataclasses.replace(cfg.mem, **mem)) if mem else cfg
+
+
+def small_config(image_size=32):
+    """The project's small structures: enough memory per sample to stand out of the RSS noise."""
+    cfg = load_config(TINY)
+    model = dataclasses.replace(cfg.model, encoder="structures/small_encoder.json",
+                                decoder="structures/small_decoder.json")
+    return dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, image_size=image_size))
+
+
+# ------------------------------------------------------------------ pure arithmetic
+def test_fit_linear_recovers_exact_line():
+    sizes = [1, 2, 4, 8]
+    fixed, per_sample = fit_linear(sizes, [700 * MiB + 3.5 * MiB * s for s in sizes])
+    assert fixed == pytest.approx(700 * MiB)
+    assert per_sample == pytest.approx(3.5 * MiB)
+    assert fit_linear([2, 6], [10, 30]) == pytest.approx((0.0, 5.0))
+
+
+def test_fit_linear_needs_two_sizes():
+    with pytest.raises(FlexVAEError, match="two different batch sizes"):
+        fit_linear([4, 4], [1, 2])
+
+
+def test_predict_batch_arithmetic():
+    assert predict_batch(100, 10, 1000, 4096) == 90
+    assert predict_batch(100, 10, 1009, 4096) == 90  # rounds down
+    assert predict_batch(100, 10, 1000, 50) == 50  # mem.max_batch cap
+    assert predict_batch(100, 10, 110, 4096) == 1  # exactly one sample fits
+    with pytest.raises(FlexVAEError, match="even batch size 1 does not fit"):
+        predict_batch(100, 10, 109, 4096)
+    with pytest.raises(ValueError):
+        predict_batch(100, 0, 1000, 4096)
+
+
+# ------------------------------------------------------------------ search logic with a stand-in runner
+class ScriptedRunner:
+    """Stands in for StepRunner: peaks from a function of the batch size, out-of-memory above a limit."""
+
+    def __init__(self, peak_of, oom_above=None):
+        self.peak_of, self.oom_above = peak_of, oom_above
+        self.steps, self.measured, self.released = 0, [], 0
+
+    def step(self, size):
+        self.steps += 1
+
+    def measure(self, size):
+        self.steps += 1
+        self.measured.append(size)
+        if self.oom_above is not None and size > self.oom_above:
+            raise torch.cuda.OutOfMemoryError("scripted out of memory")
+        return self.peak_of(size, len(self.measured)), 0.01 * size
+
+    def release(self):
+        self.released += 1
+
+
+def test_cuda_confirmation_backs_off_by_ten_percent():
+    runner = ScriptedRunner(lambda size, _: 1000 + size, oom_above=70)
+    size, note = memory._confirm_cuda(runner, 100, log=lambda _: None)
+    assert size == 64 and size <= 70
+    tried = list(dict.fromkeys(runner.measured))
+    assert tried == [100, 90, 81, 72, 64]  # x0.9 each time, never doubling
+    assert runner.released == 4 and "backed off from 100" in note
+    with pytest.raises(FlexVAEError, match="even batch size 1"):
+        memory._confirm_cuda(ScriptedRunner(lambda s, _: 1, oom_above=0), 3, log=lambda _: None)
+
+
+def test_noisy_probes_are_retried_at_doubled_sizes(monkeypatch):
+    # first round: peaks fall with the batch (noise); second round: a clean line
+    def peak_of(size, count):
+        return 500 * MiB - size * MiB if count <= 3 else 500 * MiB + 2 * MiB * size
+
+    runner = ScriptedRunner(peak_of)
+    monkeypatch.setattr(memory, "StepRunner", lambda *args: runner)
+    logs = []
+    result = find_max_batch(tiny_config(), TINY, device="cpu", log=logs.append, cpu_method="proc")
+    assert "too noisy" in "\n".join(logs)
+    assert result.probe_sizes == [2, 4, 8]
+    assert result.per_sample_bytes == pytest.approx(2 * MiB)
+    assert result.confirmed is not None and 1 <= result.confirmed <= result.predicted
+
+    monkeypatch.setattr(memory, "StepRunner", lambda *args: ScriptedRunner(lambda s, _: 500 * MiB - s))
+    with pytest.raises(FlexVAEError, match="too small to measure"):
+        find_max_batch(tiny_config(), TINY, device="cpu", log=lambda _: None, cpu_method="proc")
+
+
+def test_format_reports_the_search():
+    result = MemResult("cpu", [1, 2, 4], [101 * MiB, 102 * MiB, 104 * MiB], 100 * MiB, 1 * MiB, 900 * MiB,
+                       800, 20, "one training step ran", 6, capped=True)
+    text = result.format()
+    for expected in ("per-sample memory:       1.00 MiB", "fixed memory:            100.0 MiB",
+                     "budget:                  900.0 MiB", "predicted batch size:    800",
+                     "confirmed batch size:    20", "training steps run:      6"):
+        assert expected in text
+    assert result.recommended == 800  # the confirmation was capped: the prediction stands
+
+
+# ------------------------------------------------------------------ real measurements on the CPU
+def test_find_max_batch_on_cpu_confirms_a_working_size(one_thread):
+    cfg = tiny_config()
+    logs = []
+    result = find_max_batch(cfg, TINY, device="cpu", log=logs.append)
+    assert result.device == "cpu"
+    assert result.predicted >= 1
+    assert result.confirmed is not None and 1 <= result.confirmed <= result.predicted
+    assert result.per_sample_bytes > 0 and result.budget_bytes > result.fixed_bytes
+    assert result.probes == 1 + len(result.probe_sizes) + 1  # warm-up, probes, confirmation
+    assert "predicted batch size" in result.format()
+
+    model, plan = model_from_config(cfg, TINY, device="cpu")
+    optimizer = make_optimizer(model, cfg.train)
+    images = torch.rand(result.confirmed, *plan.data_shape) * 2 - 1
+    step = train_step(model, [images], optimizer, cfg, 0)
+    assert math.isfinite(step.loss)
+
+
+def test_cpu_prediction_matches_a_measured_peak(one_thread):
+    cfg = small_config()
+    runner = StepRunner(cfg, TINY, "cpu")
+    sizes, target = [1, 2, 4], 32
+    runner.step(sizes[-1])  # warm-up, as find_max_batch does
+    fixed, per_sample = fit_linear(sizes, [runner.measure(size)[0] for size in sizes])
+    measured, _ = runner.measure(target)
+    predicted = fixed + per_sample * target
+    assert abs(predicted - measured) / measured <= 0.25
+    # the batch-dependent part alone, which the process's fixed memory would otherwise hide
+    assert abs(predicted - measured) / (measured - fixed) <= 0.25
+
+
+def test_child_runner_measures_a_fresh_process():
+    runner = ChildRunner(tiny_config(), TINY)
+    peak, seconds = runner.measure(2)
+    assert 50 * MiB < peak < 8192 * MiB
+    assert seconds >= 0 and runner.steps == 2
+
+
+@pytest.mark.slow
+def test_find_max_batch_with_child_processes():
+    cfg = small_config()
+    cfg = dataclasses.replace(cfg, mem=dataclasses.replace(cfg.mem, probe_sizes=[1, 2, 4, 8]))
+    result = find_max_batch(cfg, TINY, device="cpu", log=lambda _: None, cpu_method="child")
+    assert result.probe_sizes == [2, 4, 8]
+    assert result.predicted >= 1 and result.confirmed is not None
+    assert any("child process" in note for note in result.notes)
+
+
+# ------------------------------------------------------------------ writing the result
+def changed_lines(before: str, after: str) -> list[tuple[str, str]]:
+    return [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]
+
+
+def test_write_batch_size_changes_only_that_value(tmp_path):
+    path = tmp_path / "config.toml"
+    original = (ROOT / "configs" / "config.toml").read_text()
+    path.write_text(original)
+    write_batch_size(path, 123)
+    text = path.read_text()
+    assert len(text.splitlines()) == len(original.splitlines())
+    assert changed_lines(original, text) == [("batch_size = 16", "batch_size = 123")]
+    cfg = load_config(path)
+    assert cfg.train.batch_size == 123
+    assert cfg.encode.batch_size == load_config(ROOT / "configs" / "config.toml").encode.batch_size
+
+
+def test_write_batch_size_keeps_comments_and_other_sections(tmp_path):
+    path = tmp_path / "run.toml"
+    original = ("# my run\n[encode]\nbatch_size = 32  # encoding\n\n"
+                "[train]\n# images per step\n  batch_size=8   # tuned by hand\nlr = 0.001\n")
+    path.write_text(original)
+    write_batch_size(path, 40)
+    assert changed_lines(original, path.read_text()) == [
+        ("  batch_size=8   # tuned by hand", "  batch_size=40   # tuned by hand")]
+
+
+def test_write_batch_size_adds_a_missing_key(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\n# rate\nlr = 0.001\n\n# latents\n[encode]\nbatch_size = 32\n")
+    write_batch_size(path, 7)
+    assert path.read_text() == "[train]\n# rate\nlr = 0.001\nbatch_size = 7\n\n# latents\n[encode]\nbatch_size = 32\n"
+    assert load_config(path).train.batch_size == 7
+
+
+def test_write_batch_size_adds_a_missing_section(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("# data only\n[data]\nimage_size = 16")  # no final newline
+    write_batch_size(path, 9)
+    assert path.read_text() == "# data only\n[data]\nimage_size = 16\n\n[train]\nbatch_size = 9\n"
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    write_batch_size(empty, 3)
+    assert load_config(empty).train.batch_size == 3
+
+
+def test_write_batch_size_keeps_windows_line_endings(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_bytes(b"[train]\r\nbatch_size = 4 # small\r\nlr = 0.1\r\n")
+    write_batch_size(path, 12)
+    assert path.read_bytes() == b"[train]\r\nbatch_size = 12 # small\r\nlr = 0.1\r\n"
+
+
+def test_write_batch_size_errors(tmp_path):
+    with pytest.raises(FlexVAEError, match="-c/--config"):
+        write_batch_size(None, 8)
+    with pytest.raises(FlexVAEError, match="not found"):
+        write_batch_size(tmp_path / "missing.toml", 8)
+    inline = tmp_path / "inline.toml"
+    inline.write_text("train = { lr = 0.1 }\n")  # a form the line editor leaves alone
+    with pytest.raises(FlexVAEError, match="by hand"):
+        write_batch_size(inline, 8)
+    assert inline.read_text() == "train = { lr = 0.1 }\n"
+    assert list(tmp_path.glob(".*.tmp")) == []
+
+
+def test_write_batch_size_dotted_key_at_the_top(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("train.batch_size = 4  # dotted\n[data]\nimage_size = 16\n")
+    write_batch_size(path, 5)
+    assert path.read_text() == "train.batch_size = 5  # dotted\n[data]\nimage_size = 16\n"

@@ -1,0 +1,178 @@
+"""The training loop in-process: resuming is exact, Ctrl-C saves, the config in force is used."""
+
+from __future__ import annotations
+
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from flexvae.config import load_config
+from flexvae.train import trainer as trainer_module
+from flexvae.train.checkpoint import list_checkpoints, load_checkpoint
+from flexvae.train.sampler import StreamSampler
+from flexvae.train.trainer import Trainer, TrainingError, lr_factor, random_flip
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny_test.toml"
+
+pytestmark = pytest.mark.filterwarnings("ignore:skipping unreadable image")
+
+
+def make_images(root: Path, good: int, broken: int) -> Path:
+    """``good`` small PNG/JPEG images in nested folders, ``broken`` unreadable ones
+    (text named .png, and a truncated PNG)."""
+    rng = np.random.default_rng(2)
+    for i in range(good):
+        path = root / f"set{i % 3}" / ("deep" if i % 2 else "") / f"img{i}.{'jpg' if i % 4 == 3 else 'png'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h, w = 16 + i % 3 * 4, 24
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x * 255 / w, y * 255 / h, np.full((h, w), 25.0 * i)], -1)
+        Image.fromarray(np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)).save(path)
+    data = next(root.rglob("*.png")).read_bytes()
+    for i in range(broken):
+        bad = root / f"bad{i}" / "broken.png"
+        bad.parent.mkdir(parents=True, exist_ok=True)
+        if i % 2:
+            bad.write_bytes(data[: len(data) // 2])
+        else:
+            bad.write_text("not a PNG")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # the tiny config names its structures relative to the repository
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("train") / "images", good=10, broken=2)
+
+
+def config(images: Path, out: Path, *overrides):
+    return load_config(TINY, [f"train.out_dir={out}", f"data.path={images}", "data.num_workers=0",
+                              "train.device=cpu", *overrides])
+
+
+def run(images, out, *overrides) -> Trainer:
+    trainer = Trainer(config(images, out, *overrides), TINY, quiet=True)
+    trainer.train()
+    return trainer
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(list_checkpoints(run_dir)[-1]))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = final_weights(a), final_weights(b)
+    keys = [k for k in wa if k.startswith(("model.", "ema."))]
+    assert keys and keys == [k for k in wb if k.startswith(("model.", "ema."))]
+    for key in keys:
+        assert torch.allclose(wa[key], wb[key], rtol=0, atol=1e-6), key
+
+
+# ------------------------------------------------------------------ resume
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(images, tmp_path):
+    """A: 6 steps straight. B: max_steps 3, then the same command with max_steps 6.
+    (A constant schedule: under cosine, max_steps itself shapes the learning rate.)"""
+    common = ("train.save_every=3", "train.schedule=constant", "train.ema=true", "train.grad_accum=2")
+    run(images, tmp_path / "A", "train.max_steps=6", *common)
+    first = run(images, tmp_path / "B", "train.max_steps=3", *common)
+    assert first.step == 3
+    second = run(images, tmp_path / "B", "train.max_steps=6", *common)
+    assert second.step == 6
+    assert load_checkpoint(list_checkpoints(tmp_path / "B")[-1]).step == 6
+    assert_same_weights(tmp_path / "A", tmp_path / "B")
+    # metrics continue where the first part stopped
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "B" / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    # once max_steps is reached there is nothing left to do
+    assert Trainer(config(images, tmp_path / "B", "train.max_steps=6", *common), TINY, quiet=True).train() is None
+
+
+def test_keyboard_interrupt_saves_and_resumes_exactly(images, tmp_path, monkeypatch):
+    """Ctrl-C during step 4 of 6 (cosine schedule, flips on), after its batch was read and its
+    forward pass drew posterior noise, saves a checkpoint at step 3; running again ends with
+    the weights of an uninterrupted run."""
+    common = ("train.max_steps=6", "train.save_every=100")
+    run(images, tmp_path / "straight", *common)
+
+    real_step = trainer_module.train_step
+
+    def interrupted(model, batches, optimizer, cfg, step):
+        if step == 3:
+            model(batches[0])  # draws from the global RNG
+            raise KeyboardInterrupt
+        return real_step(model, batches, optimizer, cfg, step)
+
+    monkeypatch.setattr(trainer_module, "train_step", interrupted)
+    with pytest.raises(TrainingError, match="interrupted at step 3"):
+        run(images, tmp_path / "stopped", *common)
+    assert [p.name for p in list_checkpoints(tmp_path / "stopped")] == ["step_00000003.safetensors"]
+    monkeypatch.setattr(trainer_module, "train_step", real_step)
+
+    resumed = run(images, tmp_path / "stopped", *common)
+    assert resumed.step == 6
+    assert_same_weights(tmp_path / "straight", tmp_path / "stopped")
+
+
+def test_batches_of_only_broken_files_do_not_shift_a_resume(tmp_path):
+    """Mostly unreadable images and batches of 2: some batches hold no readable image and are
+    skipped, so the data stream runs ahead of step * batch_size; a resume must follow it."""
+    images = make_images(tmp_path / "images", good=2, broken=6)
+    common = ("train.batch_size=2", "train.schedule=constant", "train.save_every=2")
+    straight = run(images, tmp_path / "A", "train.max_steps=4", *common)
+    assert straight.stream_position > 4 * 2  # the situation under test did occur
+    run(images, tmp_path / "B", "train.max_steps=2", *common)
+    resumed = run(images, tmp_path / "B", "train.max_steps=4", *common)
+    assert resumed.stream_position == straight.stream_position
+    assert_same_weights(tmp_path / "A", tmp_path / "B")
+
+
+def test_resume_uses_the_configured_optimizer_settings(images, tmp_path):
+    run(images, tmp_path / "run", "train.max_steps=2")
+    cfg = config(images, tmp_path / "run", "train.max_steps=4", "train.lr=0.0005", "train.weight_decay=0.05",
+                 "train.betas=[0.8, 0.99]")
+    trainer = Trainer(cfg, TINY, quiet=True)
+    assert trainer.resume() and trainer.step == 2
+    decay, no_decay = trainer.optimizer.param_groups
+    assert decay["lr"] == pytest.approx(5e-4 * lr_factor(2, cfg.train))
+    assert no_decay["lr"] == decay["lr"]
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert tuple(decay["betas"]) == (0.8, 0.99)
+    trainer.scheduler.step()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4 * lr_factor(3, cfg.train))
+
+
+def test_a_different_structure_is_not_resumed(images, tmp_path):
+    run(images, tmp_path / "run", "train.max_steps=1")
+    other = config(images, tmp_path / "run", "train.max_steps=2",
+                   'model.encoder=["C2d_3_8_3_2_1", "GN_4_8", "SiLU", "C2d_8_4_3_1_1"]')
+    with pytest.raises(TrainingError, match="different encoder.*--fresh"):
+        Trainer(other, TINY, quiet=True).train()
+
+
+# ------------------------------------------------------------------ pieces
+def test_stream_sampler_starts_anywhere():
+    whole = list(islice(iter(StreamSampler(5, seed=4)), 17))
+    assert list(islice(iter(StreamSampler(5, seed=4, start=7)), 10)) == whole[7:17]
+    assert sorted(whole[:5]) == sorted(whole[5:10]) == list(range(5))  # each epoch is a permutation
+    assert whole[:5] != whole[5:10]
+
+
+def test_random_flip_depends_only_on_seed_and_step():
+    images = torch.arange(8 * 3 * 2 * 4, dtype=torch.float32).view(8, 3, 2, 4)
+    a, b = random_flip(images, seed=1, step=5), random_flip(images, seed=1, step=5)
+    assert torch.equal(a, b)
+    flipped = [not torch.equal(a[i], images[i]) for i in range(8)]
+    assert 0 < sum(flipped) < 8
+    assert all(torch.equal(a[i], images[i].flip(-1)) for i in range(8) if flipped[i])
+    assert not torch.equal(random_flip(images, seed=1, step=6), a) or not torch.equal(
+        random_flip(images, seed=2, step=5), a)
