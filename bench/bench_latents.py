@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -133,8 +132,8 @@ def table(rows, bits, steps, threads, count) -> str:
     lines = [
         f"Latent types on the bundled photos ({count} images, {IMAGE_SIZE} px, latent 8 x 8 positions), "
         f"{steps} steps of batch {BATCH}, AdamW lr {LR} with cosine decay, seed 0; "
-        f"evaluated in eval mode on the training images. CPU, {threads} threads, torch {torch.__version__}, "
-        f"{platform.machine()}.",
+        f"evaluated in eval mode on the training images. CPU, {threads} thread{'' if threads == 1 else 's'}, "
+        f"torch {torch.__version__}, {platform.machine()}.",
         "",
         "| latent | bits / position | PSNR (dB) | SSIM | codes used (eval) | VQ usage (last 100 train batches) "
         "| perplexity | train s |",

@@ -386,3 +386,12 @@ def test_training_run_logs_codebook_metrics_and_reloads_the_codebook(tmp_path, m
     restored, stored_cfg, _ = model_from_checkpoint(ckpt)
     assert stored_cfg.latent.codebook_size == 32
     assert torch.equal(restored.latent.quantizer.embedding, trainer.model.latent.quantizer.embedding)
+
+
+def test_sampled_categorical_latents_store_the_codes_of_the_sample():
+    model = model_for("categorical").eval()
+    x = smooth_images(2)
+    z, codes = model.encode_with_codes(x, sample=True, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(model.latent.decode_codes(codes), z)
+    mode, mode_codes = model.encode_with_codes(x)
+    assert torch.equal(mode_codes, model.latent.codes(model.encode(x)))

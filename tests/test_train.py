@@ -106,11 +106,11 @@ def test_keyboard_interrupt_saves_and_resumes_exactly(images, tmp_path, monkeypa
 
     real_step = trainer_module.train_step
 
-    def interrupted(model, batches, optimizer, cfg, step):
+    def interrupted(runtime, batches, optimizer, cfg, step, noises=None):
         if step == 3:
-            model(batches[0])  # draws from the global RNG
+            runtime.model(batches[0])  # draws from the global RNG
             raise KeyboardInterrupt
-        return real_step(model, batches, optimizer, cfg, step)
+        return real_step(runtime, batches, optimizer, cfg, step, noises)
 
     monkeypatch.setattr(trainer_module, "train_step", interrupted)
     with pytest.raises(TrainingError, match="interrupted at step 3"):

@@ -142,7 +142,13 @@ class TrainConfig:
     keep_last: int = _f(3, "number of recent checkpoints kept", POSITIVE)
     sample_every: int = _f(200, "write reconstruction samples every N steps", POSITIVE)
     log_every: int = _f(10, "log losses every N steps", POSITIVE)
-    val_every: int = _f(0, "validate every N steps; 0 = off", NON_NEGATIVE)
+    val_every: int = _f(0, "validate on data.val_path every N steps (and at the end); 0 = off", NON_NEGATIVE)
+    precision: Literal["fp32", "bf16", "fp16"] = _f(
+        "fp32", "fp32, or bf16/fp16 autocast (fp16 adds a gradient scaler); norms and the loss stay fp32")
+    channels_last: bool = _f(False, "channels-last memory layout for 2D/3D data (faster convolutions on GPU)")
+    compile: bool = _f(False, "torch.compile the model; falls back to eager with a message where it fails")
+    grad_checkpointing: Literal["off", "marked", "blocks"] = _f(
+        "off", "recompute activations in backward: off, marked ('@' tokens and spans), blocks (every VAERB/VAEA too)")
 
 
 @dataclass(frozen=True)

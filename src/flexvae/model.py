@@ -23,7 +23,8 @@ class VAE(nn.Module):
 
     Scaled latents (what ``-e`` writes and what a diffusion model would see) are
     ``scaling_factor * raw``; ``encode_latents``/``decode_latents`` convert. The prior of
-    the KL term is N(0, I) on raw latents, so ``sample_prior`` decodes raw N(0, I) draws.
+    the KL term is N(0, I) on raw latents, so ``sample_prior`` decodes raw N(0, I) draws
+    (discrete latents: codes drawn uniformly, see ``latent.sample_prior``).
     """
 
     def __init__(self, encoder: Stack, decoder: Stack, latent: nn.Module, latent_shape,
@@ -51,11 +52,18 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None,
-                step: int | None = None) -> VAEOutput:
+                step: int | None = None, noise: torch.Tensor | None = None) -> VAEOutput:
         """``step`` (the optimizer step, passed by the trainer) reaches the latent, whose
-        schedules may use it (the categorical latent's temperature)."""
+        schedules may use it (the categorical latent's temperature). ``noise``: the Gaussian
+        latent's sampling noise, when the caller draws it (the trainer does, so results do not
+        depend on how a batch is split across processes)."""
         posterior, aux = self._encode(x, step)
-        z = posterior.sample(generator) if sample else posterior.mode()
+        if not sample:
+            z = posterior.mode()
+        elif noise is not None:
+            z = posterior.sample(noise=noise)
+        else:
+            z = posterior.sample(generator)
         recon, decoder_aux = self.decoder.forward_aux(z)
         # Quantizer tokens' losses are named <loss>_<layer index>; the prefix keeps the
         # encoder's and the decoder's apart.
@@ -96,7 +104,7 @@ class VAE(nn.Module):
         """(scaled latents, integer codes) where the latent is discrete; codes are None otherwise."""
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample else posterior.mode()
-        codes = self.latent.codes(posterior) if hasattr(self.latent, "codes") else None
+        codes = self.latent.codes(posterior, z) if hasattr(self.latent, "codes") else None
         return z * self.scaling_factor, codes
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:

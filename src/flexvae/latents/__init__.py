@@ -11,9 +11,10 @@ Each latent type is an ``nn.Module`` with
   (discrete latents draw their codes uniformly);
 - optionally ``from_config(latent_cfg)`` (built from the config's [latent] section).
 
-Discrete latents (vq, fsq, categorical) also have ``codes(posterior)`` (integer codes),
-``code_shape(latent_shape)`` and ``decode_codes(codes)`` (codes -> raw latent), which
-``-e``/``-d`` use; vq reports non-loss ``metrics()`` (codebook usage, perplexity).
+Discrete latents (vq, fsq, categorical) also have ``codes(posterior, z=None)`` (integer
+codes of a sample z, or of the mode), ``code_shape(latent_shape)`` and
+``decode_codes(codes)`` (codes -> raw latent), which ``-e``/``-d`` use; vq reports non-loss
+``metrics()`` (codebook usage, perplexity).
 """
 
 from .categorical import CategoricalLatent, CategoricalPosterior

@@ -149,8 +149,11 @@ class CategoricalLatent(nn.Module):
     def code_shape(self, latent_shape) -> tuple[int, ...]:
         return (self.groups, *latent_shape[1:])
 
-    def codes(self, posterior: CategoricalPosterior) -> torch.Tensor:
-        return posterior.codes
+    def codes(self, posterior: CategoricalPosterior, z: torch.Tensor | None = None) -> torch.Tensor:
+        """Integer codes (B, G, *spatial) of ``z`` (a sample), or of the posterior's mode."""
+        if z is None:
+            return posterior.codes
+        return z.unflatten(1, (self.groups, self.categories)).argmax(dim=2)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Integer codes (B, G, *spatial) -> one-hot latent (B, G*K, *spatial)."""

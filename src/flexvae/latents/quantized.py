@@ -64,7 +64,8 @@ class QuantizedLatent(nn.Module):
         """Per-sample shape of the integer codes: one code per position."""
         return tuple(latent_shape[1:])
 
-    def codes(self, posterior) -> torch.Tensor:
+    def codes(self, posterior, z: torch.Tensor | None = None) -> torch.Tensor:
+        """Integer codes (B, *spatial); a sample ``z`` of a quantized posterior is its mode."""
         return posterior.codes
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,13 @@ USAGE_DECAY_WITHOUT_EMA = 0.99  # how fast usage counts forget when the codebook
 
 
 def _squared_distances(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """(N, D), (K, D) -> (N, K) squared Euclidean distances."""
-    return flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)
+    """(N, D), (K, D) -> (N, K) squared Euclidean distances, in float32 even under autocast
+    (a half-precision matmul would pick the wrong nearest code)."""
+    flat, codebook = flat.float(), codebook.float()
+    if flat.is_meta:
+        return flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)
+    with torch.autocast(flat.device.type, enabled=False):
+        return flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)
 
 
 class VectorQuantizer(nn.Module):

@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..registry import Arg, register
-from .norm_act import DEFAULT_GROUPS, group_count
+from .norm_act import DEFAULT_GROUPS, FP32GroupNorm, group_count
 
 
 @register(
@@ -19,7 +19,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels: int, groups: int = DEFAULT_GROUPS, eps: float = 1e-5):
         super().__init__()
-        self.group_norm = nn.GroupNorm(group_count(channels, groups), channels, eps=eps)
+        self.group_norm = FP32GroupNorm(group_count(channels, groups), channels, eps=eps)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)

@@ -1,6 +1,8 @@
 """Normalisation layers and activations."""
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..registry import Arg, register
 
@@ -18,6 +20,19 @@ def group_count(channels: int, groups: int = DEFAULT_GROUPS) -> int:
     return max(g for g in range(1, min(groups, channels) + 1) if channels % g == 0)
 
 
+class FP32GroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics are always computed in float32.
+
+    Under bf16/fp16 autocast a half-precision input is normalised in float32 and cast
+    back: the variance of large activations overflows or loses precision otherwise.
+    """
+
+    def forward(self, x):
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+        return super().forward(x)
+
+
 @register(
     "GN",
     Arg("num_groups", doc="number of groups; must divide the channel count"),
@@ -26,7 +41,7 @@ def group_count(channels: int, groups: int = DEFAULT_GROUPS) -> int:
     Arg("affine", bool, True, doc="learn a per-channel scale and shift"),
     doc="GroupNorm over (channels/groups, *spatial), any dims",
 )
-class GroupNorm(nn.GroupNorm):
+class GroupNorm(FP32GroupNorm):
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
         if num_groups < 1 or num_channels % num_groups:
             valid = [g for g in range(1, num_channels + 1) if num_channels % g == 0]

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from ..registry import Arg, register
 from .conv import conv_nd
-from .norm_act import DEFAULT_GROUPS, group_count
+from .norm_act import DEFAULT_GROUPS, FP32GroupNorm, group_count
 
 
 @register(
@@ -25,9 +25,9 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int = DEFAULT_GROUPS,
                  eps: float = 1e-5, dropout: float = 0.0, dims: int = 2):
         super().__init__()
-        self.norm1 = nn.GroupNorm(group_count(in_channels, groups), in_channels, eps=eps)
+        self.norm1 = FP32GroupNorm(group_count(in_channels, groups), in_channels, eps=eps)
         self.conv1 = conv_nd(dims, in_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(group_count(out_channels, groups), out_channels, eps=eps)
+        self.norm2 = FP32GroupNorm(group_count(out_channels, groups), out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = conv_nd(dims, out_channels, out_channels, 3, padding=1)
         # A 1x1 projection only where the channel counts differ; otherwise the input as is.

@@ -58,7 +58,7 @@ def mean_across(info: DistInfo, values: dict[str, float], device) -> dict[str, f
     """Average logged scalars over processes, so rank 0 logs the global batch's values."""
     if not info.enabled or not values:
         return values
-    keys = sorted(values)
+    keys = list(values)
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return {k: v / info.world_size for k, v in zip(keys, tensor.tolist())}

@@ -43,6 +43,7 @@ from ..config import config_from_dict, config_to_dict, resolve_device
 from ..errors import FlexVAEError
 from ..loading import model_from_config
 from ..losses import check_loss_config
+from .runtime import prepare
 from .trainer import make_optimizer, train_step
 
 MiB = 2**20
@@ -212,6 +213,8 @@ class StepRunner:
         self.model, self.plan = model_from_config(self.cfg, config_path, device=self.device)
         check_loss_config(self.cfg.loss, self.plan.data_shape)
         self.model.train()
+        # Precision, channels_last, grad checkpointing and compile as the trainer applies them.
+        self.runtime = prepare(self.model, self.cfg, self.device)
         self.optimizer = make_optimizer(self.model, self.cfg.train)
         self.steps = 0
         self.reserved_peak = 0  # CUDA: the caching allocator's peak in the last measured step
@@ -219,7 +222,7 @@ class StepRunner:
     def step(self, batch_size: int) -> None:
         images = torch.empty((batch_size, *self.plan.data_shape), device=self.device).uniform_(-1, 1)
         self.steps += 1
-        train_step(self.model, [images], self.optimizer, self.cfg, self.steps)
+        train_step(self.runtime, [self.runtime.to_input(images)], self.optimizer, self.cfg, self.steps)
 
     def measure(self, batch_size: int) -> tuple[int, float]:
         cuda = self.device.type == "cuda"

@@ -22,9 +22,11 @@ from ..config import resolve_device, save_config
 from ..data import SkipLog, make_loader, open_dataset, save_grid
 from ..errors import FlexVAEError
 from ..loading import checkpoint_metadata, model_from_config
-from ..losses import check_loss_config, vae_loss
+from ..losses import check_loss_config, psnr, reconstruction_loss, vae_loss
 from .checkpoint import (capture_rng_state, checkpoint_name, list_checkpoints, load_checkpoint,
                          prune_checkpoints, restore_rng_state, save_checkpoint)
+from .distributed import DistInfo, barrier, cleanup, from_environment, mean_across, setup
+from .runtime import Runtime, flip_mask, prepare, sample_noise
 from .sampler import StreamSampler
 
 SAMPLE_IMAGES = 8
@@ -75,11 +77,10 @@ class EMA:
                 self.state[key].copy_(value)
 
 
-def random_flip(images: torch.Tensor, seed: int, step: int) -> torch.Tensor:
-    """Horizontal flip of about half the batch, decided by (seed, step) so a resumed run
-    sees the same flips as an uninterrupted one."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
+def random_flip(images: torch.Tensor, seed: int, step: int, micro: int = 0, dist: DistInfo = DistInfo()) -> torch.Tensor:
+    """Horizontal flip of about half the batch, decided by (seed, step, micro-batch) so a
+    resumed run, or the same batch split across processes, sees the same flips."""
+    flip = flip_mask(images.shape[0], seed, step, micro, dist)
     flip = flip.view(-1, *([1] * (images.dim() - 1))).to(images.device)
     return torch.where(flip, images.flip(-1), images)
 
@@ -92,15 +93,27 @@ class StepResult:
     grad_norm: float
 
 
-def train_step(model, batches, optimizer, cfg, step: int) -> StepResult:
-    """One optimizer step over ``len(batches)`` micro-batches (gradient accumulation)."""
+def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None) -> StepResult:
+    """One optimizer step over ``len(batches)`` micro-batches (gradient accumulation).
+
+    The forward pass runs under the runtime's autocast; the loss is computed in float32
+    outside it. ``noises``: per micro-batch Gaussian sampling noise (see runtime.sample_noise).
+    A plain model stands for an fp32, single-process runtime.
+    """
+    if isinstance(runtime, torch.nn.Module):
+        runtime = Runtime.plain(runtime)
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, float] = {}
     loss_sum, kld_weight = 0.0, 0.0
-    for images in batches:
-        out = model(images, step=step)
-        losses = vae_loss(images, out, cfg.loss, step, output=model.output)
-        (losses.total / len(batches)).backward()
+    output_kind = runtime.model.output
+    for index, images in enumerate(batches):
+        noise = noises[index] if noises else None
+        with runtime.no_sync(last_micro_batch=index == len(batches) - 1):
+            with runtime.autocast():
+                out = runtime.step_model(images, step=step, noise=noise)
+            losses = vae_loss(images, out, cfg.loss, step, output=output_kind)
+            loss = losses.total / len(batches)
+            (runtime.scaler.scale(loss) if runtime.scaler is not None else loss).backward()
         loss_sum += losses.total.item() / len(batches)
         for name, value in losses.terms.items():
             totals[name] = totals.get(name, 0.0) + value.item() / len(batches)
@@ -110,10 +123,16 @@ def train_step(model, batches, optimizer, cfg, step: int) -> StepResult:
             f"the loss became {loss_sum} at step {step + 1} ({', '.join(f'{k}={v:.4g}' for k, v in totals.items())}). "
             "Lower train.lr, raise train.grad_clip or check the data; the last good checkpoint is kept"
         )
+    if runtime.scaler is not None:
+        runtime.scaler.unscale_(optimizer)
     grad_norm = float("nan")
     if cfg.train.grad_clip > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
-    optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(runtime.model.parameters(), cfg.train.grad_clip))
+    if runtime.scaler is not None:
+        runtime.scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+        runtime.scaler.update()
+    else:
+        optimizer.step()
     return StepResult(loss_sum, totals, kld_weight, grad_norm)
 
 
@@ -193,16 +212,20 @@ class Trainer:
     def __init__(self, cfg, config_path=None, fresh: bool = False, device: str | None = None, quiet: bool = False):
         self.cfg = cfg
         self.config_path = config_path
-        self.quiet = quiet
-        self.device = torch.device(resolve_device(device or cfg.train.device))
+        # Under torchrun every process trains; only rank 0 logs, writes samples and checkpoints.
+        self.dist = from_environment()
+        self.device = setup(self.dist, torch.device(resolve_device(device or cfg.train.device)))
+        self.quiet = quiet or not self.dist.is_main
         self.run_dir = Path(cfg.train.out_dir)
-        if fresh and self.run_dir.exists():
+        if fresh and self.run_dir.exists() and self.dist.is_main:
             for name in ("checkpoints", "samples", "tensorboard"):
                 shutil.rmtree(self.run_dir / name, ignore_errors=True)
             (self.run_dir / "metrics.csv").unlink(missing_ok=True)
+        barrier(self.dist)
         seed_everything(cfg.train.seed)
         self.model, self.plan = model_from_config(cfg, config_path, device=self.device)
         check_loss_config(cfg.loss, self.plan.data_shape)
+        self.runtime = prepare(self.model, cfg, self.device, self.dist)
         self.optimizer = make_optimizer(self.model, cfg.train)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.train))
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema else None
@@ -212,6 +235,7 @@ class Trainer:
         # Samples of the StreamSampler consumed so far: batches whose images all failed to load
         # are skipped, so this can run ahead of step * batch_size.
         self.stream_position = 0
+        self._compile_verified = False
 
     def log(self, text: str) -> None:
         if not self.quiet:
@@ -280,7 +304,8 @@ class Trainer:
             data.source, data.path, train=True, channels=data.channels, image_size=data.image_size,
             resize_filter=data.resize_filter, pad_to_square=data.pad_to_square, flip=False,
         )
-        sampler = StreamSampler(len(dataset), seed=self.cfg.train.seed, start=self.stream_position)
+        sampler = StreamSampler(len(dataset), seed=self.cfg.train.seed, start=self.stream_position,
+                                rank=self.dist.rank, world_size=self.dist.world_size)
         self._read_position = self.stream_position  # runs ahead of stream_position during a step
         loader = make_loader(dataset, self.cfg.train.batch_size, shuffle=False, num_workers=data.num_workers,
                              device_type=self.device.type, sampler=sampler)
@@ -289,10 +314,11 @@ class Trainer:
     def _next_images(self, batches):
         while True:
             batch = next(batches)
-            self._read_position += len(batch.paths) + len(batch.failures)
+            # Stream positions are global: each of N processes reads every N-th one.
+            self._read_position += (len(batch.paths) + len(batch.failures)) * self.dist.world_size
             self.skips.add(batch.failures)
             if batch.images is not None:
-                return batch.images.to(self.device, non_blocking=True)
+                return self.runtime.to_input(batch.images)
 
     @torch.no_grad()
     def write_samples(self, fixed: torch.Tensor) -> Path:
@@ -308,18 +334,24 @@ class Trainer:
     # ----------------------------------------------------------------- loop
     def train(self) -> Path | None:
         cfg, tcfg = self.cfg, self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.toml")
+        main = self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.toml")
         self.resume()
         if self.step >= tcfg.max_steps:
             self.log(f"{self.run_dir} already reached train.max_steps = {tcfg.max_steps}; nothing to do")
             return None
         dataset, loader = self._loader()  # a missing data folder fails before the summary is printed
         self.log(_summary(self.model, self.plan.data_shape, self.device))
-        self.log(f"device: {self.device}; data shape {self.plan.data_shape}; latent {self.plan.latent_shape}")
+        self.log(f"device: {self.device}; data shape {self.plan.data_shape}; latent {self.plan.latent_shape}; "
+                 f"precision {tcfg.precision}" + (f"; {self.dist.world_size} processes" if self.dist.enabled else ""))
+        for note in self.runtime.notes:
+            self.log(f"note: {note}")
         batches = iter(loader)
         fixed = self._fixed_batch(dataset)
-        metrics = MetricsLog(self.run_dir)
+        validation = self._validation_batches()
+        metrics = MetricsLog(self.run_dir) if main else None
         if self._rng_state is not None:
             restore_rng_state(self._rng_state)
         from tqdm import tqdm
@@ -333,8 +365,13 @@ class Trainer:
             while self.step < tcfg.max_steps:
                 step_rng = _torch_rng_state()  # what a Ctrl-C before this step completes saves
                 micro = [self._next_images(batches) for _ in range(tcfg.grad_accum)]
-                micro = [random_flip(m, tcfg.seed, self.step) if cfg.data.flip else m for m in micro]
-                result = train_step(self.model, micro, self.optimizer, cfg, self.step)
+                if cfg.data.flip:
+                    micro = [random_flip(m, tcfg.seed, self.step, i, self.dist) for i, m in enumerate(micro)]
+                noises = None
+                if self.model.latent.kind == "gaussian":
+                    noises = [sample_noise(self.plan.latent_shape, m.shape[0], tcfg.seed, self.step, i, self.dist,
+                                           self.device) for i, m in enumerate(micro)]
+                result = self._step(micro, noises)
                 self.scheduler.step()
                 if self.ema is not None:
                     self.ema.update(self.model)
@@ -343,24 +380,32 @@ class Trainer:
                 images_seen += sum(m.shape[0] for m in micro)
                 progress.update(1)
                 progress.set_postfix({k: f"{v:.4g}" for k, v in {"loss": result.loss, **result.terms}.items()})
-                if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
+                last = self.step == tcfg.max_steps
+                if self.step % tcfg.log_every == 0 or last:
                     elapsed = time.perf_counter() - tick
-                    metrics.write({
-                        "step": self.step, "loss": result.loss, **result.terms,
+                    # Every process joins the averaging; rank 0 writes the global batch's values.
+                    values = mean_across(self.dist, {"loss": result.loss, **result.terms}, self.device)
+                    row = {
+                        "step": self.step, **values,
                         "kld_weight": result.kld_weight, "lr": self.scheduler.get_last_lr()[0],
-                        "grad_norm": result.grad_norm, "images_per_s": images_seen / max(elapsed, 1e-9),
+                        "grad_norm": result.grad_norm,
+                        "images_per_s": images_seen * self.dist.world_size / max(elapsed, 1e-9),
                         **self.model.metrics(),  # quantizer diagnostics (codebook usage...), not losses
-                    })
+                    }
+                    if validation and tcfg.val_every and (self.step % tcfg.val_every == 0 or last):
+                        row.update(self.validate(validation))
+                    if metrics is not None:
+                        metrics.write(row)
                     tick, images_seen = time.perf_counter(), 0
-                if self.step % tcfg.sample_every == 0 or self.step == tcfg.max_steps:
+                if main and (self.step % tcfg.sample_every == 0 or last):
                     self.write_samples(fixed)
-                if self.step % tcfg.save_every == 0 or self.step == tcfg.max_steps:
+                if main and (self.step % tcfg.save_every == 0 or last):
                     last_saved = self.save()
         except KeyboardInterrupt:
             progress.close()
             if step_rng is not None:  # interrupted within a step: save the RNG as that step found it
                 _set_torch_rng_state(step_rng)
-            if self.step and (last_saved is None or not last_saved.name.endswith(checkpoint_name(self.step))):
+            if main and self.step and (last_saved is None or not last_saved.name.endswith(checkpoint_name(self.step))):
                 self.save()
             raise TrainingError(
                 f"interrupted at step {self.step}; checkpoint saved in {self.run_dir / 'checkpoints'}. "
@@ -368,11 +413,61 @@ class Trainer:
             ) from None
         finally:
             progress.close()
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
             if self.skips.count:
                 self.log(f"warning: {self.skips.summary()} (listed above)")
         self.log(f"done: step {self.step}, checkpoint {last_saved}")
         return last_saved
+
+    def _step(self, micro, noises) -> StepResult:
+        """A training step; when the compiled model fails on its first step, say so and
+        train the same model without compilation."""
+        if not self.runtime.compiled or self._compile_verified:
+            return train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, noises)
+        try:
+            result = train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, noises)
+        except (TrainingError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # torch.compile raises many exception types
+            self.runtime.fall_back_to_eager(exc)
+            self.log(f"note: {self.runtime.notes[-1]}")
+            return train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, noises)
+        self._compile_verified = True  # compiled and ran: later failures are real errors
+        return result
+
+    def _validation_batches(self):
+        """Images of data.val_path, loaded once, for the metrics written every val_every steps."""
+        data = self.cfg.data
+        if not (data.val_path and self.cfg.train.val_every):
+            return None
+        dataset = open_dataset("folder", data.val_path, train=False, channels=data.channels,
+                               image_size=data.image_size, resize_filter=data.resize_filter,
+                               pad_to_square=data.pad_to_square)
+        loader = make_loader(dataset, self.cfg.train.batch_size, shuffle=False, num_workers=0)
+        batches = []
+        for batch in loader:
+            self.skips.add(batch.failures)
+            if batch.images is not None:
+                batches.append(batch.images)
+        return batches
+
+    @torch.no_grad()
+    def validate(self, batches) -> dict:
+        """Mean reconstruction loss, MSE and PSNR of the posterior means on the validation images."""
+        self.model.eval()
+        recon_loss, mse, psnr_sum, count = 0.0, 0.0, 0.0, 0
+        for images in batches:
+            images = self.runtime.to_input(images)
+            out = self.model(images, sample=False)
+            n = images.shape[0]
+            recon_loss += reconstruction_loss(out.recon, images, self.cfg.loss.recon).item() * n
+            image = self.model.to_image(out.recon)
+            mse += (image.float() - images.float()).pow(2).flatten(1).mean(1).sum().item()
+            psnr_sum += psnr(image, images).sum().item()
+            count += n
+        self.model.train()
+        return {"val_recon": recon_loss / count, "val_mse": mse / count, "val_psnr": psnr_sum / count}
 
     def _fixed_batch(self, dataset) -> torch.Tensor:
         """The first readable images, for sample grids that are comparable across steps."""
@@ -389,5 +484,9 @@ class Trainer:
 
 
 def train(cfg, config_path=None, fresh: bool = False, device: str | None = None, quiet: bool = False):
-    return Trainer(cfg, config_path, fresh=fresh, device=device, quiet=quiet).train()
+    trainer = Trainer(cfg, config_path, fresh=fresh, device=device, quiet=quiet)
+    try:
+        return trainer.train()
+    finally:
+        cleanup(trainer.dist)
 

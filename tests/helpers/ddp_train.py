@@ -1,0 +1,33 @@
+"""Run by tests/test_runtime.py under torchrun: train, then save this process's weights.
+
+    python -m torch.distributed.run --nproc_per_node=2 tests/helpers/ddp_train.py OUT_DIR KEY=VALUE...
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from flexvae.config import load_config
+from flexvae.train.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main() -> None:
+    out_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
+    cfg = load_config(ROOT / "configs" / "tiny_test.toml", [f"train.out_dir={out_dir}", *overrides])
+    trainer = Trainer(cfg, quiet=True)
+    try:
+        trainer.train()
+    finally:
+        state = {k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}
+        save_file(state, str(out_dir / f"rank{os.environ.get('RANK', '0')}.safetensors"))
+        from flexvae.train.distributed import cleanup
+
+        cleanup(trainer.dist)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Mixed precision, channels_last, torch.compile, gradient checkpointing and DDP."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from flexvae.build import plan_vae
+from flexvae.config import load_config
+from flexvae.dsl import parse_structure
+from flexvae.dsl.structure import unparse_structure
+from flexvae.errors import StructureError
+from flexvae.layers.norm_act import FP32GroupNorm
+from flexvae.loading import model_from_config
+from flexvae.train import runtime as runtime_module
+from flexvae.train.distributed import DistInfo
+from flexvae.train.runtime import flip_mask, prepare, sample_noise
+from flexvae.train.trainer import Trainer, make_optimizer, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny_test.toml"
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray((rng.random((20, 20, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
+    return folder
+
+
+def tiny_cfg(tmp_path, images, *overrides):
+    return load_config(TINY, [f"train.out_dir={tmp_path / 'run'}", f"data.path={images}",
+                              "data.num_workers=0", *overrides])
+
+
+def one_step(cfg, seed=0):
+    torch.manual_seed(seed)
+    model, plan = model_from_config(cfg)
+    runtime = prepare(model, cfg, torch.device("cpu"))
+    optimizer = make_optimizer(model, cfg.train)
+    x = torch.rand((4, *plan.data_shape), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    noise = sample_noise(plan.latent_shape, 4, 0, 0, 0, DistInfo(), "cpu")
+    result = train_step(runtime, [runtime.to_input(x)], optimizer, cfg, 0, [noise])
+    return result, model, runtime
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_step_trains_and_matches_fp32_roughly(tmp_path, images, precision):
+    reference, ref_model, _ = one_step(tiny_cfg(tmp_path, images))
+    result, model, runtime = one_step(tiny_cfg(tmp_path, images, f"train.precision={precision}"))
+    assert runtime.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert (runtime.scaler is not None) == (precision == "fp16")
+    assert np.isfinite(result.loss)
+    assert abs(result.loss - reference.loss) < 0.05 * reference.loss
+    # The weights stay float32 and were updated.
+    moved = [not torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref_model.state_dict().values())]
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and any(moved)
+
+
+def test_group_norm_statistics_are_float32_under_half_precision():
+    norm = FP32GroupNorm(2, 4)
+    x = (torch.randn(2, 4, 8, 8) * 3 + 300).to(torch.bfloat16)  # large offset: bf16 variance is useless
+    expected = torch.nn.functional.group_norm(x.float(), 2, norm.weight, norm.bias, norm.eps)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_channels_last_gives_the_same_step(tmp_path, images):
+    reference, _, _ = one_step(tiny_cfg(tmp_path, images))
+    result, model, runtime = one_step(tiny_cfg(tmp_path, images, "train.channels_last=true"))
+    assert runtime.memory_format is torch.channels_last
+    conv = model.encoder[0]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert result.loss == pytest.approx(reference.loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["marked", "blocks"])
+def test_grad_checkpointing_gives_identical_gradients(mode):
+    enc = ["C2d_3_8_3_1_1", "@2*VAERB_8_8", "@begin", "Down_?_8", "VAEA_8", "@end", "GN_4_?", "SiLU", "C2d_?_4_3_1_1"]
+    dec = ["C2d_2_8_3_1_1", "VAERB_8_8", "UpS_2", "C2d_?_8_3_1_1", "GN_4_8", "SiLU", "C2d_8_3_3_1_1"]
+    torch.manual_seed(0)
+    model = plan_vae(enc, dec, (3, 16, 16)).build()
+    x = torch.randn(2, 3, 16, 16)
+
+    def grads():
+        model.zero_grad()
+        torch.manual_seed(1)
+        model(x).recon.square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    model.set_grad_checkpointing(mode)
+    assert any(recompute for _, _, recompute in model.encoder.segments(mode))
+    for a, b in zip(plain, grads()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_checkpoint_marks_parse_and_round_trip():
+    tokens = ["C2d_3_8_3_1_1", "@2*VAERB_8_8", "@begin", "Down_?_8", "VAEA_8", "@end", "SiLU"]
+    specs = parse_structure(tokens, "enc.json")
+    assert [s.checkpoint for s in specs] == [None, "token", 1, 1, None]
+    assert unparse_structure(specs) == tokens
+    with pytest.raises(StructureError, match=r"enc.json, position 2.*@end without an opening @begin"):
+        parse_structure(["SiLU", "@end"], "enc.json")
+    with pytest.raises(StructureError, match=r"opened by @begin at position 1 has no @end"):
+        parse_structure(["@begin", "SiLU"], "enc.json")
+    with pytest.raises(StructureError, match="spans cannot nest"):
+        parse_structure(["@begin", "@begin", "SiLU", "@end"], "enc.json")
+
+
+def test_trainer_runs_every_switch_together_with_compile(tmp_path, images):
+    cfg = tiny_cfg(tmp_path, images, "train.precision=bf16", "train.channels_last=true", "train.compile=true",
+                   "train.grad_checkpointing=blocks", "train.max_steps=2", "train.save_every=2")
+    trainer = Trainer(cfg, quiet=True)
+    assert trainer.train() is not None
+    assert trainer.runtime.compiled and not trainer.runtime.notes
+    assert trainer.step == 2
+
+
+def test_compile_failure_falls_back_to_eager_with_a_message(tmp_path, images, monkeypatch, capsys):
+    class Broken(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("backend compiler failed: no luck")
+
+    monkeypatch.setattr(torch, "compile", lambda module: Broken(module))
+    cfg = tiny_cfg(tmp_path, images, "train.compile=true", "train.max_steps=2", "train.save_every=2")
+    trainer = Trainer(cfg)
+    trainer.train()
+    assert trainer.step == 2 and not trainer.runtime.compiled
+    assert "torch.compile failed (RuntimeError: backend compiler failed: no luck); training without compilation" \
+        in capsys.readouterr().out
+
+
+def test_compile_without_a_compiler_says_why(tmp_path, images, monkeypatch):
+    monkeypatch.setattr(runtime_module.shutil, "which", lambda name: None)
+    _, _, runtime = one_step(tiny_cfg(tmp_path, images, "train.compile=true"))
+    assert not runtime.compiled
+    assert runtime.notes == ["train.compile: compiling for the CPU needs a C++ compiler (c++, g++ or clang++) "
+                             "on PATH; training without compilation"]
+
+
+def test_noise_and_flips_do_not_depend_on_how_the_batch_is_split():
+    whole = sample_noise((2, 4, 4), 6, seed=3, step=5, micro=1, dist=DistInfo(), device="cpu")
+    parts = [sample_noise((2, 4, 4), 3, 3, 5, 1, DistInfo(rank, rank, 2), "cpu") for rank in range(2)]
+    torch.testing.assert_close(torch.stack([parts[i % 2][i // 2] for i in range(6)]), whole)
+    flips = flip_mask(6, 3, 5, 1, DistInfo())
+    split = [flip_mask(3, 3, 5, 1, DistInfo(rank, rank, 2)) for rank in range(2)]
+    assert torch.equal(torch.stack([split[i % 2][i // 2] for i in range(6)]), flips)
+    assert not torch.equal(flip_mask(6, 3, 5, 0, DistInfo()), flips)  # each micro-batch its own
+
+
+def test_mem_measures_with_the_training_runtime(tmp_path, images):
+    from flexvae.train.memory import StepRunner
+
+    cfg = tiny_cfg(tmp_path, images, "train.precision=bf16", "train.grad_checkpointing=blocks")
+    runner = StepRunner(cfg, device="cpu")
+    assert runner.runtime.dtype is torch.bfloat16 and runner.model.encoder.grad_checkpointing == "blocks"
+    runner.step(2)
+
+
+def _losses(run_dir):
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        return [float(row["loss"]) for row in csv.DictReader(fh)]
+
+
+def test_two_processes_with_gloo_match_one_process(tmp_path, images):
+    """torchrun with 2 CPU processes: replicas stay identical, and with the same global batch the
+    run matches a single process (per-step losses to float precision; weights closely: Adam's
+    normalised steps amplify rounding differences in near-zero gradients)."""
+    common = [f"data.path={images}", "data.num_workers=0", "train.max_steps=4", "train.save_every=4",
+              "train.grad_accum=2", "train.lr=1e-4", "train.grad_clip=0", "train.log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = str(ROOT / "tests" / "helpers" / "ddp_train.py")
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", script,
+         str(tmp_path / "two"), *common, "train.batch_size=2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, script, str(tmp_path / "one"), *common, "train.batch_size=4"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    rank0, rank1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
+    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], single[key], rtol=0, atol=5e-5)
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+    # Only rank 0 wrote checkpoints and samples; the one it wrote resumes like any other.
+    assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == ["step_00000004.safetensors"]
