@@ -1,6 +1,6 @@
 """Mixed precision, channels_last, torch.compile, gradient checkpointing and DDP."""
 
-import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -206,3 +206,34 @@ def test_two_processes_with_gloo_match_one_process(tmp_path, images):
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
     # Only rank 0 wrote checkpoints and samples; the one it wrote resumes like any other.
     assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == ["step_00000004.safetensors"]
+
+
+def test_encode_splits_the_folder_across_processes(tmp_path, images):
+    from flexvae.loading import checkpoint_metadata
+    from flexvae.train.checkpoint import checkpoint_name, save_checkpoint
+
+    cfg = tiny_cfg(tmp_path, images)
+    torch.manual_seed(0)
+    model, plan = model_from_config(cfg)
+    ckpt = save_checkpoint(tmp_path / "run" / "checkpoints" / checkpoint_name(1), model.state_dict(),
+                           checkpoint_metadata(cfg, plan, 1, 1.0))
+    (images / "broken.png").write_text("not an image")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-e", "-c", str(TINY), "--ckpt", str(ckpt), "--input", str(images), "--set", "encode.batch_size=4"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+                          "train.py", *args, "--output", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "train.py", *args, "--output", str(tmp_path / "one")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    manifest = (tmp_path / "two" / "manifest.jsonl").read_text()
+    assert manifest == (tmp_path / "one" / "manifest.jsonl").read_text()
+    assert len(manifest.splitlines()) == 13 and '"status": "failed"' in manifest
+    assert not list((tmp_path / "two").glob(".manifest.rank*"))
+    for name in (f"{i}.safetensors" for i in range(12)):
+        torch.testing.assert_close(load_file(str(tmp_path / "two" / name))["latent"],
+                                   load_file(str(tmp_path / "one" / name))["latent"])
+    stats = [json.loads((tmp_path / run / "latent_stats.json").read_text()) for run in ("one", "two")]
+    assert stats[0]["encoded"] == stats[1]["encoded"] == 12
+    assert stats[0]["latent_std"] == pytest.approx(stats[1]["latent_std"], rel=1e-6)

@@ -162,6 +162,14 @@ def run_mode(args) -> int:
 
         return run_analysis(mode, args, cfg)
     device = _device(args, cfg)
+    dist = None
+    if mode == "encode":  # under torchrun, every process encodes its share of the folder
+        import torch
+
+        from .train.distributed import from_environment, setup
+
+        dist = from_environment()
+        device = str(setup(dist, torch.device(device)))
     ctx, _ = _load_model(args, cfg, device)
     run_dir = _run_dir(args, cfg)
     workers = cfg.data.num_workers
@@ -179,7 +187,12 @@ def run_mode(args) -> int:
         out = Path(args.output or run_dir / "latents")
         summary = encode_folder(ctx, args.input or cfg.data.path, out, fmt=cfg.encode.format,
                                 sample=args.sample or cfg.encode.sample, batch_size=cfg.encode.batch_size,
-                                num_workers=workers, device=device, seed=cfg.train.seed)
+                                num_workers=workers, device=device, seed=cfg.train.seed, dist=dist)
+        from .train.distributed import cleanup
+
+        cleanup(dist)
+        if not dist.is_main:
+            return 0
         print(f"encoded into {out}: {json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in summary.items()})}")
     elif mode == "decode":
         from .inference import decode_folder

@@ -182,14 +182,17 @@ def read_manifest(path: Path) -> dict[str, dict]:
 
 @torch.no_grad()
 def encode_folder(ctx: ModelContext, input_dir, output_dir, *, fmt="safetensors", sample=False,
-                  batch_size=32, num_workers=0, device="cpu", seed=0, progress=True) -> dict:
+                  batch_size=32, num_workers=0, device="cpu", seed=0, progress=True, dist=None) -> dict:
     """Encode every image to a latent file mirroring the tree; a manifest accounts for each input.
 
-    Re-running skips inputs already encoded (status ok and file present). The latents'
-    standard deviation gives the suggested scaling factor 1/std.
+    Re-running skips inputs already encoded (status ok and file present); an interrupted run
+    keeps the manifest of what it finished. The latents' standard deviation gives the
+    suggested scaling factor 1/std. Under torchrun (``dist``), process r of N encodes every
+    N-th remaining image and rank 0 merges the per-process manifests into one.
     """
-    from tqdm import tqdm
+    from .train.distributed import DistInfo, barrier, sum_across
 
+    dist = dist or DistInfo()
     out_root = Path(output_dir)
     out_root.mkdir(parents=True, exist_ok=True)
     suffix = LATENT_SUFFIXES[fmt]
@@ -205,36 +208,37 @@ def encode_folder(ctx: ModelContext, input_dir, output_dir, *, fmt="safetensors"
         done = previous.get(rel, {}).get("status") == "ok" and safe_output_path(out_root, names[rel]).exists()
         if not done:
             todo.append(rel)  # relative to input_root: ImageFolder joins it to its (absolute) root
-    entries = dict(previous)
+    pending = len(todo)
+    todo = todo[dist.rank::dist.world_size]
+    if len(todo) <= 2 * batch_size:
+        num_workers = 0  # starting worker processes costs more than a couple of batches
+    own_manifest = manifest_path if not dist.enabled else out_root / f".manifest.rank{dist.rank}.jsonl"
+    entries = dict(previous) if not dist.enabled else {}
     generator = torch.Generator(device=device).manual_seed(seed)
-    total, total_sq, count = 0.0, 0.0, 0
+    stats = [0.0, 0.0, 0, 0]  # latent values' sum, sum of squares and count; images encoded
     started = time.perf_counter()
     skips = SkipLog()
-    if todo:
-        _, loader = _folder_loader(ctx, input_root, batch_size, num_workers, device, paths=todo)
-        for batch in tqdm(loader, disable=not progress, desc="encode"):
-            skips.add(batch.failures)
-            for rel, reason in batch.failures:
-                entries[rel] = {"path": rel, "status": "failed", "reason": reason}
-            if batch.images is None:
-                continue
-            latents, codes = ctx.vae.encode_with_codes(batch.images.to(device), sample=sample, generator=generator)
-            latents = latents.float().cpu()
-            codes = [None] * len(latents) if codes is None else codes.cpu()
-            total += latents.sum().item()
-            total_sq += latents.pow(2).sum().item()
-            count += latents.numel()
-            for rel, latent, code in zip(batch.paths, latents, codes):
-                target = safe_output_path(out_root, names[rel])
-                save_latent(latent, target, fmt, codes=code)
-                entries[rel] = {"path": rel, "status": "ok", "file": target.relative_to(out_root).as_posix(),
-                                "shape": list(latent.shape)}
-                if code is not None:
-                    entries[rel]["codes_shape"] = list(code.shape)
-    _write_manifest(manifest_path, entries)
+    try:
+        if todo:
+            _encode_batches(ctx, input_root, out_root, todo, names, entries, skips, fmt, sample, batch_size,
+                            num_workers, device, generator, progress and dist.is_main, stats)
+    finally:
+        _write_manifest(own_manifest, entries)
+    total, total_sq, count, encoded = sum_across(dist, stats, device)
+    if dist.enabled:
+        barrier(dist)
+        if dist.is_main:
+            entries = dict(previous)
+            for rank in range(dist.world_size):
+                part = out_root / f".manifest.rank{rank}.jsonl"
+                entries.update(read_manifest(part))
+                part.unlink()
+            _write_manifest(manifest_path, entries)
+        barrier(dist)
+        entries = read_manifest(manifest_path)
     summary = {
-        "encoded": len(todo) - skips.count,
-        "already_done": len(images) - len(todo),
+        "encoded": int(encoded),
+        "already_done": len(images) - pending,
         "failed": sum(1 for e in entries.values() if e["status"] != "ok"),
         "seconds": time.perf_counter() - started,
     }
@@ -244,9 +248,39 @@ def encode_folder(ctx: ModelContext, input_dir, output_dir, *, fmt="safetensors"
         raw_std = std / ctx.vae.scaling_factor
         summary.update({"latent_mean": mean, "latent_std": std,
                         "suggested_scaling_factor": 1.0 / raw_std if raw_std > 0 else float("nan")})
-        stats_path = out_root / "latent_stats.json"
-        stats_path.write_text(json.dumps({**summary, "scaling_factor_used": ctx.vae.scaling_factor}, indent=2))
+        if dist.is_main:
+            stats_path = out_root / "latent_stats.json"
+            stats_path.write_text(json.dumps({**summary, "scaling_factor_used": ctx.vae.scaling_factor}, indent=2))
     return summary
+
+
+def _encode_batches(ctx, input_root, out_root, todo, names, entries, skips, fmt, sample, batch_size,
+                    num_workers, device, generator, progress, stats):
+    """Encode ``todo`` into latent files; record each input in ``entries`` and add the
+    latents' sum, sum of squares and count, and the number of images encoded, to ``stats``."""
+    from tqdm import tqdm
+
+    _, loader = _folder_loader(ctx, input_root, batch_size, num_workers, device, paths=todo)
+    for batch in tqdm(loader, disable=not progress, desc="encode"):
+        skips.add(batch.failures)
+        for rel, reason in batch.failures:
+            entries[rel] = {"path": rel, "status": "failed", "reason": reason}
+        if batch.images is None:
+            continue
+        latents, codes = ctx.vae.encode_with_codes(batch.images.to(device), sample=sample, generator=generator)
+        latents = latents.float().cpu()
+        codes = [None] * len(latents) if codes is None else codes.cpu()
+        stats[0] += latents.sum().item()
+        stats[1] += latents.pow(2).sum().item()
+        stats[2] += latents.numel()
+        stats[3] += len(latents)
+        for rel, latent, code in zip(batch.paths, latents, codes):
+            target = safe_output_path(out_root, names[rel])
+            save_latent(latent, target, fmt, codes=code)
+            entries[rel] = {"path": rel, "status": "ok", "file": target.relative_to(out_root).as_posix(),
+                            "shape": list(latent.shape)}
+            if code is not None:
+                entries[rel]["codes_shape"] = list(code.shape)
 
 
 def _write_manifest(path: Path, entries: dict) -> None:

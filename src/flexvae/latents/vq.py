@@ -12,6 +12,13 @@ outputs of the current batch; ``kmeans_init`` runs a few
 Lloyd iterations on the first training batch to place the codebook. Codebook usage (the
 fraction of codes used in the last ``usage_window`` training batches) and the perplexity of
 the last batch's assignments are reported by ``metrics()``; they are never loss terms.
+
+Under torch.distributed (DDP, more than one process) a training batch is the global batch:
+the per-batch code counts and vector sums are summed over processes before they update the
+moving averages, the usage record and the perplexity; restarted codes take rank 0's picks
+and k-means starts from rank 0's samples and runs on the global batch. Every replica thus
+applies the same update and keeps the same codebook. (A codebook learned by gradient needs
+nothing more: DDP averages its gradients.)
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -35,6 +43,18 @@ def _squared_distances(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tens
         return flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)
     with torch.autocast(flat.device.type, enabled=False):
         return flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)
+
+
+def _world_size() -> int:
+    """Processes sharing the codebook: more than one only in an initialized torch.distributed group."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _sum_across_processes(counts: torch.Tensor, sums: torch.Tensor | None):
+    """All-reduce (sum) per-code counts (K,) and, when given, vector sums (K, D) in one call."""
+    packed = torch.cat([counts.unsqueeze(1)] + ([sums] if sums is not None else []), dim=1)
+    dist.all_reduce(packed)
+    return packed[:, 0], (packed[:, 1:] if sums is not None else None)
 
 
 class VectorQuantizer(nn.Module):
@@ -112,10 +132,10 @@ class VectorQuantizer(nn.Module):
         if measure:
             with torch.no_grad():
                 counts = torch.bincount(codes, minlength=self.codebook_size).float()
+                if update:
+                    counts = self._update(flat_f, codes, counts)
                 probs = counts / counts.sum().clamp_min(1)
                 self.perplexity.copy_(torch.exp(-(probs * probs.clamp_min(1e-10).log()).sum()))
-                if update:
-                    self._update(flat_f, codes, counts)
         return out, codes.view(channels_last.shape[:-1]), losses
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
@@ -124,13 +144,18 @@ class VectorQuantizer(nn.Module):
 
     # ------------------------------------------------------------ training state
     @torch.no_grad()
-    def _update(self, flat: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> None:
+    def _update(self, flat: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One training batch's update; returns the batch's code counts (summed over processes
+        under torch.distributed, like every statistic used here)."""
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, flat) if self.ema else None
+        vectors = flat.shape[0]
+        if _world_size() > 1:
+            # The global batch's statistics, identical on every replica.
+            counts, sums = _sum_across_processes(counts, sums)
+            vectors = counts.sum()
         self.calls += 1
         self.last_used.copy_(torch.where(counts > 0, self.calls, self.last_used))
         if self.ema:
-            sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, flat)
-            # Under DDP, all-reduce (sum) `counts` and `sums` across processes here, so every
-            # replica applies the same EMA update and keeps the same codebook.
             self.cluster_size.lerp_(counts, 1 - self.decay)
             self.embed_sum.lerp_(sums, 1 - self.decay)
             total = self.cluster_size.sum()
@@ -140,35 +165,44 @@ class VectorQuantizer(nn.Module):
         else:
             self.cluster_size.lerp_(counts, 1 - USAGE_DECAY_WITHOUT_EMA)
         if self.dead_threshold > 0:
-            self._restart_dead(flat)
+            self._restart_dead(flat, vectors)
+        return counts
 
     @torch.no_grad()
-    def _restart_dead(self, flat: torch.Tensor) -> None:
+    def _restart_dead(self, flat: torch.Tensor, vectors) -> None:
         """A code is dead when its moving-average use per batch falls below ``dead_threshold``
-        times an even share (batch vectors / codebook size); it then takes the value of a random
-        encoder output of this batch. Written without a data-dependent branch (no device sync)."""
-        # Under DDP the random picks differ per process: broadcast the result from rank 0.
-        threshold = self.dead_threshold * flat.shape[0] / self.codebook_size
+        times an even share (``vectors``, the batch's vector count, / codebook size); it then
+        takes the value of a random encoder output of this batch (of rank 0's share under
+        torch.distributed). Written without a data-dependent branch (no device sync)."""
+        threshold = self.dead_threshold * vectors / self.codebook_size
         dead = self.cluster_size < threshold
         fresh = flat[torch.randint(0, flat.shape[0], (self.codebook_size,), device=flat.device)]
+        if _world_size() > 1:
+            dist.broadcast(fresh, src=0)  # the random picks differ per process: all take rank 0's
         self.embedding.copy_(torch.where(dead.unsqueeze(1), fresh, self.embedding))
-        self.cluster_size.copy_(torch.where(dead, torch.full_like(self.cluster_size, threshold), self.cluster_size))
+        self.cluster_size.copy_(torch.where(dead, threshold, self.cluster_size))
         self.embed_sum.copy_(torch.where(dead.unsqueeze(1), fresh * threshold, self.embed_sum))
 
     @torch.no_grad()
     def _kmeans(self, flat: torch.Tensor) -> None:
-        """A few Lloyd iterations on one batch of encoder outputs, started from random samples."""
+        """A few Lloyd iterations on one batch of encoder outputs, started from random samples
+        (under torch.distributed: rank 0's samples, and iterations over the global batch)."""
         n = flat.shape[0]
         if n >= self.codebook_size:
             pick = torch.randperm(n, device=flat.device)[:self.codebook_size]
         else:
             pick = torch.randint(0, n, (self.codebook_size,), device=flat.device)
         centers = flat[pick].clone()
+        distributed = _world_size() > 1
+        if distributed:
+            dist.broadcast(centers, src=0)
         counts = torch.zeros(self.codebook_size, device=flat.device)
         for _ in range(self.kmeans_iters):
             assign = _squared_distances(flat, centers).argmin(dim=1)
             counts = torch.bincount(assign, minlength=self.codebook_size).float()
             sums = torch.zeros_like(centers).index_add_(0, assign, flat)
+            if distributed:
+                counts, sums = _sum_across_processes(counts, sums)
             centers = torch.where(counts.unsqueeze(1) > 0, sums / counts.clamp_min(1).unsqueeze(1), centers)
         self.embedding.copy_(centers)
         self.cluster_size.copy_(counts)

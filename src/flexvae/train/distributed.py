@@ -64,6 +64,15 @@ def mean_across(info: DistInfo, values: dict[str, float], device) -> dict[str, f
     return {k: v / info.world_size for k, v in zip(keys, tensor.tolist())}
 
 
+def sum_across(info: DistInfo, values: list[float], device) -> list[float]:
+    """Element-wise sum of a list of numbers over processes (the list itself when alone)."""
+    if not info.enabled:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
