@@ -91,7 +91,7 @@ class HandVAE(nn.Module):
             h = layer(h)
         mean, logvar = h.chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
         z = mean + torch.exp(0.5 * logvar) * noise
         for layer in self.decoder:
             z = layer(z)
@@ -154,7 +154,7 @@ def loss_of(recon, x, mean, logvar):
 
 def dsl_step(model, x):
     model.zero_grad(set_to_none=True)
-    out = model(x, generator=torch.Generator().manual_seed(0))
+    out = model(x, generator=torch.Generator(device=x.device).manual_seed(0))
     loss = loss_of(out.recon, x, out.posterior.mean, out.posterior.logvar)
     loss.backward()
     return out.recon
@@ -162,7 +162,7 @@ def dsl_step(model, x):
 
 def hand_step(model, x):
     model.zero_grad(set_to_none=True)
-    recon, mean, logvar = model(x, torch.Generator().manual_seed(0))
+    recon, mean, logvar = model(x, torch.Generator(device=x.device).manual_seed(0))
     loss = loss_of(recon, x, mean, logvar)
     loss.backward()
     return recon
@@ -170,16 +170,21 @@ def hand_step(model, x):
 
 def timed(fn, *args) -> float:
     start = time.perf_counter()
-    fn(*args)
+    out = fn(*args)
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
     return time.perf_counter() - start
 
 
-def compare(name: str, preset: str, hand: HandVAE, image_size: int, batch: int, reps: int, warmup: int):
+def compare(name: str, preset: str, hand: HandVAE, image_size: int, batch: int, reps: int, warmup: int,
+            device="cpu") -> dict:
+    """Time the DSL model against its hand-written twin on ``device``; prints and returns the figures."""
     torch.manual_seed(0)
     data_shape = (3, image_size, image_size)
     dsl = plan_vae(STRUCTURES / f"{preset}_encoder.json", STRUCTURES / f"{preset}_decoder.json", data_shape).build()
     copy_weights(dsl, hand)
-    x = torch.rand((batch, *data_shape), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    dsl, hand = dsl.to(device), hand.to(device)
+    x = (torch.rand((batch, *data_shape), generator=torch.Generator().manual_seed(1)) * 2 - 1).to(device)
 
     # Same weights, same noise: the same reconstruction and the same gradients.
     recon_dsl, recon_hand = dsl_step(dsl, x), hand_step(hand, x)
@@ -204,6 +209,9 @@ def compare(name: str, preset: str, hand: HandVAE, image_size: int, batch: int, 
     print(f"  hand median {hand_median * 1e3:9.1f} ms   (min {min(hand_times) * 1e3:.1f})")
     print(f"  ratio DSL / hand = {dsl_median / hand_median:.3f}   (goal <= 1.02; "
           f"ratio of minima {min(dsl_times) / min(hand_times):.3f})")
+    return {"batch": batch, "data_shape": data_shape, "params": params, "reps": reps,
+            "dsl_median": dsl_median, "hand_median": hand_median, "ratio": dsl_median / hand_median,
+            "ratio_of_minima": min(dsl_times) / min(hand_times)}
 
 
 def one_step_seconds(hand: HandVAE, image_size: int) -> float:

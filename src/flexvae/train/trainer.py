@@ -187,13 +187,18 @@ class _Reconstruction(torch.nn.Module):
 
 
 def _summary(model, data_shape, device) -> str:
+    # In eval mode, so the summary's forward pass updates no statistics (BatchNorm, VQ codebooks).
+    was_training = model.training
+    model.eval()
     try:
         from torchinfo import summary
 
         return str(summary(_Reconstruction(model), input_size=(1, *data_shape), device=device, depth=3,
-                           verbose=0, col_names=("output_size", "num_params")))
+                           verbose=0, col_names=("output_size", "num_params"), mode="eval"))
     except Exception as exc:  # a summary is a courtesy; never fail a run over it
         return f"(torchinfo summary unavailable: {exc})"
+    finally:
+        model.train(was_training)
 
 
 def _torch_rng_state():

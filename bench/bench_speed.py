@@ -1,0 +1,592 @@
+"""Speed benchmark: training throughput per precision / memory layout / compile setting, and more.
+
+One command prints, beside a description of the machine:
+
+1. Training images/s of the default config (configs/config.toml at its image size and batch)
+   and of the 256x256 preset (structures/fixed256_*.json) for fp32 eager, bf16,
+   bf16 + channels_last, bf16 + channels_last + compile, fp16 (with the gradient scaler) and
+   fp32 + compile. Each setting builds a fresh Trainer (so ``prepare``, the compile fallback
+   and ``train_step`` are exactly what training runs) and feeds it one synthetic in-memory
+   batch in [-1, 1], with the trainer's flip and sampling noise. Warm-up steps are not timed;
+   for compiled settings the warm-up time above the steady step time is printed as compile
+   seconds. Step times are medians. FLOPs are counted with torch's FlopCounterMode over one
+   forward and backward pass on the meta device (no real compute); achieved FLOP/s follow
+   from the step times, and on a GPU the model FLOP utilisation against the GPU's dense bf16
+   peak (from a table of known GPUs, or --peak-tflops).
+2. DSL-built model vs hand-written twin, forward + backward (bench_core.compare).
+3. ``-e`` throughput: encode_folder on assets/photos vs the model alone on the same images in
+   memory (bench_train.encode_comparison; random weights).
+4. ``-mem`` (find_max_batch) on the default config: predicted, confirmed and recommended batch
+   size. On a GPU also on the 256 preset (bf16 + channels_last), and each confirmed size then
+   trains 50 steps to show that it does not run out of memory.
+
+On a machine without a GPU everything runs on the CPU (and says so): the 256 preset then
+trains at batch 1 for very few steps, CPU-hopeless settings are skipped with the reason
+printed (--all runs them anyway), and with --quick the preset runs at 64 px.
+
+    python bench/bench_speed.py [--device auto|cpu|cuda] [--quick] [--steps N] [--threads N]
+                                [--peak-tflops T] [--preset-batch N] [--all]
+
+Prints only; nothing about speed is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch._dynamo
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core, bench_train
+
+CONFIG = "configs/config.toml"
+PRESET = ["model.encoder=structures/fixed256_encoder.json", "model.decoder=structures/fixed256_decoder.json"]
+GiB = 2**30
+MEM_CHECK_STEPS = 50
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOPS, from the vendors' data sheets. The
+# first name contained in the device name wins, so longer names come before their prefixes.
+BF16_PEAK_TFLOPS = [
+    ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+    ("H800", 989.0), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0),
+    ("A10G", 70.0), ("A30", 165.0), ("A10", 125.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+    ("RTX 6000 Ada", 364.0), ("RTX A6000", 155.0), ("RTX 5090", 209.0), ("RTX 4090", 165.0),
+    ("RTX 4080", 97.0), ("RTX 3090", 71.0), ("MI300X", 1307.0), ("MI250X", 383.0),
+]
+
+# (label, precision, channels_last, compile), in the order printed
+SETTINGS = [
+    ("fp32 eager", "fp32", False, False),
+    ("bf16", "bf16", False, False),
+    ("bf16 + channels_last", "bf16", True, False),
+    ("bf16 + channels_last + compile", "bf16", True, True),
+    ("fp16 + grad scaler", "fp16", False, False),
+    ("fp32 + compile", "fp32", False, True),
+]
+BASELINE = "fp32 eager"
+FASTEST = "bf16 + channels_last + compile"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------ the machine
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_features() -> list[str]:
+    """The instruction-set extensions that decide CPU bf16/fp16 speed, where /proc tells."""
+    wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"]
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [f for f in wanted if f in flags]
+    return []
+
+
+def usable_cpus() -> int:
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def ram_gib() -> float | None:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GiB
+    return None
+
+
+def load_average() -> tuple[float, float, float] | None:
+    with contextlib.suppress(OSError, AttributeError):
+        return os.getloadavg()
+    return None
+
+
+def bf16_peak(name: str, override: float | None) -> tuple[float | None, str]:
+    if override:
+        return override, "from --peak-tflops"
+    for key, tflops in BF16_PEAK_TFLOPS:
+        if key.lower() in name.lower():
+            return tflops, f"table entry '{key}'"
+    return None, "not in the table; pass --peak-tflops for MFU"
+
+
+@dataclass
+class Machine:
+    device: torch.device
+    lines: list[str]
+    tag: str  # a short description printed beside every table
+    peak_tflops: float | None = None
+
+
+def describe_machine(device: torch.device, peak_override: float | None) -> Machine:
+    cpu = cpu_model()
+    features = cpu_features()
+    ram = ram_gib()
+    load = load_average()
+    lines = [
+        f"CPU: {cpu}; {os.cpu_count()} logical CPUs, {usable_cpus()} usable by this process"
+        + (f"; {ram:.0f} GiB RAM" if ram else "") + (f"; {', '.join(features)}" if features else ""),
+        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), python {platform.python_version()}, "
+        f"{torch.get_num_threads()} intra-op threads, {torch.get_num_interop_threads()} inter-op threads",
+    ]
+    if load is not None:
+        lines.append(f"load average at start: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)")
+    peak = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        peak, source = bf16_peak(props.name, peak_override)
+        lines.append(f"GPU: {props.name}, {props.total_memory / GiB:.1f} GiB, compute capability "
+                     f"{props.major}.{props.minor}, {props.multi_processor_count} SMs; dense bf16 peak "
+                     + (f"{peak:g} TFLOPS ({source})" if peak else source))
+        tag = f"{props.name}, torch {torch.__version__}"
+    else:
+        why = ("CUDA is available but --device cpu was asked for" if torch.cuda.is_available()
+               else "PyTorch sees no CUDA device")
+        lines.append(f"GPU: none used ({why}): everything below runs on the CPU")
+        tag = f"CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return Machine(device, lines, tag, peak)
+
+
+# ------------------------------------------------------------------ FLOPs
+def count_flops(cfg, batch: int) -> dict:
+    """FLOPs of one training forward and backward per image, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from flexvae.loading import model_from_config
+
+    model, plan = model_from_config(cfg, CONFIG, device="meta")
+    model.train()
+    x = torch.empty((batch, *plan.data_shape), device="meta")
+    noise = torch.empty((batch, *plan.latent_shape), device="meta") if model.latent.kind == "gaussian" else None
+    with FlopCounterMode(display=False) as counter:
+        out = model(x, noise=noise, step=0)
+        forward = counter.get_total_flops()
+        # Elementwise loss terms are not counted anyway; this drives the same backward pass.
+        (out.recon.float() - x).pow(2).mean().backward()
+        total = counter.get_total_flops()
+    params = sum(p.numel() for p in model.parameters())
+    return {"forward": forward / batch, "train": total / batch, "params": params,
+            "data_shape": tuple(plan.data_shape), "latent_shape": tuple(plan.latent_shape)}
+
+
+# ------------------------------------------------------------------ timing training steps
+@dataclass
+class Timing:
+    label: str
+    batch: int = 0
+    step_s: float | None = None  # median of the timed steps
+    steps: int = 0
+    spread: tuple[float, float] = (0.0, 0.0)  # fastest and slowest timed step
+    compile_s: float | None = None
+    peak_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    skipped: str | None = None
+
+    @property
+    def images_per_s(self) -> float | None:
+        return self.batch / self.step_s if self.step_s else None
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160] if text else ''}"
+
+
+def time_training(cfg, device: torch.device, batch: int, label: str, *, warmup: int, steps: int | None,
+                  budget_s: float = 10.0, min_steps: int = 2, max_steps: int = 50) -> Timing:
+    """Train ``warmup`` untimed steps, then timed ones: ``steps`` of them, or as many as fit in
+    ``budget_s`` judging by the last warm-up step (between min_steps and max_steps)."""
+    from flexvae.train.runtime import sample_noise
+    from flexvae.train.trainer import Trainer, random_flip
+
+    result = Timing(label, batch)
+    if cfg.train.compile:
+        torch._dynamo.reset()  # every compiled setting compiles from scratch
+    trainer = None
+    try:
+        trainer = Trainer(cfg, CONFIG, quiet=True, device=str(device))
+        tcfg, plan = cfg.train, trainer.plan
+        generator = torch.Generator().manual_seed(tcfg.seed)
+        images = trainer.runtime.to_input(torch.rand((batch, *plan.data_shape), generator=generator) * 2 - 1)
+        gaussian = trainer.model.latent.kind == "gaussian"
+        trainer.model.train()
+
+        def one_step() -> float:
+            """The trainer's loop body, minus reading files, logging and checkpoints."""
+            sync(device)
+            began = time.perf_counter()
+            micro = [images]
+            if cfg.data.flip:
+                micro = [random_flip(images, tcfg.seed, trainer.step, 0, trainer.dist)]
+            noises = ([sample_noise(plan.latent_shape, batch, tcfg.seed, trainer.step, 0, trainer.dist, device)]
+                      if gaussian else None)
+            trainer._step(micro, noises)
+            trainer.scheduler.step()
+            trainer.step += 1
+            sync(device)
+            return time.perf_counter() - began
+
+        warm = [one_step() for _ in range(warmup)]
+        if steps is None:
+            last = warm[-1] if warm else 1.0
+            steps = max(min_steps, min(max_steps, int(budget_s / max(last, 1e-6))))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        timed = [one_step() for _ in range(steps)]
+        result.step_s, result.steps = statistics.median(timed), len(timed)
+        result.spread = (min(timed), max(timed))
+        if device.type == "cuda":
+            result.peak_bytes = torch.cuda.max_memory_allocated(device)
+        if cfg.train.compile and trainer.runtime.compiled:
+            result.compile_s = max(0.0, sum(warm) - len(warm) * result.step_s)
+        result.notes += trainer.runtime.notes
+    except torch.cuda.OutOfMemoryError:
+        result.error = "out of memory"
+    except Exception as exc:  # a setting this machine cannot run (bf16 on an old GPU...): report, go on
+        result.error = first_line(exc)
+    finally:
+        del trainer
+        release(device)
+    return result
+
+
+@dataclass
+class Case:
+    title: str
+    overrides: list[str]
+    batch: int
+    warmup: int
+    compile_warmup: int
+    budget_s: float
+    min_steps: int
+    max_steps: int
+    skip: dict = field(default_factory=dict)  # label -> reason
+    note: str = ""
+
+
+def run_case(case: Case, base_cfg, machine: Machine, args, tmp: Path, fp16_ratio: float | None) -> dict:
+    from flexvae.config import apply_overrides
+
+    device = machine.device
+    cfg = apply_overrides(base_cfg, case.overrides + [
+        f"train.batch_size={case.batch}", "train.grad_accum=1", f"train.device={device.type}",
+        f"train.out_dir={(tmp / 'runs').as_posix()}"])
+    flops = count_flops(cfg, case.batch)
+    shape = "x".join(str(s) for s in flops["data_shape"])
+    print(f"\n== {case.title}: {shape}, batch {case.batch}, {flops['params'] / 1e6:.2f}M parameters, latent "
+          f"{'x'.join(str(s) for s in flops['latent_shape'])}  [{machine.tag}]")
+    print(f"   counted FLOPs per image: forward {flops['forward'] / 1e9:.3f} G, training step (forward + backward) "
+          f"{flops['train'] / 1e9:.3f} G (backward / forward = {flops['train'] / flops['forward'] - 1:.2f})")
+    if case.note:
+        print(f"   {case.note}")
+    gpu = device.type == "cuda"
+    unit, scale = ("TFLOPS", 1e12) if gpu else ("GFLOPS", 1e9)
+    header = f"   {'setting':<31} {'img/s':>9} {'ms/step':>9} {'vs fp32':>8} {unit:>8}"
+    if gpu:
+        header += f" {'MFU':>6} {'peak GiB':>8}"
+    print(header + f" {'compile s':>9} {'steps':>5}  notes")
+    results = {}
+    for label, precision, channels_last, compiled in SETTINGS:
+        if label in case.skip and not args.all:
+            reason = case.skip[label]
+            if label.startswith("fp16") and fp16_ratio is not None and BASELINE in results:
+                base = results[BASELINE].step_s
+                if base:
+                    reason += f" (about {base * fp16_ratio:,.0f} s per step, from the default model's fp16/fp32 ratio)"
+            results[label] = Timing(label, case.batch, skipped=reason)
+            print(f"   {label:<31} {'skipped':>9}  {reason}")
+            continue
+        setting_cfg = apply_overrides(cfg, [f"train.precision={precision}",
+                                            f"train.channels_last={str(channels_last).lower()}",
+                                            f"train.compile={str(compiled).lower()}"])
+        began = time.perf_counter()
+        timing = time_training(setting_cfg, device, case.batch, label,
+                               warmup=case.compile_warmup if compiled else case.warmup, steps=args.steps,
+                               budget_s=case.budget_s, min_steps=case.min_steps, max_steps=case.max_steps)
+        results[label] = timing
+        if timing.error:
+            print(f"   {label:<31} {'failed':>9}  {timing.error}")
+            continue
+        rate = timing.images_per_s
+        base = results.get(BASELINE)
+        speedup = rate / base.images_per_s if base is not None and base.images_per_s else None
+        achieved = flops["train"] * rate
+        row = (f"   {label:<31} {rate:9.1f} {timing.step_s * 1e3:9.1f} "
+               f"{(f'{speedup:.2f}x' if speedup else '-'):>8} {achieved / scale:8.2f}")
+        if gpu:
+            mfu = f"{achieved / (machine.peak_tflops * 1e12):.1%}" if machine.peak_tflops else "-"
+            row += f" {mfu:>6} {timing.peak_bytes / GiB:8.2f}"
+        compile_s = f"{timing.compile_s:.1f}" if timing.compile_s is not None else "-"
+        notes = [f"steps {timing.spread[0] * 1e3:.0f}..{timing.spread[1] * 1e3:.0f} ms",
+                 f"{time.perf_counter() - began:.0f} s in all"] + timing.notes
+        print(row + f" {compile_s:>9} {timing.steps:>5}  {'; '.join(notes)}")
+    return {"flops": flops, "results": results, "batch": case.batch, "title": case.title}
+
+
+def plan_cases(base_cfg, machine: Machine, args) -> list[Case]:
+    gpu = machine.device.type == "cuda"
+    small_title = (f"default config ({CONFIG}: {Path(str(base_cfg.model.encoder)).name} + "
+                   f"{Path(str(base_cfg.model.decoder)).name}, {base_cfg.data.image_size} px)")
+    if gpu:
+        memory = torch.cuda.get_device_properties(machine.device).total_memory / GiB
+        preset_batch = args.preset_batch or (16 if memory >= 40 else 8 if memory >= 16 else 2)
+        steps = (10, 20) if args.quick else (20, 50)
+        return [
+            Case(small_title, [], base_cfg.train.batch_size, 5, 3, 5.0 if args.quick else 10.0, *steps),
+            Case("256x256 preset (structures/fixed256_*.json, 256 px)", PRESET + ["data.image_size=256"],
+                 preset_batch, 3, 3, 8.0 if args.quick else 15.0, 5, 20 if args.quick else 40),
+        ]
+    small_skip, preset_skip = {}, {
+        "fp16 + grad scaler": "fp16 on the CPU: no fast fp16 convolution kernels",
+        "fp32 + compile": "on the CPU one compiled setting per preset run keeps the run short (--all runs it)",
+    }
+    if args.quick:
+        small_skip["fp32 + compile"] = "--quick: one compiled setting per model"
+        preset_skip[FASTEST] = "--quick on the CPU: compiling the preset takes minutes (run without --quick)"
+    size = 64 if args.quick else 256
+    note = ("--quick on the CPU: the preset runs at 64 px instead of 256 px, batch 1" if args.quick else
+            "on the CPU the preset trains at batch 1 for a few steps (tens of seconds per fp32 step)")
+    return [
+        Case(small_title, [], base_cfg.train.batch_size, 2, 2, 4.0 if args.quick else 8.0,
+             2 if args.quick else 3, 30, small_skip),
+        Case(f"256x256 preset (structures/fixed256_*.json) at {size} px", PRESET + [f"data.image_size={size}"],
+             args.preset_batch or 1, 1, 2, 5.0 if args.quick else 15.0, 2, 10, preset_skip, note),
+    ]
+
+
+# ------------------------------------------------------------------ the other sections
+def dsl_ratio(device: torch.device, quick: bool) -> dict | None:
+    import bench_core
+
+    reps, warmup = (5, 2) if quick else (15, 3)
+    print(f"\n== DSL-built model vs hand-written twin (bench_core.compare), forward + backward, fp32, "
+          f"on {device.type}")
+    try:
+        return bench_core.compare("small", "small", bench_core.hand_small(), image_size=32, batch=16,
+                                  reps=reps, warmup=warmup, device=device)
+    except Exception as exc:
+        print(f"   failed: {first_line(exc)}")
+        return None
+    finally:
+        release(device)
+
+
+def encode_speed(base_cfg, device: torch.device, quick: bool, tmp: Path) -> list[dict]:
+    from bench_train import encode_comparison
+    from flexvae.config import apply_overrides
+
+    cfg = apply_overrides(base_cfg, [f"train.device={device.type}"])
+    reps = 2 if quick else 5
+    workers = [0] if quick else sorted({0, cfg.data.num_workers})
+    print(f"\n== -e throughput: encode_folder on {cfg.data.path} (files in, latent files out) vs the model alone "
+          f"on the same images in memory; default model, random weights, batch {cfg.encode.batch_size}, "
+          f"median of {reps}")
+    try:
+        results = encode_comparison(cfg, reps, workers, tmp)
+    except Exception as exc:
+        print(f"   failed: {first_line(exc)}")
+        return []
+    finally:
+        release(device)
+    for r in results:
+        print(f"   num_workers={r['workers']}: encode_folder {r['files']:8.1f} img/s | model only {r['model']:8.1f} "
+              f"img/s | ratio {r['ratio']:.3f} ({r['images']} images)")
+    return results
+
+
+def mem_check(title: str, cfg, machine: Machine, tmp: Path) -> dict:
+    from flexvae.config import apply_overrides
+    from flexvae.train.memory import find_max_batch
+
+    device = machine.device
+    cfg = apply_overrides(cfg, [f"train.device={device.type}", "train.grad_accum=1",
+                                f"train.out_dir={(tmp / 'mem').as_posix()}"])
+    print(f"\n== -mem (find_max_batch) on {title}: precision {cfg.train.precision}, channels_last "
+          f"{cfg.train.channels_last}, compile {cfg.train.compile}  [{machine.tag}]")
+    began = time.perf_counter()
+    try:
+        found = find_max_batch(cfg, CONFIG, str(device), log=lambda text: print(f"   {text}"))
+    except Exception as exc:
+        print(f"   failed: {first_line(exc)}")
+        return {"title": title, "error": first_line(exc)}
+    finally:
+        release(device)
+    print("\n".join(f"   {line}" for line in found.format().splitlines()))
+    print(f"   ({time.perf_counter() - began:.0f} s)")
+    outcome = {"title": title, "result": found}
+    if device.type == "cuda" and found.confirmed:
+        size = found.confirmed
+        print(f"   training {MEM_CHECK_STEPS} steps at the confirmed batch size {size:,} ...")
+        timing = time_training(apply_overrides(cfg, [f"train.batch_size={size}"]), device, size,
+                               "mem check", warmup=0, steps=MEM_CHECK_STEPS)
+        outcome["check"] = timing
+        if timing.error:
+            print(f"   {MEM_CHECK_STEPS} steps at batch {size:,}: FAILED ({timing.error})")
+        else:
+            total = torch.cuda.get_device_properties(device).total_memory
+            print(f"   {MEM_CHECK_STEPS} steps at batch {size:,}: OK, no out-of-memory; peak allocated "
+                  f"{timing.peak_bytes / GiB:.2f} of {total / GiB:.1f} GiB; {timing.images_per_s:,.1f} img/s")
+    return outcome
+
+
+# ------------------------------------------------------------------ summary
+def summary(machine: Machine, cases: list[dict], ratio: dict | None, encode: list[dict], mems: list[dict],
+            elapsed: float) -> None:
+    gpu = machine.device.type == "cuda"
+    print(f"\n== summary  [{machine.tag}]")
+    if not gpu:
+        print("   no GPU: everything ran on the CPU; the GPU goals below are not evaluated "
+              "(CPU figures are for reference only)")
+    for case in cases:
+        results = case["results"]
+        base, fast = results.get(BASELINE), results.get(FASTEST)
+        rates = {k: t.images_per_s for k, t in results.items() if t.images_per_s}
+        if not rates:
+            continue
+        best = max(rates, key=rates.get)
+        line = f"   {case['title']}: fastest {best} {rates[best]:,.1f} img/s"
+        if base is not None and base.images_per_s:
+            line += f" ({rates[best] / base.images_per_s:.2f}x fp32 eager)"
+        print(line)
+        if base is not None and base.images_per_s and fast is not None and fast.images_per_s:
+            speedup = fast.images_per_s / base.images_per_s
+            goal = f" (goal >= 2x: {'met' if speedup >= 2 else 'NOT met'})" if gpu and "256 px" in case["title"] \
+                else ""
+            print(f"     {FASTEST} over fp32 eager: {speedup:.2f}x{goal}")
+        elif fast is not None:
+            print(f"     {FASTEST}: {fast.skipped or fast.error or 'not measured'}")
+        if gpu and machine.peak_tflops:
+            flops = case["flops"]["train"]
+            mfu = {k: flops * r / (machine.peak_tflops * 1e12) for k, r in rates.items()}
+            top = max(mfu, key=mfu.get)
+            goal = f" (goal >= 30%: {'met' if mfu[top] >= 0.30 else 'NOT met'})" if "256 px" in case["title"] else ""
+            print(f"     model FLOP utilisation: best {mfu[top]:.1%} ({top}) of {machine.peak_tflops:g} "
+                  f"bf16 TFLOPS{goal}")
+        elif gpu:
+            print("     model FLOP utilisation: unknown GPU peak; pass --peak-tflops")
+        else:
+            flops = case["flops"]["train"]
+            print(f"     achieved: best {max(flops * r for r in rates.values()) / 1e9:,.1f} GFLOPS "
+                  "(counted model FLOPs; no MFU on the CPU)")
+    if ratio:
+        print(f"   DSL / hand-written step time: {ratio['ratio']:.3f} (goal <= 1.02; ratio of minima "
+              f"{ratio['ratio_of_minima']:.3f})")
+    for r in encode:
+        print(f"   encode (num_workers={r['workers']}): {r['files']:,.1f} img/s end to end, {r['model']:,.1f} img/s "
+              f"model only (ratio {r['ratio']:.3f})")
+    for m in mems:
+        if "result" not in m:
+            print(f"   -mem on {m['title']}: failed ({m['error']})")
+            continue
+        res = m["result"]
+        confirmed = f"{res.confirmed:,}" if res.confirmed is not None else "none"
+        line = (f"   -mem on {m['title']}: predicted {res.predicted:,}, confirmed {confirmed}, "
+                f"recommended {res.recommended:,}")
+        check = m.get("check")
+        if check is not None:
+            line += (f"; {MEM_CHECK_STEPS} steps at the confirmed size: "
+                     + (f"FAILED ({check.error})" if check.error else "OK, no out-of-memory"))
+        elif not gpu:
+            line += f" (the {MEM_CHECK_STEPS}-step check at the confirmed size runs on a GPU only)"
+        print(line)
+    load = load_average()
+    if load is not None:
+        busy = load[1] > 0.75 * usable_cpus()
+        print(f"   load average at the end: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on {usable_cpus()} usable "
+              f"CPUs" + ("; other processes compete for the CPU, so figures are noisy" if busy else ""))
+    print(f"   total bench time {elapsed:.0f} s")
+
+
+# ------------------------------------------------------------------ main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where to run (auto: the GPU when there is one)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repetitions; on the CPU the "
+                        "preset runs at 64 px and compiles only the default model")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed training steps per setting (default: as many as fit a short time budget)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op CPU threads (default: every CPU this process may use)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 peak in TFLOPS, for GPUs missing from the table")
+    parser.add_argument("--preset-batch", type=int, default=None,
+                        help="batch size of the 256 preset (default: 16 on a GPU with 40 GiB or more, 1 on CPU)")
+    parser.add_argument("--all", action="store_true", help="also run the settings skipped on the CPU as too slow")
+    args = parser.parse_args()
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be at least 1")
+
+    os.chdir(REPO)  # the config names its structures and images relative to the repository
+    warnings.filterwarnings("ignore", message="skipping unreadable image")
+    torch.set_num_threads(args.threads or usable_cpus())
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: this PyTorch sees no CUDA device")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    from flexvae.config import apply_overrides, load_config
+
+    began = time.perf_counter()
+    machine = describe_machine(device, args.peak_tflops)
+    print(f"bench_speed on {device}" + (" (--quick)" if args.quick else ""))
+    print("\n".join(f"  {line}" for line in machine.lines))
+    print("  training steps run the real Trainer path (prepare + train_step + scheduler) on one synthetic "
+          "in-memory batch; images/s from the median timed step; warm-up steps not timed; compile seconds "
+          "are the warm-up time above the steady step time (they depend on inductor's on-disk cache)")
+
+    base_cfg = load_config(CONFIG)
+    cases = []
+    fp16_ratio = None
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for case in plan_cases(base_cfg, machine, args):
+            outcome = run_case(case, base_cfg, machine, args, tmp, fp16_ratio)
+            cases.append(outcome)
+            times = outcome["results"]
+            if fp16_ratio is None and all(times.get(k) and times[k].step_s for k in (BASELINE, "fp16 + grad scaler")):
+                fp16_ratio = times["fp16 + grad scaler"].step_s / times[BASELINE].step_s
+        ratio = dsl_ratio(device, args.quick)
+        encode = encode_speed(base_cfg, device, args.quick, tmp)
+        mems = [mem_check(f"the default config ({CONFIG})", base_cfg, machine, tmp)]
+        if device.type == "cuda":
+            preset = apply_overrides(base_cfg, PRESET + ["data.image_size=256", "train.precision=bf16",
+                                                         "train.channels_last=true"])
+            mems.append(mem_check("the 256 preset at 256 px (bf16 + channels_last)", preset, machine, tmp))
+    summary(machine, cases, ratio, encode, mems, time.perf_counter() - began)
+
+
+if __name__ == "__main__":
+    main()
