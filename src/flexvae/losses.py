@@ -10,7 +10,6 @@ on [0, 1] with ``data_range=1`` fixed by that range, never guessed from a batch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -131,6 +130,3 @@ def psnr(image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     mse = (image.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
 
-
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)
