@@ -7,31 +7,20 @@ import torch
 import torch.nn as nn
 
 from ..utils import format_shape
+from .gaussian import PointPosterior
 
 
-class QuantizedPosterior:
+class QuantizedPosterior(PointPosterior):
     """A quantized code: sampling and the mode both return the quantized value (with a
     straight-through gradient to the encoder), the KL term is zero, and ``codes`` holds the
     integer index of every position, shape (B, *spatial)."""
 
     def __init__(self, value: torch.Tensor, codes: torch.Tensor, losses: dict | None = None,
                  pre_quant: torch.Tensor | None = None):
-        self.mean = value
+        super().__init__(value)
         self.codes = codes
         self.losses = dict(losses or {})
         self.pre_quant = pre_quant  # the encoder's output before quantization
-
-    def sample(self, generator=None) -> torch.Tensor:
-        return self.mean
-
-    def mode(self) -> torch.Tensor:
-        return self.mean
-
-    def kl_elements(self) -> torch.Tensor:
-        return torch.zeros_like(self.mean)
-
-    def kl(self) -> torch.Tensor:
-        return self.mean.new_zeros(self.mean.shape[0])
 
     def aux_losses(self) -> dict:
         return self.losses
