@@ -60,11 +60,11 @@ MEM_CHECK_STEPS = 50
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOPS, from the vendors' data sheets. The
 # first name contained in the device name wins, so longer names come before their prefixes.
 BF16_PEAK_TFLOPS = [
-    ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
-    ("H800", 989.0), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0),
+    ("GH200", 989.0), ("H200 NVL", 835.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0),
+    ("H100", 989.0), ("H800", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0),
     ("A10G", 70.0), ("A30", 165.0), ("A10", 125.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
-    ("RTX 6000 Ada", 364.0), ("RTX A6000", 155.0), ("RTX 5090", 209.0), ("RTX 4090", 165.0),
-    ("RTX 4080", 97.0), ("RTX 3090", 71.0), ("MI300X", 1307.0), ("MI250X", 383.0),
+    ("RTX 6000 Ada", 364.0), ("RTX A6000", 155.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0),
+    ("MI300X", 1307.0), ("MI250X", 383.0),
 ]
 
 # (label, precision, channels_last, compile), in the order printed
@@ -93,23 +93,21 @@ def release(device: torch.device) -> None:
 
 # ------------------------------------------------------------------ the machine
 def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def cpu_features() -> list[str]:
     """The instruction-set extensions that decide CPU bf16/fp16 speed, where /proc tells."""
     wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"]
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return [f for f in wanted if f in flags]
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in flags]
     return []
 
 
@@ -161,6 +159,7 @@ class Machine:
     lines: list[str]
     tag: str  # a short description printed beside every table
     peak_tflops: float | None = None
+    start_load: float | None = None  # 1-minute load average before the bench started
 
 
 def describe_machine(device: torch.device, peak_override: float | None, threads_reason: str) -> Machine:
@@ -171,9 +170,9 @@ def describe_machine(device: torch.device, peak_override: float | None, threads_
     lines = [
         f"CPU: {cpu}; {os.cpu_count()} logical CPUs, {usable_cpus()} usable by this process"
         + (f"; {ram:.0f} GiB RAM" if ram else "") + (f"; {', '.join(features)}" if features else ""),
-        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), python {platform.python_version()}, "
-        f"intra-op threads {torch.get_num_threads()} ({threads_reason}), inter-op threads "
-        f"{torch.get_num_interop_threads()}",
+        (f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), python {platform.python_version()}, "
+         f"intra-op threads {torch.get_num_threads()} ({threads_reason}), inter-op threads "
+         f"{torch.get_num_interop_threads()}"),
     ]
     if load is not None:
         lines.append(f"load average at start: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)")
@@ -191,7 +190,7 @@ def describe_machine(device: torch.device, peak_override: float | None, threads_
         lines.append(f"GPU: none used ({why}): everything below runs on the CPU")
         threads = torch.get_num_threads()
         tag = f"CPU {cpu}, {threads} thread{'s' if threads != 1 else ''}, torch {torch.__version__}"
-    return Machine(device, lines, tag, peak)
+    return Machine(device, lines, tag, peak, load[0] if load is not None else None)
 
 
 # ------------------------------------------------------------------ FLOPs
@@ -244,12 +243,31 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:160] if text else ''}"
 
 
+def timed_step(trainer, images: torch.Tensor, device: torch.device) -> float:
+    """Seconds of one pass of the trainer's loop body, minus reading files, logging and checkpoints:
+    flip, sampling noise, the step (with its compile fallback) and the learning-rate schedule."""
+    from flexvae.train.runtime import sample_noise
+    from flexvae.train.trainer import random_flip
+
+    cfg, plan, step = trainer.cfg, trainer.plan, trainer.step
+    sync(device)
+    began = time.perf_counter()
+    micro = [random_flip(images, cfg.train.seed, step, 0, trainer.dist) if cfg.data.flip else images]
+    noises = None
+    if trainer.model.latent.kind == "gaussian":
+        noises = [sample_noise(plan.latent_shape, images.shape[0], cfg.train.seed, step, 0, trainer.dist, device)]
+    trainer._step(micro, noises)
+    trainer.scheduler.step()
+    trainer.step += 1
+    sync(device)
+    return time.perf_counter() - began
+
+
 def time_training(cfg, device: torch.device, batch: int, label: str, *, warmup: int, steps: int | None,
                   budget_s: float = 10.0, min_steps: int = 2, max_steps: int = 50) -> Timing:
     """Train ``warmup`` untimed steps, then timed ones: ``steps`` of them, or as many as fit in
     ``budget_s`` judging by the last warm-up step (between min_steps and max_steps)."""
-    from flexvae.train.runtime import sample_noise
-    from flexvae.train.trainer import Trainer, random_flip
+    from flexvae.train.trainer import Trainer
 
     result = Timing(label, batch)
     if cfg.train.compile:
@@ -257,26 +275,13 @@ def time_training(cfg, device: torch.device, batch: int, label: str, *, warmup: 
     trainer = None
     try:
         trainer = Trainer(cfg, CONFIG, quiet=True, device=str(device))
-        tcfg, plan = cfg.train, trainer.plan
-        generator = torch.Generator().manual_seed(tcfg.seed)
-        images = trainer.runtime.to_input(torch.rand((batch, *plan.data_shape), generator=generator) * 2 - 1)
-        gaussian = trainer.model.latent.kind == "gaussian"
+        generator = torch.Generator().manual_seed(cfg.train.seed)
+        images = torch.rand((batch, *trainer.plan.data_shape), generator=generator) * 2 - 1
+        images = trainer.runtime.to_input(images)
         trainer.model.train()
 
         def one_step() -> float:
-            """The trainer's loop body, minus reading files, logging and checkpoints."""
-            sync(device)
-            began = time.perf_counter()
-            micro = [images]
-            if cfg.data.flip:
-                micro = [random_flip(images, tcfg.seed, trainer.step, 0, trainer.dist)]
-            noises = ([sample_noise(plan.latent_shape, batch, tcfg.seed, trainer.step, 0, trainer.dist, device)]
-                      if gaussian else None)
-            trainer._step(micro, noises)
-            trainer.scheduler.step()
-            trainer.step += 1
-            sync(device)
-            return time.perf_counter() - began
+            return timed_step(trainer, images, device)
 
         warm = [one_step() for _ in range(warmup)]
         if steps is None:
@@ -297,7 +302,7 @@ def time_training(cfg, device: torch.device, batch: int, label: str, *, warmup: 
     except Exception as exc:  # a setting this machine cannot run (bf16 on an old GPU...): report, go on
         result.error = first_line(exc)
     finally:
-        del trainer
+        trainer = None  # frees the model and optimizer before the next setting
         if cfg.train.compile:
             torch._dynamo.reset()  # compiled code keeps the model and its optimizer state alive
         release(device)
@@ -418,7 +423,7 @@ def dsl_ratio(device: torch.device, quick: bool) -> dict | None:
     try:
         return bench_core.compare("small", "small", bench_core.hand_small(), image_size=32, batch=16,
                                   reps=reps, warmup=warmup, device=device)
-    except Exception as exc:
+    except Exception as exc:  # e.g. the twins disagree on this device: say so, run the other sections
         print(f"   failed: {first_line(exc)}")
         return None
     finally:
@@ -427,6 +432,7 @@ def dsl_ratio(device: torch.device, quick: bool) -> dict | None:
 
 def encode_speed(base_cfg, device: torch.device, quick: bool, tmp: Path) -> list[dict]:
     from bench_train import encode_comparison
+
     from flexvae.config import apply_overrides
 
     cfg = apply_overrides(base_cfg, [f"train.device={device.type}"])
@@ -437,7 +443,7 @@ def encode_speed(base_cfg, device: torch.device, quick: bool, tmp: Path) -> list
           f"median of {reps}")
     try:
         results = encode_comparison(cfg, reps, workers, tmp)
-    except Exception as exc:
+    except Exception as exc:  # report and run the other sections
         print(f"   failed: {first_line(exc)}")
         return []
     finally:
@@ -460,7 +466,7 @@ def mem_check(title: str, cfg, machine: Machine, tmp: Path) -> dict:
     began = time.perf_counter()
     try:
         found = find_max_batch(cfg, CONFIG, str(device), log=lambda text: print(f"   {text}"))
-    except Exception as exc:
+    except Exception as exc:  # report and run the other sections
         print(f"   failed: {first_line(exc)}")
         return {"title": title, "error": first_line(exc)}
     finally:
@@ -545,9 +551,11 @@ def summary(machine: Machine, cases: list[dict], ratio: dict | None, encode: lis
         print(line)
     load = load_average()
     if load is not None:
-        busy = load[1] > 0.75 * usable_cpus()
         print(f"   load average at the end: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on {usable_cpus()} usable "
-              f"CPUs" + ("; other processes compete for the CPU, so figures are noisy" if busy else ""))
+              f"CPUs (this bench included)")
+    if machine.start_load is not None and machine.start_load >= 0.5:
+        print(f"   other processes kept about {machine.start_load:.1f} CPUs busy when the bench started: "
+              f"the figures are noisy and CPU ones may be low")
     print(f"   total bench time {elapsed:.0f} s")
 
 

@@ -93,6 +93,8 @@ def prepare(model, cfg, device: torch.device, dist: DistInfo | None = None) -> R
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("train.precision = 'bf16' needs a GPU with bfloat16 support; use 'fp16' or 'fp32'")
     scaler = torch.amp.GradScaler(device.type) if tcfg.precision == "fp16" else None
+    if tcfg.precision == "fp16" and device.type == "cpu":
+        notes.append("fp16 on the CPU has no fast convolution kernels (tens of times slower here); bf16 is the fast choice")
     memory_format = _memory_format(len(model.latent_shape) - 1, tcfg.channels_last, notes)
     if memory_format is not None:
         model.to(memory_format=memory_format)
