@@ -428,6 +428,18 @@ class SkipLog:
         return f"skipped {n} unreadable file{'' if n == 1 else 's'}" if n else ""
 
 
+def first_images(dataset: Dataset, n: int) -> Optional[torch.Tensor]:
+    """The first ``n`` readable images of a dataset, stacked; None when none is readable."""
+    images = []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        if item.get("image") is not None:
+            images.append(item["image"])
+        if len(images) == n:
+            break
+    return torch.stack(images) if images else None
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int,
                 device_type: str = "cpu", drop_last: bool = False,
                 sampler: Optional[Sampler] = None, seed: Optional[int] = None) -> DataLoader:

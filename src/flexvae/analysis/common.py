@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .. import data
 from ..data import ImageFolder, make_loader, open_dataset
 from ..errors import DataError
 
@@ -65,16 +66,10 @@ def image_loader(dataset, batch_size: int = 32, device="cpu", num_workers: int =
 
 def first_images(dataset, n: int) -> torch.Tensor:
     """The first ``n`` readable images of a dataset, stacked."""
-    images = []
-    for index in range(len(dataset)):
-        item = dataset[index]
-        if item.get("image") is not None:
-            images.append(item["image"])
-        if len(images) == n:
-            break
-    if not images:
+    images = data.first_images(dataset, n)
+    if images is None:
         raise DataError("no readable image in the input")
-    return torch.stack(images)
+    return images
 
 
 def load_single_image(ctx, path) -> torch.Tensor:

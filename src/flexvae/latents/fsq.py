@@ -17,7 +17,6 @@ import math
 import torch
 import torch.nn as nn
 
-from ..utils import format_shape
 from .quantized import QuantizedLatent
 
 BOUND_EPS = 1e-3  # keeps the squashed value strictly inside the outermost rounding cell
@@ -100,15 +99,8 @@ class FSQLatent(QuantizedLatent):
         super().__init__()
         self.quantizer = FiniteScalarQuantizer(levels)
 
-    def latent_shape(self, encoder_shape: tuple[int, ...]) -> tuple[int, ...]:
-        channels, dim = encoder_shape[0], self.quantizer.dim
-        if channels != dim:
-            raise ValueError(
-                f"the encoder outputs {channels} channels (shape {format_shape(encoder_shape)}), "
-                f"but an fsq latent with levels {list(self.quantizer.levels)} needs one channel per "
-                f"level: {dim}; make the last layer output {dim} channels"
-            )
-        return tuple(encoder_shape)
+    def _requirement(self, dim: int) -> str:
+        return f"an fsq latent with levels {list(self.quantizer.levels)} needs one channel per level: {dim}"
 
     @classmethod
     def from_config(cls, latent_cfg) -> "FSQLatent":

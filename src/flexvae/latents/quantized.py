@@ -29,18 +29,19 @@ class QuantizedPosterior(PointPosterior):
 class QuantizedLatent(nn.Module):
     """Base of the quantized latents. A subclass sets ``kind``, holds ``self.quantizer``
     (with ``forward(z) -> (z_q, codes, losses)``, ``num_codes``, ``lookup(codes)`` and
-    ``dim``) and names what ``dim`` is in build errors via ``_dim_words``."""
+    ``dim``) and words what the encoder must output in build errors via ``_requirement``."""
 
     kind = "quantized"
-    _dim_words = "code dimension"
+
+    def _requirement(self, dim: int) -> str:
+        return f"a {self.kind} latent with code dimension {dim} needs {dim}"
 
     def latent_shape(self, encoder_shape: tuple[int, ...]) -> tuple[int, ...]:
         channels, dim = encoder_shape[0], self.quantizer.dim
         if channels != dim:
             raise ValueError(
                 f"the encoder outputs {channels} channels (shape {format_shape(encoder_shape)}), "
-                f"but a {self.kind} latent with {self._dim_words} {dim} needs {dim}; "
-                f"make the last layer output {dim} channels"
+                f"but {self._requirement(dim)}; make the last layer output {dim} channels"
             )
         return tuple(encoder_shape)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..config import resolve_device, save_config
-from ..data import SkipLog, make_loader, open_dataset, save_grid
+from ..data import SkipLog, first_images, make_loader, open_dataset, save_grid
 from ..errors import FlexVAEError
 from ..loading import checkpoint_metadata, model_from_config
 from ..losses import check_loss_config, psnr, reconstruction_loss, vae_loss
@@ -476,16 +476,10 @@ class Trainer:
 
     def _fixed_batch(self, dataset) -> torch.Tensor:
         """The first readable images, for sample grids that are comparable across steps."""
-        images = []
-        for index in range(len(dataset)):
-            item = dataset[index]
-            if item.get("image") is not None:
-                images.append(item["image"])
-            if len(images) == SAMPLE_IMAGES:
-                break
-        if not images:
+        images = first_images(dataset, SAMPLE_IMAGES)
+        if images is None:
             raise TrainingError(f"no readable image in {self.cfg.data.path}")
-        return torch.stack(images).to(self.device)
+        return images.to(self.device)
 
 
 def train(cfg, config_path=None, fresh: bool = False, device: str | None = None, quiet: bool = False):
