@@ -33,8 +33,8 @@ from flexvae.build import build_vae
 from flexvae.config import Config
 from flexvae.data import open_dataset
 from flexvae.latents import CategoricalLatent, DeterministicLatent, FSQLatent, GaussianLatent, VQLatent
-from flexvae.losses import psnr, ssim_window
-from flexvae.train.trainer import lr_factor, make_optimizer, train_step
+from flexvae.metrics import psnr, ssim_window
+from flexvae.train.step import lr_factor, make_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32

@@ -198,7 +198,7 @@ def count_flops(cfg, batch: int) -> dict:
     """FLOPs of one training forward and backward per image, counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from flexvae.loading import model_from_config
+    from flexvae.assemble import model_from_config
 
     model, plan = model_from_config(cfg, CONFIG, device="meta")
     model.train()
@@ -244,24 +244,14 @@ def first_line(exc: BaseException) -> str:
 
 
 def timed_step(trainer, images: torch.Tensor, device: torch.device) -> float:
-    """Seconds of one pass of the trainer's loop body, minus reading files, logging and checkpoints:
-    flip, sampling noise, the step (with its compile fallback) and the learning-rate schedule."""
-    from flexvae.train.runtime import sample_noise
-    from flexvae.train.trainer import random_flip
-
-    cfg, plan, step = trainer.cfg, trainer.plan, trainer.step
+    """Seconds of one ``Trainer.step_once`` (what the training loop runs per step, minus reading
+    files, logging and checkpoints): flip, sampling noise, the step with its compile fallback,
+    the learning-rate schedule and EMA."""
     sync(device)
     began = time.perf_counter()
-    micro = [random_flip(images, cfg.train.seed, step, 0, trainer.dist) if cfg.data.flip else images]
-    noises = None
-    if trainer.model.latent.kind == "gaussian":
-        noises = [sample_noise(plan.latent_shape, images.shape[0], cfg.train.seed, step, 0, trainer.dist, device)]
-    trainer._step(micro, noises)
-    trainer.scheduler.step()
-    trainer.step += 1
+    trainer.step_once([images])
     sync(device)
     return time.perf_counter() - began
-
 
 def time_training(cfg, device: torch.device, batch: int, label: str, *, warmup: int, steps: int | None,
                   budget_s: float = 10.0, min_steps: int = 2, max_steps: int = 50) -> Timing:

@@ -100,13 +100,14 @@ def train_comparison(cfg, workers: int, steps: int, block: int, warmup: int, out
 # ------------------------------------------------------------------ 2. encoding
 def encode_comparison(cfg, reps: int, workers_list, out_root: Path) -> list[dict]:
     from flexvae.data import ImageFolder
-    from flexvae.inference import ModelContext, encode_folder
-    from flexvae.loading import model_from_config
+    from flexvae.checkpoint import LoadedModel
+from flexvae.inference import encode_folder
+    from flexvae.assemble import model_from_config
 
     device = torch.device(_device(cfg))
     model, plan = model_from_config(cfg, CONFIG, device=device)
     model.eval()
-    ctx = ModelContext(model, tuple(plan.data_shape), cfg.data.resize_filter, cfg.data.pad_to_square)
+    ctx = LoadedModel(model, tuple(plan.data_shape), cfg.data.resize_filter, cfg.data.pad_to_square)
     folder = ImageFolder(cfg.data.path, channels=cfg.data.channels, image_size=cfg.data.image_size,
                          resize_filter=cfg.data.resize_filter, pad_to_square=cfg.data.pad_to_square)
     images = torch.stack([folder[i]["image"] for i in range(len(folder))]).to(device)
@@ -148,7 +149,7 @@ def encode_comparison(cfg, reps: int, workers_list, out_root: Path) -> list[dict
 
 
 def _device(cfg) -> str:
-    from flexvae.config import resolve_device
+    from flexvae.device import resolve_device
 
     return resolve_device(cfg.train.device)
 

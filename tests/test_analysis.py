@@ -14,9 +14,12 @@ import torch
 from PIL import Image
 
 from flexvae.analysis import MissingDependency, require
-from flexvae.analysis.common import first_images, image_dataset, image_loader, load_model
+from flexvae.analysis.common import first_images, image_dataset, image_loader
+from flexvae.checkpoint import load_run as load_model
 from flexvae.analysis.evaluate import (bits_per_dim, evaluate_model, format_report, importance_log_weights,
-                                       importance_nll, ms_ssim_scales, ssim_scores)
+                                       importance_nll)
+from flexvae.metrics import ms_ssim_over_scales, ms_ssim_scales, ssim_window
+from flexvae.metrics import ssim as flexvae_ssim
 from flexvae.analysis.interpolate import interpolate, interpolate_inputs, path_latents, slerp
 from flexvae.build import build_vae
 
@@ -123,8 +126,11 @@ def test_ssim_and_ms_ssim_match_pytorch_msssim():
     g = torch.Generator().manual_seed(0)
     a = torch.rand(2, 3, 176, 176, generator=g) * 2 - 1
     b = (a + 0.3 * torch.randn(a.shape, generator=g)).clamp(-1, 1)
-    mine, ms, window, scales = ssim_scores(a, b)
+    window = ssim_window(tuple(a.shape[2:]))
+    scales = ms_ssim_scales(176, window)
     assert (window, scales) == (11, 5)
+    # the reduced-scale path (used below 161 px) run at all five scales is the library's MS-SSIM
+    mine, ms = flexvae_ssim(a, b), ms_ssim_over_scales(a, b, scales)
     reference_ssim = ssim((a + 1) / 2, (b + 1) / 2, data_range=1.0, size_average=False)
     reference_ms = ms_ssim((a + 1) / 2, (b + 1) / 2, data_range=1.0, size_average=False)
     assert torch.allclose(mine, reference_ssim, atol=1e-5)
@@ -139,7 +145,7 @@ def test_ms_ssim_scales_shrink_with_the_image():
 
 # ---------------------------------------------------------------- checkpoint
 def test_evaluate_tiny_checkpoint(tiny_run, tiny_model):
-    dataset = image_dataset(tiny_model.ctx, cfg=tiny_model.cfg)
+    dataset = image_dataset(tiny_model, cfg=tiny_model.cfg)
     result = evaluate_model(tiny_model.vae, image_loader(dataset, 8), nll_samples=4)
     assert result["images"] == 24
     rec = result["reconstruction"]
@@ -156,7 +162,7 @@ def test_evaluate_tiny_checkpoint(tiny_run, tiny_model):
 
 def test_interpolation_endpoints_are_the_reconstructions(tiny_model):
     vae = tiny_model.vae
-    images = first_images(image_dataset(tiny_model.ctx, cfg=tiny_model.cfg), 4)
+    images = first_images(image_dataset(tiny_model, cfg=tiny_model.cfg), 4)
     a, b = images[:2], images[2:4]
     for mode in ("linear", "slerp"):
         path = interpolate(vae, a, b, steps=5, mode=mode)
@@ -177,7 +183,7 @@ def test_slerp_keeps_unit_norm_and_handles_parallel_vectors():
 
 def test_interpolate_two_folders_writes_strips(tiny_run, tiny_model, tmp_path):
     data = tiny_run["data"]
-    summary = interpolate_inputs(tiny_model.ctx, data / "horizontal", data / "vertical", tmp_path, steps=4)
+    summary = interpolate_inputs(tiny_model, data / "horizontal", data / "vertical", tmp_path, steps=4)
     assert summary["pairs"] == 12
     for mode in ("linear", "slerp"):
         width, height = Image.open(tmp_path / f"interpolate_{mode}.png").size
@@ -185,11 +191,11 @@ def test_interpolate_two_folders_writes_strips(tiny_run, tiny_model, tmp_path):
 
 
 def test_pictures(tiny_run, tiny_model, tmp_path):
-    from flexvae.analysis.pictures import (kl_per_channel_history, plot_history, prior_grid, read_metrics,
-                                           traversal_grid)
+    from flexvae.analysis.pictures import kl_per_channel_history, plot_history, prior_grid, traversal_grid
+    from flexvae.metrics import read_metrics
 
     vae = tiny_model.vae
-    images = first_images(image_dataset(tiny_model.ctx, cfg=tiny_model.cfg), 16)
+    images = first_images(image_dataset(tiny_model, cfg=tiny_model.cfg), 16)
     info = traversal_grid(vae, images[:1], images, tmp_path / "traversal.png", top_k=8, steps=5)
     channels = vae.latent_shape[0]
     assert len(info["channels"]) == min(8, channels) and info["kl"] == sorted(info["kl"], reverse=True)
@@ -212,7 +218,7 @@ def test_prior_samples_decode_raw_latents():
 def test_probe_beats_chance(tiny_run, tiny_model):
     from flexvae.analysis.probe import format_probe, run_probe
 
-    result = run_probe(tiny_model.ctx, tiny_run["data"], test_fraction=0.5)
+    result = run_probe(tiny_model, tiny_run["data"], test_fraction=0.5)
     assert result["classes"] == ["horizontal", "vertical"]
     assert result["vae_accuracy"] > result["chance"]
     assert result["pca_dims"] == min(result["latent_dims"], result["train_images"] - 1, result["pixel_dims"])
@@ -227,6 +233,7 @@ def test_missing_extra_names_the_pip_command(monkeypatch, module, extra):
 
 
 # -------------------------------------------------------------------- matrix
+@pytest.mark.slow
 def test_matrix_runs_each_combination_once(tiny_run, tmp_path):
     from flexvae.analysis.matrix import run_matrix
 
@@ -269,6 +276,7 @@ def cli(*args, cwd):
     return done.stdout
 
 
+@pytest.mark.slow
 def test_cli_modes(tiny_run, tmp_path):
     run, data = tiny_run["run"], tiny_run["data"]
     out = cli("-eval", "--ckpt", run, "--nll-samples", "4", "--output", tmp_path / "ev", cwd=tmp_path)

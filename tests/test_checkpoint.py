@@ -11,20 +11,19 @@ import torch
 from torch import nn
 
 from flexvae.errors import CheckpointError
-from flexvae.train import checkpoint as ckpt
-from flexvae.train.checkpoint import (
+from flexvae import checkpoint as ckpt
+from flexvae.checkpoint import (
     Checkpoint,
-    capture_rng_state,
     checkpoint_name,
     flatten_state,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     resolve_checkpoint,
-    restore_rng_state,
     save_checkpoint,
     unflatten_state,
 )
+from flexvae.train.rng import capture_rng_state, restore_rng_state
 
 
 def assert_same(a, b, where="<root>"):

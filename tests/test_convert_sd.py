@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from flexvae.config import config_from_dict, load_config  # noqa: E402
 from flexvae.convert_sd import import_weights, sd_structures  # noqa: E402
 from flexvae.errors import CheckpointError  # noqa: E402
-from flexvae.loading import model_from_checkpoint, plan_from_config  # noqa: E402
-from flexvae.train.checkpoint import load_checkpoint  # noqa: E402
+from flexvae.assemble import plan_from_config
+from flexvae.checkpoint import model_from_checkpoint  # noqa: E402
+from flexvae.checkpoint import load_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -139,6 +140,7 @@ def test_output_may_be_a_run_folder(tmp_path):
     assert load_checkpoint(result.path).metadata["config"]["train"]["out_dir"] == (tmp_path / "runs" / "x").as_posix()
 
 
+@pytest.mark.slow
 def test_full_sd_config_matches_diffusers(tmp_path):
     vae = make_vae(SD, tmp_path / "vae")
     model, cfg, plan, path = imported(tmp_path / "vae", tmp_path)
@@ -155,6 +157,7 @@ def test_full_sd_config_matches_diffusers(tmp_path):
     assert other.metadata["encoder"] == mine.metadata["encoder"]
 
 
+@pytest.mark.slow
 def test_sdxl_config_needs_only_configuration(tmp_path):
     vae = make_vae(SDXL, tmp_path / "vae", seed=3)
     model, cfg, plan, _ = imported(tmp_path / "vae", tmp_path)
@@ -227,6 +230,7 @@ def run_cli(*args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_import_then_encode_decode_reconstruct(tmp_path, capsys):
     from flexvae.cli import main
 

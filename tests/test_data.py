@@ -219,22 +219,6 @@ def test_loading_is_deterministic(tmp_path):
     assert torch.equal(folder[0]["image"], load_image(path, 3, 16, resize_filter="bicubic"))
 
 
-def test_flip_is_seeded_and_happens(tmp_path):
-    half_white().save(tmp_path / "h.png")
-    folder = ImageFolder(tmp_path, 1, 16, resize_filter="nearest", flip=True)
-
-    def flips():
-        return [bool(folder[0]["image"][0, 0, 0] == -1.0) for _ in range(20)]
-
-    torch.manual_seed(123)
-    first = flips()
-    torch.manual_seed(123)
-    assert flips() == first
-    assert any(first) and not all(first)
-
-
-# ------------------------------------------------------------ failures, batches
-
 def test_bad_files_reported_in_item_not_raised(tmp_path, mixed_folder):
     truncated(mixed_folder / "e_trunc.jpg", "JPEG")
     folder = ImageFolder(mixed_folder, 3, 16)

@@ -15,10 +15,12 @@ from PIL import Image
 from flexvae.config import load_config
 from flexvae.data import load_image
 from flexvae.errors import DataError
-from flexvae.inference import (ModelContext, decode_folder, encode_folder, load_latent, output_names,
+from flexvae.checkpoint import LoadedModel
+from flexvae.inference import (decode_folder, encode_folder, load_latent, output_names,
                                reconstruct_folder, safe_output_path, save_latent)
-from flexvae.loading import checkpoint_metadata, model_from_checkpoint, model_from_config
-from flexvae.train.checkpoint import load_checkpoint, save_checkpoint
+from flexvae.assemble import model_from_config
+from flexvae.checkpoint import checkpoint_metadata, model_from_checkpoint
+from flexvae.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 READABLE = ["a.png", "sub/b.png", "sub/deeper/c.jpg", "sub/deeper/d.PNG", "e.jpeg"]
@@ -50,7 +52,7 @@ def images(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory) -> ModelContext:
+def ctx(tmp_path_factory) -> LoadedModel:
     """The tiny model (random weights, scaling factor 0.5) saved and rebuilt from the checkpoint alone."""
     torch.manual_seed(0)
     cfg = load_config(REPO / "configs/tiny_test.toml", [f"model.scaling_factor={SCALING}"])
@@ -63,7 +65,7 @@ def ctx(tmp_path_factory) -> ModelContext:
     path = tmp_path_factory.mktemp("ckpt") / "step_00000000.safetensors"
     save_checkpoint(path, model.state_dict(), checkpoint_metadata(cfg, plan, 0, SCALING))
     rebuilt, stored_cfg, stored_plan = model_from_checkpoint(load_checkpoint(path), device="cpu")
-    return ModelContext.from_checkpoint(rebuilt, stored_cfg, stored_plan)
+    return LoadedModel(rebuilt, tuple(stored_plan.data_shape), stored_cfg.data.resize_filter, stored_cfg.data.pad_to_square)
 
 
 def encode(ctx, images, out, **kwargs):

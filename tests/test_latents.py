@@ -11,17 +11,18 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from flexvae.build import build_vae
-from flexvae.config import Config, LatentConfig
+from flexvae.config import Config, apply_overrides
 from flexvae.data import save_image
 from flexvae.errors import ConfigError, StructureError
-from flexvae.inference import ModelContext, decode_folder, encode_folder
+from flexvae.checkpoint import LoadedModel
+from flexvae.inference import decode_folder, encode_folder
 from flexvae.latents import (LATENTS, CategoricalLatent, DeterministicLatent, FSQLatent, GaussianLatent,
                              VectorQuantizer, VQLatent)
 from flexvae.latents.categorical import temperature
 from flexvae.latents.fsq import FiniteScalarQuantizer
-from flexvae.loading import make_latent
+from flexvae.assemble import make_latent
 from flexvae.losses import vae_loss
-from flexvae.train.trainer import make_optimizer, train_step
+from flexvae.train.step import make_optimizer, train_step
 
 DATA = (3, 16, 16)
 
@@ -261,18 +262,14 @@ def test_wrong_encoder_output_for_the_latent_type_is_a_clear_error(latent, chann
 
 
 def test_latent_types_come_from_the_config():
-    assert set(LATENTS) == {"gaussian", "deterministic", "vq", "fsq", "categorical"}
-    cfg = Config()
-    cfg = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, latent="vq"),
-        latent=dataclasses.replace(cfg.latent, codebook_size=64, code_dim=3, ema_decay=0.0, kmeans_init=True),
-    )
+    assert set(LATENTS.names()) == {"gaussian", "deterministic", "vq", "fsq", "categorical"}
+    cfg = apply_overrides(Config(), ["model.latent=vq", "latent.codebook_size=64", "latent.code_dim=3",
+                                     "latent.ema_decay=0.0", "latent.kmeans_init=true"])
     vq = make_latent(cfg).quantizer
     assert (vq.codebook_size, vq.dim, vq.ema, vq.kmeans_init) == (64, 3, False, True)
-    fsq = make_latent(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, latent="fsq")))
-    assert fsq.quantizer.levels == tuple(LatentConfig().fsq_levels)
-    bad = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, latent="categorical"),
-                              latent=dataclasses.replace(cfg.latent, tau_start=0.1, tau_min=0.5))
+    fsq = make_latent(apply_overrides(cfg, ["model.latent=fsq"]))
+    assert fsq.quantizer.levels == (8, 5, 5, 5)
+    bad = apply_overrides(cfg, ["model.latent=categorical", "latent.tau_start=0.1", "latent.tau_min=0.5"])
     with pytest.raises(ConfigError, match="tau_min <= tau_start"):
         make_latent(bad)
 
@@ -329,7 +326,7 @@ def test_encode_then_decode_uses_the_integer_codes(tmp_path, case, fmt):
     images = tmp_path / "images"
     for index, image in enumerate(smooth_images(3, seed=5)):
         save_image(image, images / f"sub/{index}.png")
-    ctx = ModelContext(model, DATA)
+    ctx = LoadedModel(model, DATA)
     summary = encode_folder(ctx, images, tmp_path / "latents", fmt=fmt, progress=False)
     assert summary["encoded"] == 3
 
@@ -362,8 +359,8 @@ def test_training_run_logs_codebook_metrics_and_reloads_the_codebook(tmp_path, m
     from pathlib import Path
 
     from flexvae.config import load_config
-    from flexvae.loading import model_from_checkpoint
-    from flexvae.train.checkpoint import list_checkpoints, load_checkpoint
+    from flexvae.checkpoint import model_from_checkpoint
+    from flexvae.checkpoint import list_checkpoints, load_checkpoint
     from flexvae.train.trainer import Trainer
 
     repo = Path(__file__).resolve().parents[1]

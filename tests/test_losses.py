@@ -15,13 +15,11 @@ from flexvae.losses import (
     check_loss_config,
     kld_term,
     kld_weight_at,
-    pick_ssim_kind,
-    psnr,
     reconstruction_loss,
-    ssim_value,
-    ssim_window,
     vae_loss,
 )
+from flexvae.metrics import pick_ssim_kind, psnr, ssim_window
+from flexvae.metrics import similarity_loss_value as ssim_value
 from flexvae.model import VAEOutput
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexvae.config import load_config
+from flexvae.config import load_config, set_batch_size_text, write_batch_size
 from flexvae.errors import FlexVAEError
-from flexvae.loading import model_from_config
+from flexvae.assemble import model_from_config
 from flexvae.train import memory
 from flexvae.train.memory import (
     MiB,
@@ -19,9 +19,8 @@ from flexvae.train.memory import (
     find_max_batch,
     fit_linear,
     predict_batch,
-    write_batch_size,
 )
-from flexvae.train.trainer import make_optimizer, train_step
+from flexvae.train.step import make_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_test.toml"
@@ -144,6 +143,7 @@ def test_format_reports_the_search():
 
 
 # ------------------------------------------------------------------ real measurements on the CPU
+@pytest.mark.slow
 def test_find_max_batch_on_cpu_confirms_a_working_size(one_thread):
     cfg = tiny_config()
     logs = []
@@ -162,6 +162,7 @@ def test_find_max_batch_on_cpu_confirms_a_working_size(one_thread):
     assert math.isfinite(step.loss)
 
 
+@pytest.mark.slow
 def test_cpu_prediction_matches_a_measured_peak(one_thread):
     cfg = small_config()
     runner = StepRunner(cfg, TINY, "cpu")
@@ -175,6 +176,7 @@ def test_cpu_prediction_matches_a_measured_peak(one_thread):
     assert abs(predicted - measured) / (measured - fixed) <= 0.25
 
 
+@pytest.mark.slow
 def test_child_runner_measures_a_fresh_process():
     runner = ChildRunner(tiny_config(), TINY)
     peak, seconds = runner.measure(2)

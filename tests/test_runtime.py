@@ -18,11 +18,12 @@ from flexvae.dsl import parse_structure
 from flexvae.dsl.structure import unparse_structure
 from flexvae.errors import StructureError
 from flexvae.layers.norm_act import FP32GroupNorm
-from flexvae.loading import model_from_config
+from flexvae.assemble import model_from_config
 from flexvae.train import runtime as runtime_module
 from flexvae.train.distributed import DistInfo
 from flexvae.train.runtime import flip_mask, prepare, sample_noise
-from flexvae.train.trainer import Trainer, make_optimizer, train_step
+from flexvae.train.step import make_optimizer, train_step
+from flexvae.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_test.toml"
@@ -120,6 +121,7 @@ def test_checkpoint_marks_parse_and_round_trip():
         parse_structure(["@begin", "@begin", "SiLU", "@end"], "enc.json")
 
 
+@pytest.mark.slow
 def test_trainer_runs_every_switch_together_with_compile(tmp_path, images):
     cfg = tiny_cfg(tmp_path, images, "train.precision=bf16", "train.channels_last=true", "train.compile=true",
                    "train.grad_checkpointing=blocks", "train.max_steps=2", "train.save_every=2")
@@ -181,6 +183,7 @@ def _losses(run_dir):
         return [float(row["loss"]) for row in csv.DictReader(fh)]
 
 
+@pytest.mark.slow
 def test_two_processes_with_gloo_match_one_process(tmp_path, images):
     """torchrun with 2 CPU processes: replicas stay identical, and with the same global batch the
     run matches a single process (per-step losses to float precision; weights closely: Adam's
@@ -190,7 +193,7 @@ def test_two_processes_with_gloo_match_one_process(tmp_path, images):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = str(ROOT / "tests" / "helpers" / "ddp_train.py")
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", script,
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script,
          str(tmp_path / "two"), *common, "train.batch_size=2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -208,9 +211,10 @@ def test_two_processes_with_gloo_match_one_process(tmp_path, images):
     assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == ["step_00000004.safetensors"]
 
 
+@pytest.mark.slow
 def test_encode_splits_the_folder_across_processes(tmp_path, images):
-    from flexvae.loading import checkpoint_metadata
-    from flexvae.train.checkpoint import checkpoint_name, save_checkpoint
+    from flexvae.checkpoint import checkpoint_metadata
+    from flexvae.checkpoint import checkpoint_name, save_checkpoint
 
     cfg = tiny_cfg(tmp_path, images)
     torch.manual_seed(0)
@@ -220,7 +224,7 @@ def test_encode_splits_the_folder_across_processes(tmp_path, images):
     (images / "broken.png").write_text("not an image")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["-e", "-c", str(TINY), "--ckpt", str(ckpt), "--input", str(images), "--set", "encode.batch_size=4"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                           "train.py", *args, "--output", str(tmp_path / "two")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -13,9 +13,11 @@ from safetensors.torch import load_file
 
 from flexvae.config import load_config
 from flexvae.train import trainer as trainer_module
-from flexvae.train.checkpoint import list_checkpoints, load_checkpoint
+from flexvae.checkpoint import list_checkpoints, load_checkpoint
 from flexvae.train.sampler import StreamSampler
-from flexvae.train.trainer import Trainer, TrainingError, lr_factor, random_flip
+from flexvae.errors import TrainingError
+from flexvae.train.step import lr_factor, random_flip
+from flexvae.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny_test.toml"

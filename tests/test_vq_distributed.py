@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 from flexvae.latents.vq import VectorQuantizer
 from flexvae.layers.quantize import VQLayer
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="needs torch.distributed with the gloo backend")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="needs torch.distributed with the gloo backend")]
 
 WORLD, STEPS, CODES, DIM = 2, 6, 16, 4
 FAR = 50.0  # the initial offset of the codebook's second half: those codes get no vectors (dead)

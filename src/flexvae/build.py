@@ -8,81 +8,19 @@ file, position and token before any real weight exists.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 
 from . import layers  # noqa: F401  (registers the built-in tokens)
 from .dsl.grammar import TokenSpec
+from .latents import GaussianLatent, Latent
+from .model import VAE, Stack
 from .registry import LAYERS, LayerType, Registry
 from .utils import format_shape
 
 _DIM_NAMES = {1: "(C, L)", 2: "(C, H, W)", 3: "(C, D, H, W)"}
-
-
-class Stack(nn.Sequential):
-    """A built token list. ``forward`` returns the output; ``forward_aux`` also returns the
-    auxiliary losses of layers registered with ``aux=True`` (quantizers), by name.
-
-    Gradient checkpointing (recompute activations in the backward pass instead of storing
-    them) applies to segments: ``"marked"`` uses the structure's '@' tokens and
-    "@begin"/"@end" spans, ``"blocks"`` also every residual and attention block. Layers with
-    auxiliary outputs are never recomputed (a quantizer's codebook update must run once).
-    """
-
-    def __init__(self, modules, aux_flags=None, checkpoint_groups=None):
-        super().__init__(*modules)
-        count = len(self)
-        self.aux_flags = tuple(aux_flags or (False,) * count)
-        self.has_aux = any(self.aux_flags)
-        self.checkpoint_groups = tuple(checkpoint_groups or (None,) * count)
-        self.grad_checkpointing = "off"
-
-    def segments(self, mode: str) -> list[tuple[int, int, bool]]:
-        """(start, end, recompute) runs of consecutive layers for a checkpointing mode."""
-        groups = []
-        for index, (module, group, is_aux) in enumerate(zip(self, self.checkpoint_groups, self.aux_flags)):
-            if is_aux or mode == "off":
-                group = None
-            elif group is None and mode == "blocks" and getattr(module, "checkpoint_unit", False):
-                group = f"block{index}"
-            groups.append(group)
-        out, start = [], 0
-        for index in range(1, len(groups) + 1):
-            if index == len(groups) or groups[index] != groups[start] or groups[start] is None:
-                out.append((start, index, groups[start] is not None))
-                start = index
-        return out
-
-    def forward_aux(self, x):
-        from torch.utils.checkpoint import checkpoint
-
-        aux = {}
-        recompute_allowed = self.grad_checkpointing != "off" and self.training and torch.is_grad_enabled()
-        for start, end, recompute in self.segments(self.grad_checkpointing if recompute_allowed else "off"):
-            if recompute:
-                x = checkpoint(self._run, x, start, end, use_reentrant=False)
-                continue
-            for index in range(start, end):
-                if self.aux_flags[index]:
-                    x, losses = self[index](x)
-                    aux.update({f"{name}_{index}": value for name, value in losses.items()})
-                else:
-                    x = self[index](x)
-        return x, aux
-
-    def _run(self, x, start: int, end: int):
-        for index in range(start, end):
-            x = self[index](x)
-        return x
-
-    def forward(self, x):
-        if self.has_aux or self.grad_checkpointing != "off":
-            return self.forward_aux(x)[0]
-        return super().forward(x)
 
 
 @dataclass
@@ -209,10 +147,6 @@ def format_table(plan: StackPlan, title: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def count_values(shape) -> int:
-    return math.prod(shape)
-
-
 def as_specs(structure, name: str = "<structure>") -> list[TokenSpec]:
     """A path to a JSON file, a list of token strings, or already parsed specs."""
     from .dsl.structure import load_structure, parse_structure
@@ -231,12 +165,10 @@ class VAEPlan:
     data_shape: tuple[int, ...]
     encoder: StackPlan
     decoder: StackPlan
-    latent: nn.Module
+    latent: Latent
     latent_shape: tuple[int, ...]
 
-    def build(self, device=None, scaling_factor: float = 1.0, output: str = "value"):
-        from .model import VAE
-
+    def build(self, device=None, scaling_factor: float = 1.0, output: str = "value") -> VAE:
         return VAE(
             self.encoder.build(device), self.decoder.build(device), self.latent.to(device or "cpu"),
             self.latent_shape, scaling_factor=scaling_factor, output=output,
@@ -250,10 +182,9 @@ class VAEPlan:
         ])
 
 
-def plan_vae(encoder, decoder, data_shape, latent: nn.Module | None = None, *,
+def plan_vae(encoder, decoder, data_shape, latent: Latent | None = None, *,
              registry: Registry = LAYERS) -> VAEPlan:
     """Trace encoder and decoder on the meta device; raise StructureError on any mismatch."""
-    from .latents import GaussianLatent
 
     latent = GaussianLatent() if latent is None else latent
     data_shape = tuple(int(s) for s in data_shape)
@@ -275,7 +206,7 @@ def plan_vae(encoder, decoder, data_shape, latent: nn.Module | None = None, *,
     return VAEPlan(data_shape, enc, dec, latent, latent_shape)
 
 
-def build_vae(encoder, decoder, data_shape, latent: nn.Module | None = None, *, device=None,
+def build_vae(encoder, decoder, data_shape, latent: Latent | None = None, *, device=None,
               scaling_factor: float = 1.0, output: str = "value", registry: Registry = LAYERS):
     """Check, then build: ``build_vae("enc.json", "dec.json", (3, 64, 64))``."""
     plan = plan_vae(encoder, decoder, data_shape, latent, registry=registry)

@@ -350,7 +350,7 @@ def load_sd_vae(src, base=None, image_size: int | None = None, config: dict | No
 
     ``config`` overrides architecture values (e.g. norm_num_groups of an original file).
     """
-    from .loading import plan_from_config
+    from .assemble import plan_from_config
 
     source = read_source(src)
     arch = sd_config({**source.config, **(config or {})})
@@ -382,9 +382,8 @@ def import_weights(src, output=DEFAULT_OUTPUT, base=None, image_size: int | None
     The stored config's train.out_dir is the run folder of ``output``, so ``--ckpt`` on it
     and ``-t`` with the same structures and image size continue from the imported weights.
     """
+    from .checkpoint import checkpoint_metadata, save_checkpoint
     from .config import apply_overrides
-    from .loading import checkpoint_metadata
-    from .train.checkpoint import save_checkpoint
 
     output = Path(output)
     if output.suffix != ".safetensors":  # a run folder
@@ -396,29 +395,3 @@ def import_weights(src, output=DEFAULT_OUTPUT, base=None, image_size: int | None
     meta["imported_from"] = {"layout": source.layout, "file": source.path.name}
     path = save_checkpoint(output, model.state_dict(), meta)
     return Imported(path, plan, cfg.model.scaling_factor, source.notes)
-
-
-def import_command(args) -> int:
-    """``train.py --import-weights SRC`` / ``flexvae import-weights SRC`` (see cli.py).
-
-    The base config is ``-c``, else configs/sd_vae.toml when present, else the defaults;
-    ``--set data.image_size=N`` overrides the source's sample size.
-    """
-    from .config import load_config
-
-    config_path = args.config
-    if config_path is None and Path(DEFAULT_IMPORT_CONFIG).is_file():
-        config_path = DEFAULT_IMPORT_CONFIG
-    base = load_config(config_path, args.set)
-    sets_size = any(s.partition("=")[0].strip() == "data.image_size" for s in args.set)
-    result = import_weights(args.import_weights, args.output or DEFAULT_OUTPUT, base,
-                            image_size=base.data.image_size if sets_size else None)
-    for note in result.notes:
-        print(f"note: {note}")
-    print(result.summary(args.import_weights))
-    if result.plan.data_shape[1] != base.data.image_size:
-        print(f"note: data.image_size is {result.plan.data_shape[1]} (the source's sample size) but "
-              f"{base.data.image_size} in {config_path or 'the defaults'}; -t resumes only with the same "
-              f"size: train with --set data.image_size={result.plan.data_shape[1]} or import with "
-              f"--set data.image_size={base.data.image_size}")
-    return 0

@@ -37,3 +37,7 @@ class DataError(FlexVAEError):
 
 class CheckpointError(FlexVAEError):
     """A checkpoint is missing, unreadable or does not match what is asked of it."""
+
+
+class TrainingError(FlexVAEError):
+    """Training cannot go on (non-finite loss, incompatible resume, interruption)."""

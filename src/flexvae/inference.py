@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 
+from .checkpoint import LoadedModel
 from .data import ImageFolder, SkipLog, find_images, make_loader, save_image
 from .errors import DataError
-from .losses import psnr
+from .files import atomic_open, atomic_path, write_text
+from .metrics import psnr, ssim
 
 LATENT_SUFFIXES = {"safetensors": ".safetensors", "npy": ".npy"}
 CODES_SUFFIX = ".codes.npy"  # npy format: a discrete latent's integer codes beside its latent file
@@ -57,28 +57,11 @@ def _folder_loader(ctx, input_dir, batch_size, num_workers, device, paths=None):
     return dataset, loader
 
 
-@dataclass
-class ModelContext:
-    """A loaded model plus the preprocessing its training used."""
-
-    vae: torch.nn.Module
-    data_shape: tuple
-    resize_filter: str = "bilinear"
-    pad_to_square: bool = False
-
-    @classmethod
-    def from_checkpoint(cls, model, cfg, plan):
-        return cls(model, tuple(plan.data_shape), cfg.data.resize_filter, cfg.data.pad_to_square)
-
-
 @torch.no_grad()
-def reconstruct_folder(ctx: ModelContext, input_dir, output_dir, *, batch_size=16, num_workers=0,
+def reconstruct_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=16, num_workers=0,
                        side_by_side=False, device="cpu", progress=True) -> dict:
     """Reconstruct every image; write PNGs with the same relative paths and a metrics CSV."""
-    from pytorch_msssim import ssim
     from tqdm import tqdm
-
-    from .losses import ssim_window
 
     out_root = Path(output_dir)
     out_root.mkdir(parents=True, exist_ok=True)
@@ -93,14 +76,12 @@ def reconstruct_folder(ctx: ModelContext, input_dir, output_dir, *, batch_size=1
         images = batch.images.to(device)
         recon = ctx.vae.reconstruct(images)
         scores = psnr(recon, images).tolist()
-        window = ssim_window(tuple(images.shape[2:]))
-        ssims = ssim((recon.float() + 1) / 2, (images.float() + 1) / 2, data_range=1.0,
-                     win_size=window, size_average=False).tolist()
+        ssims = ssim(recon, images).tolist()
         for rel, original, output, p, s in zip(batch.paths, images, recon, scores, ssims):
             target = safe_output_path(out_root, names[rel])
             save_image(torch.cat([original, output], dim=-1) if side_by_side else output, target)
             rows.append({"path": rel, "psnr": p, "ssim": s})
-    with open(out_root / "metrics.csv", "w", newline="") as fh:
+    with atomic_open(out_root / "metrics.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["path", "psnr", "ssim"])
         writer.writeheader()
         writer.writerows({"path": r["path"], "psnr": f"{r['psnr']:.4f}", "ssim": f"{r['ssim']:.5f}"} for r in rows)
@@ -133,22 +114,13 @@ def save_latent(tensor: torch.Tensor, path: Path, fmt: str, codes: torch.Tensor 
     tensors = {"latent": tensor.contiguous().cpu()}
     if codes is not None:
         tensors["codes"] = codes.long().contiguous().cpu()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _atomic_npy(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path, "wb") as fh:
+        np.save(fh, array)
 
 
 def load_latent_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -181,7 +153,7 @@ def read_manifest(path: Path) -> dict[str, dict]:
 
 
 @torch.no_grad()
-def encode_folder(ctx: ModelContext, input_dir, output_dir, *, fmt="safetensors", sample=False,
+def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors", sample=False,
                   batch_size=32, num_workers=0, device="cpu", seed=0, progress=True, dist=None) -> dict:
     """Encode every image to a latent file mirroring the tree; a manifest accounts for each input.
 
@@ -250,7 +222,7 @@ def encode_folder(ctx: ModelContext, input_dir, output_dir, *, fmt="safetensors"
                         "suggested_scaling_factor": 1.0 / raw_std if raw_std > 0 else float("nan")})
         if dist.is_main:
             stats_path = out_root / "latent_stats.json"
-            stats_path.write_text(json.dumps({**summary, "scaling_factor_used": ctx.vae.scaling_factor}, indent=2))
+            write_text(stats_path, json.dumps({**summary, "scaling_factor_used": ctx.vae.scaling_factor}, indent=2))
     return summary
 
 
@@ -284,15 +256,11 @@ def _encode_batches(ctx, input_root, out_root, todo, names, entries, skips, fmt,
 
 
 def _write_manifest(path: Path, entries: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        for rel in sorted(entries):
-            fh.write(json.dumps(entries[rel]) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(entries[rel]) + "\n" for rel in sorted(entries)))
 
 
 @torch.no_grad()
-def decode_folder(ctx: ModelContext, input_dir, output_dir, *, batch_size=32, device="cpu", progress=True) -> dict:
+def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, device="cpu", progress=True) -> dict:
     """Decode every latent file (.safetensors/.npy) under ``input_dir`` to a PNG at the same relative path.
 
     A file holding integer codes of a discrete latent is decoded from its codes (the stored
@@ -309,7 +277,7 @@ def decode_folder(ctx: ModelContext, input_dir, output_dir, *, batch_size=32, de
         raise DataError(f"no latent files (.safetensors or .npy) under {in_root}")
     names = output_names([path.relative_to(in_root).as_posix() for path in files], ".png")
     expected = tuple(ctx.vae.latent_shape)
-    discrete = ctx.vae.latent if hasattr(ctx.vae.latent, "decode_codes") else None
+    discrete = ctx.vae.latent if ctx.vae.is_discrete else None
     expected_codes = tuple(discrete.code_shape(expected)) if discrete is not None else None
     done, failed = 0, []
     for start in tqdm(range(0, len(files), batch_size), disable=not progress, desc="decode"):

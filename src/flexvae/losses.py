@@ -4,8 +4,8 @@
             + [ssim] * beta * (1 - SSIM) + [sparse] * gamma * mean|posterior mean|
             + every auxiliary loss of the latent and of quantizer tokens
 
-Each term is returned separately for logging. Images live in [-1, 1]; SSIM is computed
-on [0, 1] with ``data_range=1`` fixed by that range, never guessed from a batch.
+Each term is returned separately for logging. Images live in [-1, 1]; SSIM comes from
+``metrics`` (on [0, 1] with ``data_range=1`` fixed by that range, never guessed from a batch).
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
-
-MS_SSIM_SCALES = 5  # pytorch-msssim's default weights have five scales
-SSIM_WINDOW = 11
+from .metrics import pick_ssim_kind, similarity_loss_value
 
 
 @dataclass
@@ -65,25 +63,6 @@ def kld_term(posterior, reduction: str) -> torch.Tensor:
     raise ValueError(f"unknown KL reduction {reduction!r}")
 
 
-def ssim_window(spatial: tuple[int, ...]) -> int:
-    """Largest odd window up to 11 that fits the smallest spatial size."""
-    side = min(spatial)
-    return min(SSIM_WINDOW, side if side % 2 else side - 1)
-
-
-def pick_ssim_kind(kind: str, spatial: tuple[int, ...]) -> str:
-    """'auto' uses MS-SSIM when every scale still holds a full window, plain SSIM otherwise."""
-    needed = (SSIM_WINDOW - 1) * 2 ** (MS_SSIM_SCALES - 1)
-    if kind == "auto":
-        return "ms-ssim" if min(spatial) > needed else "ssim"
-    if kind == "ms-ssim" and min(spatial) <= needed:
-        raise ConfigError(
-            f"loss.ssim_kind = 'ms-ssim' needs images larger than {needed} px on every side "
-            f"(5 scales of an 11-px window); these are {'x'.join(map(str, spatial))}. Use 'ssim' or 'auto'"
-        )
-    return kind
-
-
 def check_loss_config(cfg, data_shape: tuple[int, ...]) -> None:
     """Fail before training for loss settings the data cannot support."""
     spatial = tuple(data_shape[1:])
@@ -95,17 +74,6 @@ def check_loss_config(cfg, data_shape: tuple[int, ...]) -> None:
         pick_ssim_kind(cfg.ssim_kind, spatial)
 
 
-def ssim_value(image: torch.Tensor, target: torch.Tensor, kind: str = "auto") -> torch.Tensor:
-    """SSIM (or MS-SSIM) of images in [-1, 1], computed in float32 on [0, 1]."""
-    from pytorch_msssim import ms_ssim, ssim
-
-    spatial = tuple(image.shape[2:])
-    a, b = (image.float() + 1) / 2, (target.float() + 1) / 2
-    if pick_ssim_kind(kind, spatial) == "ms-ssim":
-        return ms_ssim(a, b, data_range=1.0, win_size=SSIM_WINDOW)
-    return ssim(a, b, data_range=1.0, win_size=ssim_window(spatial))
-
-
 def vae_loss(x: torch.Tensor, out, cfg, step: int = 0, output: str = "value") -> LossOutput:
     """Total loss and its parts for a batch ``x`` and the model's ``VAEOutput``."""
     terms = {"recon": reconstruction_loss(out.recon, x, cfg.recon)}
@@ -114,7 +82,7 @@ def vae_loss(x: torch.Tensor, out, cfg, step: int = 0, output: str = "value") ->
     total = cfg.alpha * terms["recon"] + kld_weight * terms["kld"]
     if cfg.ssim:
         image = torch.sigmoid(out.recon.float()) * 2 - 1 if output == "logits" else out.recon
-        terms["ssim"] = 1 - ssim_value(image, x, cfg.ssim_kind)
+        terms["ssim"] = 1 - similarity_loss_value(image, x, cfg.ssim_kind)
         total = total + cfg.beta * terms["ssim"]
     if cfg.sparse:
         terms["sparse"] = out.posterior.mean.float().abs().mean()
@@ -123,10 +91,3 @@ def vae_loss(x: torch.Tensor, out, cfg, step: int = 0, output: str = "value") ->
         terms[name] = value.float()
         total = total + terms[name]
     return LossOutput(total, terms, kld_weight)
-
-
-def psnr(image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak range 2)."""
-    mse = (image.float() - target.float()).pow(2).flatten(1).mean(dim=1)
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
-

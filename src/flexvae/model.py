@@ -7,13 +7,75 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .build import Stack
+from .latents.base import DiscreteLatent, Latent, Posterior
+
+
+class Stack(nn.Sequential):
+    """A built token list. ``forward`` returns the output; ``forward_aux`` also returns the
+    auxiliary losses of layers registered with ``aux=True`` (quantizers), by name.
+
+    Gradient checkpointing (recompute activations in the backward pass instead of storing
+    them) applies to segments: ``"marked"`` uses the structure's '@' tokens and
+    "@begin"/"@end" spans, ``"blocks"`` also every residual and attention block. Layers with
+    auxiliary outputs are never recomputed (a quantizer's codebook update must run once).
+    """
+
+    def __init__(self, modules, aux_flags=None, checkpoint_groups=None):
+        super().__init__(*modules)
+        count = len(self)
+        self.aux_flags = tuple(aux_flags or (False,) * count)
+        self.has_aux = any(self.aux_flags)
+        self.checkpoint_groups = tuple(checkpoint_groups or (None,) * count)
+        self.grad_checkpointing = "off"
+
+    def segments(self, mode: str) -> list[tuple[int, int, bool]]:
+        """(start, end, recompute) runs of consecutive layers for a checkpointing mode."""
+        groups = []
+        for index, (module, group, is_aux) in enumerate(zip(self, self.checkpoint_groups, self.aux_flags)):
+            if is_aux or mode == "off":
+                group = None
+            elif group is None and mode == "blocks" and getattr(module, "checkpoint_unit", False):
+                group = f"block{index}"
+            groups.append(group)
+        out, start = [], 0
+        for index in range(1, len(groups) + 1):
+            if index == len(groups) or groups[index] != groups[start] or groups[start] is None:
+                out.append((start, index, groups[start] is not None))
+                start = index
+        return out
+
+    def forward_aux(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        aux = {}
+        recompute_allowed = self.grad_checkpointing != "off" and self.training and torch.is_grad_enabled()
+        for start, end, recompute in self.segments(self.grad_checkpointing if recompute_allowed else "off"):
+            if recompute:
+                x = checkpoint(self._run, x, start, end, use_reentrant=False)
+                continue
+            for index in range(start, end):
+                if self.aux_flags[index]:
+                    x, losses = self[index](x)
+                    aux.update({f"{name}_{index}": value for name, value in losses.items()})
+                else:
+                    x = self[index](x)
+        return x, aux
+
+    def _run(self, x, start: int, end: int):
+        for index in range(start, end):
+            x = self[index](x)
+        return x
+
+    def forward(self, x):
+        if self.has_aux or self.grad_checkpointing != "off":
+            return self.forward_aux(x)[0]
+        return super().forward(x)
 
 
 @dataclass
 class VAEOutput:
     recon: torch.Tensor  # decoder output: values, or logits when the loss is bce
-    posterior: object  # DiagonalGaussian, PointPosterior or a quantized posterior
+    posterior: Posterior
     z: torch.Tensor  # the raw latent the decoder saw
     aux: dict = field(default_factory=dict)  # auxiliary losses by name (quantizers)
 
@@ -27,7 +89,7 @@ class VAE(nn.Module):
     (discrete latents: codes drawn uniformly, see ``latent.sample_prior``).
     """
 
-    def __init__(self, encoder: Stack, decoder: Stack, latent: nn.Module, latent_shape,
+    def __init__(self, encoder: Stack, decoder: Stack, latent: Latent, latent_shape,
                  scaling_factor: float = 1.0, output: str = "value"):
         super().__init__()
         if scaling_factor <= 0:
@@ -54,16 +116,11 @@ class VAE(nn.Module):
     def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None,
                 step: int | None = None, noise: torch.Tensor | None = None) -> VAEOutput:
         """``step`` (the optimizer step, passed by the trainer) reaches the latent, whose
-        schedules may use it (the categorical latent's temperature). ``noise``: the Gaussian
-        latent's sampling noise, when the caller draws it (the trainer does, so results do not
-        depend on how a batch is split across processes)."""
+        schedules may use it (the categorical latent's temperature). ``noise``: the latent's
+        sampling noise (shape ``latent.noise_shape``), when the caller draws it (the trainer
+        does, so results do not depend on how a batch is split across processes)."""
         posterior, aux = self._encode(x, step)
-        if not sample:
-            z = posterior.mode()
-        elif noise is not None:
-            z = posterior.sample(noise=noise)
-        else:
-            z = posterior.sample(generator)
+        z = posterior.sample(generator=generator, noise=noise) if sample else posterior.mode()
         recon, decoder_aux = self.decoder.forward_aux(z)
         # Quantizer tokens' losses are named <loss>_<layer index>; the prefix keeps the
         # encoder's and the decoder's apart.
@@ -74,7 +131,7 @@ class VAE(nn.Module):
     def metrics(self) -> dict:
         """Non-loss diagnostics of the quantizers (codebook usage, perplexity) by name, as
         floats: the latent's under their own names, quantizer tokens' as enc_/dec_<name>_<index>."""
-        found = dict(self.latent.metrics()) if hasattr(self.latent, "metrics") else {}
+        found = dict(self.latent.metrics())
         for prefix, stack in (("enc", self.encoder), ("dec", self.decoder)):
             for index, module in enumerate(stack):
                 if hasattr(module, "metrics"):
@@ -103,15 +160,20 @@ class VAE(nn.Module):
     def encode_with_codes(self, x: torch.Tensor, sample: bool = False, generator=None):
         """(scaled latents, integer codes) where the latent is discrete; codes are None otherwise."""
         posterior = self.encode(x)
-        z = posterior.sample(generator) if sample else posterior.mode()
-        codes = self.latent.codes(posterior, z) if hasattr(self.latent, "codes") else None
+        z = posterior.sample(generator=generator) if sample else posterior.mode()
+        codes = self.latent.codes(posterior, z) if self.is_discrete else None
         return z * self.scaling_factor, codes
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Integer codes of a discrete latent -> decoder output."""
-        if not hasattr(self.latent, "decode_codes"):
+        if not self.is_discrete:
             raise ValueError(f"a {self.latent.kind} latent has no integer codes")
         return self.decode(self.latent.decode_codes(codes))
+
+    @property
+    def is_discrete(self) -> bool:
+        """Whether the latent has integer codes (``encode_with_codes``, ``decode_codes``)."""
+        return isinstance(self.latent, DiscreteLatent)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         # Not in place: the caller's tensor stays as it was.

@@ -1,10 +1,8 @@
-"""Shared plumbing for the analysis modes: a model from a checkpoint, images for it, output files."""
+"""Shared plumbing for the analysis modes: images preprocessed for a model, output files."""
 
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,33 +10,7 @@ import torch
 from .. import data
 from ..data import ImageFolder, make_loader, open_dataset
 from ..errors import DataError
-
-
-@dataclass
-class LoadedModel:
-    """A model rebuilt from a checkpoint alone: the inference context, the config it was
-    trained with (its data settings are the defaults for every analysis) and where it came from."""
-
-    ctx: object  # inference.ModelContext
-    cfg: object  # config.Config stored in the checkpoint
-    path: Path
-    step: int
-
-    @property
-    def vae(self):
-        return self.ctx.vae
-
-
-def load_model(checkpoint, device="cpu", prefer_ema: bool = True, plugins=()) -> LoadedModel:
-    """A checkpoint file, or a run directory (its latest checkpoint), ready for evaluation."""
-    from ..inference import ModelContext
-    from ..loading import model_from_checkpoint
-    from ..train.checkpoint import load_checkpoint, resolve_checkpoint
-
-    path = resolve_checkpoint(checkpoint)
-    ckpt = load_checkpoint(path, with_train_state=False)
-    model, cfg, plan = model_from_checkpoint(ckpt, device=device, prefer_ema=prefer_ema, extra_plugins=plugins)
-    return LoadedModel(ModelContext.from_checkpoint(model, cfg, plan), cfg, path, ckpt.step)
+from ..files import write_text
 
 
 def image_dataset(ctx, path=None, cfg=None, train: bool = False):
@@ -72,21 +44,9 @@ def first_images(dataset, n: int) -> torch.Tensor:
     return images
 
 
-def load_single_image(ctx, path) -> torch.Tensor:
-    """One image file as a (1, C, H, W) batch with the model's preprocessing."""
-    from ..data import load_image
-
-    return load_image(path, ctx.data_shape[0], ctx.data_shape[1], ctx.resize_filter, ctx.pad_to_square)[None]
-
-
 def write_json(data, path) -> Path:
     """Write JSON atomically (NaN and infinities become null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_finite(data), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(_finite(data), indent=2) + "\n")
 
 
 def _finite(value):

@@ -32,81 +32,20 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..losses import ssim_window
+from ..errors import DataError
+from ..latents import DiagonalGaussian
+from ..metrics import ms_ssim, ms_ssim_scales, psnr, ssim, ssim_window
 
 ACTIVE_THRESHOLD = 0.01
 LOG_2PI = math.log(2 * math.pi)
-MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 GREY_LEVELS_PER_UNIT = 127.5  # 8-bit grey levels per unit of x in [-1, 1]
-SSIM_K = (0.01, 0.03)
 MAX_LISTED_ELEMENTS = 65536  # per-element KL goes into the JSON up to this latent size
-
-
-# ------------------------------------------------------------------ SSIM family
-def _gauss_1d(size: int, device, sigma: float = 1.5) -> torch.Tensor:
-    coords = torch.arange(size, dtype=torch.float32, device=device) - size // 2
-    g = torch.exp(-coords.pow(2) / (2 * sigma ** 2))
-    return g / g.sum()
-
-
-def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    channels = x.shape[1]
-    x = F.conv2d(x, g.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
-    return F.conv2d(x, g.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
-
-
-def _ssim_cs(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor):
-    """SSIM and contrast-structure per (image, channel) for images in [0, 1]."""
-    c1, c2 = SSIM_K[0] ** 2, SSIM_K[1] ** 2
-    mu_a, mu_b = _blur(a, g), _blur(b, g)
-    var_a = _blur(a * a, g) - mu_a.pow(2)
-    var_b = _blur(b * b, g) - mu_b.pow(2)
-    cov = _blur(a * b, g) - mu_a * mu_b
-    cs = (2 * cov + c2) / (var_a + var_b + c2)
-    ssim = (2 * mu_a * mu_b + c1) / (mu_a.pow(2) + mu_b.pow(2) + c1) * cs
-    return ssim.flatten(2).mean(-1), cs.flatten(2).mean(-1)
-
-
-def ms_ssim_scales(side: int, window: int) -> int:
-    """How many of the 5 standard scales fit: the coarsest must still hold one window."""
-    scales = 0
-    while scales < len(MS_SSIM_WEIGHTS) and side >= window:
-        scales += 1
-        side = (side + 1) // 2
-    return scales
-
-
-def ssim_scores(image: torch.Tensor, target: torch.Tensor):
-    """Per-image SSIM and MS-SSIM of (B, C, H, W) images in [-1, 1].
-
-    Returns (ssim, ms_ssim or None, window, scales); MS-SSIM is None when fewer than
-    two scales fit the image.
-    """
-    a, b = (image.float() + 1) / 2, (target.float() + 1) / 2
-    spatial = tuple(a.shape[2:])
-    window = ssim_window(spatial)
-    g = _gauss_1d(window, a.device)
-    ssim, _ = _ssim_cs(a, b, g)
-    scales = ms_ssim_scales(min(spatial), window)
-    if scales < 2:
-        return ssim.mean(1), None, window, scales
-    weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], device=a.device)
-    weights = weights / weights.sum()
-    factors = []
-    for level in range(scales):
-        s, cs = _ssim_cs(a, b, g)
-        if level < scales - 1:
-            factors.append(torch.relu(cs))
-            padding = [n % 2 for n in a.shape[2:]]
-            a, b = F.avg_pool2d(a, 2, padding=padding), F.avg_pool2d(b, 2, padding=padding)
-    factors.append(torch.relu(s))
-    ms = torch.prod(torch.stack(factors) ** weights.view(-1, 1, 1), dim=0)
-    return ssim.mean(1), ms.mean(1), window, scales
 
 
 # ---------------------------------------------------------------- likelihood
 def is_gaussian(posterior) -> bool:
-    return hasattr(posterior, "mean") and hasattr(posterior, "logvar")
+    """The importance-sampled likelihood is implemented for diagonal Gaussian posteriors."""
+    return isinstance(posterior, DiagonalGaussian)
 
 
 def decoder_log_likelihood(output: str, recon: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -223,22 +162,22 @@ def evaluate_model(vae, batches, *, nll_samples: int | None = None, nll_sigma="a
         image = vae.to_image(raw)
         per_image = (image.float() - x.float()).pow(2).flatten(1).mean(1)
         sums["mse"] += per_image.sum().item()
-        sums["psnr"] += (10 * torch.log10(4.0 / per_image.clamp_min(1e-12))).sum().item()
+        sums["psnr"] += psnr(image, x).sum().item()
         if vae.output == "value":
             sums["raw_se"] += (raw.double() - x.double()).pow(2).sum().item()
         if x.dim() == 4 and min(x.shape[2:]) >= 3:
-            ssim, ms, window, scales = ssim_scores(image, x)
-            sums["ssim"] += ssim.sum().item()
+            window = ssim_window(tuple(x.shape[2:]))
+            sums["ssim"] += ssim(image, x).sum().item()
+            ms = ms_ssim(image, x)
             if ms is not None:
                 sums["ms_ssim"] += ms.sum().item()
-            ssim_info = (window, scales, ms is not None)
-        if hasattr(posterior, "kl_elements"):
-            kl.add(posterior.kl_elements())
+            ssim_info = (window, ms_ssim_scales(min(x.shape[2:]), window), ms is not None)
+        kl.add(posterior.kl_elements())
         means.add(posterior.mode())
         count += x.shape[0]
         values += x[0].numel() * x.shape[0]
     if count == 0:
-        raise ValueError("no images to evaluate")
+        raise DataError("no readable image to evaluate")
 
     data_shape = tuple(x.shape[1:])
     result = {"images": count, "data_shape": list(data_shape), "latent_shape": list(vae.latent_shape)}

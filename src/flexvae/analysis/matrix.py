@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import itertools
+import math
 import json
 import re
 import time
@@ -39,7 +40,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from ..errors import ConfigError, FlexVAEError
+from ..errors import ConfigError, DataError, FlexVAEError
+from ..files import atomic_open, write_text
+from ..metrics import METRICS_FILE, read_metrics
 from .common import markdown_table, write_json
 
 TOP_KEYS = ("base", "out_dir", "matrix", "fixed", "nll_samples")
@@ -73,7 +76,7 @@ def _dotted(table: dict, prefix: str = "") -> dict:
 
 
 def load_matrix(path) -> Matrix:
-    from ..loading import resolve_path
+    from ..assemble import resolve_path
 
     path = Path(path)
     try:
@@ -142,31 +145,20 @@ def run_names(matrix: Matrix) -> list[str]:
 
 
 def final_checkpoint(run_dir: Path, max_steps: int) -> Path:
-    from ..train.checkpoint import checkpoint_name
+    from ..checkpoint import checkpoint_name
 
     return run_dir / "checkpoints" / checkpoint_name(max_steps)
 
 
 def final_losses(run_dir: Path) -> dict:
     """The last logged loss terms of a run (metrics.csv), by column name."""
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
+    try:
+        columns = read_metrics(run_dir / METRICS_FILE)
+    except DataError:
         return {}
     skip = {"step", "kld_weight", "lr", "grad_norm", "images_per_s"}
-    out = {}
-    for key, text in rows[-1].items():
-        if key in skip or text in (None, ""):
-            continue
-        try:
-            out[f"final_{key}"] = float(text)
-        except ValueError:
-            pass
-    return out
-
+    return {f"final_{key}": values[-1] for key, values in columns.items()
+            if key not in skip and not math.isnan(values[-1])}
 
 def _data_name(cfg) -> str:
     return cfg.data.val_path or f"{cfg.data.path} ({cfg.data.source}, no val_path)"
@@ -174,17 +166,18 @@ def _data_name(cfg) -> str:
 
 def evaluate_run(run_dir: Path, cfg, device: str, nll_samples: int = 0) -> dict:
     """Evaluate the run's final checkpoint; cached in evaluation.json for that step."""
-    from .common import image_dataset, image_loader, load_model
+    from ..checkpoint import load_run
+    from .common import image_dataset, image_loader
     from .evaluate import evaluate_model
 
     cache = run_dir / "matrix_evaluation.json"
-    model = load_model(run_dir, device=device)
+    model = load_run(run_dir, device=device)
     if cache.is_file():
         stored = json.loads(cache.read_text())
         if stored.get("step") == model.step and stored.get("nll_samples") == nll_samples \
                 and stored.get("data") == _data_name(cfg):
             return stored
-    dataset = image_dataset(model.ctx, cfg=cfg)
+    dataset = image_dataset(model, cfg=cfg)
     result = evaluate_model(model.vae, image_loader(dataset, cfg.encode.batch_size, device), nll_samples=nll_samples,
                             device=device, seed=cfg.train.seed)
     result.update(step=model.step, nll_samples=nll_samples, data=_data_name(cfg))
@@ -197,7 +190,7 @@ def run_matrix(path, device: str | None = None, extra_overrides=(), quiet: bool 
 
     ``quiet`` hides each run's own log (model summary, progress bar); ``log`` gets one line per run.
     """
-    from ..config import resolve_device
+    from ..device import resolve_device
     from ..train.trainer import train
 
     matrix = load_matrix(path)
@@ -253,7 +246,7 @@ def _columns(matrix: Matrix, rows: list[dict]) -> list[str]:
 def write_results(matrix: Matrix, rows: list[dict]) -> dict:
     columns = _columns(matrix, rows)
     csv_path = matrix.out_dir / "results.csv"
-    with open(csv_path, "w", newline="") as fh:
+    with atomic_open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -271,7 +264,7 @@ def write_results(matrix: Matrix, rows: list[dict]) -> dict:
     sets = list(dict.fromkeys(r["eval_data"] for r in rows if r.get("eval_data")))
     data = sets[0] if len(sets) == 1 else "each run's own data (column eval_data)" if sets else "-"
     md_path = matrix.out_dir / "results.md"
-    md_path.write_text(
+    write_text(md_path,
         f"# Experiment matrix {matrix.source.name}\n\n"
         f"Base config `{matrix.base.as_posix()}`; {len(rows)} runs under `{matrix.out_dir.as_posix()}`. "
         f"final_* = last logged training values; eval_* = evaluation of the final checkpoint on {data} "

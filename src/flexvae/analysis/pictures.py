@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from ..data import save_grid
-from ..errors import DataError
 from . import require
 
 NOT_LOSS_TERMS = ("step", "kld_weight", "lr", "grad_norm", "images_per_s")
@@ -38,12 +37,9 @@ def channel_statistics(vae, images: torch.Tensor) -> dict:
     flat = lambda t: t.reshape(t.shape[0], t.shape[1], -1) if t.dim() > 2 else t.unsqueeze(-1)  # noqa: E731
     m = flat(mean)
     between = m.var(0, unbiased=images.shape[0] > 1) if images.shape[0] > 1 else torch.zeros_like(m[0])
-    within = flat(posterior.logvar.double().exp()).mean(0) if hasattr(posterior, "logvar") else torch.zeros_like(between)
+    within = flat(posterior.variance().double()).mean(0)
     spread = (between + within).mean(-1).sqrt()
-    if hasattr(posterior, "kl_elements"):
-        kl = flat(posterior.kl_elements().double()).sum(-1).mean(0)
-    else:
-        kl = m.var(0).mean(-1) if images.shape[0] > 1 else torch.zeros(m.shape[1], dtype=torch.float64)
+    kl = flat(posterior.kl_elements().double()).sum(-1).mean(0)
     return {"kl": kl.float(), "spread": spread.float()}
 
 
@@ -90,27 +86,6 @@ def prior_grid(vae, path, n: int = 64, seed: int = 0, columns: int | None = None
 
 
 # -------------------------------------------------------------------- history
-def read_metrics(path) -> dict[str, list[float]]:
-    """metrics.csv as columns of floats (blank cells become NaN); rows sorted by step."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"no training history: {path} not found")
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        raise DataError(f"{path} holds no rows yet")
-
-    def number(text):
-        try:
-            return float(text)
-        except (TypeError, ValueError):
-            return float("nan")
-
-    columns = {name: [number(r.get(name)) for r in rows] for name in rows[0]}
-    order = sorted(range(len(rows)), key=lambda i: columns["step"][i])
-    return {name: [values[i] for i in order] for name, values in columns.items()}
-
-
 def loss_columns(columns: dict) -> list[str]:
     return [c for c in columns if c not in NOT_LOSS_TERMS]
 
@@ -201,16 +176,13 @@ def _save(fig, path: Path) -> Path:
 @torch.no_grad()
 def kl_per_channel_history(run_dir, images: torch.Tensor, device="cpu") -> dict:
     """KL per channel (mean over ``images``) at every checkpoint kept in the run directory."""
-    from ..loading import model_from_checkpoint
-    from ..train.checkpoint import list_checkpoints, load_checkpoint
+    from ..checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint
 
     steps, kl = [], []
     for path in list_checkpoints(run_dir):
         ckpt = load_checkpoint(path, with_train_state=False)
         model, _, _ = model_from_checkpoint(ckpt, device=device)
         posterior = model.encode(images.to(device))
-        if not hasattr(posterior, "kl_elements"):
-            break
         elements = posterior.kl_elements().double().mean(0)
         per = elements.reshape(elements.shape[0], -1).sum(1) if elements.dim() > 1 else elements
         steps.append(ckpt.step)

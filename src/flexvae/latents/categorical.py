@@ -21,12 +21,15 @@ category uniformly.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+from ..fields import AT_LEAST_TWO, NON_NEGATIVE, POSITIVE, setting
 from ..utils import format_shape
+from .base import DiscreteLatent, Posterior, check_code_range
+from .registry import register_latent
 
 
 def temperature(step: int | None, tau_start: float, tau_min: float, tau_rate: float) -> float:
@@ -36,7 +39,7 @@ def temperature(step: int | None, tau_start: float, tau_min: float, tau_rate: fl
     return max(tau_min, tau_start * math.exp(-tau_rate * step))
 
 
-class CategoricalPosterior:
+class CategoricalPosterior(Posterior):
     """q(c|x) = softmax(logits) for every group and position; logits (B, G, K, *spatial)."""
 
     def __init__(self, logits: torch.Tensor, tau: float, hard: bool = True):
@@ -65,9 +68,14 @@ class CategoricalPosterior:
         """The category probabilities in the decoder's layout (used by the sparsity term)."""
         return self._flat(self.probs)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """A Gumbel-softmax sample; ``noise``: uniform [0, 1) values shaped like the logits
+        (B, G, K, *spatial), drawn from ``generator`` unless given."""
         logits = self.logits.float()
-        uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
+        if noise is None:
+            uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
+        else:
+            uniform = noise.to(logits.device, torch.float32)
         gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1 - 1e-7)))
         soft = F.softmax((logits + gumbel) / self.tau, dim=2)
         if self.hard:
@@ -84,11 +92,10 @@ class CategoricalPosterior:
         log_q = F.log_softmax(self.logits.float(), dim=2)
         return self._flat(log_q.exp() * (log_q + math.log(self.categories)))
 
-    def kl(self) -> torch.Tensor:
-        return self.kl_elements().flatten(1).sum(dim=1)
-
-    def aux_losses(self) -> dict:
-        return {}
+    def variance(self) -> torch.Tensor:
+        """Per-channel variance of the one-hot sample: p (1 - p)."""
+        probs = self.mean
+        return probs * (1 - probs)
 
     @property
     def codes(self) -> torch.Tensor:
@@ -96,11 +103,24 @@ class CategoricalPosterior:
         return self.logits.argmax(dim=2)
 
 
-class CategoricalLatent(nn.Module):
+@dataclass(frozen=True)
+class CategoricalParams:
+    categories: int = setting(16, "categorical: values of each categorical variable", AT_LEAST_TWO)
+    groups: int = setting(
+        4, "categorical: variables per latent position; the encoder outputs groups x categories logits", POSITIVE)
+    tau_start: float = setting(1.0, "categorical: Gumbel-softmax temperature at step 0", POSITIVE)
+    tau_min: float = setting(0.5, "categorical: lowest temperature, also used outside training", POSITIVE)
+    tau_rate: float = setting(
+        1e-3, "categorical: temperature decay, tau = max(tau_min, tau_start * exp(-tau_rate * step))", NON_NEGATIVE)
+    hard: bool = setting(True, "categorical: one-hot samples with straight-through gradients; false = soft samples")
+
+
+@register_latent("categorical", CategoricalParams, doc="Gumbel-softmax categorical variables, KL to uniform")
+class CategoricalLatent(DiscreteLatent):
     """``groups`` categorical variables of ``categories`` values per position
     (groups * log2(categories) bits per position)."""
 
-    kind = "categorical"
+    noise_kind = "uniform"
 
     def __init__(self, categories: int = 16, groups: int = 4, tau_start: float = 1.0, tau_min: float = 0.5,
                  tau_rate: float = 1e-3, hard: bool = True):
@@ -114,18 +134,9 @@ class CategoricalLatent(nn.Module):
         self.tau_start, self.tau_min, self.tau_rate = float(tau_start), float(tau_min), float(tau_rate)
         self.hard = bool(hard)
 
-    @classmethod
-    def from_config(cls, latent_cfg) -> "CategoricalLatent":
-        return cls(latent_cfg.categories, latent_cfg.groups, latent_cfg.tau_start, latent_cfg.tau_min,
-                   latent_cfg.tau_rate, latent_cfg.hard)
-
     def extra_repr(self) -> str:
         return (f"categories={self.categories}, groups={self.groups}, tau_start={self.tau_start}, "
                 f"tau_min={self.tau_min}, tau_rate={self.tau_rate}, hard={self.hard}")
-
-    @property
-    def bits_per_position(self) -> float:
-        return self.groups * math.log2(self.categories)
 
     def temperature(self, step: int | None) -> float:
         return temperature(step, self.tau_start, self.tau_min, self.tau_rate)
@@ -145,6 +156,10 @@ class CategoricalLatent(nn.Module):
         logits = h.unflatten(1, (self.groups, self.categories))
         return CategoricalPosterior(logits, self.temperature(step), self.hard)
 
+    def noise_shape(self, latent_shape) -> tuple[int, ...]:
+        """Uniform noise for the Gumbel draws, shaped like the logits (G, K, *spatial)."""
+        return (self.groups, self.categories, *latent_shape[1:])
+
     # ------------------------------------------------------------ integer codes
     def code_shape(self, latent_shape) -> tuple[int, ...]:
         return (self.groups, *latent_shape[1:])
@@ -157,10 +172,7 @@ class CategoricalLatent(nn.Module):
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Integer codes (B, G, *spatial) -> one-hot latent (B, G*K, *spatial)."""
-        codes = codes.long()
-        low, high = int(codes.min()), int(codes.max())
-        if low < 0 or high >= self.categories:
-            raise ValueError(f"codes must lie in [0, {self.categories - 1}], found [{low}, {high}]")
+        codes = check_code_range(codes, self.categories)
         return F.one_hot(codes, self.categories).movedim(-1, 2).flatten(1, 2).float()
 
     def sample_prior(self, n, latent_shape, generator=None, device=None) -> torch.Tensor:

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import math
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
+from ..fields import AT_LEAST_TWO, setting
 from .quantized import QuantizedLatent
+from .registry import register_latent
 
 BOUND_EPS = 1e-3  # keeps the squashed value strictly inside the outermost rounding cell
 
@@ -45,6 +49,9 @@ class FiniteScalarQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"levels={list(self.levels)}"
+
+    def metrics(self) -> dict:
+        return {}  # no codebook to monitor
 
     def _per_channel(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         """A (C,) vector shaped to broadcast over (B, C, *spatial)."""
@@ -90,22 +97,20 @@ class FiniteScalarQuantizer(nn.Module):
         return (digits.float() - half) / half
 
 
+@dataclass(frozen=True)
+class FSQParams:
+    fsq_levels: list[int] = setting(
+        [8, 5, 5, 5], "fsq: levels per channel; the encoder's last layer outputs len(levels) channels",
+        AT_LEAST_TWO, (1, None))
+
+
+@register_latent("fsq", FSQParams, doc="finite scalar quantization, prod(levels) codes per position")
 class FSQLatent(QuantizedLatent):
     """The encoder outputs len(levels) channels; each position becomes one of prod(levels) codes."""
 
-    kind = "fsq"
-
-    def __init__(self, levels=(8, 5, 5, 5)):
+    def __init__(self, fsq_levels=(8, 5, 5, 5)):
         super().__init__()
-        self.quantizer = FiniteScalarQuantizer(levels)
+        self.quantizer = FiniteScalarQuantizer(fsq_levels)
 
     def _requirement(self, dim: int) -> str:
         return f"an fsq latent with levels {list(self.quantizer.levels)} needs one channel per level: {dim}"
-
-    @classmethod
-    def from_config(cls, latent_cfg) -> "FSQLatent":
-        return cls(latent_cfg.fsq_levels)
-
-    @property
-    def bits_per_position(self) -> float:
-        return math.log2(self.quantizer.num_codes)

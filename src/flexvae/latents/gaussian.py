@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from ..utils import format_shape
+from .base import Latent, Posterior, PointPosterior
+from .registry import register_latent
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
-def _batch_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over every non-batch dim, so 1D, 2D and 3D latents all give shape (B,)."""
-    return t.flatten(1).sum(dim=1)
-
-
-class DiagonalGaussian:
+class DiagonalGaussian(Posterior):
     """q(z|x) = N(mean, exp(logvar)); log-variance clamped to [-30, 20] as in the original."""
 
     def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
@@ -39,39 +35,15 @@ class DiagonalGaussian:
         """KL(q || N(0, I)) per latent element, same shape as the mean."""
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
 
-    def kl(self) -> torch.Tensor:
-        return _batch_sum(self.kl_elements())
-
-    def aux_losses(self) -> dict:
-        return {}
+    def variance(self) -> torch.Tensor:
+        return self.logvar.exp()
 
 
-class PointPosterior:
-    """A deterministic code: sampling returns the code itself and the KL term is zero."""
-
-    def __init__(self, value: torch.Tensor):
-        self.mean = value
-
-    def sample(self, generator=None) -> torch.Tensor:
-        return self.mean
-
-    def mode(self) -> torch.Tensor:
-        return self.mean
-
-    def kl_elements(self) -> torch.Tensor:
-        return torch.zeros_like(self.mean)
-
-    def kl(self) -> torch.Tensor:
-        return self.mean.new_zeros(self.mean.shape[0])
-
-    def aux_losses(self) -> dict:
-        return {}
-
-
-class GaussianLatent(nn.Module):
+@register_latent("gaussian", doc="diagonal Gaussian posterior, KL to N(0, I)")
+class GaussianLatent(Latent):
     """The encoder outputs 2k channels: the first k are the mean, the last k the log-variance."""
 
-    kind = "gaussian"
+    noise_kind = "normal"
 
     def latent_shape(self, encoder_shape: tuple[int, ...]) -> tuple[int, ...]:
         channels = encoder_shape[0]
@@ -88,14 +60,16 @@ class GaussianLatent(nn.Module):
         mean, logvar = h.chunk(2, dim=1)
         return DiagonalGaussian(mean, logvar)
 
+    def noise_shape(self, latent_shape) -> tuple[int, ...]:
+        return tuple(latent_shape)
+
     def sample_prior(self, n, latent_shape, generator=None, device=None) -> torch.Tensor:
         return torch.randn((n, *latent_shape), generator=generator, device=device)
 
 
-class DeterministicLatent(nn.Module):
+@register_latent("deterministic", doc="the encoder's output itself, no KL (a plain autoencoder)")
+class DeterministicLatent(Latent):
     """The encoder's output is the latent itself; no KL term (a plain autoencoder)."""
-
-    kind = "deterministic"
 
     def latent_shape(self, encoder_shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(encoder_shape)

@@ -4,10 +4,9 @@ bookkeeping that turns codes into decoder inputs and back."""
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from ..utils import format_shape
-from .gaussian import PointPosterior
+from .base import DiscreteLatent, PointPosterior, check_code_range
 
 
 class QuantizedPosterior(PointPosterior):
@@ -26,12 +25,10 @@ class QuantizedPosterior(PointPosterior):
         return self.losses
 
 
-class QuantizedLatent(nn.Module):
-    """Base of the quantized latents. A subclass sets ``kind``, holds ``self.quantizer``
-    (with ``forward(z) -> (z_q, codes, losses)``, ``num_codes``, ``lookup(codes)`` and
-    ``dim``) and words what the encoder must output in build errors via ``_requirement``."""
-
-    kind = "quantized"
+class QuantizedLatent(DiscreteLatent):
+    """Base of the quantized latents. A subclass holds ``self.quantizer`` (with
+    ``forward(z) -> (z_q, codes, losses)``, ``num_codes``, ``lookup(codes)``, ``dim`` and
+    ``metrics()``) and words what the encoder must output in build errors via ``_requirement``."""
 
     def _requirement(self, dim: int) -> str:
         return f"a {self.kind} latent with code dimension {dim} needs {dim}"
@@ -60,11 +57,7 @@ class QuantizedLatent(nn.Module):
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Integer codes (B, *spatial) -> the raw latent (B, C, *spatial) the decoder takes."""
-        codes = codes.long()
-        low, high = int(codes.min()), int(codes.max())
-        if low < 0 or high >= self.quantizer.num_codes:
-            raise ValueError(f"codes must lie in [0, {self.quantizer.num_codes - 1}], found [{low}, {high}]")
-        return self.quantizer.lookup(codes)
+        return self.quantizer.lookup(check_code_range(codes, self.quantizer.num_codes))
 
     def sample_prior(self, n, latent_shape, generator=None, device=None) -> torch.Tensor:
         """Discrete latents have a uniform prior: every code of every position is equally likely."""
@@ -73,4 +66,4 @@ class QuantizedLatent(nn.Module):
         return self.quantizer.lookup(codes)
 
     def metrics(self) -> dict:
-        return self.quantizer.metrics() if hasattr(self.quantizer, "metrics") else {}
+        return self.quantizer.metrics()

@@ -23,14 +23,16 @@ nothing more: DDP averages its gradients.)
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..fields import NON_NEGATIVE, POSITIVE, UNIT_CLOSED_OPEN, setting
 from .quantized import QuantizedLatent
+from .registry import register_latent
 
 USAGE_DECAY_WITHOUT_EMA = 0.99  # how fast usage counts forget when the codebook is learned by gradient
 
@@ -220,23 +222,27 @@ class VectorQuantizer(nn.Module):
         return {"vq_usage": self.usage(), "vq_perplexity": float(self.perplexity)}
 
 
+@dataclass(frozen=True)
+class VQParams:
+    codebook_size: int = setting(512, "vq: codebook entries (log2 of it = bits per latent position)", POSITIVE)
+    code_dim: int = setting(4, "vq: code dimension; the encoder's last layer outputs this many channels", POSITIVE)
+    commitment: float = setting(0.25, "vq: commitment loss weight beta in beta * |z_e - sg(z_q)|^2", NON_NEGATIVE)
+    ema_decay: float = setting(
+        0.99, "vq: EMA decay of the codebook updates; 0 = learn the codebook by gradient (adds a codebook loss)",
+        UNIT_CLOSED_OPEN)
+    dead_threshold: float = setting(
+        0.1, "vq: restart codes whose average use falls below this fraction of an even share "
+             "(batch vectors / codebook size) from random encoder outputs; 0 = never", NON_NEGATIVE)
+    kmeans_init: bool = setting(False, "vq: initialise the codebook by k-means on the first training batch")
+
+
+@register_latent("vq", VQParams, doc="vector quantization against a learned codebook")
 class VQLatent(QuantizedLatent):
     """The encoder outputs ``code_dim`` channels per position; each position becomes one of
     ``codebook_size`` codes (log2(codebook_size) bits per position)."""
 
-    kind = "vq"
-
     def __init__(self, codebook_size: int = 512, code_dim: int = 4, commitment: float = 0.25,
-                 ema_decay: float = 0.99, dead_threshold: float = 0.0, kmeans_init: bool = False):
+                 ema_decay: float = 0.99, dead_threshold: float = 0.1, kmeans_init: bool = False):
         super().__init__()
         self.quantizer = VectorQuantizer(codebook_size, code_dim, commitment, ema_decay, dead_threshold,
                                          kmeans_init)
-
-    @classmethod
-    def from_config(cls, latent_cfg) -> "VQLatent":
-        return cls(latent_cfg.codebook_size, latent_cfg.code_dim, latent_cfg.commitment,
-                   latent_cfg.ema_decay, latent_cfg.dead_threshold, latent_cfg.kmeans_init)
-
-    @property
-    def bits_per_position(self) -> float:
-        return math.log2(self.quantizer.codebook_size)

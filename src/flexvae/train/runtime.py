@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ConfigError
+from ..latents.base import draw_noise
 from .distributed import DistInfo
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,7 +93,7 @@ def prepare(model, cfg, device: torch.device, dist: DistInfo | None = None) -> R
     notes: list[str] = []
     dtype = PRECISIONS[tcfg.precision]
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("train.precision = 'bf16' needs a GPU with bfloat16 support; use 'fp16' or 'fp32'")
+        raise ConfigError("train.precision = 'bf16' needs a GPU with bfloat16 support; use 'fp16' or 'fp32'")
     scaler = torch.amp.GradScaler(device.type) if tcfg.precision == "fp16" else None
     if tcfg.precision == "fp16" and device.type == "cpu":
         notes.append("fp16 on the CPU has no fast convolution kernels (tens of times slower here); bf16 is the fast choice")
@@ -119,15 +121,17 @@ def prepare(model, cfg, device: torch.device, dist: DistInfo | None = None) -> R
     return Runtime(model, step_model, device, dtype, scaler, memory_format, dist, compiled, notes, eager, ddp)
 
 
-def sample_noise(latent_shape, batch: int, seed: int, step: int, micro: int, dist: DistInfo, device) -> torch.Tensor:
-    """Gaussian sampling noise for one micro-batch, drawn for the global batch and sliced.
+def sample_noise(noise_shape, batch: int, seed: int, step: int, micro: int, dist: DistInfo, device,
+                 kind: str = "normal") -> torch.Tensor:
+    """A latent's sampling noise for one micro-batch (``kind``: "normal" or "uniform", per-sample
+    shape ``noise_shape``), drawn for the global batch and sliced.
 
     Process r of N holds samples r, r+N, ... of the global batch (the StreamSampler's
     order), so N processes see exactly the noise one process would see: results do not
     depend on how the batch is split.
     """
     generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 131 + micro)
-    noise = torch.randn((batch * dist.world_size, *latent_shape), generator=generator)
+    noise = draw_noise(kind, (batch * dist.world_size, *noise_shape), generator=generator)
     return noise[dist.rank::dist.world_size].to(device, non_blocking=True)
 
 

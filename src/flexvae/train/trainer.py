@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warm-up + cosine, accumulation, clipping, EMA, resume.
+"""The training loop: resume, data stream, steps, logging, samples and checkpoints.
 
 A run directory holds ``config.toml`` (the resolved config), ``metrics.csv``,
 ``samples/step_XXXXXXXX.png`` and ``checkpoints/step_XXXXXXXX.safetensors``.
@@ -7,170 +7,29 @@ Running again on a directory with a checkpoint resumes it.
 
 from __future__ import annotations
 
-import csv
-import math
-import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ..config import resolve_device, save_config
+from ..assemble import model_from_config
+from ..checkpoint import (checkpoint_metadata, checkpoint_name, list_checkpoints, load_checkpoint,
+                          prune_checkpoints, save_checkpoint)
+from ..config import save_config
 from ..data import SkipLog, first_images, make_loader, open_dataset, save_grid
-from ..errors import FlexVAEError
-from ..loading import checkpoint_metadata, model_from_config
-from ..losses import check_loss_config, psnr, reconstruction_loss, vae_loss
-from .checkpoint import (capture_rng_state, checkpoint_name, list_checkpoints, load_checkpoint,
-                         prune_checkpoints, restore_rng_state, save_checkpoint)
-from .distributed import DistInfo, barrier, cleanup, from_environment, mean_across, setup
-from .runtime import Runtime, flip_mask, prepare, sample_noise
+from ..device import resolve_device
+from ..errors import TrainingError
+from ..losses import check_loss_config, reconstruction_loss
+from ..metrics import MetricsLog, psnr
+from .distributed import barrier, cleanup, from_environment, mean_across, setup
+from .ema import EMA
+from .rng import capture_rng_state, restore_rng_state, seed_everything, set_torch_rng_state, torch_rng_state
+from .runtime import prepare, sample_noise
 from .sampler import StreamSampler
+from .step import StepResult, lr_factor, make_optimizer, random_flip, train_step
 
 SAMPLE_IMAGES = 8
-
-
-class TrainingError(FlexVAEError):
-    """Training cannot go on (non-finite loss, incompatible resume)."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def lr_factor(step: int, cfg) -> float:
-    """Multiplier of train.lr at ``step``: linear warm-up, then cosine down to min_lr_ratio."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW; weight decay on weight matrices and kernels only, not on biases and norms."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-
-
-class EMA:
-    """Exponential moving average of the weights, updated after every optimizer step."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for key, value in model.state_dict().items():
-            if value.dtype.is_floating_point:
-                self.state[key].lerp_(value, 1 - self.decay)
-            else:
-                self.state[key].copy_(value)
-
-
-def random_flip(images: torch.Tensor, seed: int, step: int, micro: int = 0, dist: DistInfo = DistInfo()) -> torch.Tensor:
-    """Horizontal flip of about half the batch, decided by (seed, step, micro-batch) so a
-    resumed run, or the same batch split across processes, sees the same flips."""
-    flip = flip_mask(images.shape[0], seed, step, micro, dist)
-    flip = flip.view(-1, *([1] * (images.dim() - 1))).to(images.device)
-    return torch.where(flip, images.flip(-1), images)
-
-
-@dataclass
-class StepResult:
-    loss: float
-    terms: dict
-    kld_weight: float
-    grad_norm: float
-
-
-def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None) -> StepResult:
-    """One optimizer step over ``len(batches)`` micro-batches (gradient accumulation).
-
-    The forward pass runs under the runtime's autocast; the loss is computed in float32
-    outside it. ``noises``: per micro-batch Gaussian sampling noise (see runtime.sample_noise).
-    A plain model stands for an fp32, single-process runtime.
-    """
-    if isinstance(runtime, torch.nn.Module):
-        runtime = Runtime.plain(runtime)
-    optimizer.zero_grad(set_to_none=True)
-    totals: dict[str, float] = {}
-    loss_sum, kld_weight = 0.0, 0.0
-    output_kind = runtime.model.output
-    for index, images in enumerate(batches):
-        noise = noises[index] if noises else None
-        with runtime.no_sync(last_micro_batch=index == len(batches) - 1):
-            with runtime.autocast():
-                out = runtime.step_model(images, step=step, noise=noise)
-            losses = vae_loss(images, out, cfg.loss, step, output=output_kind)
-            loss = losses.total / len(batches)
-            (runtime.scaler.scale(loss) if runtime.scaler is not None else loss).backward()
-        loss_sum += losses.total.item() / len(batches)
-        for name, value in losses.terms.items():
-            totals[name] = totals.get(name, 0.0) + value.item() / len(batches)
-        kld_weight = losses.kld_weight
-    if not math.isfinite(loss_sum):
-        raise TrainingError(
-            f"the loss became {loss_sum} at step {step + 1} ({', '.join(f'{k}={v:.4g}' for k, v in totals.items())}). "
-            "Lower train.lr, raise train.grad_clip or check the data; the last good checkpoint is kept"
-        )
-    if runtime.scaler is not None:
-        runtime.scaler.unscale_(optimizer)
-    grad_norm = float("nan")
-    if cfg.train.grad_clip > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(runtime.model.parameters(), cfg.train.grad_clip))
-    if runtime.scaler is not None:
-        runtime.scaler.step(optimizer)  # skipped when fp16 gradients overflowed
-        runtime.scaler.update()
-    else:
-        optimizer.step()
-    return StepResult(loss_sum, totals, kld_weight, grad_norm)
-
-
-class MetricsLog:
-    """Append-only CSV (the columns are fixed by the first row) and TensorBoard when installed."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "metrics.csv"
-        self.columns = None
-        if self.path.exists():
-            with open(self.path, newline="") as fh:
-                self.columns = next(csv.reader(fh), None)
-        self.board = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.board = SummaryWriter(str(run_dir / "tensorboard"))
-        except Exception:  # tensorboard is optional
-            pass
-
-    def write(self, row: dict) -> None:
-        if self.columns is None:
-            self.columns = list(row)
-            with open(self.path, "w", newline="") as fh:
-                csv.writer(fh).writerow(self.columns)
-        with open(self.path, "a", newline="") as fh:
-            csv.writer(fh).writerow([_fmt(row.get(c, "")) for c in self.columns])
-        if self.board is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.board.add_scalar(key, value, row["step"])
-
-    def close(self) -> None:
-        if self.board is not None:
-            self.board.close()
-
-
-def _fmt(value):
-    return f"{value:.6g}" if isinstance(value, float) else value
 
 
 class _Reconstruction(torch.nn.Module):
@@ -201,18 +60,6 @@ def _summary(model, data_shape, device) -> str:
         model.train(was_training)
 
 
-def _torch_rng_state():
-    """torch's CPU and CUDA generator states: the RNGs a training step draws from."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-
-
-def _set_torch_rng_state(state) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-
-
 class Trainer:
     def __init__(self, cfg, config_path=None, fresh: bool = False, device: str | None = None, quiet: bool = False):
         self.cfg = cfg
@@ -240,7 +87,9 @@ class Trainer:
         # Samples of the StreamSampler consumed so far: batches whose images all failed to load
         # are skipped, so this can run ahead of step * batch_size.
         self.stream_position = 0
+        self._read_position = 0
         self._compile_verified = False
+        self.last_saved: Path | None = None
 
     def log(self, text: str) -> None:
         if not self.quiet:
@@ -266,6 +115,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self._apply_config_hyperparameters(ckpt.step)
+        if self.runtime.scaler is not None and "scaler" in state:
+            self.runtime.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and ckpt.ema_state:
             self.ema.state = {k: v.to(self.device) for k, v in ckpt.ema_state.items()}
         # Restored just before the first step (train()): building the loader and the summary
@@ -274,6 +125,7 @@ class Trainer:
         per_step = self.cfg.train.batch_size * self.cfg.train.grad_accum
         self.stream_position = int(state.get("stream_position", ckpt.step * per_step))
         self.step = ckpt.step
+        self.last_saved = found[-1]
         self.log(f"resuming {self.run_dir} from step {self.step} ({found[-1].name})")
         return True
 
@@ -295,11 +147,14 @@ class Trainer:
             "rng": capture_rng_state(),
             "stream_position": self.stream_position,
         }
+        if self.runtime.scaler is not None:
+            train_state["scaler"] = self.runtime.scaler.state_dict()
         path = save_checkpoint(
             self.run_dir / "checkpoints" / checkpoint_name(self.step), self.model.state_dict(), meta,
             train_state=train_state, ema_state=self.ema.state if self.ema else None,
         )
         prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
+        self.last_saved = path
         return path
 
     # ----------------------------------------------------------------- data
@@ -307,7 +162,7 @@ class Trainer:
         data = self.cfg.data
         dataset = open_dataset(
             data.source, data.path, train=True, channels=data.channels, image_size=data.image_size,
-            resize_filter=data.resize_filter, pad_to_square=data.pad_to_square, flip=False,
+            resize_filter=data.resize_filter, pad_to_square=data.pad_to_square,
         )
         sampler = StreamSampler(len(dataset), seed=self.cfg.train.seed, start=self.stream_position,
                                 rank=self.dist.rank, world_size=self.dist.world_size)
@@ -336,96 +191,36 @@ class Trainer:
         save_grid([fixed, recon, prior], path)
         return path
 
-    # ----------------------------------------------------------------- loop
-    def train(self) -> Path | None:
-        cfg, tcfg = self.cfg, self.cfg.train
-        main = self.dist.is_main
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.toml")
-        self.resume()
-        if self.step >= tcfg.max_steps:
-            self.log(f"{self.run_dir} already reached train.max_steps = {tcfg.max_steps}; nothing to do")
+    # ----------------------------------------------------------------- steps
+    def _noises(self, micro: list[torch.Tensor]):
+        """The latent's sampling noise per micro-batch, drawn for the global batch (see
+        runtime.sample_noise), or None when the latent needs none."""
+        latent = self.model.latent
+        shape = latent.noise_shape(self.plan.latent_shape)
+        if shape is None:
             return None
-        dataset, loader = self._loader()  # a missing data folder fails before the summary is printed
-        self.log(_summary(self.model, self.plan.data_shape, self.device))
-        self.log(f"device: {self.device}; data shape {self.plan.data_shape}; latent {self.plan.latent_shape}; "
-                 f"precision {tcfg.precision}" + (f"; {self.dist.world_size} processes" if self.dist.enabled else ""))
-        for note in self.runtime.notes:
-            self.log(f"note: {note}")
-        batches = iter(loader)
-        fixed = self._fixed_batch(dataset)
-        validation = self._validation_batches()
-        metrics = MetricsLog(self.run_dir) if main else None
-        if self._rng_state is not None:
-            restore_rng_state(self._rng_state)
-        from tqdm import tqdm
+        tcfg = self.cfg.train
+        return [sample_noise(shape, m.shape[0], tcfg.seed, self.step, i, self.dist, self.device,
+                             kind=latent.noise_kind) for i, m in enumerate(micro)]
 
-        progress = tqdm(total=tcfg.max_steps, initial=self.step, disable=self.quiet, dynamic_ncols=True)
-        self.model.train()
-        last_saved = None
-        tick, images_seen = time.perf_counter(), 0
-        step_rng = None
+    def step_once(self, micro: list[torch.Tensor]) -> StepResult:
+        """One optimizer step on these micro-batches (images already on the device): flips,
+        sampling noise, forward, backward, update, schedule and EMA; ``self.step`` advances."""
+        if self.cfg.data.flip:
+            micro = [random_flip(m, self.cfg.train.seed, self.step, i, self.dist) for i, m in enumerate(micro)]
         try:
-            while self.step < tcfg.max_steps:
-                step_rng = _torch_rng_state()  # what a Ctrl-C before this step completes saves
-                micro = [self._next_images(batches) for _ in range(tcfg.grad_accum)]
-                if cfg.data.flip:
-                    micro = [random_flip(m, tcfg.seed, self.step, i, self.dist) for i, m in enumerate(micro)]
-                noises = None
-                if self.model.latent.kind == "gaussian":
-                    noises = [sample_noise(self.plan.latent_shape, m.shape[0], tcfg.seed, self.step, i, self.dist,
-                                           self.device) for i, m in enumerate(micro)]
-                result = self._step(micro, noises)
-                self.scheduler.step()
-                if self.ema is not None:
-                    self.ema.update(self.model)
-                self.step += 1
-                self.stream_position, step_rng = self._read_position, None
-                images_seen += sum(m.shape[0] for m in micro)
-                progress.update(1)
-                progress.set_postfix({k: f"{v:.4g}" for k, v in {"loss": result.loss, **result.terms}.items()})
-                last = self.step == tcfg.max_steps
-                if self.step % tcfg.log_every == 0 or last:
-                    elapsed = time.perf_counter() - tick
-                    # Every process joins the averaging; rank 0 writes the global batch's values.
-                    values = mean_across(self.dist, {"loss": result.loss, **result.terms}, self.device)
-                    row = {
-                        "step": self.step, **values,
-                        "kld_weight": result.kld_weight, "lr": self.scheduler.get_last_lr()[0],
-                        "grad_norm": result.grad_norm,
-                        "images_per_s": images_seen * self.dist.world_size / max(elapsed, 1e-9),
-                        **self.model.metrics(),  # quantizer diagnostics (codebook usage...), not losses
-                    }
-                    if validation and tcfg.val_every and (self.step % tcfg.val_every == 0 or last):
-                        row.update(self.validate(validation))
-                    if metrics is not None:
-                        metrics.write(row)
-                    tick, images_seen = time.perf_counter(), 0
-                if main and (self.step % tcfg.sample_every == 0 or last):
-                    self.write_samples(fixed)
-                if main and (self.step % tcfg.save_every == 0 or last):
-                    last_saved = self.save()
-        except KeyboardInterrupt:
-            progress.close()
-            if step_rng is not None:  # interrupted within a step: save the RNG as that step found it
-                _set_torch_rng_state(step_rng)
-            if main and self.step and (last_saved is None or not last_saved.name.endswith(checkpoint_name(self.step))):
-                self.save()
-            raise TrainingError(
-                f"interrupted at step {self.step}; checkpoint saved in {self.run_dir / 'checkpoints'}. "
-                "Run the same command again to resume"
-            ) from None
-        finally:
-            progress.close()
-            if metrics is not None:
-                metrics.close()
-            if self.skips.count:
-                self.log(f"warning: {self.skips.summary()} (listed above)")
-        self.log(f"done: step {self.step}, checkpoint {last_saved}")
-        return last_saved
+            result = self._train_step(micro, self._noises(micro))
+        except TrainingError as exc:
+            kept = (f"the last checkpoint ({self.last_saved.name}) is kept" if self.last_saved is not None
+                    else "no checkpoint had been written yet")
+            raise TrainingError(f"{exc}; {kept}") from None
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        return result
 
-    def _step(self, micro, noises) -> StepResult:
+    def _train_step(self, micro, noises) -> StepResult:
         """A training step; when the compiled model fails on its first step, say so and
         train the same model without compilation."""
         if not self.runtime.compiled or self._compile_verified:
@@ -440,6 +235,96 @@ class Trainer:
             return train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, noises)
         self._compile_verified = True  # compiled and ran: later failures are real errors
         return result
+
+    # ----------------------------------------------------------------- loop
+    def train(self) -> Path | None:
+        tcfg = self.cfg.train
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.toml")
+        self.resume()
+        if self.step >= tcfg.max_steps:
+            self.log(f"{self.run_dir} already reached train.max_steps = {tcfg.max_steps}; nothing to do")
+            return None
+        dataset, loader = self._loader()  # a missing data folder fails before the summary is printed
+        self._announce()
+        batches = iter(loader)
+        fixed = self._fixed_batch(dataset)
+        validation = self._validation_batches()
+        metrics = MetricsLog(self.run_dir) if self.dist.is_main else None
+        if self._rng_state is not None:
+            restore_rng_state(self._rng_state)
+        from tqdm import tqdm
+
+        progress = tqdm(total=tcfg.max_steps, initial=self.step, disable=self.quiet, dynamic_ncols=True)
+        self.model.train()
+        self._tick, self._images_seen = time.perf_counter(), 0
+        step_rng = None
+        try:
+            while self.step < tcfg.max_steps:
+                step_rng = torch_rng_state()  # what a Ctrl-C before this step completes saves
+                micro = [self._next_images(batches) for _ in range(tcfg.grad_accum)]
+                result = self.step_once(micro)
+                self.stream_position, step_rng = self._read_position, None
+                self._images_seen += sum(m.shape[0] for m in micro)
+                progress.update(1)
+                progress.set_postfix({k: f"{v:.4g}" for k, v in {"loss": result.loss, **result.terms}.items()})
+                self._after_step(result, metrics, fixed, validation)
+        except KeyboardInterrupt:
+            progress.close()
+            self._save_on_interrupt(step_rng)
+        finally:
+            progress.close()
+            if metrics is not None:
+                metrics.close()
+            if self.skips.count:
+                self.log(f"warning: {self.skips.summary()} (listed above)")
+        self.log(f"done: step {self.step}, checkpoint {self.last_saved}")
+        return self.last_saved
+
+    def _announce(self) -> None:
+        tcfg = self.cfg.train
+        self.log(_summary(self.model, self.plan.data_shape, self.device))
+        self.log(f"device: {self.device}; data shape {self.plan.data_shape}; latent {self.plan.latent_shape}; "
+                 f"precision {tcfg.precision}" + (f"; {self.dist.world_size} processes" if self.dist.enabled else ""))
+        for note in self.runtime.notes:
+            self.log(f"note: {note}")
+
+    def _after_step(self, result: StepResult, metrics, fixed, validation) -> None:
+        """Log, write samples and save as the config's intervals ask."""
+        tcfg = self.cfg.train
+        last = self.step == tcfg.max_steps
+        if self.step % tcfg.log_every == 0 or last:
+            elapsed = time.perf_counter() - self._tick
+            # Every process joins the averaging; rank 0 writes the global batch's values.
+            values = mean_across(self.dist, {"loss": result.loss, **result.terms}, self.device)
+            row = {
+                "step": self.step, **values,
+                "kld_weight": result.kld_weight, "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": result.grad_norm,
+                "images_per_s": self._images_seen * self.dist.world_size / max(elapsed, 1e-9),
+                **self.model.metrics(),  # quantizer diagnostics (codebook usage...), not losses
+            }
+            if validation and tcfg.val_every and (self.step % tcfg.val_every == 0 or last):
+                row.update(self.validate(validation))
+            if metrics is not None:
+                metrics.write(row)
+            self._tick, self._images_seen = time.perf_counter(), 0
+        if self.dist.is_main and (self.step % tcfg.sample_every == 0 or last):
+            self.write_samples(fixed)
+        if self.dist.is_main and (self.step % tcfg.save_every == 0 or last):
+            self.save()
+
+    def _save_on_interrupt(self, step_rng) -> None:
+        if step_rng is not None:  # interrupted within a step: save the RNG as that step found it
+            set_torch_rng_state(step_rng)
+        saved_now = self.last_saved is not None and self.last_saved.name == checkpoint_name(self.step)
+        if self.dist.is_main and self.step and not saved_now:
+            self.save()
+        raise TrainingError(
+            f"interrupted at step {self.step}; checkpoint saved in {self.run_dir / 'checkpoints'}. "
+            "Run the same command again to resume"
+        ) from None
 
     def _validation_batches(self):
         """Images of data.val_path, loaded once, for the metrics written every val_every steps."""
@@ -488,4 +373,3 @@ def train(cfg, config_path=None, fresh: bool = False, device: str | None = None,
         return trainer.train()
     finally:
         cleanup(trainer.dist)
-

@@ -1,37 +1,38 @@
-"""Checkpoints: one ``.safetensors`` file each, written atomically, read without pickle.
+"""Checkpoints: the file format, the metadata that describes the model, run directories,
+and rebuilding a model from a checkpoint alone. Every mode goes through this module.
 
-Layout of a checkpoint file:
+One ``.safetensors`` file each, written atomically, read without pickle:
 
 * ``model.<name>``: weights of the (unwrapped) model's ``state_dict``;
 * ``ema.<name>``: EMA weights, when there are any;
-* ``train.<...>``: every tensor of the nested training state (optimizer,
-  scheduler, EMA bookkeeping, grad scaler, RNG states);
-* header metadata ``"flexvae"``: JSON of the caller's metadata dict, and
-  ``"train_state"``: JSON skeleton of the training state, where each tensor is
-  replaced by ``{"__tensor__": "<key>"}``.
+* ``train.<...>``: every tensor of the nested training state (optimizer, scheduler,
+  gradient scaler, RNG states, data-stream position);
+* header metadata ``"format"``: the format version; ``"flexvae"``: JSON of the metadata
+  (``checkpoint_metadata``: token lists, resolved config, data shape, latent scaling, step);
+  ``"train_state"``: JSON skeleton of the training state, each tensor replaced by
+  ``{"__tensor__": "<key>"}``; ``"order"``: the state_dict order of the weights.
 
-A run keeps its checkpoints in ``<run_dir>/checkpoints/step_XXXXXXXX.safetensors``.
+A run directory keeps its checkpoints in ``<run_dir>/checkpoints/step_XXXXXXXX.safetensors``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from flexvae.errors import CheckpointError
+from .errors import CheckpointError, ConfigError, StructureError
+from .files import atomic_path
 
 CHECKPOINT_DIR = "checkpoints"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = 1  # of the file layout and of the metadata; stored as "1" in the header, 1 in the metadata
 _NAME_RE = re.compile(r"step_(\d+)\.safetensors")
 _TENSOR, _TUPLE, _DICT = "__tensor__", "__tuple__", "__dict__"
 _MODEL, _EMA, _TRAIN = "model.", "ema.", "train."
@@ -131,20 +132,6 @@ class Checkpoint:
         return int(self.metadata.get("step", 0))
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable; not every platform can open a directory."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     path: str | os.PathLike,
     model_state: dict[str, torch.Tensor],
@@ -155,7 +142,7 @@ def save_checkpoint(
     """Write one checkpoint file atomically; the file at ``path`` is either the
     previous one or the complete new one, never a partial write."""
     path = Path(path)
-    header = {"format": FORMAT_VERSION, "flexvae": json.dumps(metadata)}
+    header = {"format": str(FORMAT_VERSION), "flexvae": json.dumps(metadata)}
     seen: set[int] = set()
     tensors = {_MODEL + k: _storable(v, seen) for k, v in model_state.items()}
     if ema_state is not None:
@@ -167,17 +154,8 @@ def save_checkpoint(
     # safetensors sorts its keys; keep the state_dict order for the reader
     header["order"] = json.dumps([k for k in tensors if not k.startswith(_TRAIN)])
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=header)  # writes, flushes and closes
-        with open(tmp, "rb+") as f:  # writable: some platforms only sync those
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
     return path
 
 
@@ -245,6 +223,14 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}.safetensors"
 
 
+def run_directory(path: str | os.PathLike) -> Path:
+    """The run directory of a checkpoint file, of its ``checkpoints`` folder, or itself."""
+    path = Path(path)
+    if path.is_file():
+        return path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
+    return path.parent if path.name == CHECKPOINT_DIR else path
+
+
 def _checkpoint_dir(run_dir: Path) -> Path:
     """``<run_dir>/checkpoints``, or ``run_dir`` itself when given that folder."""
     sub = run_dir / CHECKPOINT_DIR
@@ -289,50 +275,117 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     return doomed
 
 
-# Random number generators
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """States of Python's, NumPy's and torch's (CPU and every CUDA device) RNGs,
-    in a form :func:`flatten_state` can store."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": {
-            "version": version,
-            "internal": torch.tensor(internal, dtype=torch.int64),
-            "gauss": gauss,
-        },
-        "numpy": {
-            "name": name,
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch": torch.get_rng_state(),
+# Metadata and rebuilding
+
+
+def checkpoint_metadata(cfg, plan, step: int, scaling_factor: float) -> dict:
+    """Everything needed to rebuild the model from the checkpoint file alone."""
+    from .assemble import output_kind
+    from .config import config_to_dict
+    from .dsl.structure import unparse_structure
+    from .version import __version__
+
+    return {
+        "format": FORMAT_VERSION,
+        "flexvae_version": __version__,
+        "step": int(step),
+        "config": config_to_dict(cfg),
+        "encoder": unparse_structure(_unexpanded(plan.encoder.specs)),
+        "decoder": unparse_structure(_unexpanded(plan.decoder.specs)),
+        "data_shape": list(plan.data_shape),
+        "latent_shape": list(plan.latent_shape),
+        "scaling_factor": float(scaling_factor),
+        "output": output_kind(cfg),
+        "plugins": list(cfg.model.plugins),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Put the RNGs back exactly as :func:`capture_rng_state` found them.
+def _unexpanded(specs):
+    """Expanded specs share their TokenSpec object per repeat: keep each once."""
+    seen, out = set(), []
+    for spec in specs:
+        if id(spec) not in seen:
+            seen.add(id(spec))
+            out.append(spec)
+    return out
 
-    CUDA states are restored for the devices present (a run resumed on fewer
-    GPUs restores the first ones)."""
-    if "python" in state:
-        py = state["python"]
-        internal = tuple(int(x) for x in py["internal"].tolist())
-        random.setstate((py["version"], internal, py["gauss"]))
-    if "numpy" in state:
-        npy = state["numpy"]
-        keys = np.asarray(npy["keys"].numpy(), dtype=np.uint32)
-        pos, has_gauss, cached = int(npy["pos"]), int(npy["has_gauss"]), npy["cached_gaussian"]
-        np.random.set_state((npy["name"], keys, pos, has_gauss, float(cached)))
-    if "torch" in state:
-        torch.set_rng_state(state["torch"].to("cpu", torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s.to("cpu", torch.uint8), device=i)
+
+@dataclass
+class LoadedModel:
+    """A model with the preprocessing its training used; from ``load_run`` also the config it
+    was trained with (its data settings are the defaults of every mode) and where it came from."""
+
+    vae: torch.nn.Module
+    data_shape: tuple
+    resize_filter: str = "bilinear"
+    pad_to_square: bool = False
+    cfg: Any = None
+    plan: Any = None
+    path: Path | None = None
+    step: int = 0
+
+
+_REQUIRED = {"config": dict, "encoder": list, "decoder": list, "data_shape": list, "scaling_factor": (int, float),
+             "output": str}
+
+
+def _check_metadata(path, meta: dict) -> None:
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} "
+                              f"(this flexvae reads format {FORMAT_VERSION})")
+    for key, kind in _REQUIRED.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise CheckpointError(f"{path}: corrupt checkpoint metadata: {key!r} is missing or of the wrong type")
+
+
+def model_from_checkpoint(ckpt: Checkpoint, device=None, prefer_ema: bool = True, extra_plugins=()):
+    """(model, stored config, plan) rebuilt from a checkpoint's metadata, weights loaded."""
+    from .assemble import load_plugins, make_latent
+    from .build import as_specs, plan_vae
+    from .config import config_from_dict
+
+    meta = ckpt.metadata
+    _check_metadata(ckpt.path, meta)
+    try:
+        cfg = config_from_dict(meta["config"], source=f"{ckpt.path} (stored config)", stored=True)
+    except ConfigError as exc:
+        raise CheckpointError(f"{ckpt.path}: corrupt stored config: {exc}") from None
+    load_plugins(extra_plugins)
+    try:
+        plan = plan_vae(
+            as_specs(meta["encoder"], f"{ckpt.path} (encoder)"),
+            as_specs(meta["decoder"], f"{ckpt.path} (decoder)"),
+            meta["data_shape"], make_latent(cfg),
+        )
+    except StructureError as exc:
+        hint = ""
+        if meta.get("plugins"):
+            hint = f" This checkpoint was trained with plugins {meta['plugins']}: pass them with --set model.plugins=..."
+        raise CheckpointError(f"{ckpt.path}: cannot rebuild the model: {exc}.{hint}") from None
+    model = plan.build(device, scaling_factor=meta["scaling_factor"], output=meta["output"])
+    state = ckpt.ema_state if prefer_ema and ckpt.ema_state else ckpt.model_state
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt.path}: weights do not match the stored structure "
+            f"(missing: {', '.join(missing[:5]) or 'none'}; unexpected: {', '.join(unexpected[:5]) or 'none'})"
+        )
+    model.eval()
+    return model, cfg, plan
+
+
+def load_run(path, device="cpu", prefer_ema: bool = True, plugins=()) -> LoadedModel:
+    """A checkpoint file, or a run directory (its latest checkpoint), rebuilt and ready."""
+    file = resolve_checkpoint(path)
+    ckpt = load_checkpoint(file, with_train_state=False)
+    vae, cfg, plan = model_from_checkpoint(ckpt, device=device, prefer_ema=prefer_ema, extra_plugins=plugins)
+    return LoadedModel(vae, tuple(plan.data_shape), cfg.data.resize_filter, cfg.data.pad_to_square,
+                       cfg, plan, file, ckpt.step)
+
+
+def load_model(path, device="cpu", prefer_ema: bool = True, plugins=()):
+    """The VAE of a checkpoint file or run directory, in eval mode:
+    ``vae = flexvae.load_model("runs/default")``."""
+    return load_run(path, device, prefer_ema, plugins).vae

@@ -1,40 +1,28 @@
-"""The analysis modes of the command line (-eval, -inter, -pics, -probe, -matrix).
-
-Each function takes the parsed arguments and the current config, calls one analysis
-module and prints where its output went. Models come from the checkpoint alone
-(``--ckpt`` or ``train.out_dir``): its stored config supplies the preprocessing and the
-default data.
-"""
+"""Handlers of the analysis modes (-eval, -inter, -pics, -probe, -matrix). Models come from
+the checkpoint alone (``--ckpt`` or ``train.out_dir``): its stored config supplies the
+preprocessing and the default data."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import DataError
-from . import MissingDependency
-from .common import first_images, image_dataset, image_loader, load_model, write_json
-
-MODES = ("evaluate", "interpolate", "pictures", "probe", "matrix")
+from ..files import write_text
+from . import common
 
 
-def _model(args, cfg, device):
-    model = load_model(args.ckpt or cfg.train.out_dir, device=device, prefer_ema=not args.no_ema,
-                       plugins=cfg.model.plugins)
-    print(f"model: {model.path} (step {model.step})")
-    return model
+def _context(args):
+    cfg, _ = common.load_config(args)
+    return cfg, common.device(args, cfg), common.run_dir(args, cfg)
 
 
-def _output(args, run_dir: Path, name: str) -> Path:
-    out = Path(args.output) if args.output else run_dir / name
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def evaluate(args) -> int:
+    cfg, device, run_dir = _context(args)
+    from ..analysis.common import image_dataset, image_loader, write_json
+    from ..analysis.evaluate import evaluate_model, format_report
 
-
-def evaluate(args, cfg, device, run_dir) -> int:
-    from .evaluate import evaluate_model, format_report
-
-    model = _model(args, cfg, device)
-    dataset = image_dataset(model.ctx, args.input, model.cfg)
+    model = common.load_run(args, cfg, device)
+    dataset = image_dataset(model, args.input, model.cfg)
     loader = image_loader(dataset, cfg.encode.batch_size, device, cfg.data.num_workers)
     sigma = args.nll_sigma or "auto"
     if sigma != "auto":
@@ -49,39 +37,46 @@ def evaluate(args, cfg, device, run_dir) -> int:
     data = args.input or model.cfg.data.val_path or f"{model.cfg.data.path} ({model.cfg.data.source})"
     result = {"checkpoint": str(model.path), "step": model.step, "data": str(data),
               "nll_samples": args.nll_samples, **result}
-    out = _output(args, run_dir, "evaluation")
+    out = common.output_dir(args, run_dir, "evaluation")
     report = format_report(result)
     write_json(result, out / "evaluation.json")
-    (out / "evaluation.md").write_text(f"Evaluation of {model.path} (step {model.step}) on {data}\n\n{report}\n")
+    write_text(out / "evaluation.md", f"Evaluation of {model.path} (step {model.step}) on {data}\n\n{report}\n")
     print(report)
     print(f"written: {out / 'evaluation.json'} and {out / 'evaluation.md'}")
     return 0
 
 
-def interpolate(args, cfg, device, run_dir) -> int:
-    from .interpolate import interpolate_inputs
+def interpolate(args) -> int:
+    cfg, device, run_dir = _context(args)
+    from ..analysis.interpolate import interpolate_inputs
 
     if not args.input or not args.input2:
         raise DataError("interpolation needs two inputs: --input A --input2 B (two images, or two folders "
                         "whose images pair up in sorted order)")
-    model = _model(args, cfg, device)
-    out = _output(args, run_dir, "interpolation")
-    summary = interpolate_inputs(model.ctx, args.input, args.input2, out, steps=args.steps or 8, device=device)
+    if args.steps is not None and args.steps < 2:
+        raise DataError(f"--steps must be at least 2 for an interpolation (both ends included), got {args.steps}")
+    model = common.load_run(args, cfg, device)
+    out = common.output_dir(args, run_dir, "interpolation")
+    summary = interpolate_inputs(model, args.input, args.input2, out, steps=args.steps or 8, device=device)
     print(f"{summary['pairs']} pair(s), {summary['steps']} steps: " + ", ".join(summary["files"].values()))
     return 0
 
 
-def pictures(args, cfg, device, run_dir) -> int:
-    from .pictures import (kl_per_channel_history, plot_history, prior_grid, read_metrics, traversal_grid,
-                           write_kl_history)
+def pictures(args) -> int:
+    cfg, device, run_dir = _context(args)
+    from ..analysis import MissingDependency
+    from ..analysis.common import first_images, image_dataset
+    from ..analysis.pictures import (kl_per_channel_history, plot_history, prior_grid, traversal_grid,
+                                     write_kl_history)
+    from ..metrics import METRICS_FILE, read_metrics
 
-    model = _model(args, cfg, device)
-    out = _output(args, run_dir, "pictures")
-    images = first_images(image_dataset(model.ctx, args.input, model.cfg, train=True), 64).to(device)
+    model = common.load_run(args, cfg, device)
+    out = common.output_dir(args, run_dir, "pictures")
+    images = first_images(image_dataset(model, args.input, model.cfg, train=True), 64).to(device)
     info = traversal_grid(model.vae, images[:1], images, out / "traversal.png", steps=args.steps or 9)
     print(f"traversal of channels {info['channels']} (largest KL first): {out / 'traversal.png'}")
     print(f"prior samples: {prior_grid(model.vae, out / 'prior.png', seed=cfg.train.seed)}")
-    metrics = run_dir / "metrics.csv"
+    metrics = run_dir / METRICS_FILE
     if not metrics.is_file():
         print(f"no {metrics}: training-history plots skipped")
         return 0
@@ -96,25 +91,27 @@ def pictures(args, cfg, device, run_dir) -> int:
     return 0
 
 
-def probe(args, cfg, device, run_dir) -> int:
-    from .probe import format_probe, run_probe
+def probe(args) -> int:
+    cfg, device, run_dir = _context(args)
+    from ..analysis.common import write_json
+    from ..analysis.probe import format_probe, run_probe
 
     if not args.input:
         raise DataError("the probe needs a labelled image folder: --input ROOT with one sub-folder per class "
                         "(and optionally --input2 TEST_ROOT laid out the same way)")
-    model = _model(args, cfg, device)
-    result = run_probe(model.ctx, args.input, args.input2, seed=cfg.train.seed, device=device)
-    out = _output(args, run_dir, "probe")
+    model = common.load_run(args, cfg, device)
+    result = run_probe(model, args.input, args.input2, seed=cfg.train.seed, device=device)
+    out = common.output_dir(args, run_dir, "probe")
     text = format_probe(result)
     write_json({"checkpoint": str(model.path), "step": model.step, **result}, out / "probe.json")
-    (out / "probe.md").write_text(text + "\n")
+    write_text(out / "probe.md", text + "\n")
     print(text)
     print(f"written: {out / 'probe.json'} and {out / 'probe.md'}")
     return 0
 
 
-def matrix(args, cfg) -> int:
-    from .matrix import run_matrix
+def matrix(args) -> int:
+    from ..analysis.matrix import run_matrix
 
     if not args.matrix:
         raise DataError("give the matrix file: --matrix FILE.toml")
@@ -122,12 +119,3 @@ def matrix(args, cfg) -> int:
     print(Path(result["markdown"]).read_text())
     print(f"written: {result['markdown']} and {result['csv']}")
     return 1 if any(r["status"].startswith("failed") for r in result["rows"]) else 0
-
-
-def run_analysis(mode: str, args, cfg) -> int:
-    from ..cli import _device, _run_dir
-
-    if mode == "matrix":
-        return matrix(args, cfg)
-    handler = {"evaluate": evaluate, "interpolate": interpolate, "pictures": pictures, "probe": probe}[mode]
-    return handler(args, cfg, _device(args, cfg), _run_dir(args, cfg))

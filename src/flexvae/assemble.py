@@ -1,0 +1,87 @@
+"""From a config to a planned or built model: structure paths, plugins, the latent."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from .build import VAEPlan, as_specs, plan_vae
+from .errors import ConfigError, StructureError
+from .latents import LATENTS
+
+
+def resolve_path(value: str, config_path: str | Path | None) -> Path:
+    """A relative path is taken from the working directory, then from the config's folder."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists() or config_path is None:
+        return path
+    beside_config = Path(config_path).parent / path
+    return beside_config if beside_config.exists() else path
+
+
+def load_plugins(plugins, config_path=None) -> None:
+    """Import user modules that register extra tokens (``model.plugins``)."""
+    for name in plugins:
+        if name.endswith(".py"):
+            path = resolve_path(name, config_path)
+            if not path.is_file():
+                raise ConfigError(f"model.plugins: file not found: {path}")
+            module_name = f"flexvae_plugin_{path.stem}"
+            if module_name in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as exc:
+                del sys.modules[module_name]
+                raise ConfigError(f"model.plugins: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+        else:
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                raise ConfigError(f"model.plugins: cannot import module {name!r}: {exc}") from exc
+
+
+def structure_specs(value, role: str, config_path=None):
+    """``model.encoder``/``model.decoder``: a JSON file path or an inline token list."""
+    if isinstance(value, str):
+        path = resolve_path(value, config_path)
+        if not path.is_file():
+            raise StructureError(f"model.{role}: structure file not found: {value}")
+        return as_specs(path)
+    return as_specs(list(value), f"model.{role} in {config_path or 'the config'}")
+
+
+def make_latent(cfg):
+    """The latent module that ``model.latent`` names, built from the config's [latent] parameters."""
+    latent_type = LATENTS.get(cfg.model.latent)
+    params = cfg.latent if isinstance(cfg.latent, latent_type.params) else latent_type.params()
+    try:
+        return latent_type.build(params)
+    except ValueError as exc:
+        raise ConfigError(f"[latent] settings for model.latent = {cfg.model.latent!r}: {exc}") from None
+
+
+def data_shape(cfg) -> tuple[int, ...]:
+    return (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+
+
+def plan_from_config(cfg, config_path=None) -> VAEPlan:
+    load_plugins(cfg.model.plugins, config_path)
+    encoder = structure_specs(cfg.model.encoder, "encoder", config_path)
+    decoder = structure_specs(cfg.model.decoder, "decoder", config_path)
+    return plan_vae(encoder, decoder, data_shape(cfg), make_latent(cfg))
+
+
+def output_kind(cfg) -> str:
+    return "logits" if cfg.loss.recon == "bce" else "value"
+
+
+def model_from_config(cfg, config_path=None, device=None):
+    plan = plan_from_config(cfg, config_path)
+    model = plan.build(device, scaling_factor=cfg.model.scaling_factor, output=output_kind(cfg))
+    return model, plan

@@ -1,0 +1,33 @@
+"""Command line: ``python train.py -t`` (the original's flags) and ``flexvae train`` (subcommands).
+
+The only part of the package that knows argparse: ``modes.py`` holds the table of modes and
+builds both parsers from it; the handlers (``handlers.py``, ``analysis.py``) call library
+functions with typed values. User mistakes (FlexVAEError) print one line and exit with
+status 1; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import FlexVAEError
+from .modes import MODES, flexvae_parser, handler_for, train_py_parser
+
+__all__ = ["main", "MODES", "flexvae_parser", "train_py_parser"]
+
+
+def main(argv=None, prog: str = "flexvae") -> int:
+    parser = train_py_parser() if prog == "train.py" else flexvae_parser()
+    args = parser.parse_args(argv)
+    try:
+        return handler_for(args)(args)
+    except FlexVAEError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # -t turns Ctrl-C into a TrainingError after saving; other modes stop here
+        if args.debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130

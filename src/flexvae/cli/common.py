@@ -1,0 +1,47 @@
+"""What every mode handler needs from the parsed arguments: the config, the device, the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/config.toml"
+
+
+def load_config(args):
+    """(config, its path or None): ``-c``, else configs/config.toml when present, else the
+    defaults; ``--set`` overrides applied."""
+    from ..config import load_config as load
+
+    path = args.config
+    if path is None:
+        path = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None
+    return load(path, args.set), path
+
+
+def device(args, cfg) -> str:
+    from ..device import resolve_device
+
+    return resolve_device(args.device or cfg.train.device)
+
+
+def run_dir(args, cfg) -> Path:
+    """The run directory the mode works in: that of ``--ckpt``, else ``train.out_dir``."""
+    from ..checkpoint import run_directory
+
+    return run_directory(args.ckpt) if args.ckpt else Path(cfg.train.out_dir)
+
+
+def load_run(args, cfg, device: str):
+    """The model of ``--ckpt`` (a file or a run directory), else of ``train.out_dir``."""
+    from ..checkpoint import load_run as load
+
+    model = load(args.ckpt or cfg.train.out_dir, device=device, prefer_ema=not args.no_ema,
+                 plugins=cfg.model.plugins)
+    print(f"model: {model.path} (step {model.step})")
+    return model
+
+
+def output_dir(args, run: Path, name: str) -> Path:
+    out = Path(args.output) if args.output else run / name
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -1,0 +1,124 @@
+"""Handlers of the modes that build, train and apply a model. Each parses nothing: it reads
+the already parsed arguments and calls library functions with typed values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import common
+
+
+def layers(args) -> int:
+    from ..assemble import load_plugins
+    from ..build import LAYERS
+
+    cfg, config_path = common.load_config(args)
+    load_plugins(cfg.model.plugins, config_path)
+    print(LAYERS.table())
+    return 0
+
+
+def check(args) -> int:
+    from ..assemble import plan_from_config
+
+    cfg, config_path = common.load_config(args)
+    print(plan_from_config(cfg, config_path).table())
+    return 0
+
+
+def train(args) -> int:
+    from ..train.trainer import train as run_training
+
+    cfg, config_path = common.load_config(args)
+    run_training(cfg, config_path, fresh=args.fresh, device=args.device)
+    return 0
+
+
+def mem(args) -> int:
+    from ..config import write_batch_size
+    from ..train.memory import find_max_batch
+
+    cfg, config_path = common.load_config(args)
+    result = find_max_batch(cfg, config_path, device=common.device(args, cfg))
+    print(result.format())
+    if args.write:
+        write_batch_size(config_path, result.recommended)
+        print(f"wrote train.batch_size = {result.recommended} to {config_path}")
+    return 0
+
+
+def reconstruct(args) -> int:
+    from ..inference import reconstruct_folder
+
+    cfg, _ = common.load_config(args)
+    device = common.device(args, cfg)
+    model = common.load_run(args, cfg, device)
+    out = Path(args.output or common.run_dir(args, cfg) / "reconstructions")
+    summary = reconstruct_folder(model, args.input or cfg.data.path, out, batch_size=cfg.encode.batch_size,
+                                 num_workers=cfg.data.num_workers, side_by_side=args.side_by_side, device=device)
+    print(f"reconstructed {summary['images']} images into {out}: mean PSNR {summary['psnr']:.2f} dB, "
+          f"mean SSIM {summary['ssim']:.4f}; per-image values in {out / 'metrics.csv'}")
+    return 0
+
+
+def encode(args) -> int:
+    import torch
+
+    from ..inference import encode_folder
+    from ..train.distributed import cleanup, from_environment, setup
+
+    cfg, _ = common.load_config(args)
+    dist = from_environment()  # under torchrun, every process encodes its share of the folder
+    device = str(setup(dist, torch.device(common.device(args, cfg))))
+    model = common.load_run(args, cfg, device)
+    out = Path(args.output or common.run_dir(args, cfg) / "latents")
+    try:
+        summary = encode_folder(model, args.input or cfg.data.path, out, fmt=cfg.encode.format,
+                                sample=args.sample or cfg.encode.sample, batch_size=cfg.encode.batch_size,
+                                num_workers=cfg.data.num_workers, device=device, seed=cfg.train.seed, dist=dist)
+    finally:
+        cleanup(dist)
+    if dist.is_main:
+        rounded = {k: round(v, 6) if isinstance(v, float) else v for k, v in summary.items()}
+        print(f"encoded into {out}: {json.dumps(rounded)}")
+    return 0
+
+
+def decode(args) -> int:
+    from ..inference import decode_folder
+
+    cfg, _ = common.load_config(args)
+    device = common.device(args, cfg)
+    model = common.load_run(args, cfg, device)
+    run = common.run_dir(args, cfg)
+    out = Path(args.output or run / "decoded")
+    summary = decode_folder(model, args.input or run / "latents", out, batch_size=cfg.encode.batch_size,
+                            device=device)
+    print(f"decoded {summary['decoded']} latents into {out} ({summary['failed']} failed)")
+    return 0
+
+
+def import_weights(args) -> int:
+    """The base config is ``-c``, else configs/sd_vae.toml when present, else the defaults;
+    ``--set data.image_size=N`` overrides the source's sample size."""
+    from ..config import load_config
+    from ..convert_sd import DEFAULT_IMPORT_CONFIG, DEFAULT_OUTPUT
+    from ..convert_sd import import_weights as run_import
+
+    config_path = args.config
+    if config_path is None and Path(DEFAULT_IMPORT_CONFIG).is_file():
+        config_path = DEFAULT_IMPORT_CONFIG
+    base = load_config(config_path, args.set)
+    sets_size = any(s.partition("=")[0].strip() == "data.image_size" for s in args.set)
+    result = run_import(args.import_weights, args.output or DEFAULT_OUTPUT, base,
+                        image_size=base.data.image_size if sets_size else None)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(result.summary(args.import_weights))
+    if result.plan.data_shape[1] != base.data.image_size:
+        print(f"note: data.image_size is {result.plan.data_shape[1]} (the source's sample size) but "
+              f"{base.data.image_size} in {config_path or 'the defaults'}; -t resumes only with the same "
+              f"size: train with --set data.image_size={result.plan.data_shape[1]} or import with "
+              f"--set data.image_size={base.data.image_size}")
+    return 0

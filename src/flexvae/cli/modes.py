@@ -1,0 +1,105 @@
+"""The one table of modes, and the two parsers built from it: ``python train.py -t`` (the
+original's flags) and ``flexvae train`` (subcommands)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable
+
+from . import analysis, handlers
+from .common import DEFAULT_CONFIG
+
+
+@dataclass(frozen=True)
+class Mode:
+    flag: str  # train.py's flag
+    name: str  # flexvae's subcommand
+    help: str
+    handler: Callable  # handler(args) -> exit status
+
+
+MODES = [
+    Mode("-t", "train", "train the configured model (resumes a run directory that has a checkpoint)",
+         handlers.train),
+    Mode("-i", "reconstruct", "inference: reconstruct every image of a folder, with PSNR/SSIM per image",
+         handlers.reconstruct),
+    Mode("-e", "encode", "encode every image of a folder to latent files plus a manifest", handlers.encode),
+    Mode("-d", "decode", "decode latent files back to images", handlers.decode),
+    Mode("-mem", "mem", "find the largest training batch size that fits on the device", handlers.mem),
+    Mode("--check", "check", "build and check the structures; print the per-layer table", handlers.check),
+    Mode("--layers", "layers", "list every layer token with its arguments", handlers.layers),
+    Mode("-eval", "evaluate", "evaluate a checkpoint on a folder: MSE, PSNR, SSIM, MS-SSIM, KL per channel, "
+                              "active units, importance-sampled NLL; JSON and a table", analysis.evaluate),
+    Mode("-inter", "interpolate", "interpolate between --input and --input2 (images or folders) in latent space: "
+                                  "linear and spherical PNG strips", analysis.interpolate),
+    Mode("-pics", "pictures", "latent traversal grid, prior samples and training-history plots into "
+                              "<run>/pictures", analysis.pictures),
+    Mode("-probe", "probe", "linear probe: classify a labelled folder (--input) from latents vs PCA of pixels",
+         analysis.probe),
+    Mode("-matrix", "matrix", "train and evaluate every combination of an experiment matrix (--matrix FILE)",
+         analysis.matrix),
+    Mode("--import-weights", "import-weights", "convert a Stable Diffusion VAE (diffusers folder or original "
+                                               ".safetensors) into a flexvae checkpoint at --output (default "
+                                               "runs/sd_vae/checkpoints/step_00000000.safetensors)",
+         handlers.import_weights),
+]
+BY_NAME = {mode.name: mode for mode in MODES}
+IMPORT = BY_NAME["import-weights"]
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", default=None,
+                        help=f"TOML config (default: {DEFAULT_CONFIG}, or built-in defaults if it is missing)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (repeatable), e.g. --set train.lr=3e-4")
+    parser.add_argument("--ckpt", help="checkpoint file, or a run directory (its latest checkpoint); "
+                                       "default: train.out_dir")
+    parser.add_argument("--input", help="input folder (default: data.path for -i/-e, <run>/latents for -d)")
+    parser.add_argument("--output", help="output folder (default: inside the run directory); "
+                                         "the checkpoint file for --import-weights")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default: train.device)")
+    parser.add_argument("--fresh", action="store_true", help="-t: ignore existing checkpoints and start over")
+    parser.add_argument("--sample", action="store_true", help="-e: store a posterior sample instead of the mean")
+    parser.add_argument("--side-by-side", action="store_true", help="-i: write original and reconstruction side by side")
+    parser.add_argument("--write", action="store_true", help="-mem: store the batch size found in the config file")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
+    parser.add_argument("--input2", help="-inter: second image or folder; -probe: labelled test folder")
+    parser.add_argument("--matrix", help="-matrix: the experiment matrix TOML file")
+    parser.add_argument("--steps", type=int, help="-inter: images per interpolation (8); -pics: traversal steps (9)")
+    parser.add_argument("--nll-samples", type=int, help="-eval: importance samples per image for the NLL "
+                                                        "(default 100, fewer above 64x64 px; 0 = skip)")
+    parser.add_argument("--nll-sigma", help="-eval: decoder sigma of the Gaussian likelihood, or 'auto' "
+                                            "(sqrt of the reconstruction MSE; default)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+
+def train_py_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="flexvae: VAEs declared as JSON token lists. Give exactly one mode.")
+    group = parser.add_mutually_exclusive_group(required=True)
+    for mode in MODES:
+        if mode is IMPORT:  # takes its source as the flag's value
+            group.add_argument(mode.flag, dest="import_weights", metavar="SRC", help=mode.help)
+        else:
+            group.add_argument(mode.flag, dest="mode", action="store_const", const=mode.name, help=mode.help)
+    _add_options(parser)
+    return parser
+
+
+def flexvae_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexvae", description="flexvae: VAEs declared as JSON token lists.")
+    sub = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
+    for mode in MODES:
+        command = sub.add_parser(mode.name, help=mode.help, description=mode.help)
+        if mode is IMPORT:
+            command.add_argument("import_weights", metavar="SRC", help="diffusers VAE folder or original .safetensors")
+        _add_options(command)
+    return parser
+
+
+def handler_for(args) -> Callable:
+    """The handler of the parsed command line's mode."""
+    if getattr(args, "import_weights", None):
+        return IMPORT.handler
+    return BY_NAME[args.mode].handler

@@ -1,0 +1,165 @@
+"""From TOML files, nested dicts and ``--set section.key=value`` overrides to a checked Config."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from ..errors import ConfigError
+from .schema import SECTIONS, Config, ModelConfig
+from .validate import (fields_of, key_suggestion, latent_key_error, section_fields, unknown_key,
+                       unknown_section, validate_value, matches)
+
+
+def _latent_type(name: str):
+    from ..latents import LATENTS
+
+    return LATENTS.get(name)
+
+
+def latent_params(latent_type, table: dict, source: str, stored: bool = False):
+    """The [latent] table checked against the parameters of ``latent_type``.
+
+    ``stored``: a config kept in a checkpoint, which may also hold the keys of other latent
+    types (older checkpoints stored every latent's settings); those are ignored.
+    """
+    from ..latents import LATENTS
+
+    known = fields_of(latent_type.params)
+    values = {}
+    for key, value in table.items():
+        if key not in known:
+            if stored and LATENTS.owners(key):
+                continue
+            raise latent_key_error(latent_type, key, source)
+        values[key] = validate_value(latent_type.params, "latent", key, value, source)
+    return latent_type.params(**values)
+
+
+def config_from_dict(raw: dict, source: str = "<config>", *, stored: bool = False) -> Config:
+    """Build a checked Config from a nested dict such as tomllib returns."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a config must be a table of sections, got {type(raw).__name__}")
+    sections, latent_table = {}, {}
+    for name, table in raw.items():
+        if name not in SECTIONS and name != "latent":
+            if isinstance(table, dict):
+                raise unknown_section(name, source)
+            raise ConfigError(f"{source}: '{name}' is not inside a section; every key belongs under a "
+                              f"[section] header.{key_suggestion(None, name)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: '{name}' must be a table ([{name}] header), got {type(table).__name__}")
+        if name == "latent":
+            latent_table = table
+            continue
+        known = section_fields(name)
+        values = {}
+        for key, value in table.items():
+            if key not in known:
+                raise unknown_key(name, key, source)
+            values[key] = validate_value(SECTIONS[name], name, key, value, source)
+        sections[name] = SECTIONS[name](**values)
+    model = sections.get("model", ModelConfig())
+    sections["latent"] = latent_params(_latent_type(model.latent), latent_table, source, stored)
+    return Config(**sections)
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults (path None) or a TOML file, then ``section.key=value`` overrides."""
+    if path is None:
+        cfg = Config()
+    else:
+        path = Path(path)
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config path is a directory, not a file: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not valid UTF-8 text: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        cfg = config_from_dict(raw, str(path))
+    return apply_overrides(cfg, overrides)
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "1": True, "on": True,
+               "false": False, "no": False, "0": False, "off": False}
+
+
+def parse_override_value(text: str, tp):
+    """An override's value: a TOML value when it parses as one, else the bare string."""
+    try:
+        parsed = tomllib.loads("v = " + text)
+        value = parsed["v"] if list(parsed) == ["v"] else text.strip()
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    if tp is bool:
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        if type(value) is int and value in (0, 1):
+            return bool(value)
+        return value
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # forms TOML lacks, such as .5 or 1E3
+        except ValueError:
+            return value
+    if tp == list[str] and isinstance(value, str):
+        return [value] if value else []
+    if not matches(value, tp)[0] and matches(text.strip(), tp)[0]:
+        return text.strip()  # e.g. a date-like or numeric folder name for a string field
+    return value
+
+
+def _split_override(item: str) -> tuple[str, str, str]:
+    target, sep, text = item.partition("=")
+    section, dot, key = target.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError(f"--set: malformed override {item!r}; expected section.key=value, "
+                          f"e.g. train.lr=3e-4 or data.path=my/images")
+    return section, key, text
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """A new Config with each ``section.key=value`` applied in order.
+
+    ``latent.*`` overrides are checked against the latent type in effect after every
+    ``model.latent`` override, whatever their order; when ``model.latent`` changes, the
+    previous type's settings do not carry over.
+    """
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    latent_items = []
+    for item in overrides:
+        section, key, text = _split_override(item)
+        if section == "latent":
+            latent_items.append((key, text))
+            continue
+        if section not in SECTIONS:
+            raise unknown_section(section, "--set")
+        fields = section_fields(section)
+        if key not in fields:
+            raise unknown_key(section, key, "--set")
+        value = validate_value(SECTIONS[section], section, key, parse_override_value(text, fields[key][1]), "--set")
+        new_section = dataclasses.replace(getattr(cfg, section), **{key: value})
+        cfg = dataclasses.replace(cfg, **{section: new_section})
+    latent_type = _latent_type(cfg.model.latent)
+    latent = cfg.latent if isinstance(cfg.latent, latent_type.params) else latent_type.params()
+    fields = fields_of(latent_type.params)
+    for key, text in latent_items:
+        if key not in fields:
+            raise latent_key_error(latent_type, key, "--set")
+        value = validate_value(latent_type.params, "latent", key, parse_override_value(text, fields[key][1]), "--set")
+        latent = dataclasses.replace(latent, **{key: value})
+    return dataclasses.replace(cfg, latent=latent)

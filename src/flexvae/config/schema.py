@@ -1,0 +1,125 @@
+"""The run configuration's schema: one frozen dataclass per TOML section.
+
+Every field has a default, so an empty file (or no file) is a valid config. The
+``[latent]`` section is not fixed here: it holds the parameter dataclass of the latent
+type that ``model.latent`` names (see ``latents/registry.py``).
+"""
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..fields import NON_NEGATIVE, POSITIVE, UNIT_CLOSED, UNIT_CLOSED_OPEN, UNIT_OPEN, UNIT_OPEN_CLOSED, setting
+from ..latents.registry import NoParams
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = setting(
+        "folder", "'folder' or a torchvision dataset: mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn")
+    path: str = setting("assets/photos", "image folder (source = folder) or dataset root (downloads go there)")
+    val_path: str = setting("", "optional separate validation image folder; empty = none")
+    image_size: int = setting(32, "side length in pixels that images are resized to", POSITIVE)
+    channels: Literal[1, 3, 4] = setting(3, "image channels: 1 (grey), 3 (RGB) or 4 (RGBA)")
+    resize_filter: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = setting(
+        "bilinear", "resampling filter: nearest, bilinear, bicubic, lanczos, box or hamming")
+    pad_to_square: bool = setting(False, "pad images to a square before resizing instead of cropping")
+    flip: bool = setting(True, "random horizontal flip (training only)")
+    num_workers: int = setting(2, "data loader worker processes", NON_NEGATIVE)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    encoder: str | list[str] = setting(
+        "structures/small_encoder.json", "encoder: JSON token-list file or inline list of tokens")
+    decoder: str | list[str] = setting(
+        "structures/small_decoder.json", "decoder: JSON token-list file or inline list of tokens")
+    latent: str = setting(
+        "gaussian", "latent bottleneck: gaussian, deterministic, vq, fsq or categorical")
+    scaling_factor: float = setting(
+        1.0, "latents are multiplied by this when encoded, divided by it before decoding", POSITIVE)
+    plugins: list[str] = setting([], "Python modules or .py files that register extra layer tokens")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    recon: Literal["mse", "l1", "bce"] = setting("mse", "reconstruction loss: mse, l1 or bce")
+    alpha: float = setting(1.0, "reconstruction loss weight", NON_NEGATIVE)
+    kld_weight: float = setting(1e-4, "KL divergence weight (its final value under a schedule)", NON_NEGATIVE)
+    kld_reduction: Literal["mean", "sum"] = setting(
+        "mean", "KL reduction: mean (per element) or sum (per sample, averaged over the batch)")
+    kld_schedule: Literal["constant", "linear", "cyclical"] = setting(
+        "constant", "KL weight schedule: constant, linear (warmup) or cyclical")
+    kld_warmup_steps: int = setting(0, "linear schedule: steps to ramp the KL weight from 0", NON_NEGATIVE)
+    kld_cycle_steps: int = setting(1000, "cyclical schedule: period length in steps", POSITIVE)
+    kld_cycle_ratio: float = setting(0.5, "cyclical schedule: fraction of a period spent ramping", UNIT_OPEN_CLOSED)
+    ssim: bool = setting(False, "add beta * (1 - SSIM) to the loss")
+    beta: float = setting(1.0, "SSIM loss weight", NON_NEGATIVE)
+    ssim_kind: Literal["auto", "ssim", "ms-ssim"] = setting(
+        "auto", "SSIM variant: auto (chosen from the image size), ssim or ms-ssim")
+    sparse: bool = setting(False, "add gamma * L1 of the posterior mean to the loss")
+    gamma: float = setting(1e-3, "sparsity loss weight", NON_NEGATIVE)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = setting(16, "images per optimizer micro-batch", POSITIVE)
+    max_steps: int = setting(600, "optimizer steps to train for", POSITIVE)
+    lr: float = setting(1e-3, "peak learning rate (AdamW)", POSITIVE)
+    weight_decay: float = setting(0.01, "AdamW weight decay", NON_NEGATIVE)
+    betas: list[float] = setting([0.9, 0.999], "AdamW betas [beta1, beta2]", UNIT_CLOSED_OPEN, (2, 2))
+    warmup_steps: int = setting(0, "linear learning-rate warmup steps", NON_NEGATIVE)
+    schedule: Literal["constant", "cosine"] = setting("cosine", "learning-rate schedule after warmup: constant or cosine")
+    min_lr_ratio: float = setting(0.1, "cosine schedule: final learning rate as a fraction of lr", UNIT_CLOSED)
+    grad_accum: int = setting(1, "micro-batches accumulated per optimizer step", POSITIVE)
+    grad_clip: float = setting(1.0, "gradient norm clipping; 0 = off", NON_NEGATIVE)
+    ema: bool = setting(False, "keep an exponential moving average of the weights")
+    ema_decay: float = setting(0.999, "EMA decay per step", UNIT_OPEN)
+    seed: int = setting(0, "random seed")
+    device: str = setting("auto", "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    out_dir: str = setting("runs/default", "folder for checkpoints, samples and logs")
+    save_every: int = setting(200, "save a checkpoint every N steps", POSITIVE)
+    keep_last: int = setting(3, "number of recent checkpoints kept", POSITIVE)
+    sample_every: int = setting(200, "write reconstruction samples every N steps", POSITIVE)
+    log_every: int = setting(10, "log losses every N steps", POSITIVE)
+    val_every: int = setting(0, "validate on data.val_path every N steps (and at the end); 0 = off", NON_NEGATIVE)
+    precision: Literal["fp32", "bf16", "fp16"] = setting(
+        "fp32", "fp32, or bf16/fp16 autocast (fp16 adds a gradient scaler); norms and the loss stay fp32")
+    channels_last: bool = setting(False, "channels-last memory layout for 2D/3D data (faster convolutions on GPU)")
+    compile: bool = setting(False, "torch.compile the model; falls back to eager with a message where it fails")
+    grad_checkpointing: Literal["off", "marked", "blocks"] = setting(
+        "off", "recompute activations in backward: off, marked ('@' tokens and spans), blocks (every VAERB/VAEA too)")
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    format: Literal["safetensors", "npy"] = setting("safetensors", "file format for encoded latents: safetensors or npy")
+    sample: bool = setting(False, "store a posterior sample instead of the mean")
+    batch_size: int = setting(32, "images per encoding batch", POSITIVE)
+
+
+@dataclass(frozen=True)
+class MemConfig:
+    margin: float = setting(0.9, "fraction of free device memory that may be used", UNIT_OPEN_CLOSED)
+    probe_sizes: list[int] = setting([1, 2, 4], "batch sizes measured to fit memory use (at least 2)", POSITIVE, (2, None))
+    max_batch: int = setting(4096, "largest batch size ever suggested", POSITIVE)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # The parameters of the latent type model.latent names (its registered dataclass).
+    latent: object = field(default_factory=NoParams)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    mem: MemConfig = field(default_factory=MemConfig)
+
+
+# Sections with a fixed schema; [latent] depends on model.latent.
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "latent"}
+SECTION_ORDER = [f.name for f in dataclasses.fields(Config)]

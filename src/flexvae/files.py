@@ -1,0 +1,86 @@
+"""Writing files so that a reader never sees half of one: the one atomic-write helper.
+
+Every file flexvae writes (checkpoints, configs, metrics, images, latents, manifests) goes
+through ``atomic_path``: the content is written to a temporary file beside the target,
+flushed to disk, and renamed over the target, and the folder entry is synced. A failure or
+an interruption leaves the previous file as it was and removes the temporary one. A new
+file gets the permissions the umask gives; a replaced file keeps its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import stat
+from pathlib import Path
+
+# Temporary files are named ".<target name>.<8 hex digits>.tmp".
+TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data to disk (opened writable: some platforms only sync those)."""
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename durable; not every platform can open a folder."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path to write to; on success it replaces ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "w", **kwargs):
+    """``open`` for writing, atomically: ``with atomic_open(p) as fh: fh.write(...)``."""
+    if not mode.startswith("w"):
+        raise ValueError(f"atomic_open writes a whole file; mode must start with 'w', got {mode!r}")
+    if "b" not in mode:
+        kwargs.setdefault("encoding", "utf-8")
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
+
+
+def write_text(path, text: str) -> Path:
+    with atomic_open(path, "w", newline="\n") as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def write_bytes(path, data: bytes) -> Path:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)

@@ -1,0 +1,142 @@
+"""The latent protocol: what every latent type implements, with the same signatures.
+
+A latent sits between the encoder's output ``h`` and the decoder's input ``z``:
+
+- ``Latent.latent_shape(encoder_shape)``: the per-sample latent shape, or ``ValueError``
+  with a readable reason when the encoder's output cannot feed this latent;
+- ``Latent.forward(h, step=None) -> Posterior``; ``step`` is the optimizer step during
+  training (schedules such as the categorical temperature use it), None otherwise;
+- ``Latent.noise_shape(latent_shape)``: the per-sample shape of the noise that
+  ``Posterior.sample(noise=...)`` takes, or None when sampling needs none; ``noise_kind``
+  says how that noise is distributed ("normal" or "uniform" in [0, 1)). The trainer draws
+  it for the global batch, so results do not depend on how a batch is split across processes;
+- ``Latent.sample_prior(n, latent_shape, generator, device)``: raw latents from the prior;
+- ``Latent.metrics()``: non-loss diagnostics (codebook usage ...), floats by name.
+
+A ``Posterior`` has ``sample(generator=None, noise=None)``, ``mode()``, ``kl()`` (shape
+(B,), summed over every non-batch dim), ``kl_elements()`` (same shape as the latent, sums
+to ``kl``), ``variance()`` (per element, zero for point codes), ``aux_losses()`` and ``mean``.
+
+Discrete latents (``DiscreteLatent``) also map between latents and integer codes:
+``code_shape(latent_shape)``, ``codes(posterior, z=None)`` and ``decode_codes(codes)``.
+
+A new latent type is one class registered with ``@register_latent`` (``latents/registry.py``)
+next to its definition, with a frozen dataclass of its parameters (the ``[latent]`` keys).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+
+def batch_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over every non-batch dim, so 1D, 2D and 3D latents all give shape (B,)."""
+    return t.flatten(1).sum(dim=1)
+
+
+def draw_noise(kind: str, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Noise of ``kind`` ("normal" or "uniform") with the given full shape."""
+    if kind == "normal":
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if kind == "uniform":
+        return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    raise ValueError(f"unknown noise kind {kind!r}")
+
+
+class Posterior:
+    """q(z|x) for one batch. Subclasses set ``mean`` and implement ``sample`` and ``mode``."""
+
+    mean: torch.Tensor
+
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mode(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def kl_elements(self) -> torch.Tensor:
+        """KL to the prior per latent element; zero for codes without a KL term."""
+        return torch.zeros_like(self.mean)
+
+    def kl(self) -> torch.Tensor:
+        return batch_sum(self.kl_elements())
+
+    def variance(self) -> torch.Tensor:
+        """Variance of q per latent element (zero for a point code)."""
+        return torch.zeros_like(self.mean)
+
+    def aux_losses(self) -> dict:
+        return {}
+
+
+class PointPosterior(Posterior):
+    """A deterministic code: sampling returns the code itself and the KL term is zero."""
+
+    def __init__(self, value: torch.Tensor):
+        self.mean = value
+
+    def sample(self, generator=None, noise=None) -> torch.Tensor:
+        return self.mean
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        return self.mean.new_zeros(self.mean.shape[0])
+
+
+class Latent(nn.Module):
+    """Base of every latent type; ``kind`` and ``Params`` are set by ``@register_latent``."""
+
+    kind: ClassVar[str] = "latent"
+    Params: ClassVar[type]
+    noise_kind: ClassVar[str | None] = None
+
+    @classmethod
+    def from_params(cls, params) -> "Latent":
+        """Built from its parameter dataclass (the config's [latent] section)."""
+        return cls(**asdict(params))
+
+    def latent_shape(self, encoder_shape: tuple[int, ...]) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def forward(self, h: torch.Tensor, step: int | None = None) -> Posterior:
+        raise NotImplementedError
+
+    def noise_shape(self, latent_shape) -> tuple[int, ...] | None:
+        return None
+
+    def sample_prior(self, n: int, latent_shape, generator=None, device=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def metrics(self) -> dict:
+        return {}
+
+
+class DiscreteLatent(Latent):
+    """A latent whose values are integer codes; ``-e`` stores them and ``-d`` decodes them."""
+
+    def code_shape(self, latent_shape) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def codes(self, posterior: Posterior, z: torch.Tensor | None = None) -> torch.Tensor:
+        """Integer codes of a sample ``z`` of ``posterior``, or of its mode when z is None."""
+        raise NotImplementedError
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Integer codes -> the raw latent the decoder takes; ValueError for codes out of range."""
+        raise NotImplementedError
+
+
+def check_code_range(codes: torch.Tensor, count: int) -> torch.Tensor:
+    """``codes`` as int64, or ValueError when one lies outside [0, count)."""
+    codes = codes.long()
+    if codes.numel():
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= count:
+            raise ValueError(f"codes must lie in [0, {count - 1}], found [{low}, {high}]")
+    return codes

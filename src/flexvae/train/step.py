@@ -1,0 +1,91 @@
+"""One optimizer step: AdamW, the learning-rate schedule, accumulation, clipping, precision."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import TrainingError
+from ..losses import vae_loss
+from .distributed import DistInfo
+from .runtime import Runtime, flip_mask
+
+
+def lr_factor(step: int, cfg) -> float:
+    """Multiplier of train.lr at ``step``: linear warm-up, then cosine down to min_lr_ratio."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW; weight decay on weight matrices and kernels only, not on biases and norms."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def random_flip(images: torch.Tensor, seed: int, step: int, micro: int = 0, dist: DistInfo = DistInfo()) -> torch.Tensor:
+    """Horizontal flip of about half the batch, decided by (seed, step, micro-batch) so a
+    resumed run, or the same batch split across processes, sees the same flips."""
+    flip = flip_mask(images.shape[0], seed, step, micro, dist)
+    flip = flip.view(-1, *([1] * (images.dim() - 1))).to(images.device)
+    return torch.where(flip, images.flip(-1), images)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    terms: dict
+    kld_weight: float
+    grad_norm: float
+
+
+def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None) -> StepResult:
+    """One optimizer step over ``len(batches)`` micro-batches (gradient accumulation).
+
+    The forward pass runs under the runtime's autocast; the loss is computed in float32
+    outside it. ``noises``: per micro-batch Gaussian sampling noise (see runtime.sample_noise).
+    A plain model stands for an fp32, single-process runtime.
+    """
+    if isinstance(runtime, torch.nn.Module):
+        runtime = Runtime.plain(runtime)
+    optimizer.zero_grad(set_to_none=True)
+    totals: dict[str, float] = {}
+    loss_sum, kld_weight = 0.0, 0.0
+    output_kind = runtime.model.output
+    for index, images in enumerate(batches):
+        noise = noises[index] if noises else None
+        with runtime.no_sync(last_micro_batch=index == len(batches) - 1):
+            with runtime.autocast():
+                out = runtime.step_model(images, step=step, noise=noise)
+            losses = vae_loss(images, out, cfg.loss, step, output=output_kind)
+            loss = losses.total / len(batches)
+            (runtime.scaler.scale(loss) if runtime.scaler is not None else loss).backward()
+        loss_sum += losses.total.item() / len(batches)
+        for name, value in losses.terms.items():
+            totals[name] = totals.get(name, 0.0) + value.item() / len(batches)
+        kld_weight = losses.kld_weight
+    if not math.isfinite(loss_sum):
+        raise TrainingError(
+            f"the loss became {loss_sum} at step {step + 1} ({', '.join(f'{k}={v:.4g}' for k, v in totals.items())}). "
+            "Lower train.lr, raise train.grad_clip or check the data"
+        )
+    if runtime.scaler is not None:
+        runtime.scaler.unscale_(optimizer)
+    grad_norm = float("nan")
+    if cfg.train.grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(runtime.model.parameters(), cfg.train.grad_clip))
+    if runtime.scaler is not None:
+        runtime.scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+        runtime.scaler.update()
+    else:
+        optimizer.step()
+    return StepResult(loss_sum, totals, kld_weight, grad_norm)
