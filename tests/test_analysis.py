@@ -298,6 +298,11 @@ def test_cli_modes(tiny_run, tmp_path):
 
 
 def test_cli_reports_a_missing_second_input(tiny_run, tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "train.py"), "-inter", "--ckpt", str(tiny_run["run"]),
-                           "--input", str(tiny_run["data"])], cwd=tmp_path, capture_output=True, text=True)
+    from helpers.inprocess import run_in_process
+
+    done = run_in_process(["-inter", "--ckpt", tiny_run["run"], "--input", tiny_run["data"]], cwd=tmp_path)
     assert done.returncode == 1 and "--input2" in done.stderr
+    steps = run_in_process(["-inter", "--ckpt", tiny_run["run"], "--input", tiny_run["data"], "--input2",
+                            tiny_run["data"], "--steps", "1"], cwd=tmp_path)
+    assert steps.returncode == 1 and steps.stderr.strip() == (
+        "error: --steps must be at least 2 for an interpolation (both ends included), got 1")

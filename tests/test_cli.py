@@ -1,8 +1,12 @@
-"""The command line end to end: every mode in a subprocess, on a generated image folder.
+"""The command line end to end: every mode, on a generated image folder.
 
-One tiny run is trained once per module (``-t``) and then reconstructed (``-i``), encoded
-(``-e``) and decoded (``-d``). User mistakes must give one ``error:`` line on stderr, a
-non-zero exit status and no traceback (``--debug`` shows it).
+One tiny run is trained once per module (``-t``, in a subprocess through train.py) and then
+reconstructed (``-i``), encoded (``-e``, also through the installed ``flexvae`` command from
+another folder) and decoded (``-d``). User mistakes must give one ``error:`` line on stderr,
+a non-zero exit status and no traceback (``--debug`` shows it, in a subprocess).
+
+Most commands run in this process through ``flexvae.cli.main`` with stdout and stderr
+captured: a subprocess costs a torch import (seconds) each.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+
+from helpers.inprocess import run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny_test.toml"
@@ -52,12 +58,16 @@ def make_images(root: Path) -> Path:
     return root
 
 
-def run_cli(*args, cwd=REPO, program=None, expect=0):
-    """Run ``train.py`` (or ``program``) with ``args``; check the exit status unless ``expect`` is None."""
-    command = program or [sys.executable, str(REPO / "train.py")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny tensors: one thread is fastest
-    proc = subprocess.run([*command, *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+def run_cli(*args, cwd=REPO, program=None, expect=0, subprocess_run=False):
+    """Run ``train.py`` (in this process unless ``subprocess_run``) or ``program`` (a subprocess)
+    with ``args``; check the exit status unless ``expect`` is None."""
+    args = [str(a) for a in args]
+    if program is None and not subprocess_run:
+        proc = run_in_process(args, cwd)
+    else:
+        command = program or [sys.executable, str(REPO / "train.py")]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny tensors: one thread is fastest
+        proc = subprocess.run([*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     if expect is not None:
         check_rc(proc, expect)
     return proc
@@ -69,10 +79,15 @@ def check_rc(proc, expect=0):
 
 
 def run_many(jobs: dict[str, dict]) -> dict[str, subprocess.CompletedProcess]:
-    """Run independent commands side by side (each is mostly a torch import): {name: run_cli kwargs}."""
+    """Run independent commands: {name: run_cli kwargs}. Subprocesses (mostly a torch import)
+    run side by side while the in-process ones run here, one after another."""
+    external = {name: job for name, job in jobs.items() if job.get("program") or job.get("subprocess_run")}
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        futures = {name: pool.submit(run_cli, *job.pop("args"), expect=None, **job) for name, job in jobs.items()}
-        return {name: future.result() for name, future in futures.items()}
+        futures = {name: pool.submit(run_cli, *job.pop("args"), expect=None, **job) for name, job in external.items()}
+        results = {name: run_cli(*job.pop("args"), expect=None, **job)
+                   for name, job in jobs.items() if name not in external}
+        results.update({name: future.result() for name, future in futures.items()})
+    return {name: results[name] for name in jobs}
 
 
 def console_script() -> list[str]:
@@ -130,7 +145,7 @@ def runs(tmp_path_factory) -> Runs:
     bad.write_text(json.dumps(["C2d_3_8_3_1_1", "NoSuchLayer_8", "C2d_8_4_3_1_1"]))
     (root / "empty_run").mkdir()
     r.results.update(run_many({
-        "train": {"args": ["-t", *tiny_args(r.images, r.run)]},
+        "train": {"args": ["-t", *tiny_args(r.images, r.run)], "subprocess_run": True},
         "check": {"args": ["--check", *tiny_args(r.images, root / "unused")]},
         "layers": {"args": ["--layers"]},
         "non_finite": {"args": ["-t", *tiny_args(r.images, root / "exploding", "--set", "train.lr=1e30",
@@ -319,7 +334,7 @@ def test_no_checkpoint_found(runs):
 
 def test_debug_shows_the_traceback(tmp_path):
     args = tiny_args(tmp_path / "images", tmp_path / "run", "--set", "train.learning_rate=0.1")
-    proc = run_cli("-t", *args, "--debug", expect=None)
+    proc = run_cli("-t", *args, "--debug", expect=None, subprocess_run=True)
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr and "train.lr" in proc.stderr
 
