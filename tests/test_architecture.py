@@ -236,7 +236,7 @@ def test_an_old_checkpoint_loads(tmp_path):
 def test_public_api_names_resolve():
     for name in flexvae.__all__:
         assert getattr(flexvae, name) is not None, name
-    assert flexvae.load_model.__module__ == "flexvae.checkpoint"
+    assert flexvae.load_model.__module__ == "flexvae.checkpoint.rebuild"
     assert flexvae.VAE.__module__ == "flexvae.model"
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from flexvae.errors import CheckpointError
-from flexvae import checkpoint as ckpt
+from flexvae.checkpoint import format as ckpt
 from flexvae.checkpoint import (
     Checkpoint,
     checkpoint_name,

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("flexvae") is None:  # running from a checkout without installing
@@ -23,7 +24,7 @@ from flexvae.config import (  # noqa: E402
     load_config,
     save_config,
 )
-from flexvae.device import resolve_device  # noqa: E402
+from flexvae.device import DeviceError, resolve_device  # noqa: E402
 from flexvae.errors import ConfigError  # noqa: E402
 from flexvae.latents import LATENTS  # noqa: E402
 
@@ -338,5 +339,14 @@ def test_tomllib_fallback_is_in_place():
 
 def test_resolve_device():
     assert resolve_device("cpu") == "cpu"
-    assert resolve_device("cuda:1") == "cuda:1"
+    for name in ("cuda", "cuda:1", "mps"):
+        if name.startswith("cuda") and torch.cuda.device_count() > int(name.partition(":")[2] or 0):
+            assert resolve_device(name) == name
+        elif name == "mps" and torch.backends.mps.is_available():
+            assert resolve_device(name) == name
+        else:
+            with pytest.raises(DeviceError, match=f"device '{name}' was asked for"):
+                resolve_device(name)
+    with pytest.raises(DeviceError, match="'foo' is not one of auto, cpu, cuda, cuda:N or mps"):
+        resolve_device("foo")
     assert resolve_device("auto") in ("cuda", "mps", "cpu")

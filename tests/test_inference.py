@@ -219,7 +219,7 @@ def test_npy_format_and_decode_back(ctx, images, tmp_path):
     assert np.load(tmp_path / "np" / "a.npy", allow_pickle=False).dtype == np.float32
 
     summary = decode_folder(ctx, tmp_path / "np", tmp_path / "decoded", batch_size=2, progress=False)
-    assert summary == {"decoded": len(READABLE), "failed": 0}
+    assert summary == {"decoded": len(READABLE), "failed": 0, "non_finite_files": 0}
     reconstruct_folder(ctx, images, tmp_path / "recon", progress=False)
     for rel in READABLE:
         target = Path(rel).with_suffix(".png")
@@ -236,9 +236,9 @@ def test_decode_reports_unusable_latents_and_goes_on(ctx, tmp_path, capsys):
     save_latent(torch.randn(3, 5, 5), latents / "wrong_shape.npy", "npy")
     (latents / "garbage.safetensors").write_bytes(b"not a safetensors file")
     summary = decode_folder(ctx, latents, tmp_path / "out", progress=False)
-    assert summary == {"decoded": 1, "failed": 2}
+    assert summary == {"decoded": 1, "failed": 2, "non_finite_files": 0}
     assert Image.open(tmp_path / "out" / "nested" / "good.png").size == (16, 16)
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert "wrong_shape.npy" in printed and "garbage.safetensors" in printed
     with pytest.raises(DataError, match="no latent files"):
         decode_folder(ctx, tmp_path / "out", tmp_path / "again", progress=False)

@@ -340,7 +340,7 @@ def test_encode_then_decode_uses_the_integer_codes(tmp_path, case, fmt):
     assert tuple(codes.shape) == model.latent.code_shape(model.latent_shape)
 
     assert decode_folder(ctx, tmp_path / "latents", tmp_path / "decoded", progress=False) == \
-        {"decoded": 3, "failed": 0}
+        {"decoded": 3, "failed": 0, "non_finite_files": 0}
     with torch.no_grad():
         direct = model.to_image(model.decode_codes(codes.unsqueeze(0)))[0]
     save_image(direct, tmp_path / "direct.png")

@@ -8,6 +8,8 @@ The CLI prints these as one message and exits non-zero, without a traceback
 class FlexVAEError(Exception):
     """A mistake the user can fix; the message says what and where."""
 
+    exit_status = 1
+
 
 class StructureError(FlexVAEError):
     """A structure file (token list) is malformed or does not fit the data."""
@@ -41,3 +43,16 @@ class CheckpointError(FlexVAEError):
 
 class TrainingError(FlexVAEError):
     """Training cannot go on (non-finite loss, incompatible resume, interruption)."""
+
+
+class Interrupted(TrainingError):
+    """Ctrl-C: the work so far is saved; the message says where and how to go on."""
+
+    exit_status = 130
+
+
+def describe_os_error(exc: OSError) -> str:
+    """'PATH: cause' for a failed file operation (disk full, permission, name too long, ...)."""
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    paths = [p for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{' -> '.join(map(str, paths))}: {cause}" if paths else cause

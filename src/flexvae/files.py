@@ -84,3 +84,67 @@ def write_bytes(path, data: bytes) -> Path:
     with atomic_open(path, "wb") as fh:
         fh.write(data)
     return Path(path)
+
+
+def read_small_file(path, limit: int, what: str, error) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; ``error`` (a FlexVAEError class)
+    for a missing, special (FIFO, device), oversized or unreadable file. Never blocks on a FIFO."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise error(f"{what} {path} is a folder, not a file") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{what} {path} is not a regular file (a FIFO, socket or device?)")
+    if info.st_size > limit:
+        raise error(f"{what} {path} is {info.st_size:,} bytes; at most {limit:,} are read")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise error(f"{what} {path} is larger than {limit:,} bytes")
+    return data
+
+
+class RunLock:
+    """An exclusive lock on a folder, held while one process works in it: ``<folder>/.flexvae.lock``
+    with the holder's PID. The OS releases it when the process ends, however it ends, so a
+    killed run never blocks the next one. Without fcntl (Windows) nothing is locked."""
+
+    NAME = ".flexvae.lock"
+
+    def __init__(self, folder):
+        self.path = Path(folder) / self.NAME
+        self._fh = None
+
+    def acquire(self) -> "RunLock":
+        """Take the lock, or raise BlockingIOError whose ``holder`` names the other process."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not on this platform
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            fh.seek(0)
+            exc.holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing the descriptor drops the lock
+            self._fh = None

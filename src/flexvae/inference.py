@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path, PurePosixPath
@@ -40,6 +42,25 @@ def safe_output_path(out_root: Path, relpath: str, suffix: str | None = None) ->
     return target
 
 
+def check_folders(input_dir, output_dir, flag: str = "--output") -> Path:
+    """The output folder, refused when it would overwrite or re-read the user's files: the
+    input folder itself, a folder inside the input (the next run would read its own outputs),
+    a folder holding the input, or an existing file."""
+    source, out = Path(input_dir).resolve(), Path(output_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{flag} {output_dir} is an existing file; name a folder for the outputs")
+    if out == source:
+        raise DataError(f"{flag} {output_dir} is the input folder: its files would be overwritten; "
+                        f"choose another output folder")
+    if source in out.parents:
+        raise DataError(f"{flag} {output_dir} is inside the input folder {input_dir}: a later run would read "
+                        f"its own outputs as inputs; choose a folder outside it")
+    if source.is_dir() and out in source.parents:
+        raise DataError(f"{flag} {output_dir} holds the input folder {input_dir}: outputs could overwrite "
+                        f"inputs; choose a folder beside it")
+    return Path(output_dir)
+
+
 def output_names(relpaths, suffix: str) -> dict[str, str]:
     """Relative output path for each input: its suffix replaced by ``suffix``, except where two
     inputs would share that name (``x.png`` and ``x.jpg``): those keep their own suffix and get
@@ -63,11 +84,12 @@ def reconstruct_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=16
     """Reconstruct every image; write PNGs with the same relative paths and a metrics CSV."""
     from tqdm import tqdm
 
-    out_root = Path(output_dir)
-    out_root.mkdir(parents=True, exist_ok=True)
+    out_root = check_folders(input_dir, output_dir)
     dataset, loader = _folder_loader(ctx, input_dir, batch_size, num_workers, device)
+    out_root.mkdir(parents=True, exist_ok=True)
     names = output_names(dataset.relpaths, ".png")
     skips = SkipLog()
+    skips.add(dataset.excluded)
     rows = []
     for batch in tqdm(loader, disable=not progress, desc="reconstruct"):
         skips.add(batch.failures)
@@ -88,6 +110,9 @@ def reconstruct_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=16
         if rows:
             writer.writerow({"path": "MEAN", "psnr": f"{np.mean([r['psnr'] for r in rows]):.4f}",
                              "ssim": f"{np.mean([r['ssim'] for r in rows]):.5f}"})
+    if not rows:
+        raise DataError(f"not one of the {len(dataset) + len(dataset.excluded)} image files under {input_dir} "
+                        f"could be read ({skips.count} skipped, listed above)")
     return {
         "images": len(rows), "skipped": skips.count,
         "psnr": float(np.mean([r["psnr"] for r in rows])) if rows else float("nan"),
@@ -143,12 +168,24 @@ def load_latent(path: Path) -> torch.Tensor:
 
 
 def read_manifest(path: Path) -> dict[str, dict]:
-    entries = {}
+    """Entries by input path; a later line for the same input wins. Lines that are not
+    entries (a damaged file) are reported and ignored, so their inputs are done again."""
+    entries, bad = {}, []
     if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
                 entry = json.loads(line)
+            except (json.JSONDecodeError, RecursionError, ValueError):
+                entry = None
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str) and "status" in entry:
                 entries[entry["path"]] = entry
+            else:
+                bad.append(number)
+    if bad:
+        print(f"warning: {path}: ignored {len(bad)} damaged line(s) (first: line {bad[0]}); "
+              f"their inputs are encoded again", file=sys.stderr)
     return entries
 
 
@@ -165,15 +202,15 @@ def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors",
     from .train.distributed import DistInfo, barrier, sum_across
 
     dist = dist or DistInfo()
-    out_root = Path(output_dir)
+    out_root = check_folders(input_dir, output_dir)
+    input_root = Path(input_dir)
+    excluded: list[tuple[str, str]] = []
+    images = find_images(input_root, excluded)
     out_root.mkdir(parents=True, exist_ok=True)
     suffix = LATENT_SUFFIXES[fmt]
     manifest_path = out_root / MANIFEST
     previous = read_manifest(manifest_path)
-
-    input_root = Path(input_dir)
     todo = []
-    images = find_images(input_root)
     names = output_names([path.relative_to(input_root).as_posix() for path in images], suffix)
     for path in images:
         rel = path.relative_to(input_root).as_posix()
@@ -190,12 +227,14 @@ def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors",
     stats = [0.0, 0.0, 0, 0]  # latent values' sum, sum of squares and count; images encoded
     started = time.perf_counter()
     skips = SkipLog()
+    if dist.is_main:
+        skips.add(excluded)
     try:
         if todo:
             _encode_batches(ctx, input_root, out_root, todo, names, entries, skips, fmt, sample, batch_size,
-                            num_workers, device, generator, progress and dist.is_main, stats)
+                            num_workers, device, generator, progress and dist.is_main, stats, own_manifest)
     finally:
-        _write_manifest(own_manifest, entries)
+        _write_manifest(own_manifest, entries)  # compact: one line per input
     total, total_sq, count, encoded = sum_across(dist, stats, device)
     if dist.enabled:
         barrier(dist)
@@ -212,8 +251,12 @@ def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors",
         "encoded": int(encoded),
         "already_done": len(images) - pending,
         "failed": sum(1 for e in entries.values() if e["status"] != "ok"),
+        "skipped_special": len(excluded),
         "seconds": time.perf_counter() - started,
     }
+    if pending and not encoded and summary["already_done"] == 0:
+        raise DataError(f"not one of the {len(images) + len(excluded)} files under {input_dir} could be encoded "
+                        f"({summary['failed']} unreadable, {len(excluded)} not regular files; see {manifest_path})")
     if count > 1:
         mean = total / count
         std = max((total_sq / count - mean * mean), 0.0) ** 0.5
@@ -227,17 +270,21 @@ def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors",
 
 
 def _encode_batches(ctx, input_root, out_root, todo, names, entries, skips, fmt, sample, batch_size,
-                    num_workers, device, generator, progress, stats):
-    """Encode ``todo`` into latent files; record each input in ``entries`` and add the
+                    num_workers, device, generator, progress, stats, journal: Path):
+    """Encode ``todo`` into latent files; record each input in ``entries`` and, batch by batch,
+    in the ``journal`` manifest (so an interrupted run keeps what it finished), and add the
     latents' sum, sum of squares and count, and the number of images encoded, to ``stats``."""
     from tqdm import tqdm
 
     _, loader = _folder_loader(ctx, input_root, batch_size, num_workers, device, paths=todo)
     for batch in tqdm(loader, disable=not progress, desc="encode"):
         skips.add(batch.failures)
+        done = []
         for rel, reason in batch.failures:
             entries[rel] = {"path": rel, "status": "failed", "reason": reason}
+            done.append(entries[rel])
         if batch.images is None:
+            _append_manifest(journal, done)
             continue
         latents, codes = ctx.vae.encode_with_codes(batch.images.to(device), sample=sample, generator=generator)
         latents = latents.float().cpu()
@@ -253,6 +300,18 @@ def _encode_batches(ctx, input_root, out_root, todo, names, entries, skips, fmt,
                             "shape": list(latent.shape)}
             if code is not None:
                 entries[rel]["codes_shape"] = list(code.shape)
+            done.append(entries[rel])
+        _append_manifest(journal, done)
+
+
+def _append_manifest(path: Path, entries: list[dict]) -> None:
+    """Append entries to a manifest and flush them to disk (a later line for the same input wins)."""
+    if not entries:
+        return
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write("".join(json.dumps(entry) + "\n" for entry in entries))
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _write_manifest(path: Path, entries: dict) -> None:
@@ -261,16 +320,20 @@ def _write_manifest(path: Path, entries: dict) -> None:
 
 @torch.no_grad()
 def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, device="cpu", progress=True) -> dict:
-    """Decode every latent file (.safetensors/.npy) under ``input_dir`` to a PNG at the same relative path.
+    """Decode every latent file (.safetensors/.npy) under ``input_dir`` to a PNG at the same
+    relative path; ``manifest.jsonl`` in the output accounts for each file.
 
     A file holding integer codes of a discrete latent is decoded from its codes (the stored
-    float latent is then only a convenience for other tools).
+    float latent is then only a convenience for other tools). Latents holding NaN or
+    infinite values are decoded (they come out as black or saturated pixels) with a warning,
+    and the count of such values is recorded in the manifest.
     """
     from tqdm import tqdm
 
-    in_root, out_root = Path(input_dir), Path(output_dir)
+    in_root = Path(input_dir)
     if not in_root.is_dir():
         raise DataError(f"latent folder not found: {in_root}")
+    out_root = check_folders(input_dir, output_dir)
     files = sorted(p for p in in_root.rglob("*") if p.suffix in (".safetensors", ".npy") and p.is_file()
                    and not p.name.startswith(".") and not p.name.endswith(CODES_SUFFIX))
     if not files:
@@ -279,38 +342,48 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, dev
     expected = tuple(ctx.vae.latent_shape)
     discrete = ctx.vae.latent if ctx.vae.is_discrete else None
     expected_codes = tuple(discrete.code_shape(expected)) if discrete is not None else None
-    done, failed = 0, []
+    entries, failed, non_finite_files = {}, [], 0
     for start in tqdm(range(0, len(files), batch_size), disable=not progress, desc="decode"):
         chunk, tensors = [], []  # tensors: raw latents, as the decoder takes them
         for path in files[start:start + batch_size]:
+            rel = path.relative_to(in_root).as_posix()
             try:
-                latent, codes = load_latent_file(path)
-            except Exception as exc:  # unreadable file: report, go on
+                raw = _raw_latent(path, ctx, discrete, expected, expected_codes, device)
+            except Exception as exc:  # unreadable or mismatched file: report, go on
                 failed.append((path, str(exc)))
+                entries[rel] = {"path": rel, "status": "failed", "reason": str(exc)}
                 continue
-            if discrete is not None and codes is not None:
-                if tuple(codes.shape) != expected_codes:
-                    failed.append((path, f"codes shape {tuple(codes.shape)}, the model expects {expected_codes}"))
-                    continue
-                try:
-                    raw = discrete.decode_codes(codes.unsqueeze(0).to(device))[0].float().cpu()
-                except ValueError as exc:
-                    failed.append((path, str(exc)))
-                    continue
-            elif tuple(latent.shape) != expected:
-                failed.append((path, f"latent shape {tuple(latent.shape)}, the model expects {expected}"))
-                continue
-            else:
-                raw = latent.float() / ctx.vae.scaling_factor
+            bad = int((~torch.isfinite(raw)).sum())
+            if bad:
+                non_finite_files += 1
+                print(f"warning: {path}: {bad} of {raw.numel()} latent values are NaN or infinite; decoded anyway",
+                      file=sys.stderr)
             chunk.append(path)
             tensors.append(raw)
+            entries[rel] = {"path": rel, "status": "ok", "file": names[rel], "non_finite": bad}
         if not tensors:
             continue
         images = ctx.vae.to_image(ctx.vae.decode(torch.stack(tensors).to(device)))
         for path, image in zip(chunk, images):
-            rel = path.relative_to(in_root).as_posix()
-            save_image(image, safe_output_path(out_root, names[rel]))
-            done += 1
+            save_image(image, safe_output_path(out_root, names[path.relative_to(in_root).as_posix()]))
     for path, reason in failed:
-        print(f"warning: skipped {path}: {reason}")
-    return {"decoded": done, "failed": len(failed)}
+        print(f"warning: skipped {path}: {reason}", file=sys.stderr)
+    done = len(entries) - len(failed)
+    out_root.mkdir(parents=True, exist_ok=True)
+    _write_manifest(out_root / MANIFEST, entries)
+    if not done:
+        raise DataError(f"not one of the {len(files)} latent files under {in_root} could be decoded "
+                        f"({len(failed)} failed, listed above)")
+    return {"decoded": done, "failed": len(failed), "non_finite_files": non_finite_files}
+
+
+def _raw_latent(path: Path, ctx, discrete, expected, expected_codes, device) -> torch.Tensor:
+    """The raw latent a file holds, as the decoder takes it; ValueError/DataError when it does not fit."""
+    latent, codes = load_latent_file(path)
+    if discrete is not None and codes is not None:
+        if tuple(codes.shape) != expected_codes:
+            raise ValueError(f"codes shape {tuple(codes.shape)}, the model expects {expected_codes}")
+        return discrete.decode_codes(codes.unsqueeze(0).to(device))[0].float().cpu()
+    if tuple(latent.shape) != expected:
+        raise ValueError(f"latent shape {tuple(latent.shape)}, the model expects {expected}")
+    return latent.float() / ctx.vae.scaling_factor

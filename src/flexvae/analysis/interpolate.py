@@ -19,6 +19,7 @@ import torch
 
 from ..data import find_images, save_grid
 from ..errors import DataError
+from ..files import write_text
 
 MODES = ("linear", "slerp")
 
@@ -97,6 +98,6 @@ def interpolate_inputs(ctx, first, second, output_dir, steps: int = 8, modes=MOD
         target = out / f"interpolate_{mode}.png"
         save_grid(rows, target)
         written[mode] = str(target)
-    (out / "interpolate_pairs.txt").write_text(
+    write_text(out / "interpolate_pairs.txt",
         "rows (input A | t = 0 ... 1 | input B):\n" + "\n".join(f"{i}: {n}" for i, n in enumerate(names)) + "\n")
     return {"pairs": len(names), "steps": steps, "files": written}

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..data import save_grid
+from ..files import atomic_open, write_text
 from . import require
 
 NOT_LOSS_TERMS = ("step", "kld_weight", "lr", "grad_norm", "images_per_s")
@@ -69,7 +70,7 @@ def traversal_grid(vae, reference, images, path, top_k: int = 8, steps: int = 9,
     save_grid(rows, path)
     lines = [f"row {i}: channel {c}, mean KL {stats['kl'][c]:.4g} nats, step s_c = {stats['spread'][c]:.4g}"
              for i, c in enumerate(channels)]
-    Path(path).with_suffix(".txt").write_text(
+    write_text(Path(path).with_suffix(".txt"),
         f"first column: reference image; then the channel shifted by v * s_c, v = {-span:g} .. {span:g} "
         f"in {steps} steps\n" + "\n".join(lines) + "\n")
     return {"channels": channels, "kl": [float(stats["kl"][c]) for c in channels]}
@@ -169,7 +170,8 @@ def plot_history(columns: dict, out_dir, kl_history: dict | None = None) -> list
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path)
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format=Path(path).suffix.lstrip(".") or "png")
     return path
 
 
@@ -192,7 +194,7 @@ def kl_per_channel_history(run_dir, images: torch.Tensor, device="cpu") -> dict:
 
 def write_kl_history(history: dict, path) -> Path:
     path = Path(path)
-    with open(path, "w", newline="") as fh:
+    with atomic_open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         channels = len(history["kl"][0]) if history["kl"] else 0
         writer.writerow(["step", *[f"kl_c{c}" for c in range(channels)]])

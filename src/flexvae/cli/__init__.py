@@ -2,15 +2,15 @@
 
 The only part of the package that knows argparse: ``modes.py`` holds the table of modes and
 builds both parsers from it; the handlers (``handlers.py``, ``analysis.py``) call library
-functions with typed values. User mistakes (FlexVAEError) print one line and exit with
-status 1; ``--debug`` shows the traceback instead.
+functions with typed values. User mistakes (FlexVAEError) and failed file operations (OSError) print one line
+and exit with status 1 (130 after Ctrl-C); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import sys
 
-from ..errors import FlexVAEError
+from ..errors import FlexVAEError, describe_os_error
 from .modes import MODES, flexvae_parser, handler_for, train_py_parser
 
 __all__ = ["main", "MODES", "flexvae_parser", "train_py_parser"]
@@ -25,6 +25,11 @@ def main(argv=None, prog: str = "flexvae") -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except OSError as exc:  # disk full, permission denied, a name too long ... while reading or writing
+        if args.debug:
+            raise
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # -t turns Ctrl-C into a TrainingError after saving; other modes stop here
         if args.debug:

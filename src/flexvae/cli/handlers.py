@@ -95,7 +95,8 @@ def decode(args) -> int:
     out = Path(args.output or run / "decoded")
     summary = decode_folder(model, args.input or run / "latents", out, batch_size=cfg.encode.batch_size,
                             device=device)
-    print(f"decoded {summary['decoded']} latents into {out} ({summary['failed']} failed)")
+    bad = f"; {summary['non_finite_files']} held NaN or infinite values" if summary["non_finite_files"] else ""
+    print(f"decoded {summary['decoded']} latents into {out} ({summary['failed']} failed{bad})")
     return 0
 
 

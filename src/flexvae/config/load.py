@@ -12,9 +12,13 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from ..errors import ConfigError
+from ..files import read_small_file
 from .schema import SECTIONS, Config, ModelConfig
 from .validate import (fields_of, key_suggestion, latent_key_error, section_fields, unknown_key,
                        unknown_section, validate_value, matches)
+
+
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def _latent_type(name: str):
@@ -76,19 +80,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         cfg = Config()
     else:
         path = Path(path)
+        data = read_small_file(path, MAX_CONFIG_BYTES, "config file", ConfigError)
         try:
-            with open(path, "rb") as fh:
-                raw = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except IsADirectoryError:
-            raise ConfigError(f"config path is a directory, not a file: {path}") from None
+            raw = tomllib.loads(data.decode("utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not valid UTF-8 text: {e}") from None
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        except (RecursionError, ValueError) as e:  # nesting or numbers beyond what a config needs
+            raise ConfigError(f"{path}: not a usable config: {type(e).__name__}: {str(e)[:200]}") from None
         cfg = config_from_dict(raw, str(path))
     return apply_overrides(cfg, overrides)
 

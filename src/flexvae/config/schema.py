@@ -6,14 +6,14 @@ type that ``model.latent`` names (see ``latents/registry.py``).
 """
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from ..fields import NON_NEGATIVE, POSITIVE, UNIT_CLOSED, UNIT_CLOSED_OPEN, UNIT_OPEN, UNIT_OPEN_CLOSED, setting
 from ..latents.registry import NoParams
 
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+SEED_RANGE = ("between -2**32 and 2**32", lambda v: -2**32 < v < 2**32)
+FOLDER_NAME = ("a folder name (not empty; '.' is the working directory itself)", lambda v: v.strip() not in ("", "."))
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,9 @@ class TrainConfig:
     grad_clip: float = setting(1.0, "gradient norm clipping; 0 = off", NON_NEGATIVE)
     ema: bool = setting(False, "keep an exponential moving average of the weights")
     ema_decay: float = setting(0.999, "EMA decay per step", UNIT_OPEN)
-    seed: int = setting(0, "random seed")
+    seed: int = setting(0, "random seed, -2**32 < seed < 2**32", SEED_RANGE)
     device: str = setting("auto", "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    out_dir: str = setting("runs/default", "folder for checkpoints, samples and logs")
+    out_dir: str = setting("runs/default", "folder for checkpoints, samples and logs", FOLDER_NAME)
     save_every: int = setting(200, "save a checkpoint every N steps", POSITIVE)
     keep_last: int = setting(3, "number of recent checkpoints kept", POSITIVE)
     sample_every: int = setting(200, "write reconstruction samples every N steps", POSITIVE)

@@ -10,7 +10,8 @@ from typing import Literal
 
 from ..errors import ConfigError
 from ..utils import close_matches
-from .schema import DEVICE_PATTERN, SECTION_ORDER, SECTIONS
+from ..device import DEVICE_PATTERN
+from .schema import SECTION_ORDER, SECTIONS
 
 # Common names for keys that string similarity alone would not find.
 _ALIASES = {

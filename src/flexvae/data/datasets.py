@@ -28,6 +28,8 @@ class _PipelineDataset(Dataset):
     an ``error``, never an exception, so one bad file cannot stop an epoch.
     """
 
+    excluded: list[tuple[str, str]] = []  # files found but never opened (special files), with reasons
+
     def _configure(self, channels: int, image_size: int, resize_filter: str, pad_to_square: bool) -> None:
         check_options(channels, image_size, resize_filter)
         self.channels, self.image_size = channels, image_size
@@ -59,8 +61,9 @@ class ImageFolder(_PipelineDataset):
                  paths: Optional[Iterable[PathLike]] = None) -> None:
         self._configure(channels, image_size, resize_filter, pad_to_square)
         self.root = Path(root).absolute()
+        self.excluded: list[tuple[str, str]] = []  # (relative path, reason): found but never opened
         if paths is None:
-            self.paths = find_images(self.root)
+            self.paths = find_images(self.root, self.excluded)
         else:
             self.paths = [p if p.is_absolute() else self.root / p for p in map(Path, paths)]
         self.relpaths = [_relative(p, self.root) for p in self.paths]

@@ -8,6 +8,8 @@ are float32 in [-1, 1], shaped (channels, image_size, image_size).
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -31,13 +33,17 @@ RESIZE_FILTERS = MappingProxyType({
 })
 
 CHANNEL_MODES = MappingProxyType({1: "L", 3: "RGB", 4: "RGBA"})
+MAX_IMAGE_PIXELS = 64 * 2**20  # 64 megapixels: larger files are reported as unreadable
 
 
-def find_images(root: PathLike) -> list[Path]:
+def find_images(root: PathLike, excluded: list | None = None) -> list[Path]:
     """All image files under ``root`` at any depth, sorted so runs are repeatable.
 
     Hidden files and folders (name starting with '.') are skipped: they are
-    editor, OS or version-control clutter, never training data.
+    editor, OS or version-control clutter, never training data. Names with an image
+    extension that are not regular files (FIFOs, sockets, devices, broken links) are
+    never opened: reading a FIFO blocks forever. They are appended to ``excluded`` as
+    (relative path, reason) when a list is given.
     """
     root = Path(root)
     if not root.exists():
@@ -49,13 +55,36 @@ def find_images(root: PathLike) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         folder = Path(dirpath)
-        found.extend(folder / name for name in filenames
-                     if not name.startswith(".") and Path(name).suffix.lower() in suffixes)
+        for name in filenames:
+            if name.startswith(".") or Path(name).suffix.lower() not in suffixes:
+                continue
+            path = folder / name
+            why = _not_regular(path)
+            if why is None:
+                found.append(path)
+            elif excluded is not None:
+                excluded.append((path.relative_to(root).as_posix(), why))
+    if not found and excluded:
+        raise DataError(f"no readable image file in {root}: the {len(excluded)} file(s) named like images are "
+                        f"not regular files (first: {excluded[0][0]}, {excluded[0][1]})")
     if not found:
         looked_for = ", ".join(f".{ext}" for ext in IMAGE_EXTENSIONS)
         raise DataError(f"no image files found in {root} (looked for {looked_for}, "
                         "in any letter case, in all subfolders)")
     return sorted(found)
+
+
+def _not_regular(path: Path) -> str | None:
+    """Why ``path`` is not a regular file (following links), or None when it is one."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
+        "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder" if stat.S_ISDIR(mode) else "special"
+    return f"not a regular file ({kind}); not opened"
 
 
 def check_options(channels: int, image_size: int, resize_filter: str) -> None:
@@ -146,10 +175,19 @@ def pil_to_tensor(img: Image.Image, channels: int, image_size: int,
 
 def open_image(path: PathLike) -> Image.Image:
     """Decode a file completely (``load`` makes truncated files fail here) and
-    apply its EXIF orientation, so phone photos are upright."""
-    with Image.open(path) as img:
-        img.load()
-        return ImageOps.exif_transpose(img)
+    apply its EXIF orientation, so phone photos are upright. An image of more than
+    ``MAX_IMAGE_PIXELS`` pixels (a decompression bomb) fails before it is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(
+                        f"{img.width} x {img.height} pixels, more than the {MAX_IMAGE_PIXELS:,} flexvae decodes")
+                img.load()
+                return ImageOps.exif_transpose(img)
+        except Image.DecompressionBombWarning as exc:
+            raise Image.DecompressionBombError(str(exc)) from None
 
 
 def reason(exc: BaseException, limit: int = 200) -> str:

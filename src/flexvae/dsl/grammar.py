@@ -41,6 +41,9 @@ class _Infer:
 INFER = _Infer()
 
 _REPEAT = re.compile(r"^(\d+)\*")
+# Limits that keep a structure file from exhausting memory or time before it is checked.
+MAX_REPEAT = 1024  # N in N*TOKEN
+MAX_INTEGER = 2**31 - 1  # largest absolute value of an integer argument
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
 _INT = re.compile(r"^[+-]?\d+$")
 _FLOAT = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$")
@@ -77,9 +80,16 @@ def parse_value(piece: str, *, keyword: bool = False):
     if piece == "?":
         return INFER
     if _INT.match(piece):
+        digits = piece.lstrip("+-")
+        if len(digits) > 12 or abs(int(piece)) > MAX_INTEGER:
+            raise ValueError(f"integer {piece[:20]}{'...' if len(piece) > 20 else ''} is too large "
+                             f"(at most {MAX_INTEGER} in absolute value)")
         return int(piece)
     if _FLOAT.match(piece):
-        return float(piece)
+        value = float(piece)
+        if value in (float("inf"), float("-inf")):
+            raise ValueError(f"number {piece[:20]}{'...' if len(piece) > 20 else ''} is too large for a float")
+        return value
     if keyword:
         lowered = piece.lower()
         if lowered in ("true", "false"):
@@ -114,7 +124,11 @@ def parse_token(text: str, source: str | None = None, position: int | None = Non
     repeat = 1
     match = _REPEAT.match(body)
     if match:
-        repeat = int(match.group(1))
+        count = match.group(1)
+        if len(count) > 6 or int(count) > MAX_REPEAT:
+            raise fail(f"repeat count {count[:12]}{'...' if len(count) > 12 else ''} is too large: "
+                       f"N*TOKEN takes N from 1 to {MAX_REPEAT}")
+        repeat = int(count)
         if repeat < 1:
             raise fail(f"repeat count must be at least 1, found {repeat}")
         body = body[match.end():]
@@ -139,7 +153,10 @@ def parse_token(text: str, source: str | None = None, position: int | None = Non
                 raise fail(f"keyword argument {piece!r} must look like name=value")
             if key in kwargs:
                 raise fail(f"keyword argument {key!r} is given twice")
-            value = parse_value(raw, keyword=True)
+            try:
+                value = parse_value(raw, keyword=True)
+            except ValueError as exc:
+                raise fail(f"value of {key!r}: {exc}") from None
             if value is None:
                 raise fail(f"value {raw!r} of {key!r} is not a number, '?', true/false or a word")
             kwargs[key] = value
@@ -149,7 +166,10 @@ def parse_token(text: str, source: str | None = None, position: int | None = Non
             continue
         if pending_words:
             raise fail(_word_message(name, pending_words[0]))
-        value = parse_value(piece)
+        try:
+            value = parse_value(piece)
+        except ValueError as exc:
+            raise fail(f"argument {index}: {exc}") from None
         if value is None:
             raise fail(f"argument {index} {piece!r} is not a number or '?'")
         if kwargs:

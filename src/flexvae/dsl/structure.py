@@ -7,10 +7,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import StructureError
+from ..files import read_small_file
 from .grammar import TokenSpec, parse_token
 
 # Gradient-checkpointing span markers: the tokens between them are recomputed as one segment.
 SPAN_BEGIN, SPAN_END = "@begin", "@end"
+MAX_LAYERS = 4096  # layers of one structure after N*TOKEN is unrolled
+MAX_FILE_BYTES = 1 << 20  # a structure file is a short list of tokens
 
 
 def parse_structure(tokens, source: str = "<structure>") -> list[TokenSpec]:
@@ -45,6 +48,10 @@ def parse_structure(tokens, source: str = "<structure>") -> list[TokenSpec]:
                              source=source)
     if not specs:
         raise StructureError("the structure is empty: list at least one layer token", source=source)
+    layers = sum(spec.repeat for spec in specs)
+    if layers > MAX_LAYERS:
+        raise StructureError(f"the structure unrolls to {layers:,} layers; at most {MAX_LAYERS:,} are allowed",
+                             source=source)
     return specs
 
 
@@ -68,16 +75,22 @@ def unparse_structure(specs: list[TokenSpec]) -> list[str]:
 def load_structure(path) -> list[TokenSpec]:
     """Read a JSON structure file; JSON errors name the file, line and column."""
     path = Path(path)
+    data = read_small_file(path, MAX_FILE_BYTES, "structure file", StructureError)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise StructureError(f"structure file not found: {path}") from None
-    except OSError as exc:
-        raise StructureError(f"cannot read structure file {path}: {exc.strerror}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StructureError(f"not UTF-8 text (byte {exc.start}): a structure file is a JSON list of tokens",
+                             source=str(path)) from None
     try:
         tokens = json.loads(text)
     except json.JSONDecodeError as exc:
         raise StructureError(
             f"not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", source=str(path)
         ) from None
+    except RecursionError:
+        raise StructureError("JSON nested too deeply: a structure file is a flat list of tokens",
+                             source=str(path)) from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise StructureError(f"not a usable JSON value: {exc}", source=str(path)) from None
     return parse_structure(tokens, source=str(path))
+

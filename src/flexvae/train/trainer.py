@@ -7,7 +7,6 @@ Running again on a directory with a checkpoint resumes it.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -16,14 +15,15 @@ import torch
 from ..assemble import model_from_config
 from ..checkpoint import (checkpoint_metadata, checkpoint_name, list_checkpoints, load_checkpoint,
                           prune_checkpoints, save_checkpoint)
-from ..config import save_config
 from ..data import SkipLog, first_images, make_loader, open_dataset, save_grid
 from ..device import resolve_device
-from ..errors import TrainingError
+from ..errors import Interrupted, TrainingError
+from ..files import RunLock
 from ..losses import check_loss_config, reconstruction_loss
 from ..metrics import MetricsLog, psnr
 from .distributed import barrier, cleanup, from_environment, mean_across, setup
 from .ema import EMA
+from .run_dir import remove_run_outputs, save_run_config, tidy_resumed_run
 from .rng import capture_rng_state, restore_rng_state, seed_everything, set_torch_rng_state, torch_rng_state
 from .runtime import prepare, sample_noise
 from .sampler import StreamSampler
@@ -69,11 +69,8 @@ class Trainer:
         self.device = setup(self.dist, torch.device(resolve_device(device or cfg.train.device)))
         self.quiet = quiet or not self.dist.is_main
         self.run_dir = Path(cfg.train.out_dir)
-        if fresh and self.run_dir.exists() and self.dist.is_main:
-            for name in ("checkpoints", "samples", "tensorboard"):
-                shutil.rmtree(self.run_dir / name, ignore_errors=True)
-            (self.run_dir / "metrics.csv").unlink(missing_ok=True)
-        barrier(self.dist)
+        self.fresh = fresh
+        self.lock = RunLock(self.run_dir)
         seed_everything(cfg.train.seed)
         self.model, self.plan = model_from_config(cfg, config_path, device=self.device)
         check_loss_config(cfg.loss, self.plan.data_shape)
@@ -164,6 +161,8 @@ class Trainer:
             data.source, data.path, train=True, channels=data.channels, image_size=data.image_size,
             resize_filter=data.resize_filter, pad_to_square=data.pad_to_square,
         )
+        if self.dist.is_main:
+            self.skips.add(dataset.excluded)
         sampler = StreamSampler(len(dataset), seed=self.cfg.train.seed, start=self.stream_position,
                                 rank=self.dist.rank, world_size=self.dist.world_size)
         self._read_position = self.stream_position  # runs ahead of stream_position during a step
@@ -236,13 +235,36 @@ class Trainer:
         self._compile_verified = True  # compiled and ran: later failures are real errors
         return result
 
+    # ----------------------------------------------------------------- run directory
+    def _take_run_dir(self) -> None:
+        """Lock the run directory for this process (rank 0), apply --fresh, save the config."""
+        if not self.dist.is_main:
+            return
+        try:
+            self.lock.acquire()
+        except BlockingIOError as exc:
+            raise TrainingError(
+                f"{self.run_dir} is in use by another flexvae process (pid {exc.holder}); wait for it to "
+                "finish, or choose another train.out_dir") from None
+        if self.fresh:
+            removed = remove_run_outputs(self.run_dir)
+            if removed:
+                self.log(f"--fresh: removed the previous run's {removed} from {self.run_dir}")
+        save_run_config(self.cfg, self.run_dir)
+
     # ----------------------------------------------------------------- loop
     def train(self) -> Path | None:
+        try:
+            self._take_run_dir()
+            barrier(self.dist)
+            return self._train()
+        finally:
+            self.lock.release()
+
+    def _train(self) -> Path | None:
         tcfg = self.cfg.train
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.toml")
-        self.resume()
+        if self.resume() and self.dist.is_main:
+            tidy_resumed_run(self.run_dir, self.step)
         if self.step >= tcfg.max_steps:
             self.log(f"{self.run_dir} already reached train.max_steps = {tcfg.max_steps}; nothing to do")
             return None
@@ -321,10 +343,9 @@ class Trainer:
         saved_now = self.last_saved is not None and self.last_saved.name == checkpoint_name(self.step)
         if self.dist.is_main and self.step and not saved_now:
             self.save()
-        raise TrainingError(
-            f"interrupted at step {self.step}; checkpoint saved in {self.run_dir / 'checkpoints'}. "
-            "Run the same command again to resume"
-        ) from None
+        where = (f"checkpoint saved in {self.run_dir / 'checkpoints'}. Run the same command again to resume"
+                 if self.step else "nothing to save before the first step")
+        raise Interrupted(f"interrupted at step {self.step}; {where}") from None
 
     def _validation_batches(self):
         """Images of data.val_path, loaded once, for the metrics written every val_every steps."""

@@ -1,0 +1,160 @@
+"""Checkpoint metadata (everything needed to rebuild the model from the file alone) and the
+rebuild itself, which treats the metadata as untrusted input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, ConfigError, StructureError
+from .format import FORMAT_VERSION, Checkpoint, load_checkpoint
+from .runs import resolve_checkpoint
+
+
+def checkpoint_metadata(cfg, plan, step: int, scaling_factor: float) -> dict:
+    """Everything needed to rebuild the model from the checkpoint file alone."""
+    from ..assemble import output_kind
+    from ..config import config_to_dict
+    from ..dsl.structure import unparse_structure
+    from ..version import __version__
+
+    return {
+        "format": FORMAT_VERSION,
+        "flexvae_version": __version__,
+        "step": int(step),
+        "config": config_to_dict(cfg),
+        "encoder": unparse_structure(_unexpanded(plan.encoder.specs)),
+        "decoder": unparse_structure(_unexpanded(plan.decoder.specs)),
+        "data_shape": list(plan.data_shape),
+        "latent_shape": list(plan.latent_shape),
+        "scaling_factor": float(scaling_factor),
+        "output": output_kind(cfg),
+        "plugins": list(cfg.model.plugins),
+    }
+
+
+def _unexpanded(specs):
+    """Expanded specs share their TokenSpec object per repeat: keep each once."""
+    seen, out = set(), []
+    for spec in specs:
+        if id(spec) not in seen:
+            seen.add(id(spec))
+            out.append(spec)
+    return out
+
+
+@dataclass
+class LoadedModel:
+    """A model with the preprocessing its training used; from ``load_run`` also the config it
+    was trained with (its data settings are the defaults of every mode) and where it came from."""
+
+    vae: torch.nn.Module
+    data_shape: tuple
+    resize_filter: str = "bilinear"
+    pad_to_square: bool = False
+    cfg: Any = None
+    plan: Any = None
+    path: Path | None = None
+    step: int = 0
+
+
+def _check_metadata(path, meta: dict) -> None:
+    """Checkpoint metadata is untrusted input: every field the rebuild uses is checked."""
+    def bad(key, wanted):
+        return CheckpointError(f"{path}: corrupt checkpoint metadata: {key!r} must be {wanted}, "
+                               f"found {str(meta.get(key))[:80]!r}")
+
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} "
+                              f"(this flexvae reads format {FORMAT_VERSION})")
+    if not isinstance(meta.get("config"), dict):
+        raise bad("config", "a table")
+    for key in ("encoder", "decoder"):
+        value = meta.get(key)
+        if not isinstance(value, list) or not value or not all(isinstance(t, str) and len(t) < 1000 for t in value):
+            raise bad(key, "a list of token strings")
+    shape = meta.get("data_shape")
+    if (not isinstance(shape, list) or not 2 <= len(shape) <= 4
+            or not all(type(n) is int and 1 <= n <= 65536 for n in shape)):
+        raise bad("data_shape", "a list of 2 to 4 sizes between 1 and 65536")
+    factor = meta.get("scaling_factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+        raise bad("scaling_factor", "a positive number")
+    if meta.get("output") not in ("value", "logits"):
+        raise bad("output", "'value' or 'logits'")
+    step = meta.get("step", 0)
+    if type(step) is not int or step < 0:
+        raise bad("step", "a whole number >= 0")
+    plugins = meta.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise bad("plugins", "a list of names")
+
+
+def _check_shapes(path, plan_meta, state: dict, scaling_factor, output) -> None:
+    """The stored structure, built on the meta device (no memory), must have exactly the
+    checkpoint's tensors: a structure asking for more than its weights hold fails here,
+    before any real module is allocated."""
+    expected = {k: tuple(v.shape) for k, v in plan_meta.build("meta", scaling_factor, output).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match the stored structure "
+            f"(missing: {', '.join(missing[:5]) or 'none'}; unexpected: {', '.join(unexpected[:5]) or 'none'})")
+    wrong = [k for k in expected if expected[k] != found[k]]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(f"{path}: weights do not match the stored structure: {k} has shape {found[k]}, "
+                              f"the structure needs {expected[k]} ({len(wrong)} tensor(s) differ)")
+
+
+def model_from_checkpoint(ckpt: Checkpoint, device=None, prefer_ema: bool = True, extra_plugins=()):
+    """(model, stored config, plan) rebuilt from a checkpoint's metadata, weights loaded."""
+    from ..assemble import load_plugins, make_latent
+    from ..build import as_specs, plan_vae
+    from ..config import config_from_dict
+
+    meta = ckpt.metadata
+    _check_metadata(ckpt.path, meta)
+    try:
+        cfg = config_from_dict(meta["config"], source=f"{ckpt.path} (stored config)", stored=True)
+    except ConfigError as exc:
+        raise CheckpointError(f"{ckpt.path}: corrupt stored config: {exc}") from None
+    load_plugins(extra_plugins)
+
+    def plan():
+        return plan_vae(as_specs(meta["encoder"], f"{ckpt.path} (encoder)"),
+                        as_specs(meta["decoder"], f"{ckpt.path} (decoder)"), meta["data_shape"], make_latent(cfg))
+
+    try:
+        plan_meta, plan_real = plan(), plan()  # each build takes the latent module of its plan
+    except StructureError as exc:
+        hint = ""
+        if meta.get("plugins"):
+            hint = f" This checkpoint was trained with plugins {meta['plugins']}: pass them with --set model.plugins=..."
+        raise CheckpointError(f"{ckpt.path}: cannot rebuild the model: {exc}.{hint}") from None
+    state = ckpt.ema_state if prefer_ema and ckpt.ema_state else ckpt.model_state
+    _check_shapes(ckpt.path, plan_meta, state, meta["scaling_factor"], meta["output"])
+    model = plan_real.build(device, scaling_factor=meta["scaling_factor"], output=meta["output"])
+    model.load_state_dict(state)
+    model.eval()
+    plan = plan_real
+    return model, cfg, plan
+
+
+def load_run(path, device="cpu", prefer_ema: bool = True, plugins=()) -> LoadedModel:
+    """A checkpoint file, or a run directory (its latest checkpoint), rebuilt and ready."""
+    file = resolve_checkpoint(path)
+    ckpt = load_checkpoint(file, with_train_state=False)
+    vae, cfg, plan = model_from_checkpoint(ckpt, device=device, prefer_ema=prefer_ema, extra_plugins=plugins)
+    return LoadedModel(vae, tuple(plan.data_shape), cfg.data.resize_filter, cfg.data.pad_to_square,
+                       cfg, plan, file, ckpt.step)
+
+
+def load_model(path, device="cpu", prefer_ema: bool = True, plugins=()):
+    """The VAE of a checkpoint file or run directory, in eval mode:
+    ``vae = flexvae.load_model("runs/default")``."""
+    return load_run(path, device, prefer_ema, plugins).vae

@@ -1,0 +1,90 @@
+"""What a training run keeps in its directory, and the care taken with it: only files that
+flexvae wrote are ever removed, and a resumed run starts from a directory as the checkpoint
+left it (metrics after the checkpoint's step cut, temporary files of a killed write gone)."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+from ..checkpoint import CHECKPOINT_DIR, list_checkpoints
+from ..config import dump_toml
+from ..errors import TrainingError
+from ..files import TEMP_NAME, atomic_open, write_text
+from ..metrics import METRICS_FILE
+
+CONFIG_FILE = "config.toml"
+CONFIG_HEADER = "# The resolved config of this flexvae run (written by flexvae; edits are overwritten)."
+SAMPLE_NAME = re.compile(r"step_\d+\.png")
+BOARD_DIR, BOARD_FILE = "tensorboard", re.compile(r"events\.out\.tfevents\..+")
+OLD_TEMP_NAME = re.compile(r"step_\d+\.safetensors\.tmp-\d+")  # written by flexvae 0.1's checkpoints
+
+
+def save_run_config(cfg, run_dir: Path) -> None:
+    """Write ``config.toml``, refusing to replace one that flexvae did not write."""
+    path = Path(run_dir) / CONFIG_FILE
+    if path.exists():
+        try:
+            head = path.read_text(encoding="utf-8", errors="replace")[:4096]
+        except OSError:
+            head = ""
+        ours = head.startswith(CONFIG_HEADER) or (list_checkpoints(run_dir) and head.startswith("[data]"))
+        if not ours:
+            raise TrainingError(
+                f"{path} exists and was not written by flexvae; train.out_dir = {run_dir} would overwrite it. "
+                "Choose another train.out_dir (a folder for this run's checkpoints, samples and metrics)")
+    write_text(path, f"{CONFIG_HEADER}\n{dump_toml(cfg)}")
+
+
+def _ours(folder: Path, pattern: re.Pattern) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if p.is_file() and pattern.fullmatch(p.name)]
+
+
+def remove_run_outputs(run_dir: Path) -> str:
+    """``--fresh``: delete the checkpoints, samples, metrics and TensorBoard events of a previous
+    run, and nothing else (a folder is removed only when that leaves it empty). Says what went."""
+    run_dir = Path(run_dir)
+    checkpoints = list_checkpoints(run_dir) if (run_dir / CHECKPOINT_DIR).is_dir() else []
+    samples = _ours(run_dir / "samples", SAMPLE_NAME)
+    events = _ours(run_dir / BOARD_DIR, BOARD_FILE)
+    metrics = [run_dir / METRICS_FILE] if (run_dir / METRICS_FILE).is_file() else []
+    for path in checkpoints + samples + events + metrics:
+        path.unlink(missing_ok=True)
+    for name in (CHECKPOINT_DIR, "samples", BOARD_DIR):
+        folder = run_dir / name
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    parts = [f"{len(checkpoints)} checkpoint(s)" if checkpoints else "", f"{len(samples)} sample grid(s)" if samples
+             else "", "metrics.csv" if metrics else "", f"{len(events)} TensorBoard file(s)" if events else ""]
+    return ", ".join(p for p in parts if p)
+
+
+def tidy_resumed_run(run_dir: Path, step: int) -> None:
+    """Before a resumed run goes on from ``step``: cut metrics.csv rows logged after it (a
+    killed run logged steps its checkpoint does not hold) and remove temporary files that a
+    killed write left behind."""
+    run_dir = Path(run_dir)
+    for folder in (run_dir, run_dir / CHECKPOINT_DIR, run_dir / "samples"):
+        for path in _ours(folder, TEMP_NAME) + _ours(folder, OLD_TEMP_NAME):
+            path.unlink(missing_ok=True)
+    metrics = run_dir / METRICS_FILE
+    if not metrics.is_file():
+        return
+    with open(metrics, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    if not rows or rows[0][:1] != ["step"]:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and _step_of(r[0]) is not None and _step_of(r[0]) <= step]
+    if len(kept) != len(rows):
+        with atomic_open(metrics, "w", newline="") as fh:
+            csv.writer(fh).writerows(kept)
+
+
+def _step_of(text: str) -> int | None:
+    try:
+        return int(float(text))
+    except ValueError:
+        return None
