@@ -25,7 +25,8 @@ class StructureError(FlexVAEError):
             where.append(f"position {position}")
         prefix = ", ".join(where)
         if token is not None:
-            prefix = f"{prefix}, token {token!r}" if prefix else f"token {token!r}"
+            shown = token if not isinstance(token, str) or len(token) <= 80 else f"{token[:60]}...{token[-12:]}"
+            prefix = f"{prefix}, token {shown!r}" if prefix else f"token {shown!r}"
         super().__init__(f"{prefix}: {message}" if prefix else message)
 
 

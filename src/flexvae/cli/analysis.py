@@ -18,6 +18,7 @@ def _context(args):
 
 def evaluate(args) -> int:
     cfg, device, run_dir = _context(args)
+    nll_samples = common.count_option(args, "nll_samples", 0, None, "the NLL (0 = skip it)")
     from ..analysis.common import image_dataset, image_loader, write_json
     from ..analysis.evaluate import evaluate_model, format_report
 
@@ -32,11 +33,11 @@ def evaluate(args) -> int:
             raise DataError(f"--nll-sigma must be a positive number or 'auto', got {args.nll_sigma!r}") from None
         if not sigma > 0:
             raise DataError(f"--nll-sigma must be positive, got {args.nll_sigma!r}")
-    result = evaluate_model(model.vae, loader, nll_samples=args.nll_samples, nll_sigma=sigma,
+    result = evaluate_model(model.vae, loader, nll_samples=nll_samples, nll_sigma=sigma,
                             device=device, seed=cfg.train.seed, progress=True)
     data = args.input or model.cfg.data.val_path or f"{model.cfg.data.path} ({model.cfg.data.source})"
     result = {"checkpoint": str(model.path), "step": model.step, "data": str(data),
-              "nll_samples": args.nll_samples, **result}
+              "nll_samples": nll_samples, **result}
     out = common.output_dir(args, run_dir, "evaluation")
     report = format_report(result)
     write_json(result, out / "evaluation.json")
@@ -53,17 +54,17 @@ def interpolate(args) -> int:
     if not args.input or not args.input2:
         raise DataError("interpolation needs two inputs: --input A --input2 B (two images, or two folders "
                         "whose images pair up in sorted order)")
-    if args.steps is not None and args.steps < 2:
-        raise DataError(f"--steps must be at least 2 for an interpolation (both ends included), got {args.steps}")
+    steps = common.count_option(args, "steps", 2, 8, "an interpolation (both ends included)")
     model = common.load_run(args, cfg, device)
     out = common.output_dir(args, run_dir, "interpolation")
-    summary = interpolate_inputs(model, args.input, args.input2, out, steps=args.steps or 8, device=device)
+    summary = interpolate_inputs(model, args.input, args.input2, out, steps=steps, device=device)
     print(f"{summary['pairs']} pair(s), {summary['steps']} steps: " + ", ".join(summary["files"].values()))
     return 0
 
 
 def pictures(args) -> int:
     cfg, device, run_dir = _context(args)
+    steps = common.count_option(args, "steps", 2, 9, "a traversal (both ends included)")
     from ..analysis import MissingDependency
     from ..analysis.common import first_images, image_dataset
     from ..analysis.pictures import (kl_per_channel_history, plot_history, prior_grid, traversal_grid,
@@ -73,7 +74,7 @@ def pictures(args) -> int:
     model = common.load_run(args, cfg, device)
     out = common.output_dir(args, run_dir, "pictures")
     images = first_images(image_dataset(model, args.input, model.cfg, train=True), 64).to(device)
-    info = traversal_grid(model.vae, images[:1], images, out / "traversal.png", steps=args.steps or 9)
+    info = traversal_grid(model.vae, images[:1], images, out / "traversal.png", steps=steps)
     print(f"traversal of channels {info['channels']} (largest KL first): {out / 'traversal.png'}")
     print(f"prior samples: {prior_grid(model.vae, out / 'prior.png', seed=cfg.train.seed)}")
     metrics = run_dir / METRICS_FILE

@@ -45,3 +45,17 @@ def output_dir(args, run: Path, name: str) -> Path:
     out = Path(args.output) if args.output else run / name
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def count_option(args, name: str, minimum: int, default, what: str):
+    """An integer option's value (``default`` when not given), or one DataError line when it is
+    below ``minimum``; ``what`` says what the count is for."""
+    from ..errors import DataError
+
+    value = getattr(args, name)
+    if value is None:
+        return default
+    if value < minimum:
+        flag = "--" + name.replace("_", "-")
+        raise DataError(f"{flag} must be at least {minimum} for {what}, got {value}")
+    return value
