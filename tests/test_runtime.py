@@ -183,13 +183,25 @@ def _losses(run_dir):
         return [float(row["loss"]) for row in csv.DictReader(fh)]
 
 
+CATEGORICAL_DECODER = '["C2d_?_8_3_1_1", "VAERB_8_8_dropout=0.3", "UpS_2", "C2d_?_8_3_1_1", "Drop_0.2", "GN_4_8", ' \
+                      '"SiLU", "C2d_8_3_3_1_1"]'
+LATENT_SETTINGS = {
+    "gaussian": [],
+    # Gumbel noise and dropout masks are drawn for the global batch as well
+    "categorical+dropout": ["model.latent=categorical", "latent.groups=2", "latent.categories=2",
+                            f"model.decoder={CATEGORICAL_DECODER}"],
+}
+
+
 @pytest.mark.slow
-def test_two_processes_with_gloo_match_one_process(tmp_path, images):
+@pytest.mark.parametrize("latent", list(LATENT_SETTINGS))
+def test_two_processes_with_gloo_match_one_process(tmp_path, images, latent):
     """torchrun with 2 CPU processes: replicas stay identical, and with the same global batch the
     run matches a single process (per-step losses to float precision; weights closely: Adam's
     normalised steps amplify rounding differences in near-zero gradients)."""
     common = [f"data.path={images}", "data.num_workers=0", "train.max_steps=4", "train.save_every=4",
-              "train.grad_accum=2", "train.lr=1e-4", "train.grad_clip=0", "train.log_every=1"]
+              "train.grad_accum=2", "train.lr=1e-4", "train.grad_clip=0", "train.log_every=1",
+              *LATENT_SETTINGS[latent]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = str(ROOT / "tests" / "helpers" / "ddp_train.py")
     two = subprocess.run(

@@ -16,6 +16,15 @@ from .modes import MODES, flexvae_parser, handler_for, train_py_parser
 __all__ = ["main", "MODES", "flexvae_parser", "train_py_parser"]
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+
+
+def one_line(message: str) -> str:
+    """A message as one printable line: control characters (a newline or carriage return in a
+    user's value) are written as escapes."""
+    return str(message).translate(_CONTROL)
+
+
 def main(argv=None, prog: str = "flexvae") -> int:
     parser = train_py_parser() if prog == "train.py" else flexvae_parser()
     args = parser.parse_args(argv)
@@ -24,12 +33,12 @@ def main(argv=None, prog: str = "flexvae") -> int:
     except FlexVAEError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_status
     except OSError as exc:  # disk full, permission denied, a name too long ... while reading or writing
         if args.debug:
             raise
-        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        print(f"error: {one_line(describe_os_error(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # -t turns Ctrl-C into a TrainingError after saving; other modes stop here
         if args.debug:

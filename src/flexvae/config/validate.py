@@ -110,7 +110,10 @@ def validate_value(cls, section: str, key: str, value, source: str):
     if (section, key) == ("model", "latent"):
         from ..latents import LATENTS
 
-        LATENTS.get(converted)  # ConfigError naming the registered types
+        if converted not in LATENTS:
+            names = LATENTS.names()
+            raise ConfigError(f"{source}: {name} = {converted!r} is not a latent type."
+                              f"{did_you_mean(matching(converted, names))} Choose one of {', '.join(names)}")
     return converted
 
 

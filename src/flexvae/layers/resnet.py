@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from ..registry import Arg, register
 from .conv import conv_nd
+from .dropout import BatchDropout
 from .norm_act import DEFAULT_GROUPS, FP32GroupNorm, group_count
 
 
@@ -28,7 +29,7 @@ class ResidualBlock(nn.Module):
         self.norm1 = FP32GroupNorm(group_count(in_channels, groups), in_channels, eps=eps)
         self.conv1 = conv_nd(dims, in_channels, out_channels, 3, padding=1)
         self.norm2 = FP32GroupNorm(group_count(out_channels, groups), out_channels, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = BatchDropout(dropout)
         self.conv2 = conv_nd(dims, out_channels, out_channels, 3, padding=1)
         # A 1x1 projection only where the channel counts differ; otherwise the input as is.
         self.conv_shortcut = conv_nd(dims, in_channels, out_channels, 1) if in_channels != out_channels else None

@@ -5,6 +5,7 @@ import math
 import torch.nn as nn
 
 from ..registry import Arg, register
+from .dropout import BatchDropout
 
 
 @register(
@@ -48,5 +49,6 @@ class Reshape(nn.Module):
         return f"shape={self.shape}"
 
 
-register("Drop", Arg("p", float, 0.5, doc="probability of zeroing an element"), doc="dropout")(nn.Dropout)
+register("Drop", Arg("p", float, 0.5, doc="probability of zeroing an element"),
+         doc="dropout (masks drawn for the global batch in training)")(BatchDropout)
 register("Id", doc="identity (does nothing; handy as a placeholder)")(nn.Identity)

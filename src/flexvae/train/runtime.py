@@ -135,6 +135,11 @@ def sample_noise(noise_shape, batch: int, seed: int, step: int, micro: int, dist
     return noise[dist.rank::dist.world_size].to(device, non_blocking=True)
 
 
+def mask_key(seed: int, step: int, micro: int) -> int:
+    """The key of one micro-batch's dropout masks (see layers/dropout.py)."""
+    return (seed * 1_000_003 + step) * 131 + micro + 2 * 65_537
+
+
 def flip_mask(batch: int, seed: int, step: int, micro: int, dist: DistInfo) -> torch.Tensor:
     """Which samples of this process's micro-batch are flipped, by the same slicing rule."""
     generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 131 + micro + 65_537)

@@ -10,7 +10,8 @@ import torch
 from ..errors import TrainingError
 from ..losses import vae_loss
 from .distributed import DistInfo
-from .runtime import Runtime, flip_mask
+from ..layers.dropout import global_batch_masks
+from .runtime import Runtime, flip_mask, mask_key
 
 
 def lr_factor(step: int, cfg) -> float:
@@ -52,7 +53,8 @@ def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None
     """One optimizer step over ``len(batches)`` micro-batches (gradient accumulation).
 
     The forward pass runs under the runtime's autocast; the loss is computed in float32
-    outside it. ``noises``: per micro-batch Gaussian sampling noise (see runtime.sample_noise).
+    outside it. ``noises``: per micro-batch sampling noise of the latent (see
+    runtime.sample_noise); dropout masks are drawn for the global batch too (layers/dropout.py).
     A plain model stands for an fp32, single-process runtime.
     """
     if isinstance(runtime, torch.nn.Module):
@@ -63,7 +65,8 @@ def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None
     output_kind = runtime.model.output
     for index, images in enumerate(batches):
         noise = noises[index] if noises else None
-        with runtime.no_sync(last_micro_batch=index == len(batches) - 1):
+        masks = global_batch_masks(mask_key(cfg.train.seed, step, index), runtime.dist.rank, runtime.dist.world_size)
+        with runtime.no_sync(last_micro_batch=index == len(batches) - 1), masks:
             with runtime.autocast():
                 out = runtime.step_model(images, step=step, noise=noise)
             losses = vae_loss(images, out, cfg.loss, step, output=output_kind)

@@ -1,0 +1,433 @@
+"""Nothing lost, nothing hangs, no traceback: the faults and odd inputs real users meet.
+
+Each section is one class of fault: user data never destroyed, one writer per run
+directory, seamless resume, faults as one line, odd files and values, untrusted checkpoint
+metadata, NaN latents and Ctrl-C. Commands run in this process through the CLI's ``main``
+(see helpers/inprocess.py); a few need a subprocess (a lock held by another process).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from flexvae.checkpoint import list_checkpoints, load_checkpoint, load_model
+from flexvae.errors import CheckpointError, TrainingError
+from flexvae.files import RunLock
+from helpers.inprocess import run_in_process
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny_test.toml"
+
+
+def make_images(root: Path, n: int = 6) -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def tiny(images: Path, run: Path, *extra) -> list:
+    return ["-c", TINY, "--set", f"train.out_dir={run}", "--set", f"data.path={images}",
+            "--set", "data.num_workers=0", "--set", "train.device=cpu", *extra]
+
+
+def one_error(proc, expect: int = 1) -> str:
+    """The single ``error:`` line of a failed command (no traceback, nothing else on stderr
+    but warnings)."""
+    assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step run (checkpoints at 1 and 2) and its images."""
+    root = tmp_path_factory.mktemp("hard")
+    images = make_images(root / "images")
+    run = root / "run"
+    proc = run_in_process(["-t", *tiny(images, run, "--set", "train.max_steps=2", "--set", "train.save_every=1")])
+    assert proc.returncode == 0, proc.stderr
+    return {"root": root, "images": images, "run": run}
+
+
+# ------------------------------------------------------------------ 1. never destroy user data
+@pytest.mark.parametrize("mode", ["-i", "-e", "-d"])
+def test_outputs_never_overwrite_or_reread_the_inputs(trained, tmp_path, mode):
+    folder = tmp_path / "in"
+    make_images(folder, 2)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    base = tiny(trained["images"], trained["run"], "--input", folder)
+    line = one_error(run_in_process([mode, *base, "--output", folder]))
+    assert "is the input folder" in line
+    line = one_error(run_in_process([mode, *base, "--output", folder / "out"]))
+    assert "inside the input folder" in line
+    line = one_error(run_in_process([mode, *base, "--output", tmp_path]))
+    assert "holds the input folder" in line
+    (tmp_path / "file.txt").write_text("mine")
+    line = one_error(run_in_process([mode, *base, "--output", tmp_path / "file.txt"]))
+    assert "is an existing file" in line
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert (tmp_path / "file.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("value", ["", ".", "  "])
+def test_out_dir_must_name_a_folder(trained, value):
+    line = one_error(run_in_process(["-t", *tiny(trained["images"], trained["run"], "--set",
+                                                 f"train.out_dir={value}")]))
+    assert "'train.out_dir' must be a folder name" in line
+
+
+def test_fresh_removes_only_what_flexvae_wrote(trained, tmp_path):
+    run = tmp_path / "run"
+    args = tiny(trained["images"], run, "--set", "train.max_steps=2", "--set", "train.save_every=1")
+    assert run_in_process(["-t", *args]).returncode == 0
+    mine = {run / "notes.txt": "my notes", run / "samples" / "favourite.png": "not ours",
+            run / "checkpoints" / "keep.safetensors": "a file of mine"}
+    for path, text in mine.items():
+        path.write_text(text)
+    proc = run_in_process(["-t", *args, "--fresh"])
+    assert proc.returncode == 0, proc.stderr
+    assert "--fresh: removed the previous run's 2 checkpoint(s), 1 sample grid(s), metrics.csv" in proc.stdout
+    assert all(path.read_text() == text for path, text in mine.items())
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000001.safetensors", "step_00000002.safetensors"]
+
+
+def test_a_config_toml_flexvae_did_not_write_is_never_replaced(trained, tmp_path):
+    (tmp_path / "config.toml").write_text("# my own project config\n[train]\nlr = 0.1\n")
+    line = one_error(run_in_process(["-t", *tiny(trained["images"], tmp_path)]))
+    assert "was not written by flexvae" in line
+    assert (tmp_path / "config.toml").read_text().startswith("# my own project config")
+
+
+# ------------------------------------------------------------------ 2. one writer per run directory
+def test_a_second_training_on_the_same_run_directory_refuses(trained, tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from flexvae.files import RunLock; "
+                               "lock = RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
+         str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = one_error(run_in_process(["-t", *tiny(trained["images"], tmp_path)]))
+        assert f"is in use by another flexvae process (pid {holder.pid})" in line
+        assert not list_checkpoints(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock died with its process: the next run goes ahead
+    proc = run_in_process(["-t", *tiny(trained["images"], tmp_path, "--set", "train.max_steps=1")])
+    assert proc.returncode == 0, proc.stderr
+    with pytest.raises(BlockingIOError):  # and a finished run holds nothing: take and hold it
+        lock = RunLock(tmp_path).acquire()
+        RunLock(tmp_path).acquire()
+    lock.release()
+
+
+# ------------------------------------------------------------------ 3. resume is seamless
+def test_resume_after_a_hard_kill_cuts_metrics_and_stale_temporaries(trained, tmp_path):
+    run = tmp_path / "run"
+    args = tiny(trained["images"], run, "--set", "train.save_every=2", "--set", "train.log_every=1")
+    assert run_in_process(["-t", *args, "--set", "train.max_steps=3"]).returncode == 0
+    # as a hard kill after step 3 would leave it: the last checkpoint is step 2, metrics go to 3,
+    # and a checkpoint write was cut short
+    list_checkpoints(run)[-1].unlink()  # step 3 (the final save)
+    stale = [run / "checkpoints" / ".step_00000004.safetensors.0a1b2c3d.tmp",
+             run / "checkpoints" / "step_00000004.safetensors.tmp-4242",  # an older flexvae's name
+             run / "samples" / ".step_00000004.png.deadbeef.tmp"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    proc = run_in_process(["-t", *args, "--set", "train.max_steps=5"])
+    assert proc.returncode == 0, proc.stderr
+    steps = [int(line.split(",")[0]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4, 5]
+    assert not any(path.exists() for path in stale)
+
+
+def test_fp16_resume_is_exact_and_keeps_the_gradient_scaler(trained, tmp_path):
+    from flexvae.config import load_config
+    from flexvae.train.trainer import Trainer
+
+    def run(out, steps):
+        cfg = load_config(TINY, [f"train.out_dir={out}", f"data.path={trained['images']}", "data.num_workers=0",
+                                 "train.device=cpu", "train.precision=fp16", f"train.max_steps={steps}",
+                                 "train.save_every=2", "train.schedule=constant"])
+        trainer = Trainer(cfg, TINY, quiet=True)
+        trainer.train()
+        return trainer
+
+    straight = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    resumed = run(tmp_path / "b", 4)
+    a, b = load_checkpoint(list_checkpoints(tmp_path / "a")[-1]), load_checkpoint(list_checkpoints(tmp_path / "b")[-1])
+    assert a.train_state["scaler"] == b.train_state["scaler"]
+    assert a.train_state["scaler"]["scale"] == straight.runtime.scaler.get_scale()
+    for key in a.model_state:
+        assert torch.equal(a.model_state[key], b.model_state[key]), key
+    assert resumed.runtime.scaler.get_scale() == straight.runtime.scaler.get_scale()
+
+
+# ------------------------------------------------------------------ 4. faults end in one line
+def _disk_full(monkeypatch, after: int = 0):
+    """Every atomic write after the first ``after`` fails as on a full disk."""
+    import flexvae.files as files
+
+    real, calls = files.fsync_path, {"n": 0}
+
+    def full(path):
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path)
+
+    monkeypatch.setattr(files, "fsync_path", full)
+
+
+def _temporaries(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_disk_full_while_training_keeps_the_previous_checkpoint(trained, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    args = tiny(trained["images"], run, "--set", "train.save_every=1")
+    assert run_in_process(["-t", *args, "--set", "train.max_steps=1"]).returncode == 0
+    before = list_checkpoints(run)[-1].read_bytes()
+    _disk_full(monkeypatch)
+    line = one_error(run_in_process(["-t", *args, "--set", "train.max_steps=3"]))
+    assert line.startswith(f"error: {run}") and line.endswith("No space left on device")
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000001.safetensors"]
+    assert list_checkpoints(run)[-1].read_bytes() == before
+    assert _temporaries(run) == []
+
+
+@pytest.mark.parametrize("mode", ["-i", "-e"])
+def test_disk_full_while_writing_outputs_is_one_line(trained, tmp_path, monkeypatch, mode):
+    _disk_full(monkeypatch)
+    out = tmp_path / "out"
+    line = one_error(run_in_process([mode, *tiny(trained["images"], trained["run"], "--input", trained["images"],
+                                                 "--output", out)]))
+    assert line.endswith("No space left on device") and str(out) in line
+    assert _temporaries(out) == []
+
+
+def test_an_interrupted_encode_keeps_the_manifest_of_what_it_finished(trained, tmp_path, monkeypatch):
+    import flexvae.inference as inference
+
+    real, batches = inference.save_latent, {"n": 0}
+
+    def failing(tensor, path, fmt, codes=None):
+        if batches["n"] >= 2:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        batches["n"] += 1
+        real(tensor, path, fmt, codes)
+
+    monkeypatch.setattr(inference, "save_latent", failing)
+    out = tmp_path / "latents"
+    args = ["-e", *tiny(trained["images"], trained["run"], "--input", trained["images"], "--output", out,
+                         "--set", "encode.batch_size=2")]
+    one_error(run_in_process(args))
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [e["status"] for e in manifest] == ["ok", "ok"]
+    monkeypatch.setattr(inference, "save_latent", real)
+    proc = run_in_process(args)
+    assert proc.returncode == 0 and '"already_done": 2' in proc.stdout and '"encoded": 4' in proc.stdout
+
+
+# ------------------------------------------------------------------ 5. odd files and values
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_special_files_are_skipped_without_being_opened(trained, tmp_path):
+    folder = make_images(tmp_path / "images", 3)
+    os.mkfifo(folder / "x.png")  # opening it for reading would block forever
+    started = time.monotonic()
+    for mode, out in (("-i", "recon"), ("-e", "latents")):
+        proc = run_in_process([mode, *tiny(folder, trained["run"], "--input", folder, "--output", tmp_path / out)])
+        assert proc.returncode == 0, proc.stderr
+        assert "x.png" in proc.stderr and "not a regular file (a FIFO)" in proc.stderr
+    proc = run_in_process(["-t", *tiny(folder, tmp_path / "run", "--set", "train.max_steps=1")])
+    assert proc.returncode == 0 and "x.png" in proc.stderr
+    assert time.monotonic() - started < 60
+    line = one_error(run_in_process(["-t", "-c", folder / "x.png"]))
+    assert "is not a regular file" in line
+    line = one_error(run_in_process(["-t", "-c", "/dev/zero"]))
+    assert "is not a regular file" in line
+
+
+def test_decompression_bombs_are_broken_files(trained, tmp_path, monkeypatch):
+    import flexvae.data.images as images
+
+    folder = make_images(tmp_path / "images", 2)
+    Image.new("RGB", (64, 64)).save(folder / "bomb.png")
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 40 * 40)
+    proc = run_in_process(["-i", *tiny(folder, trained["run"], "--input", folder, "--output", tmp_path / "out")])
+    assert proc.returncode == 0 and "bomb.png" in proc.stderr and "more than the 1,600" in proc.stderr
+    assert "reconstructed 2 images" in proc.stdout
+
+
+def test_a_mode_that_reads_no_input_fails_and_counts(trained, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_text("not an image")
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n")
+    for mode in ("-i", "-e"):
+        line = one_error(run_in_process([mode, *tiny(folder, trained["run"], "--input", folder,
+                                                     "--output", tmp_path / mode)]))
+        assert "not one of the 2" in line
+
+
+@pytest.mark.parametrize("structure, words", [
+    (["1000000000000*Id"], "repeat count 100000000000... is too large"),
+    (["1000*Id"] * 5, "unrolls to 5,000 layers"),
+    (["C2d_3_" + "9" * 5000 + "_3_1_1"], "is too large (at most 2147483647"),
+])
+def test_structures_are_bounded(trained, tmp_path, structure, words):
+    path = tmp_path / "enc.json"
+    path.write_text(json.dumps(structure))
+    line = one_error(run_in_process(["--check", "-c", TINY, "--set", f"model.encoder={path}"]))
+    assert words in line and len(line) < 400
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\xff\xfe[]", "not UTF-8 text"),
+    (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+    (b"[" + b"9" * 5000 + b"]", "not a usable JSON value"),
+])
+def test_unreadable_structure_files_are_one_line(tmp_path, content, words):
+    path = tmp_path / "enc.json"
+    path.write_bytes(content)
+    line = one_error(run_in_process(["--check", "-c", TINY, "--set", f"model.encoder={path}"]))
+    assert words in line
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--device", "foo"], "device 'foo' is not one of"),
+    (["--set", "train.seed=9223372036854775808"], "'train.seed' must be between"),
+    (["--set", "train.out_dir=/proc/no/such/folder"], "error: /proc/no: No such file or directory"),
+    (["--set", f"train.out_dir=runs/{'x' * 300}"], "File name too long"),
+])
+def test_bad_values_are_one_line(trained, args, words):
+    line = one_error(run_in_process(["-t", *tiny(trained["images"], trained["run"]), *args]))
+    assert words in line
+
+
+def test_import_weights_config_must_be_an_object(tmp_path):
+    source = tmp_path / "vae"
+    source.mkdir()
+    (source / "config.json").write_text("[1, 2, 3]")
+    save_file({"x": torch.zeros(1)}, str(source / "diffusion_pytorch_model.safetensors"))
+    line = one_error(run_in_process(["--import-weights", source, "--output", tmp_path / "c.safetensors"]))
+    assert "config.json holds a JSON object, found list" in line
+    (source / "config.json").write_text('{"block_out_channels": "many", "layers_per_block": 1000000}')
+    line = one_error(run_in_process(["--import-weights", source, "--output", tmp_path / "c.safetensors"]))
+    assert "block_out_channels must be a list" in line and "layers_per_block must be a whole number" in line
+
+
+# ------------------------------------------------------------------ 6. checkpoint metadata is untrusted
+def _rewrite(src: Path, dst: Path, change) -> Path:
+    with safe_open(str(src), "pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(header["flexvae"])
+    change(meta)
+    save_file(tensors, str(dst), metadata={**header, "flexvae": json.dumps(meta)})
+    return dst
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda m: m.pop("data_shape"), "'data_shape' must be"),
+    (lambda m: m.update(scaling_factor="x"), "'scaling_factor' must be a positive number"),
+    (lambda m: m.update(encoder="C2d"), "'encoder' must be a list of token strings"),
+    (lambda m: m.update(output=3), "'output' must be"),
+    (lambda m: m.update(step=-1), "'step' must be"),
+    (lambda m: m.update(format=99), "unsupported checkpoint format 99"),
+    (lambda m: m["config"]["train"].update(lr="fast"), "'train.lr' must be a float"),
+    (lambda m: m.update(data_shape=[3, 10**9, 10**9]), "'data_shape' must be"),
+])
+def test_corrupt_metadata_is_a_checkpoint_error(trained, tmp_path, change, words):
+    bad = _rewrite(list_checkpoints(trained["run"])[-1], tmp_path / "bad.safetensors", change)
+    with pytest.raises(CheckpointError, match=words.replace("(", r"\(").replace("'", "'")):
+        load_model(bad)
+    line = one_error(run_in_process(["-i", "-c", TINY, "--ckpt", bad, "--input", trained["images"],
+                                     "--output", tmp_path / "out"]))
+    assert words in line
+
+
+def test_a_structure_larger_than_its_weights_is_refused_before_allocation(trained, tmp_path, monkeypatch):
+    """A small file whose stored structure asks for a 200-million-parameter layer: the meta-device
+    check against the stored tensors fails, and no real module is built."""
+    from flexvae.build import VAEPlan
+
+    def huge(meta):
+        meta["encoder"] = ["C2d_3_100000_3_1_1", "C2d_?_4_3_1_1", "Down_?_4"]
+    bad = _rewrite(list_checkpoints(trained["run"])[-1], tmp_path / "huge.safetensors", huge)
+    assert bad.stat().st_size < 1_000_000
+    built = []
+    real_build = VAEPlan.build
+    monkeypatch.setattr(VAEPlan, "build", lambda self, device=None, *a, **k: (
+        built.append(str(device)), real_build(self, device, *a, **k))[1])
+    with pytest.raises(CheckpointError, match="do not match the stored structure"):
+        load_model(bad)
+    assert built == ["meta"]
+
+
+# ------------------------------------------------------------------ 7. NaN latents, Ctrl-C
+def test_decode_counts_nan_and_inf_latents(trained, tmp_path):
+    latents = tmp_path / "latents"
+    proc = run_in_process(["-e", *tiny(trained["images"], trained["run"], "--input", trained["images"],
+                                       "--output", latents)])
+    assert proc.returncode == 0, proc.stderr
+    first = sorted(latents.glob("*.safetensors"))[0]
+    with safe_open(str(first), "pt") as f:
+        latent = f.get_tensor("latent")
+    latent.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    save_file({"latent": latent}, str(first))
+    out = tmp_path / "decoded"
+    proc = run_in_process(["-d", *tiny(trained["images"], trained["run"], "--input", latents, "--output", out)])
+    assert proc.returncode == 0, proc.stderr
+    assert f"{first}: 3 of {latent.numel()} latent values are NaN or infinite" in proc.stderr
+    assert "1 held NaN or infinite values" in proc.stdout
+    entries = {e["path"]: e for e in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    assert entries[first.name]["non_finite"] == 3
+    assert sum(e["non_finite"] for e in entries.values()) == 3
+
+
+def test_ctrl_c_exits_130_after_saving(trained, tmp_path, monkeypatch):
+    from flexvae.train import trainer as trainer_module
+
+    real = trainer_module.train_step
+
+    def interrupt(runtime, batches, optimizer, cfg, step, noises=None):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(runtime, batches, optimizer, cfg, step, noises)
+
+    monkeypatch.setattr(trainer_module, "train_step", interrupt)
+    run = tmp_path / "run"
+    line = one_error(run_in_process(["-t", *tiny(trained["images"], run, "--set", "train.max_steps=4")]), expect=130)
+    assert "interrupted at step 2" in line
+    assert load_checkpoint(list_checkpoints(run)[-1]).step == 2
+
+
+def test_non_finite_loss_says_which_checkpoint_is_kept(trained, tmp_path):
+    run = tmp_path / "run"
+    args = tiny(trained["images"], run, "--set", "train.lr=1e30", "--set", "train.max_steps=20",
+                "--set", "train.grad_clip=0", "--set", "train.save_every=1")
+    line = one_error(run_in_process(["-t", *args]))
+    assert "the loss became" in line
+    saved = list_checkpoints(run)
+    if saved:
+        assert f"the last checkpoint ({saved[-1].name}) is kept" in line
+    else:
+        assert "no checkpoint had been written yet" in line
