@@ -264,6 +264,9 @@ def test_special_files_are_skipped_without_being_opened(trained, tmp_path):
     assert "is not a regular file" in line
     line = one_error(run_in_process(["-t", "-c", "/dev/zero"]))
     assert "is not a regular file" in line
+    line = one_error(run_in_process(["-i", *tiny(folder, trained["run"], "--ckpt", folder / "x.png", "--input",
+                                                 folder, "--output", tmp_path / "o")]))
+    assert "not a regular file" in line
 
 
 def test_decompression_bombs_are_broken_files(trained, tmp_path, monkeypatch):

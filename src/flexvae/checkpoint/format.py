@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,9 @@ def load_checkpoint(path: str | os.PathLike, *, with_train_state: bool = True) -
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, expected a .safetensors checkpoint file")
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the reader forever
+        raise CheckpointError(f"{path}: not a regular file (a FIFO, socket or device?); expected a .safetensors "
+                              "checkpoint file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
