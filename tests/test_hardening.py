@@ -434,3 +434,29 @@ def test_non_finite_loss_says_which_checkpoint_is_kept(trained, tmp_path):
         assert f"the last checkpoint ({saved[-1].name}) is kept" in line
     else:
         assert "no checkpoint had been written yet" in line
+
+
+@pytest.mark.slow
+def test_sigterm_saves_like_ctrl_c_and_exits_143(trained, tmp_path):
+    import signal
+
+    run = tmp_path / "run"
+    args = [str(a) for a in tiny(trained["images"], run, "--set", "train.max_steps=100000", "--set",
+                                 "train.log_every=1", "--set", "train.save_every=100000")]
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "-t", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.csv").is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    line = [l for l in err.splitlines() if l.startswith("error:")][-1]
+    assert line.startswith("error: terminated (SIGTERM) at step ") and "checkpoint saved" in line
+    step = int(line.split("at step ")[1].split(";")[0])
+    assert load_checkpoint(list_checkpoints(run)[-1]).step == step > 0
+
+
+def test_version(capsys):
+    proc = run_in_process(["--version"])
+    assert proc.returncode == 0 and proc.stdout.strip() == f"flexvae {__import__('flexvae').__version__}"

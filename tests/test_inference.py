@@ -27,7 +27,6 @@ READABLE = ["a.png", "sub/b.png", "sub/deeper/c.jpg", "sub/deeper/d.PNG", "e.jpe
 BROKEN = ["broken.png", "sub/truncated.png"]
 SCALING = 0.5
 
-pytestmark = pytest.mark.filterwarnings("ignore:skipping unreadable image")
 
 
 def make_images(root: Path) -> Path:

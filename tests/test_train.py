@@ -22,7 +22,6 @@ from flexvae.train.trainer import Trainer
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny_test.toml"
 
-pytestmark = pytest.mark.filterwarnings("ignore:skipping unreadable image")
 
 
 def make_images(root: Path, good: int, broken: int) -> Path:

@@ -52,6 +52,12 @@ class Interrupted(TrainingError):
     exit_status = 130
 
 
+class Terminated(Interrupted):
+    """SIGTERM (a scheduler or ``kill``): saved like Ctrl-C, exit status 143."""
+
+    exit_status = 143
+
+
 def describe_os_error(exc: OSError) -> str:
     """'PATH: cause' for a failed file operation (disk full, permission, name too long, ...)."""
     cause = exc.strerror or str(exc) or type(exc).__name__

@@ -84,11 +84,19 @@ def train_py_parser() -> argparse.ArgumentParser:
         else:
             group.add_argument(mode.flag, dest="mode", action="store_const", const=mode.name, help=mode.help)
     _add_options(parser)
+    _add_version(parser)
     return parser
+
+
+def _add_version(parser: argparse.ArgumentParser) -> None:
+    from ..version import __version__
+
+    parser.add_argument("--version", action="version", version=f"flexvae {__version__}")
 
 
 def flexvae_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexvae", description="flexvae: VAEs declared as JSON token lists.")
+    _add_version(parser)
     sub = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
     for mode in MODES:
         command = sub.add_parser(mode.name, help=mode.help, description=mode.help)

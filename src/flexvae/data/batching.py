@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 
 @dataclass
@@ -51,7 +52,8 @@ def collate(items: Sequence[dict[str, Any]]) -> Batch:
 
 
 class SkipLog:
-    """Remembers unreadable files across epochs and warns once per file."""
+    """Remembers unreadable files across epochs and warns once per file: one ``warning:``
+    line on stderr, written around any progress bar."""
 
     def __init__(self) -> None:
         self._reasons: dict[str, str] = {}
@@ -64,7 +66,7 @@ class SkipLog:
                 continue
             self._reasons[path] = reason
             new += 1
-            warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
+            tqdm.write(f"warning: skipping unreadable image {path}: {reason}", file=sys.stderr)
         return new
 
     @property

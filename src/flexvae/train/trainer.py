@@ -17,7 +17,7 @@ from ..checkpoint import (checkpoint_metadata, checkpoint_name, list_checkpoints
                           prune_checkpoints, save_checkpoint)
 from ..data import SkipLog, first_images, make_loader, open_dataset, save_grid
 from ..device import resolve_device
-from ..errors import Interrupted, TrainingError
+from ..errors import Interrupted, Terminated, TrainingError
 from ..files import RunLock
 from ..losses import check_loss_config, reconstruction_loss
 from ..metrics import MetricsLog, psnr
@@ -27,37 +27,11 @@ from .run_dir import remove_run_outputs, save_run_config, tidy_resumed_run
 from .rng import capture_rng_state, restore_rng_state, seed_everything, set_torch_rng_state, torch_rng_state
 from .runtime import prepare, sample_noise
 from .sampler import StreamSampler
+from .signals import SigTerm, on_sigterm, raise_terminated
+from .summary import model_summary
 from .step import StepResult, lr_factor, make_optimizer, random_flip, train_step
 
 SAMPLE_IMAGES = 8
-
-
-class _Reconstruction(torch.nn.Module):
-    """The model seen as image -> reconstruction, the form torchinfo can trace."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.encoder, self.decoder = vae.encoder, vae.decoder
-        # Not a registered submodule: torchinfo cannot hook a module returning a posterior.
-        self._latent = [vae.latent]
-
-    def forward(self, x):
-        return self.decoder(self._latent[0](self.encoder(x)).mode())
-
-
-def _summary(model, data_shape, device) -> str:
-    # In eval mode, so the summary's forward pass updates no statistics (BatchNorm, VQ codebooks).
-    was_training = model.training
-    model.eval()
-    try:
-        from torchinfo import summary
-
-        return str(summary(_Reconstruction(model), input_size=(1, *data_shape), device=device, depth=3,
-                           verbose=0, col_names=("output_size", "num_params"), mode="eval"))
-    except Exception as exc:  # a summary is a courtesy; never fail a run over it
-        return f"(torchinfo summary unavailable: {exc})"
-    finally:
-        model.train(was_training)
 
 
 class Trainer:
@@ -254,11 +228,13 @@ class Trainer:
 
     # ----------------------------------------------------------------- loop
     def train(self) -> Path | None:
+        previous = on_sigterm(raise_terminated)
         try:
             self._take_run_dir()
             barrier(self.dist)
             return self._train()
         finally:
+            on_sigterm(previous)
             self.lock.release()
 
     def _train(self) -> Path | None:
@@ -292,9 +268,9 @@ class Trainer:
                 progress.update(1)
                 progress.set_postfix({k: f"{v:.4g}" for k, v in {"loss": result.loss, **result.terms}.items()})
                 self._after_step(result, metrics, fixed, validation)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SigTerm) as exc:
             progress.close()
-            self._save_on_interrupt(step_rng)
+            self._save_on_interrupt(step_rng, terminated=isinstance(exc, SigTerm))
         finally:
             progress.close()
             if metrics is not None:
@@ -306,7 +282,7 @@ class Trainer:
 
     def _announce(self) -> None:
         tcfg = self.cfg.train
-        self.log(_summary(self.model, self.plan.data_shape, self.device))
+        self.log(model_summary(self.model, self.plan.data_shape, self.device))
         self.log(f"device: {self.device}; data shape {self.plan.data_shape}; latent {self.plan.latent_shape}; "
                  f"precision {tcfg.precision}" + (f"; {self.dist.world_size} processes" if self.dist.enabled else ""))
         for note in self.runtime.notes:
@@ -337,7 +313,7 @@ class Trainer:
         if self.dist.is_main and (self.step % tcfg.save_every == 0 or last):
             self.save()
 
-    def _save_on_interrupt(self, step_rng) -> None:
+    def _save_on_interrupt(self, step_rng, terminated: bool = False) -> None:
         if step_rng is not None:  # interrupted within a step: save the RNG as that step found it
             set_torch_rng_state(step_rng)
         saved_now = self.last_saved is not None and self.last_saved.name == checkpoint_name(self.step)
@@ -345,6 +321,8 @@ class Trainer:
             self.save()
         where = (f"checkpoint saved in {self.run_dir / 'checkpoints'}. Run the same command again to resume"
                  if self.step else "nothing to save before the first step")
+        if terminated:
+            raise Terminated(f"terminated (SIGTERM) at step {self.step}; {where}") from None
         raise Interrupted(f"interrupted at step {self.step}; {where}") from None
 
     def _validation_batches(self):
