@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -24,25 +23,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from flexvae.checkpoint import list_checkpoints, load_checkpoint, load_model
-from flexvae.errors import CheckpointError, TrainingError
+from flexvae.errors import CheckpointError
 from flexvae.files import RunLock
 from helpers.inprocess import run_in_process
+from helpers.runs import make_images, tiny
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny_test.toml"
-
-
-def make_images(root: Path, n: int = 6) -> Path:
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / f"{i}.png")
-    return root
-
-
-def tiny(images: Path, run: Path, *extra) -> list:
-    return ["-c", TINY, "--set", f"train.out_dir={run}", "--set", f"data.path={images}",
-            "--set", "data.num_workers=0", "--set", "train.device=cpu", *extra]
 
 
 def one_error(proc, expect: int = 1) -> str:
@@ -225,7 +212,7 @@ def test_disk_full_while_writing_outputs_is_one_line(trained, tmp_path, monkeypa
 
 
 def test_an_interrupted_encode_keeps_the_manifest_of_what_it_finished(trained, tmp_path, monkeypatch):
-    import flexvae.inference as inference
+    import flexvae.inference.encode as inference
 
     real, batches = inference.save_latent, {"n": 0}
 

@@ -187,9 +187,10 @@ def test_child_runner_measures_a_fresh_process():
 @pytest.mark.slow
 def test_find_max_batch_with_child_processes():
     cfg = small_config()
-    cfg = dataclasses.replace(cfg, mem=dataclasses.replace(cfg.mem, probe_sizes=[1, 2, 4, 8]))
+    # sizes far enough apart that per-sample memory stands out of the RSS noise of fresh processes
+    cfg = dataclasses.replace(cfg, mem=dataclasses.replace(cfg.mem, probe_sizes=[1, 8, 16, 32]))
     result = find_max_batch(cfg, TINY, device="cpu", log=lambda _: None, cpu_method="child")
-    assert result.probe_sizes == [2, 4, 8]
+    assert result.probe_sizes == [8, 16, 32]
     assert result.predicted >= 1 and result.confirmed is not None
     assert any("child process" in note for note in result.notes)
 

@@ -103,7 +103,7 @@ def load_matrix(path) -> Matrix:
     matrix = Matrix(path, base, Path(raw.get("out_dir", f"runs/{path.stem}")), axes, fixed,
                     int(raw.get("nll_samples", 0)))
     for combo in matrix.combinations():  # every override must be a valid config value
-        run_config(matrix, combo, Path("."))
+        run_config(matrix, combo, matrix.out_dir / "check")
     return matrix
 
 

@@ -60,6 +60,25 @@ class LoadedModel:
     path: Path | None = None
     step: int = 0
 
+    def provenance(self) -> dict:
+        """What produced an output: the checkpoint file (path, step, SHA-256 of its content)
+        and the preprocessing; outputs of another checkpoint or other settings are redone."""
+        return {"checkpoint": None if self.path is None else str(self.path), "step": self.step,
+                "sha256": None if self.path is None else file_digest(self.path),
+                "data_shape": list(self.data_shape), "resize_filter": self.resize_filter,
+                "pad_to_square": self.pad_to_square, "scaling_factor": float(self.vae.scaling_factor)}
+
+
+def file_digest(path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's content, read in chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
 
 def _check_metadata(path, meta: dict) -> None:
     """Checkpoint metadata is untrusted input: every field the rebuild uses is checked."""

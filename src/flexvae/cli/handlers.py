@@ -31,7 +31,7 @@ def train(args) -> int:
     from ..train.trainer import train as run_training
 
     cfg, config_path = common.load_config(args)
-    run_training(cfg, config_path, fresh=args.fresh, device=args.device)
+    run_training(cfg, config_path, fresh=args.fresh, device=args.device, verbose=args.verbose)
     return 0
 
 

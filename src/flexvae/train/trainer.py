@@ -35,8 +35,10 @@ SAMPLE_IMAGES = 8
 
 
 class Trainer:
-    def __init__(self, cfg, config_path=None, fresh: bool = False, device: str | None = None, quiet: bool = False):
+    def __init__(self, cfg, config_path=None, fresh: bool = False, device: str | None = None, quiet: bool = False,
+                 verbose: bool = False):
         self.cfg = cfg
+        self.verbose = verbose  # print the full layer table at the start
         self.config_path = config_path
         # Under torchrun every process trains; only rank 0 logs, writes samples and checkpoints.
         self.dist = from_environment()
@@ -245,7 +247,8 @@ class Trainer:
             self.log(f"{self.run_dir} already reached train.max_steps = {tcfg.max_steps}; nothing to do")
             return None
         dataset, loader = self._loader()  # a missing data folder fails before the summary is printed
-        self._announce()
+        self._announce(dataset)
+        started = time.perf_counter()
         batches = iter(loader)
         fixed = self._fixed_batch(dataset)
         validation = self._validation_batches()
@@ -277,14 +280,26 @@ class Trainer:
                 metrics.close()
             if self.skips.count:
                 self.log(f"warning: {self.skips.summary()} (listed above)")
-        self.log(f"done: step {self.step}, checkpoint {self.last_saved}")
+        self.log(f"done: step {self.step} in {_duration(time.perf_counter() - started)}; checkpoints in "
+                 f"{self.run_dir / 'checkpoints'} (latest {self.last_saved.name if self.last_saved else 'none'}), "
+                 f"samples in {self.run_dir / 'samples'}, metrics in {self.run_dir / 'metrics.csv'}")
         return self.last_saved
 
-    def _announce(self) -> None:
-        tcfg = self.cfg.train
-        self.log(model_summary(self.model, self.plan.data_shape, self.device))
-        self.log(f"device: {self.device}; data shape {self.plan.data_shape}; latent {self.plan.latent_shape}; "
-                 f"precision {tcfg.precision}" + (f"; {self.dist.world_size} processes" if self.dist.enabled else ""))
+    def _announce(self, dataset) -> None:
+        """What is about to happen, in three lines (the layer table with ``verbose``)."""
+        tcfg, plan = self.cfg.train, self.plan
+        if self.verbose:
+            self.log(model_summary(self.model, plan.data_shape, self.device))
+        self.log(f"model: {plan.encoder.params + plan.decoder.params:,} parameters (encoder {plan.encoder.params:,}, "
+                 f"decoder {plan.decoder.params:,}); {self.model.latent.kind} latent {_shape(plan.latent_shape)} "
+                 f"for data {_shape(plan.data_shape)}; device {self.device}, precision {tcfg.precision}")
+        excluded = len(dataset.excluded)
+        per_step = tcfg.batch_size * tcfg.grad_accum * self.dist.world_size
+        split = f"{tcfg.batch_size} x {tcfg.grad_accum} accumulated" + (
+            f" x {self.dist.world_size} processes" if self.dist.enabled else "")
+        self.log(f"data: {len(dataset):,} images in {self.cfg.data.path}"
+                 + (f" ({excluded} special files left out)" if excluded else "")
+                 + f"; {per_step} a step ({split}); steps {self.step + 1} to {tcfg.max_steps}")
         for note in self.runtime.notes:
             self.log(f"note: {note}")
 
@@ -366,8 +381,18 @@ class Trainer:
         return images.to(self.device)
 
 
-def train(cfg, config_path=None, fresh: bool = False, device: str | None = None, quiet: bool = False):
-    trainer = Trainer(cfg, config_path, fresh=fresh, device=device, quiet=quiet)
+def _shape(shape) -> str:
+    return " x ".join(str(n) for n in shape)
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{seconds:.1f} s"
+
+
+def train(cfg, config_path=None, fresh: bool = False, device: str | None = None, quiet: bool = False,
+          verbose: bool = False):
+    trainer = Trainer(cfg, config_path, fresh=fresh, device=device, quiet=quiet, verbose=verbose)
     try:
         return trainer.train()
     finally:

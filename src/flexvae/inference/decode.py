@@ -1,0 +1,85 @@
+"""-d: decode latent files back to images, with a manifest."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import LoadedModel
+from ..data import save_image
+from ..errors import DataError
+from .latent_files import write_manifest, load_latent_file
+from .paths import CODES_SUFFIX, MANIFEST, check_folders, output_names, safe_output_path
+
+
+@torch.no_grad()
+def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, device="cpu", progress=True) -> dict:
+    """Decode every latent file (.safetensors/.npy) under ``input_dir`` to a PNG at the same
+    relative path; ``manifest.jsonl`` in the output accounts for each file.
+
+    A file holding integer codes of a discrete latent is decoded from its codes (the stored
+    float latent is then only a convenience for other tools). Latents holding NaN or
+    infinite values are decoded (they come out as black or saturated pixels) with a warning,
+    and the count of such values is recorded in the manifest.
+    """
+    from tqdm import tqdm
+
+    in_root = Path(input_dir)
+    if not in_root.is_dir():
+        raise DataError(f"latent folder not found: {in_root}")
+    out_root = check_folders(input_dir, output_dir)
+    files = sorted(p for p in in_root.rglob("*") if p.suffix in (".safetensors", ".npy") and p.is_file()
+                   and not p.name.startswith(".") and not p.name.endswith(CODES_SUFFIX))
+    if not files:
+        raise DataError(f"no latent files (.safetensors or .npy) under {in_root}")
+    names = output_names([path.relative_to(in_root).as_posix() for path in files], ".png")
+    expected = tuple(ctx.vae.latent_shape)
+    discrete = ctx.vae.latent if ctx.vae.is_discrete else None
+    expected_codes = tuple(discrete.code_shape(expected)) if discrete is not None else None
+    entries, failed, non_finite_files = {}, [], 0
+    for start in tqdm(range(0, len(files), batch_size), disable=not progress, desc="decode"):
+        chunk, tensors = [], []  # tensors: raw latents, as the decoder takes them
+        for path in files[start:start + batch_size]:
+            rel = path.relative_to(in_root).as_posix()
+            try:
+                raw = _raw_latent(path, ctx, discrete, expected, expected_codes, device)
+            except Exception as exc:  # unreadable or mismatched file: report, go on
+                failed.append((path, str(exc)))
+                entries[rel] = {"path": rel, "status": "failed", "reason": str(exc)}
+                continue
+            bad = int((~torch.isfinite(raw)).sum())
+            if bad:
+                non_finite_files += 1
+                print(f"warning: {path}: {bad} of {raw.numel()} latent values are NaN or infinite; decoded anyway",
+                      file=sys.stderr)
+            chunk.append(path)
+            tensors.append(raw)
+            entries[rel] = {"path": rel, "status": "ok", "file": names[rel], "non_finite": bad}
+        if not tensors:
+            continue
+        images = ctx.vae.to_image(ctx.vae.decode(torch.stack(tensors).to(device)))
+        for path, image in zip(chunk, images):
+            save_image(image, safe_output_path(out_root, names[path.relative_to(in_root).as_posix()]))
+    for path, reason in failed:
+        print(f"warning: skipped {path}: {reason}", file=sys.stderr)
+    done = len(entries) - len(failed)
+    out_root.mkdir(parents=True, exist_ok=True)
+    write_manifest(out_root / MANIFEST, entries)
+    if not done:
+        raise DataError(f"not one of the {len(files)} latent files under {in_root} could be decoded "
+                        f"({len(failed)} failed, listed above)")
+    return {"decoded": done, "failed": len(failed), "non_finite_files": non_finite_files}
+
+
+def _raw_latent(path: Path, ctx, discrete, expected, expected_codes, device) -> torch.Tensor:
+    """The raw latent a file holds, as the decoder takes it; ValueError/DataError when it does not fit."""
+    latent, codes = load_latent_file(path)
+    if discrete is not None and codes is not None:
+        if tuple(codes.shape) != expected_codes:
+            raise ValueError(f"codes shape {tuple(codes.shape)}, the model expects {expected_codes}")
+        return discrete.decode_codes(codes.unsqueeze(0).to(device))[0].float().cpu()
+    if tuple(latent.shape) != expected:
+        raise ValueError(f"latent shape {tuple(latent.shape)}, the model expects {expected}")
+    return latent.float() / ctx.vae.scaling_factor

@@ -1,0 +1,148 @@
+"""-e: encode every image to a latent file, with a manifest and dataset-wide statistics."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import LoadedModel
+from ..data import SkipLog, find_images
+from ..errors import DataError
+from ..files import write_text
+from .latent_files import append_manifest, write_manifest, read_manifest, save_latent
+from .paths import (LATENT_SUFFIXES, MANIFEST, check_folders, folder_loader, input_root, output_names,
+                    safe_output_path)
+
+
+@torch.no_grad()
+def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors", sample=False,
+                  batch_size=32, num_workers=0, device="cpu", seed=0, progress=True, dist=None) -> dict:
+    """Encode every image to a latent file mirroring the tree; a manifest accounts for each input.
+
+    Re-running skips inputs already encoded by the same checkpoint file (its SHA-256) with the
+    same settings (status ok and file present) and encodes the others again, saying so; an
+    interrupted run keeps the manifest of what it finished. The latents' standard deviation gives the
+    suggested scaling factor 1/std. Under torchrun (``dist``), process r of N encodes every
+    N-th remaining image and rank 0 merges the per-process manifests into one.
+    """
+    from ..train.distributed import DistInfo, barrier, sum_across
+
+    dist = dist or DistInfo()
+    out_root = check_folders(input_dir, output_dir)
+    root, single = input_root(input_dir)
+    excluded: list[tuple[str, str]] = []
+    images = single or find_images(root, excluded)
+    out_root.mkdir(parents=True, exist_ok=True)
+    suffix = LATENT_SUFFIXES[fmt]
+    manifest_path = out_root / MANIFEST
+    previous = read_manifest(manifest_path)
+    made_by = _comparable({**ctx.provenance(), "format": fmt, "sample": bool(sample), "seed": seed if sample else None})
+    names = output_names([path.relative_to(root).as_posix() for path in images], suffix)
+    todo, stale = [], 0
+    for path in images:
+        rel = path.relative_to(root).as_posix()
+        entry = previous.get(rel, {})
+        done = (entry.get("status") == "ok" and entry.get("made_by") == made_by
+                and safe_output_path(out_root, names[rel]).exists())
+        stale += entry.get("status") == "ok" and not done
+        if not done:
+            todo.append(rel)  # relative to root: ImageFolder joins it to its (absolute) root
+    pending = len(todo)
+    if stale and dist.is_main:
+        print(f"note: {stale} latent(s) in {out_root} came from another checkpoint or other settings; "
+              f"encoding them again with {made_by['checkpoint']} (step {made_by['step']})", file=sys.stderr)
+    todo = todo[dist.rank::dist.world_size]
+    if len(todo) <= 2 * batch_size:
+        num_workers = 0  # starting worker processes costs more than a couple of batches
+    own_manifest = manifest_path if not dist.enabled else out_root / f".manifest.rank{dist.rank}.jsonl"
+    entries = dict(previous) if not dist.enabled else {}
+    generator = torch.Generator(device=device).manual_seed(seed)
+    stats = [0.0, 0.0, 0, 0]  # latent values' sum, sum of squares and count; images encoded
+    started = time.perf_counter()
+    skips = SkipLog()
+    if dist.is_main:
+        skips.add(excluded)
+    try:
+        if todo:
+            _encode_batches(ctx, root, out_root, todo, names, entries, skips, fmt, sample, batch_size,
+                            num_workers, device, generator, progress and dist.is_main, stats, own_manifest,
+                            made_by)
+    finally:
+        write_manifest(own_manifest, entries)  # compact: one line per input
+    total, total_sq, count, encoded = sum_across(dist, stats, device)
+    if dist.enabled:
+        barrier(dist)
+        if dist.is_main:
+            entries = dict(previous)
+            for rank in range(dist.world_size):
+                part = out_root / f".manifest.rank{rank}.jsonl"
+                entries.update(read_manifest(part))
+                part.unlink()
+            write_manifest(manifest_path, entries)
+        barrier(dist)
+        entries = read_manifest(manifest_path)
+    summary = {
+        "encoded": int(encoded),
+        "already_done": len(images) - pending,
+        "redone": stale,
+        "failed": sum(1 for e in entries.values() if e["status"] != "ok"),
+        "skipped_special": len(excluded),
+        "seconds": time.perf_counter() - started,
+    }
+    if pending and not encoded and summary["already_done"] == 0:
+        raise DataError(f"not one of the {len(images) + len(excluded)} files under {input_dir} could be encoded "
+                        f"({summary['failed']} unreadable, {len(excluded)} not regular files; see {manifest_path})")
+    if count > 1:
+        mean = total / count
+        std = max((total_sq / count - mean * mean), 0.0) ** 0.5
+        raw_std = std / ctx.vae.scaling_factor
+        summary.update({"latent_mean": mean, "latent_std": std,
+                        "suggested_scaling_factor": 1.0 / raw_std if raw_std > 0 else float("nan")})
+        if dist.is_main:
+            stats_path = out_root / "latent_stats.json"
+            write_text(stats_path, json.dumps({**summary, "scaling_factor_used": ctx.vae.scaling_factor}, indent=2))
+    return summary
+
+
+def _comparable(made_by: dict) -> dict:
+    """The provenance as it reads back from JSON (lists, not tuples)."""
+    return json.loads(json.dumps(made_by))
+
+
+def _encode_batches(ctx, root, out_root, todo, names, entries, skips, fmt, sample, batch_size,
+                    num_workers, device, generator, progress, stats, journal: Path, made_by: dict):
+    """Encode ``todo`` into latent files; record each input in ``entries`` and, batch by batch,
+    in the ``journal`` manifest (so an interrupted run keeps what it finished), and add the
+    latents' sum, sum of squares and count, and the number of images encoded, to ``stats``."""
+    from tqdm import tqdm
+
+    _, loader = folder_loader(ctx, root, batch_size, num_workers, device, paths=todo)
+    for batch in tqdm(loader, disable=not progress, desc="encode"):
+        skips.add(batch.failures)
+        done = []
+        for rel, reason in batch.failures:
+            entries[rel] = {"path": rel, "status": "failed", "reason": reason}
+            done.append(entries[rel])
+        if batch.images is None:
+            append_manifest(journal, done)
+            continue
+        latents, codes = ctx.vae.encode_with_codes(batch.images.to(device), sample=sample, generator=generator)
+        latents = latents.float().cpu()
+        codes = [None] * len(latents) if codes is None else codes.cpu()
+        stats[0] += latents.sum().item()
+        stats[1] += latents.pow(2).sum().item()
+        stats[2] += latents.numel()
+        stats[3] += len(latents)
+        for rel, latent, code in zip(batch.paths, latents, codes):
+            target = safe_output_path(out_root, names[rel])
+            save_latent(latent, target, fmt, codes=code)
+            entries[rel] = {"path": rel, "status": "ok", "file": target.relative_to(out_root).as_posix(),
+                            "shape": list(latent.shape), "made_by": made_by}
+            if code is not None:
+                entries[rel]["codes_shape"] = list(code.shape)
+            done.append(entries[rel])
+        append_manifest(journal, done)

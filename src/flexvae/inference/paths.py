@@ -1,0 +1,76 @@
+"""Where the outputs of -i, -e and -d go: refused locations, names that never collide,
+paths that never leave the output folder."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path, PurePosixPath
+
+import torch
+
+from ..data import ImageFolder, make_loader
+from ..errors import DataError
+
+
+LATENT_SUFFIXES = {"safetensors": ".safetensors", "npy": ".npy"}
+CODES_SUFFIX = ".codes.npy"  # npy format: a discrete latent's integer codes beside its latent file
+MANIFEST = "manifest.jsonl"
+
+
+def safe_output_path(out_root: Path, relpath: str, suffix: str | None = None) -> Path:
+    """``out_root / relpath`` (suffix replaced), refusing anything that would land outside."""
+    rel = PurePosixPath(relpath)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise DataError(f"refusing output path outside {out_root}: {relpath}")
+    target = out_root.joinpath(*rel.parts)
+    if suffix is not None:
+        target = target.with_suffix(suffix)
+    root = out_root.resolve()
+    if root not in target.resolve().parents:
+        raise DataError(f"refusing output path outside {out_root}: {relpath}")
+    return target
+
+
+def input_root(input_path) -> tuple[Path, list[Path] | None]:
+    """(folder, None) for a folder of inputs; (its folder, [the file]) for one input file."""
+    path = Path(input_path)
+    if path.is_file():
+        path = path.resolve()
+        return path.parent, [path]
+    return path, None
+
+
+def check_folders(input_dir, output_dir, flag: str = "--output") -> Path:
+    """The output folder, refused when it would overwrite or re-read the user's files: the
+    input folder (or the folder of an input file) itself, a folder inside it (the next run
+    would read its own outputs), a folder holding it, or an existing file."""
+    source, out = input_root(input_dir)[0].resolve(), Path(output_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{flag} {output_dir} is an existing file; name a folder for the outputs")
+    if out == source:
+        raise DataError(f"{flag} {output_dir} is the input folder: its files would be overwritten; "
+                        f"choose another output folder")
+    if source in out.parents:
+        raise DataError(f"{flag} {output_dir} is inside the input folder {input_dir}: a later run would read "
+                        f"its own outputs as inputs; choose a folder outside it")
+    if source.is_dir() and out in source.parents:
+        raise DataError(f"{flag} {output_dir} holds the input folder {input_dir}: outputs could overwrite "
+                        f"inputs; choose a folder beside it")
+    return Path(output_dir)
+
+
+def output_names(relpaths, suffix: str) -> dict[str, str]:
+    """Relative output path for each input: its suffix replaced by ``suffix``, except where two
+    inputs would share that name (``x.png`` and ``x.jpg``): those keep their own suffix and get
+    ``suffix`` appended (``x.png.png``, ``x.jpg.png``), so no output overwrites another."""
+    plain = {rel: PurePosixPath(rel).with_suffix(suffix).as_posix() for rel in relpaths}
+    counts = Counter(plain.values())
+    return {rel: name if counts[name] == 1 else rel + suffix for rel, name in plain.items()}
+
+
+def folder_loader(ctx, input_dir, batch_size, num_workers, device, paths=None):
+    dataset = ImageFolder(input_dir, channels=ctx.data_shape[0], image_size=ctx.data_shape[1],
+                          resize_filter=ctx.resize_filter, pad_to_square=ctx.pad_to_square, paths=paths)
+    loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers,
+                         device_type=torch.device(device).type)
+    return dataset, loader

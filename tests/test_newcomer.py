@@ -1,0 +1,67 @@
+"""A newcomer's first hour: outputs that stay true to their checkpoint, single image files,
+and a terminal that says what happened."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from helpers.inprocess import run_in_process
+from helpers.runs import make_images, tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_encode_redoes_latents_of_another_checkpoint(tmp_path):
+    images = make_images(tmp_path / "images", 4)
+    for run in ("a", "b"):
+        proc = run_in_process(["-t", *tiny(images, tmp_path / run, "--set", "train.max_steps=1",
+                                           "--set", f"train.seed={ord(run)}")])
+        assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "latents"
+    base = ["--input", images, "--output", out]
+    first = run_in_process(["-e", *tiny(images, tmp_path / "a"), *base])
+    assert '"encoded": 4' in first.stdout
+    again = run_in_process(["-e", *tiny(images, tmp_path / "a"), *base])
+    assert '"encoded": 0' in again.stdout and '"already_done": 4' in again.stdout
+    other = run_in_process(["-e", *tiny(images, tmp_path / "b"), *base])
+    assert '"encoded": 4' in other.stdout and '"redone": 4' in other.stdout
+    assert "4 latent(s)" in other.stderr and "came from another checkpoint or other settings" in other.stderr
+    entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    made_by = {e["made_by"]["checkpoint"] for e in entries}
+    assert made_by == {str(next((tmp_path / "b" / "checkpoints").glob("*.safetensors")))}
+    assert all(len(e["made_by"]["sha256"]) == 64 and e["made_by"]["step"] == 1 for e in entries)
+    sampled = run_in_process(["-e", *tiny(images, tmp_path / "b"), *base, "--sample"])
+    assert '"redone": 4' in sampled.stdout  # another setting: posterior samples instead of means
+
+
+def test_reconstruct_and_encode_take_a_single_image_file(tmp_path):
+    images = make_images(tmp_path / "images", 3)
+    run = tmp_path / "run"
+    assert run_in_process(["-t", *tiny(images, run, "--set", "train.max_steps=1")]).returncode == 0
+    proc = run_in_process(["-i", *tiny(images, run, "--input", images / "1.png", "--output", tmp_path / "one")])
+    assert proc.returncode == 0 and "reconstructed 1 images" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["1.png", "metrics.csv"]
+    proc = run_in_process(["-e", *tiny(images, run, "--input", images / "2.png", "--output", tmp_path / "lat")])
+    assert proc.returncode == 0 and (tmp_path / "lat" / "2.safetensors").is_file()
+    # the folder of an input file is the input folder: writing there is refused
+    proc = run_in_process(["-i", *tiny(images, run, "--input", images / "1.png", "--output", images)])
+    assert proc.returncode == 1 and "is the input folder" in proc.stderr
+
+
+def test_training_says_what_it_does_and_where_things_went(tmp_path):
+    images = make_images(tmp_path / "images", 5)
+    (images / "broken.png").write_text("not an image")
+    run = tmp_path / "run"
+    proc = run_in_process(["-t", *tiny(images, run, "--set", "train.max_steps=2")])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("model: 4,791 parameters (encoder 2,620, decoder 2,171); gaussian latent 2 x 8 x 8")
+    assert lines[1].startswith(f"data: 6 images in {images}; 4 a step (4 x 1 accumulated); steps 1 to 2")
+    assert "Layer (type" not in proc.stdout  # the layer table only with --verbose
+    assert lines[-1].startswith("done: step 2 in ") and f"samples in {run / 'samples'}" in lines[-1]
+    assert "(latest step_00000002.safetensors)" in lines[-1] and f"metrics in {run / 'metrics.csv'}" in lines[-1]
+    assert "warning: skipping unreadable image broken.png: not an image, or a format Pillow cannot read" \
+        in proc.stderr.splitlines()
+    verbose = run_in_process(["-t", *tiny(images, run, "--set", "train.max_steps=3", "--verbose")])
+    assert "Layer (type" in verbose.stdout
