@@ -69,8 +69,12 @@ def test_plugin_example(tmp_path):
         'decoder = ["C2d_4_16_3_1_1", "SiLU", "C2d_16_3_3_1_1"]\n'
         "[data]\nimage_size = 16\n"
     )
-    result = run("train.py", "--check", "-c", str(config))
-    assert result.returncode == 0, result.stderr
-    assert "Scale_0.5" in result.stdout
-    listing = run("train.py", "--layers", "-c", str(config))
-    assert "Scale(factor=1.0)" in listing.stdout
+    # both commands in one process (one torch import): a plugin registers into that process only
+    code = ("import sys; from flexvae.cli import main\n"
+            "print('rc', main(['--check', '-c', sys.argv[1]], prog='train.py'))\n"
+            "print('rc', main(['--layers', '-c', sys.argv[1]], prog='train.py'))\n")
+    result = run("-c", code, str(config))
+    assert result.stdout.count("rc 0") == 2, result.stderr
+    check, listing = result.stdout.split("rc 0", 1)
+    assert "Scale_0.5" in check
+    assert "Scale(factor=1.0)" in listing
