@@ -65,3 +65,40 @@ def test_training_says_what_it_does_and_where_things_went(tmp_path):
         in proc.stderr.splitlines()
     verbose = run_in_process(["-t", *tiny(images, run, "--set", "train.max_steps=3", "--verbose")])
     assert "Layer (type" in verbose.stdout
+
+
+def test_options_a_mode_would_ignore_are_errors():
+    for args, words in ((["-e", "--side-by-side"], "--side-by-side does nothing in -e (encode); it is read by -i"),
+                        (["-t", "--ckpt", "x"], "--ckpt does nothing in -t (train)"),
+                        (["-mem", "--steps", "3"], "--steps does nothing in -mem (mem)"),
+                        (["-i", "--fresh"], "--fresh does nothing in -i (reconstruct); it is read by -t (train)")):
+        proc = run_in_process(args)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith(f"error: {words}"), proc.stderr
+
+
+def test_mem_recommends_no_more_than_the_data_holds():
+    from flexvae.train.memory_fit import MemResult
+
+    result = MemResult("cpu", [1, 2], [10, 20], 0.0, 10.0, 10**6, 4096, 900, "ran", 3)
+    assert result.recommended == 900
+    result.limit_to(56, "data.path holds 56 images")
+    assert result.recommended == 56
+    assert "recommendation capped at 56: data.path holds 56 images" in result.format()
+    result.limit_to(1000, "a looser limit")
+    assert result.recommended == 56 and len(result.notes) == 1
+
+
+def test_files_honour_the_umask(tmp_path):
+    import os
+
+    images = make_images(tmp_path / "images", 2)
+    run = tmp_path / "run"
+    previous = os.umask(0o027)
+    try:
+        assert run_in_process(["-t", *tiny(images, run, "--set", "train.max_steps=1")]).returncode == 0
+    finally:
+        os.umask(previous)
+    written = [run / "config.toml", run / "metrics.csv", *run.glob("checkpoints/*"), *run.glob("samples/*")]
+    assert len(written) >= 4
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o640)}

@@ -20,6 +20,12 @@ from pathlib import Path
 TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
 
@@ -53,8 +59,11 @@ def atomic_path(path):
     try:
         yield tmp
         fsync_path(tmp)
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)  # a replaced file keeps its permissions
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()  # what open() gives a new file (some writers make 0600 files)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

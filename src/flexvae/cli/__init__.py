@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import FlexVAEError, describe_os_error
-from .modes import MODES, flexvae_parser, handler_for, train_py_parser
+from .modes import MODES, check_options, flexvae_parser, handler_for, train_py_parser
 
 __all__ = ["main", "MODES", "flexvae_parser", "train_py_parser"]
 
@@ -29,6 +29,7 @@ def main(argv=None, prog: str = "flexvae") -> int:
     parser = train_py_parser() if prog == "train.py" else flexvae_parser()
     args = parser.parse_args(argv)
     try:
+        check_options(args)
         return handler_for(args)(args)
     except FlexVAEError as exc:
         if args.debug:

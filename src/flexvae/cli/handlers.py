@@ -41,11 +41,27 @@ def mem(args) -> int:
 
     cfg, config_path = common.load_config(args)
     result = find_max_batch(cfg, config_path, device=common.device(args, cfg))
+    images = _image_count(cfg)
+    if images is not None:
+        result.limit_to(images, f"data.path holds {images:,} images, and a larger batch repeats images within a step")
     print(result.format())
     if args.write:
         write_batch_size(config_path, result.recommended)
         print(f"wrote train.batch_size = {result.recommended} to {config_path}")
     return 0
+
+
+def _image_count(cfg) -> int | None:
+    """How many image files data.path holds (a folder source), or None when that is not known."""
+    from ..data import find_images
+    from ..errors import DataError
+
+    if cfg.data.source != "folder":
+        return None
+    try:
+        return len(find_images(cfg.data.path))
+    except DataError:
+        return None
 
 
 def reconstruct(args) -> int:

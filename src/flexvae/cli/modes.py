@@ -47,6 +47,16 @@ MODES = [
 BY_NAME = {mode.name: mode for mode in MODES}
 IMPORT = BY_NAME["import-weights"]
 
+# The modes that read each mode-specific option; any other mode refuses it rather than ignore it.
+_MODEL_USERS = {"reconstruct", "encode", "decode", "evaluate", "interpolate", "pictures", "probe"}
+OPTION_MODES = {
+    "ckpt": _MODEL_USERS, "input": _MODEL_USERS, "output": _MODEL_USERS | {"import-weights"},
+    "no_ema": _MODEL_USERS, "fresh": {"train"}, "verbose": {"train"}, "sample": {"encode"},
+    "side_by_side": {"reconstruct"}, "write": {"mem"}, "input2": {"interpolate", "probe"},
+    "matrix": {"matrix"}, "steps": {"interpolate", "pictures"}, "nll_samples": {"evaluate"},
+    "nll_sigma": {"evaluate"},
+}
+
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", default=None,
@@ -107,8 +117,23 @@ def flexvae_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def mode_of(args) -> Mode:
+    return IMPORT if getattr(args, "import_weights", None) else BY_NAME[args.mode]
+
+
+def check_options(args) -> None:
+    """One error line for an option the chosen mode would silently ignore."""
+    from ..errors import FlexVAEError
+
+    mode = mode_of(args)
+    for name, modes in OPTION_MODES.items():
+        value = getattr(args, name, None)
+        if value not in (None, False) and mode.name not in modes:
+            users = ", ".join(f"{BY_NAME[m].flag} ({m})" for m in sorted(modes))
+            raise FlexVAEError(f"--{name.replace('_', '-')} does nothing in {mode.flag} ({mode.name}); "
+                               f"it is read by {users}")
+
+
 def handler_for(args) -> Callable:
     """The handler of the parsed command line's mode."""
-    if getattr(args, "import_weights", None):
-        return IMPORT.handler
-    return BY_NAME[args.mode].handler
+    return mode_of(args).handler

@@ -49,10 +49,20 @@ class MemResult:
     notes: list[str] = field(default_factory=list)
     capped: bool = False  # the confirmation step ran below the prediction (CPU time or RAM safety)
 
+    limit: int | None = None  # what the data makes sensible (see limit_to)
+
     @property
     def recommended(self) -> int:
-        """The size to train with: the confirmed one, or the prediction when only a smaller step was run."""
-        return self.predicted if self.capped or self.confirmed is None else self.confirmed
+        """The size to train with: the confirmed one, or the prediction when only a smaller step was
+        run, and never more than ``limit``."""
+        size = self.predicted if self.capped or self.confirmed is None else self.confirmed
+        return size if self.limit is None else min(size, self.limit)
+
+    def limit_to(self, limit: int, why: str) -> None:
+        """Recommend at most ``limit``, noting ``why`` when that lowers the recommendation."""
+        if limit < self.recommended:
+            self.notes.append(f"recommendation capped at {limit:,}: {why}")
+        self.limit = limit if self.limit is None else min(self.limit, limit)
 
     def format(self) -> str:
         peaks = ", ".join(f"{s}: {p / MiB:,.1f}" for s, p in zip(self.probe_sizes, self.probe_peaks_bytes))
