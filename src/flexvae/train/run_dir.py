@@ -29,7 +29,8 @@ def save_run_config(cfg, run_dir: Path) -> None:
             head = path.read_text(encoding="utf-8", errors="replace")[:4096]
         except OSError:
             head = ""
-        ours = head.startswith(CONFIG_HEADER) or (list_checkpoints(run_dir) and head.startswith("[data]"))
+        # flexvae 0.1 wrote the dump without the header line; it always begins this way
+        ours = head.startswith(CONFIG_HEADER) or head.startswith("[data]\nsource = ")
         if not ours:
             raise TrainingError(
                 f"{path} exists and was not written by flexvae; train.out_dir = {run_dir} would overwrite it. "
