@@ -190,7 +190,8 @@ def test_find_max_batch_with_child_processes():
     # sizes far enough apart that per-sample memory stands out of the RSS noise of fresh processes
     cfg = dataclasses.replace(cfg, mem=dataclasses.replace(cfg.mem, probe_sizes=[1, 8, 16, 32]))
     result = find_max_batch(cfg, TINY, device="cpu", log=lambda _: None, cpu_method="child")
-    assert result.probe_sizes == [8, 16, 32]
+    # once retried at doubled sizes when the first fit is lost in the noise (see find_max_batch)
+    assert result.probe_sizes in ([8, 16, 32], [16, 32, 64])
     assert result.predicted >= 1 and result.confirmed is not None
     assert any("child process" in note for note in result.notes)
 

@@ -12,13 +12,18 @@ from .errors import ConfigError, StructureError
 from .latents import LATENTS
 
 
+PRESETS = Path(__file__).resolve().parent / "presets"
+
+
 def resolve_path(value: str, config_path: str | Path | None) -> Path:
-    """A relative path is taken from the working directory, then from the config's folder."""
+    """Where a relative path of a config points: beside the config file, else in the working
+    directory, else among the shipped presets (``structures/small_encoder.json`` works from any
+    folder once the package is installed). A path found nowhere is returned as written."""
     path = Path(value).expanduser()
-    if path.is_absolute() or path.exists() or config_path is None:
+    if path.is_absolute():
         return path
-    beside_config = Path(config_path).parent / path
-    return beside_config if beside_config.exists() else path
+    candidates = ([Path(config_path).parent / path] if config_path is not None else []) + [path, PRESETS / path]
+    return next((c for c in candidates if c.exists()), path)
 
 
 def load_plugins(plugins, config_path=None) -> None:
@@ -51,7 +56,8 @@ def structure_specs(value, role: str, config_path=None):
     if isinstance(value, str):
         path = resolve_path(value, config_path)
         if not path.is_file():
-            raise StructureError(f"model.{role}: structure file not found: {value}")
+            where = "beside the config, in the working directory or among the shipped presets"
+            raise StructureError(f"model.{role}: structure file not found: {value} (looked {where})")
         return as_specs(path)
     return as_specs(list(value), f"model.{role} in {config_path or 'the config'}")
 

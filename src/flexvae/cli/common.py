@@ -9,13 +9,27 @@ DEFAULT_CONFIG = "configs/config.toml"
 
 def load_config(args):
     """(config, its path or None): ``-c``, else configs/config.toml when present, else the
-    defaults; ``--set`` overrides applied."""
+    defaults; ``--set`` overrides applied. Relative data folders and plugin files are taken
+    beside the config file when they are there (then from the working directory), like
+    structure files."""
+    import dataclasses
+
+    from ..assemble import resolve_path
     from ..config import load_config as load
 
     path = args.config
     if path is None:
         path = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None
-    return load(path, args.set), path
+    cfg = load(path, args.set)
+    if path is not None:
+        if cfg.data.source == "folder":
+            data = {key: str(resolve_path(value, path)) for key in ("path", "val_path")
+                    if (value := getattr(cfg.data, key))}
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data))
+        # plugin files beside the config resolve the same way in every mode, not only in -t
+        plugins = [str(resolve_path(p, path)) if p.endswith(".py") else p for p in cfg.model.plugins]
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, plugins=plugins))
+    return cfg, path
 
 
 def device(args, cfg) -> str:

@@ -139,3 +139,13 @@ def import_weights(args) -> int:
               f"size: train with --set data.image_size={result.plan.data_shape[1]} or import with "
               f"--set data.image_size={base.data.image_size}")
     return 0
+
+
+def init(args) -> int:
+    from ..project import write_starter_project
+
+    folder = write_starter_project(args.init_dir)
+    print(f"wrote a starter project in {folder}: config.toml, structures/, images/")
+    print(f"next: put your images in {folder / 'images'} (any depth), then run, from {folder}:")
+    print("  flexvae train        (or: python train.py -t -c config.toml from a clone)")
+    return 0

@@ -17,6 +17,7 @@ class Mode:
     name: str  # flexvae's subcommand
     help: str
     handler: Callable  # handler(args) -> exit status
+    value: tuple[str, str, str] | None = None  # (dest, metavar, help): a mode that takes one value
 
 
 MODES = [
@@ -42,10 +43,13 @@ MODES = [
     Mode("--import-weights", "import-weights", "convert a Stable Diffusion VAE (diffusers folder or original "
                                                ".safetensors) into a flexvae checkpoint at --output (default "
                                                "runs/sd_vae/checkpoints/step_00000000.safetensors)",
-         handlers.import_weights),
+         handlers.import_weights, ("import_weights", "SRC", "diffusers VAE folder or original .safetensors")),
+    Mode("--init", "init", "write a starter project into DIR: a commented config and its structures, "
+                           "ready to train on the images you put in DIR/images", handlers.init,
+         ("init_dir", "DIR", "the project folder to create (or an empty existing one)")),
 ]
 BY_NAME = {mode.name: mode for mode in MODES}
-IMPORT = BY_NAME["import-weights"]
+VALUED = [mode for mode in MODES if mode.value is not None]
 
 # The modes that read each mode-specific option; any other mode refuses it rather than ignore it.
 _MODEL_USERS = {"reconstruct", "encode", "decode", "evaluate", "interpolate", "pictures", "probe"}
@@ -90,8 +94,8 @@ def train_py_parser() -> argparse.ArgumentParser:
         prog="train.py", description="flexvae: VAEs declared as JSON token lists. Give exactly one mode.")
     group = parser.add_mutually_exclusive_group(required=True)
     for mode in MODES:
-        if mode is IMPORT:  # takes its source as the flag's value
-            group.add_argument(mode.flag, dest="import_weights", metavar="SRC", help=mode.help)
+        if mode.value is not None:  # takes its one value as the flag's value
+            group.add_argument(mode.flag, dest=mode.value[0], metavar=mode.value[1], help=mode.help)
         else:
             group.add_argument(mode.flag, dest="mode", action="store_const", const=mode.name, help=mode.help)
     _add_options(parser)
@@ -111,14 +115,14 @@ def flexvae_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
     for mode in MODES:
         command = sub.add_parser(mode.name, help=mode.help, description=mode.help)
-        if mode is IMPORT:
-            command.add_argument("import_weights", metavar="SRC", help="diffusers VAE folder or original .safetensors")
+        if mode.value is not None:
+            command.add_argument(mode.value[0], metavar=mode.value[1], help=mode.value[2])
         _add_options(command)
     return parser
 
 
 def mode_of(args) -> Mode:
-    return IMPORT if getattr(args, "import_weights", None) else BY_NAME[args.mode]
+    return next((m for m in VALUED if getattr(args, m.value[0], None)), None) or BY_NAME[args.mode]
 
 
 def check_options(args) -> None:

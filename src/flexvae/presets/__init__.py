@@ -1,0 +1,1 @@
+"""Shipped structures and configs, installed with the package (see assemble.resolve_path)."""
