@@ -80,19 +80,23 @@ def test_out_dir_must_name_a_folder(trained, value):
     assert "'train.out_dir' must be a folder name" in line
 
 
-def test_fresh_removes_only_what_flexvae_wrote(trained, tmp_path):
+def test_fresh_moves_the_previous_run_aside_and_touches_nothing_else(trained, tmp_path):
     run = tmp_path / "run"
     args = tiny(trained["images"], run, "--set", "train.max_steps=2", "--set", "train.save_every=1")
     assert run_in_process(["-t", *args]).returncode == 0
+    before = {p.relative_to(run).as_posix(): p.read_bytes() for p in run.rglob("*") if p.is_file()
+              and p.name != ".flexvae.lock"}
     mine = {run / "notes.txt": "my notes", run / "samples" / "favourite.png": "not ours",
             run / "checkpoints" / "keep.safetensors": "a file of mine"}
     for path, text in mine.items():
         path.write_text(text)
     proc = run_in_process(["-t", *args, "--fresh"])
     assert proc.returncode == 0, proc.stderr
-    assert "--fresh: removed the previous run's 2 checkpoint(s), 1 sample grid(s), metrics.csv" in proc.stdout
+    assert "--fresh: moved the previous run's 2 checkpoint(s), 1 sample grid(s), metrics.csv to " in proc.stdout
     assert all(path.read_text() == text for path, text in mine.items())
     assert [p.name for p in list_checkpoints(run)] == ["step_00000001.safetensors", "step_00000002.safetensors"]
+    (aside,) = (run / "previous").iterdir()
+    assert {p.relative_to(aside).as_posix(): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == before
 
 
 def test_a_config_toml_flexvae_did_not_write_is_never_replaced(trained, tmp_path):

@@ -25,5 +25,6 @@ def require(module: str, purpose: str):
         return importlib.import_module(module)
     except ImportError:
         package, extra = EXTRAS.get(module.split(".")[0], (module, None))
-        hint = f'pip install "flexvae[{extra}]"' if extra else f"pip install {package}"
+        hint = (f'pip install "flexvae[{extra}]" (from a clone: pip install -e ".[{extra}]")' if extra
+                else f"pip install {package}")
         raise MissingDependency(f"{purpose} needs {package}, which is not installed; install it with: {hint}") from None

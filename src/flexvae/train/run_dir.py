@@ -1,11 +1,13 @@
-"""What a training run keeps in its directory, and the care taken with it: only files that
-flexvae wrote are ever removed, and a resumed run starts from a directory as the checkpoint
+"""What a training run keeps in its directory, and the care taken with it: files are never
+deleted (``--fresh`` moves the previous run aside), and a resumed run starts from a directory as the checkpoint
 left it (metrics after the checkpoint's step cut, temporary files of a killed write gone)."""
 
 from __future__ import annotations
 
 import csv
+import os
 import re
+import time
 from pathlib import Path
 
 from ..checkpoint import CHECKPOINT_DIR, list_checkpoints
@@ -18,6 +20,7 @@ CONFIG_FILE = "config.toml"
 CONFIG_HEADER = "# The resolved config of this flexvae run (written by flexvae; edits are overwritten)."
 SAMPLE_NAME = re.compile(r"step_\d+\.png")
 BOARD_DIR, BOARD_FILE = "tensorboard", re.compile(r"events\.out\.tfevents\..+")
+PREVIOUS_DIR = "previous"  # where --fresh moves a previous run
 OLD_TEMP_NAME = re.compile(r"step_\d+\.safetensors\.tmp-\d+")  # written by flexvae 0.1's checkpoints
 
 
@@ -44,23 +47,36 @@ def _ours(folder: Path, pattern: re.Pattern) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_file() and pattern.fullmatch(p.name)]
 
 
-def remove_run_outputs(run_dir: Path) -> str:
-    """``--fresh``: delete the checkpoints, samples, metrics and TensorBoard events of a previous
-    run, and nothing else (a folder is removed only when that leaves it empty). Says what went."""
+def set_aside_run_outputs(run_dir: Path) -> str:
+    """``--fresh``: move the checkpoints, samples, metrics, TensorBoard events and config of a
+    previous run into ``<run>/previous/<date-time>/`` (nothing is deleted; other files stay
+    where they are). Says what moved where, or "" when there was nothing."""
     run_dir = Path(run_dir)
     checkpoints = list_checkpoints(run_dir) if (run_dir / CHECKPOINT_DIR).is_dir() else []
     samples = _ours(run_dir / "samples", SAMPLE_NAME)
     events = _ours(run_dir / BOARD_DIR, BOARD_FILE)
-    metrics = [run_dir / METRICS_FILE] if (run_dir / METRICS_FILE).is_file() else []
-    for path in checkpoints + samples + events + metrics:
-        path.unlink(missing_ok=True)
+    singles = [run_dir / name for name in (METRICS_FILE, CONFIG_FILE) if (run_dir / name).is_file()]
+    moving = checkpoints + samples + events + singles
+    if not (checkpoints or samples or events or (run_dir / METRICS_FILE).is_file()):
+        return ""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = run_dir / PREVIOUS_DIR / stamp
+    n = 1
+    while target.exists():
+        n += 1
+        target = run_dir / PREVIOUS_DIR / f"{stamp}-{n}"
+    for path in moving:
+        destination = target / path.relative_to(run_dir)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, destination)
     for name in (CHECKPOINT_DIR, "samples", BOARD_DIR):
         folder = run_dir / name
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
     parts = [f"{len(checkpoints)} checkpoint(s)" if checkpoints else "", f"{len(samples)} sample grid(s)" if samples
-             else "", "metrics.csv" if metrics else "", f"{len(events)} TensorBoard file(s)" if events else ""]
-    return ", ".join(p for p in parts if p)
+             else "", "metrics.csv" if (target / METRICS_FILE).is_file() else "",
+             f"{len(events)} TensorBoard file(s)" if events else ""]
+    return f"{', '.join(p for p in parts if p)} to {target}"
 
 
 def tidy_resumed_run(run_dir: Path, step: int) -> None:

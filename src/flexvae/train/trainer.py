@@ -23,7 +23,7 @@ from ..losses import check_loss_config, reconstruction_loss
 from ..metrics import MetricsLog, psnr
 from .distributed import barrier, cleanup, from_environment, mean_across, setup
 from .ema import EMA
-from .run_dir import remove_run_outputs, save_run_config, tidy_resumed_run
+from .run_dir import save_run_config, set_aside_run_outputs, tidy_resumed_run
 from .rng import capture_rng_state, restore_rng_state, seed_everything, set_torch_rng_state, torch_rng_state
 from .runtime import prepare, sample_noise
 from .sampler import StreamSampler
@@ -223,9 +223,9 @@ class Trainer:
                 f"{self.run_dir} is in use by another flexvae process (pid {exc.holder}); wait for it to "
                 "finish, or choose another train.out_dir") from None
         if self.fresh:
-            removed = remove_run_outputs(self.run_dir)
-            if removed:
-                self.log(f"--fresh: removed the previous run's {removed} from {self.run_dir}")
+            moved = set_aside_run_outputs(self.run_dir)
+            if moved:
+                self.log(f"--fresh: moved the previous run's {moved}")
         save_run_config(self.cfg, self.run_dir)
 
     # ----------------------------------------------------------------- loop
