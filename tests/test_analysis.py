@@ -254,7 +254,7 @@ def test_matrix_runs_each_combination_once(tiny_run, tmp_path):
     assert len(ckpts) == 2
 
     second = run_matrix(spec, quiet=True, log=lambda *_: None)
-    assert [r["status"] for r in second["rows"]] == ["skipped (finished)"] * 2
+    assert [r["status"] for r in second["rows"]] == ["skipped: already at step 2"] * 2
     assert [p.stat().st_mtime_ns for p in ckpts] == stamps
     lines = Path(second["csv"]).read_text().strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("run,train.lr,data.resize_filter,final_loss")
@@ -263,8 +263,18 @@ def test_matrix_runs_each_combination_once(tiny_run, tmp_path):
     assert len(table) == 2
 
     out = cli("-matrix", "--matrix", spec, cwd=tmp_path)  # the CLI mode: both runs finished, none retrained
-    assert out.count("not trained again") == 2
+    assert sum(line.startswith("[") and line.endswith(": skipped: already at step 2")
+               for line in out.splitlines()) == 2
     assert [p.stat().st_mtime_ns for p in ckpts] == stamps
+
+    # fewer steps: nothing to train, and the table says so; another setting: the runs are retrained
+    spec.write_text(spec.read_text().replace('"train.max_steps" = 2', '"train.max_steps" = 1'))
+    fewer = run_matrix(spec, quiet=True, log=lambda *_: None)
+    assert [r["status"] for r in fewer["rows"]] == ["skipped: already at step 2 (beyond train.max_steps = 1)"] * 2
+    spec.write_text(spec.read_text().replace('"train.max_steps" = 1', '"train.max_steps" = 2\n"loss.kld_weight" = 0.01'))
+    changed = run_matrix(spec, quiet=True, log=lambda *_: None)
+    assert [r["status"] for r in changed["rows"]] == ["retrained: settings changed (loss.kld_weight)"] * 2
+    assert all((p.parent.parent / "previous").is_dir() for p in ckpts)  # the old runs were moved aside
 
 
 # ----------------------------------------------------------------------- CLI

@@ -15,9 +15,10 @@ A matrix file (TOML)::
 
 Keys are ``section.key`` config names (quoted, or as TOML sub-tables). A relative ``base``
 is looked up from the working directory, then beside the matrix file; ``out_dir``
-defaults to ``runs/<matrix file name>``. Runs go one after another. A run is finished
-when its checkpoint at ``train.max_steps`` exists; finished runs are not trained again
-(an interrupted one resumes). Each run is then evaluated on ``data.val_path`` when set,
+defaults to ``runs/<matrix file name>``. Runs go one after another. A run whose latest
+checkpoint reached ``train.max_steps`` is skipped, a shorter one resumes, and one whose
+stored config differs (other than in max_steps, out_dir or device) is retrained with its old
+files moved aside; the status column says which. Each run is then evaluated on ``data.val_path`` when set,
 else on its training data (the evaluation is cached in ``<run>/matrix_evaluation.json``), and
 ``results.md`` and ``results.csv`` get one row per combination: the override values, the
 final logged loss terms and the evaluation's MSE, PSNR, SSIM and active units.
@@ -144,10 +145,28 @@ def run_names(matrix: Matrix) -> list[str]:
     return names
 
 
-def final_checkpoint(run_dir: Path, max_steps: int) -> Path:
-    from ..checkpoint import checkpoint_name
+IGNORED_CHANGES = {"train.max_steps", "train.out_dir", "train.device"}  # a changed value here keeps the run
 
-    return run_dir / "checkpoints" / checkpoint_name(max_steps)
+
+def run_state(run_dir: Path, cfg) -> tuple[int | None, list[str]]:
+    """(step of the run's latest checkpoint or None, the settings that differ from ``cfg``):
+    a run whose stored config differs (other than in max_steps, out_dir or device) is retrained."""
+    from ..checkpoint import list_checkpoints, load_checkpoint
+    from ..config import config_from_dict, config_to_dict
+
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None, []
+    ckpt = load_checkpoint(found[-1], with_train_state=False)
+    try:
+        stored = config_to_dict(config_from_dict(ckpt.metadata.get("config", {}), str(found[-1]), stored=True))
+    except ConfigError:
+        return ckpt.step, ["the stored config is unreadable"]
+    now = config_to_dict(cfg)
+    changed = [f"{section}.{key}" for section in now for key in sorted(set(now[section]) | set(stored.get(section, {})))
+               if now[section].get(key) != stored.get(section, {}).get(key)
+               and f"{section}.{key}" not in IGNORED_CHANGES]
+    return ckpt.step, changed
 
 
 def final_losses(run_dir: Path) -> dict:
@@ -203,15 +222,21 @@ def run_matrix(path, device: str | None = None, extra_overrides=(), quiet: bool 
         cfg = run_config(matrix, combo, run_dir, extra_overrides)
         dev = resolve_device(device or cfg.train.device)
         row = {"run": name, **combo}
-        if final_checkpoint(run_dir, cfg.train.max_steps).is_file():
-            row["status"] = "skipped (finished)"
-            log(f"[{i}/{len(combos)}] {name}: finished before, not trained again")
+        step, changed = run_state(run_dir, cfg)
+        if step is not None and not changed and step >= cfg.train.max_steps:
+            beyond = f" (beyond train.max_steps = {cfg.train.max_steps})" if step > cfg.train.max_steps else ""
+            row["status"] = f"skipped: already at step {step}{beyond}"
+            log(f"[{i}/{len(combos)}] {name}: {row['status']}")
         else:
-            log(f"[{i}/{len(combos)}] {name}: training {cfg.train.max_steps} steps into {run_dir}")
+            if changed:
+                what = f"retrained: settings changed ({', '.join(changed[:4])})"
+            else:
+                what = f"resumed from step {step}" if step else "trained"
+            log(f"[{i}/{len(combos)}] {name}: {what}; {cfg.train.max_steps} steps into {run_dir}")
             started = time.perf_counter()
             try:
-                train(cfg, str(matrix.base), device=dev, quiet=quiet)
-                row["status"] = "trained"
+                train(cfg, str(matrix.base), device=dev, quiet=quiet, fresh=bool(changed))
+                row["status"] = what
                 log(f"  done in {time.perf_counter() - started:.0f} s")
             except FlexVAEError as exc:
                 row["status"] = f"failed: {exc}"

@@ -73,7 +73,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="output folder (default: inside the run directory); "
                                          "the checkpoint file for --import-weights")
     parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default: train.device)")
-    parser.add_argument("--fresh", action="store_true", help="-t: ignore existing checkpoints and start over")
+    parser.add_argument("--fresh", action="store_true", help="-t: start over; the previous run is moved to <run>/previous/<date-time>/")
     parser.add_argument("--verbose", action="store_true", help="-t: print the model's full layer table first")
     parser.add_argument("--sample", action="store_true", help="-e: store a posterior sample instead of the mean")
     parser.add_argument("--side-by-side", action="store_true", help="-i: write original and reconstruction side by side")
