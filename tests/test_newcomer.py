@@ -133,3 +133,14 @@ def test_a_new_project_trains_from_any_folder(tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert check.returncode == 0, check.stderr
     assert "total parameters: 188,963" in check.stdout
+
+
+def test_each_subcommand_lists_only_its_own_options():
+    help_of = {name: run_in_process([name, "-h"], prog="flexvae").stdout for name in ("train", "encode", "mem")}
+    assert "--fresh" in help_of["train"] and "--sample" not in help_of["train"] and "--ckpt" not in help_of["train"]
+    assert "--sample" in help_of["encode"] and "--fresh" not in help_of["encode"]
+    assert "--write" in help_of["mem"] and "--input" not in help_of["mem"]
+    for text in help_of.values():
+        assert "--config" in text and "--set" in text and "--device" in text
+    wrong = run_in_process(["train", "--sample"], prog="flexvae")
+    assert wrong.returncode == 2 and "unrecognized arguments: --sample" in wrong.stderr

@@ -62,29 +62,36 @@ OPTION_MODES = {
 }
 
 
-def _add_options(parser: argparse.ArgumentParser) -> None:
+def _add_options(parser: argparse.ArgumentParser, mode: Mode | None = None) -> None:
+    """The options of ``mode`` (every option for train.py's one parser, ``mode`` None): a
+    subcommand's -h lists only what that mode reads."""
+    def option(*flags, **kwargs):
+        name = flags[-1].lstrip("-").replace("-", "_")
+        if mode is None or name not in OPTION_MODES or mode.name in OPTION_MODES[name]:
+            parser.add_argument(*flags, **kwargs)
+
     parser.add_argument("-c", "--config", default=None,
                         help=f"TOML config (default: {DEFAULT_CONFIG}, or built-in defaults if it is missing)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value (repeatable), e.g. --set train.lr=3e-4")
-    parser.add_argument("--ckpt", help="checkpoint file, or a run directory (its latest checkpoint); "
+    option("--ckpt", help="checkpoint file, or a run directory (its latest checkpoint); "
                                        "default: train.out_dir")
-    parser.add_argument("--input", help="input folder (default: data.path for -i/-e, <run>/latents for -d)")
-    parser.add_argument("--output", help="output folder (default: inside the run directory); "
+    option("--input", help="input folder (default: data.path for -i/-e, <run>/latents for -d)")
+    option("--output", help="output folder (default: inside the run directory); "
                                          "the checkpoint file for --import-weights")
     parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default: train.device)")
-    parser.add_argument("--fresh", action="store_true", help="-t: start over; the previous run is moved to <run>/previous/<date-time>/")
-    parser.add_argument("--verbose", action="store_true", help="-t: print the model's full layer table first")
-    parser.add_argument("--sample", action="store_true", help="-e: store a posterior sample instead of the mean")
-    parser.add_argument("--side-by-side", action="store_true", help="-i: write original and reconstruction side by side")
-    parser.add_argument("--write", action="store_true", help="-mem: store the batch size found in the config file")
-    parser.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
-    parser.add_argument("--input2", help="-inter: second image or folder; -probe: labelled test folder")
-    parser.add_argument("--matrix", help="-matrix: the experiment matrix TOML file")
-    parser.add_argument("--steps", type=int, help="-inter: images per interpolation (8); -pics: traversal steps (9)")
-    parser.add_argument("--nll-samples", type=int, help="-eval: importance samples per image for the NLL "
+    option("--fresh", action="store_true", help="-t: start over; the previous run is moved to <run>/previous/<date-time>/")
+    option("--verbose", action="store_true", help="-t: print the model's full layer table first")
+    option("--sample", action="store_true", help="-e: store a posterior sample instead of the mean")
+    option("--side-by-side", action="store_true", help="-i: write original and reconstruction side by side")
+    option("--write", action="store_true", help="-mem: store the batch size found in the config file")
+    option("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
+    option("--input2", help="-inter: second image or folder; -probe: labelled test folder")
+    option("--matrix", help="-matrix: the experiment matrix TOML file")
+    option("--steps", type=int, help="-inter: images per interpolation (8); -pics: traversal steps (9)")
+    option("--nll-samples", type=int, help="-eval: importance samples per image for the NLL "
                                                         "(default 100, fewer above 64x64 px; 0 = skip)")
-    parser.add_argument("--nll-sigma", help="-eval: decoder sigma of the Gaussian likelihood, or 'auto' "
+    option("--nll-sigma", help="-eval: decoder sigma of the Gaussian likelihood, or 'auto' "
                                             "(sqrt of the reconstruction MSE; default)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
@@ -117,7 +124,7 @@ def flexvae_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(mode.name, help=mode.help, description=mode.help)
         if mode.value is not None:
             command.add_argument(mode.value[0], metavar=mode.value[1], help=mode.value[2])
-        _add_options(command)
+        _add_options(command, mode)
     return parser
 
 
