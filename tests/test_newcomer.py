@@ -120,7 +120,7 @@ def test_a_new_project_trains_from_any_folder(tmp_path):
     again = run_in_process(["--init", project], cwd=tmp_path)
     assert again.returncode == 1 and "is not an empty folder" in again.stderr
     make_images(project / "images", 4)
-    small = ["-c", "config.toml", "--set", "train.max_steps=2", "--set", "data.num_workers=0"]
+    small = ["--set", "train.max_steps=2", "--set", "data.num_workers=0"]  # config.toml found in the project
     for args in (["-t", *small], ["-e", *small], ["-d", *small], ["-eval", *small, "--nll-samples", "0"]):
         proc = run_in_process(args, cwd=project)
         assert proc.returncode == 0, (args, proc.stderr)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/config.toml"
+DEFAULT_CONFIGS = (DEFAULT_CONFIG, "config.toml")  # a clone's default, then a project's (flexvae init)
 
 
 def load_config(args):
-    """(config, its path or None): ``-c``, else configs/config.toml when present, else the
-    defaults; ``--set`` overrides applied. Relative data folders and plugin files are taken
+    """(config, its path or None): ``-c``, else configs/config.toml or config.toml in the
+    working directory when present, else the built-in defaults; ``--set`` overrides applied. Relative data folders and plugin files are taken
     beside the config file when they are there (then from the working directory), like
     structure files."""
     import dataclasses
@@ -19,7 +20,7 @@ def load_config(args):
 
     path = args.config
     if path is None:
-        path = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None
+        path = next((name for name in DEFAULT_CONFIGS if Path(name).is_file()), None)
     cfg = load(path, args.set)
     if path is not None:
         if cfg.data.source == "folder":

@@ -71,7 +71,7 @@ def _add_options(parser: argparse.ArgumentParser, mode: Mode | None = None) -> N
             parser.add_argument(*flags, **kwargs)
 
     parser.add_argument("-c", "--config", default=None,
-                        help=f"TOML config (default: {DEFAULT_CONFIG}, or built-in defaults if it is missing)")
+                        help=f"TOML config (default: {DEFAULT_CONFIG}, else config.toml, else the built-in defaults)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value (repeatable), e.g. --set train.lr=3e-4")
     option("--ckpt", help="checkpoint file, or a run directory (its latest checkpoint); "
