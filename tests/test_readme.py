@@ -78,3 +78,29 @@ def test_plugin_example(tmp_path):
     check, listing = result.stdout.split("rc 0", 1)
     assert "Scale_0.5" in check
     assert "Scale(factor=1.0)" in listing
+
+
+def test_trained_run_api_example(tmp_path):
+    import contextlib
+    import io
+
+    import torch
+
+    from flexvae.config import load_config
+    from flexvae.train.trainer import Trainer
+
+    cfg = load_config(ROOT / "configs" / "tiny_test.toml", [f"train.out_dir={tmp_path / 'run'}",
+                                                            f"data.path={ROOT / 'assets' / 'photos'}",
+                                                            f"model.encoder={ROOT / 'structures/tiny_encoder.json'}",
+                                                            f"model.decoder={ROOT / 'structures/tiny_decoder.json'}"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        Trainer(cfg, quiet=True).train()
+    block = README.split("A trained run, in five lines", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert len([line for line in block.splitlines() if line.strip()]) == 5
+    block = block.replace('"runs/default"', repr(str(tmp_path / "run"))).replace(
+        '"assets/photos/chelsea/001.png"', repr(str(ROOT / "assets/photos/chelsea/001.png")))
+    names = {"flexvae": __import__("flexvae")}
+    exec(compile(block, "README.md (trained run)", "exec"), names)
+    assert names["x"].shape == (1, 3, 16, 16) and names["recon"].shape == (1, 3, 16, 16)
+    assert names["samples"].shape == (4, 3, 16, 16) and float(names["recon"].abs().max()) <= 1
+    assert torch.is_tensor(names["z"]) and names["z"].shape == (1, 2, 8, 8)

@@ -60,6 +60,13 @@ class LoadedModel:
     path: Path | None = None
     step: int = 0
 
+    def load_images(self, paths) -> torch.Tensor:
+        """Image files as one batch (B, C, H, W) in [-1, 1], preprocessed as the model's training data."""
+        from ..data import load_image
+
+        return torch.stack([load_image(p, self.data_shape[0], self.data_shape[1], self.resize_filter,
+                                       self.pad_to_square) for p in paths])
+
     def provenance(self) -> dict:
         """What produced an output: the checkpoint file (path, step, SHA-256 of its content)
         and the preprocessing; outputs of another checkpoint or other settings are redone."""
