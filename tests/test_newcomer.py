@@ -43,7 +43,7 @@ def test_reconstruct_and_encode_take_a_single_image_file(tmp_path):
     assert run_in_process(["-t", *tiny(images, run, "--set", "train.max_steps=1")]).returncode == 0
     proc = run_in_process(["-i", *tiny(images, run, "--input", images / "1.png", "--output", tmp_path / "one")])
     assert proc.returncode == 0 and "reconstructed 1 images" in proc.stdout
-    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["1.png", "metrics.csv"]
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["1.png", "made_by.json", "metrics.csv"]
     proc = run_in_process(["-e", *tiny(images, run, "--input", images / "2.png", "--output", tmp_path / "lat")])
     assert proc.returncode == 0 and (tmp_path / "lat" / "2.safetensors").is_file()
     # the folder of an input file is the input folder: writing there is refused
@@ -144,3 +144,17 @@ def test_each_subcommand_lists_only_its_own_options():
         assert "--config" in text and "--set" in text and "--device" in text
     wrong = run_in_process(["train", "--sample"], prog="flexvae")
     assert wrong.returncode == 2 and "unrecognized arguments: --sample" in wrong.stderr
+
+
+def test_reconstruct_and_decode_record_their_checkpoint(tmp_path):
+    images = make_images(tmp_path / "images", 2)
+    run = tmp_path / "run"
+    assert run_in_process(["-t", *tiny(images, run, "--set", "train.max_steps=1")]).returncode == 0
+    checkpoint = str(next((run / "checkpoints").glob("*.safetensors")))
+    assert run_in_process(["-i", *tiny(images, run, "--input", images, "--output", tmp_path / "r")]).returncode == 0
+    made_by = json.loads((tmp_path / "r" / "made_by.json").read_text())
+    assert made_by["checkpoint"] == checkpoint and made_by["step"] == 1 and len(made_by["sha256"]) == 64
+    assert run_in_process(["-e", *tiny(images, run, "--input", images, "--output", tmp_path / "z")]).returncode == 0
+    assert run_in_process(["-d", *tiny(images, run, "--input", tmp_path / "z", "--output", tmp_path / "d")]).returncode == 0
+    entries = [json.loads(line) for line in (tmp_path / "d" / "manifest.jsonl").read_text().splitlines()]
+    assert len(entries) == 2 and all(e["made_by"]["checkpoint"] == checkpoint for e in entries)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, dev
     discrete = ctx.vae.latent if ctx.vae.is_discrete else None
     expected_codes = tuple(discrete.code_shape(expected)) if discrete is not None else None
     entries, failed, non_finite_files = {}, [], 0
+    made_by = json.loads(json.dumps(ctx.provenance()))  # every output is written again on each run
     for start in tqdm(range(0, len(files), batch_size), disable=not progress, desc="decode"):
         chunk, tensors = [], []  # tensors: raw latents, as the decoder takes them
         for path in files[start:start + batch_size]:
@@ -56,7 +58,7 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, dev
                       file=sys.stderr)
             chunk.append(path)
             tensors.append(raw)
-            entries[rel] = {"path": rel, "status": "ok", "file": names[rel], "non_finite": bad}
+            entries[rel] = {"path": rel, "status": "ok", "file": names[rel], "non_finite": bad, "made_by": made_by}
         if not tensors:
             continue
         images = ctx.vae.to_image(ctx.vae.decode(torch.stack(tensors).to(device)))

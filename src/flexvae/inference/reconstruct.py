@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ import torch
 from ..checkpoint import LoadedModel
 from ..data import SkipLog, save_image
 from ..errors import DataError
-from ..files import atomic_open
+from ..files import atomic_open, write_text
 from ..metrics import psnr, ssim
 from .paths import check_folders, folder_loader, input_root, output_names, safe_output_path
 
@@ -41,6 +42,7 @@ def reconstruct_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=16
             target = safe_output_path(out_root, names[rel])
             save_image(torch.cat([original, output], dim=-1) if side_by_side else output, target)
             rows.append({"path": rel, "psnr": p, "ssim": s})
+    write_text(out_root / "made_by.json", json.dumps(ctx.provenance(), indent=2) + "\n")  # all redone each run
     with atomic_open(out_root / "metrics.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["path", "psnr", "ssim"])
         writer.writeheader()
