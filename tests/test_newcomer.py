@@ -158,3 +158,25 @@ def test_reconstruct_and_decode_record_their_checkpoint(tmp_path):
     assert run_in_process(["-d", *tiny(images, run, "--input", tmp_path / "z", "--output", tmp_path / "d")]).returncode == 0
     entries = [json.loads(line) for line in (tmp_path / "d" / "manifest.jsonl").read_text().splitlines()]
     assert len(entries) == 2 and all(e["made_by"]["checkpoint"] == checkpoint for e in entries)
+
+
+def test_native_size_reconstructs_at_each_images_own_resolution(tmp_path):
+    from PIL import Image
+
+    images = make_images(tmp_path / "images", 2)  # 20 x 20
+    Image.new("RGB", (23, 17), (200, 40, 40)).save(images / "odd.png")
+    run = tmp_path / "run"
+    assert run_in_process(["-t", *tiny(images, run, "--set", "train.max_steps=1")]).returncode == 0
+    out = tmp_path / "native"
+    proc = run_in_process(["-i", *tiny(images, run, "--input", images, "--output", out, "--native-size")])
+    assert proc.returncode == 0, proc.stderr
+    sizes = {p.name: Image.open(p).size for p in out.glob("*.png")}
+    assert sizes == {"0.png": (20, 20), "1.png": (20, 20), "odd.png": (22, 16)}  # the tiny model halves once
+    # a model with a fully connected layer takes one size only: a clear error
+    flat = tmp_path / "flat"
+    enc = '["C2d_3_4_3_1_1", "Flat", "Lin_?_8", "Reshape_8_1_1"]'
+    dec = '["Flat", "Lin_?_768", "Reshape_3_16_16"]'
+    args = tiny(images, flat, "--set", f"model.encoder={enc}", "--set", f"model.decoder={dec}")
+    assert run_in_process(["-t", *args, "--set", "train.max_steps=1"]).returncode == 0
+    proc = run_in_process(["-i", *args, "--input", images, "--output", tmp_path / "n2", "--native-size"])
+    assert proc.returncode == 1 and "--native-size: this model cannot reconstruct 20 x 20 images" in proc.stderr

@@ -72,7 +72,8 @@ def reconstruct(args) -> int:
     model = common.load_run(args, cfg, device)
     out = Path(args.output or common.run_dir(args, cfg) / "reconstructions")
     summary = reconstruct_folder(model, args.input or cfg.data.path, out, batch_size=cfg.encode.batch_size,
-                                 num_workers=cfg.data.num_workers, side_by_side=args.side_by_side, device=device)
+                                 num_workers=cfg.data.num_workers, side_by_side=args.side_by_side, device=device,
+                                 native_size=args.native_size)
     skipped = f" ({summary['skipped']} unreadable skipped)" if summary["skipped"] else ""
     print(f"reconstructed {summary['images']} images{skipped} into {out}: mean PSNR {summary['psnr']:.2f} dB, "
           f"mean SSIM {summary['ssim']:.4f}; per-image values in {out / 'metrics.csv'}")

@@ -56,7 +56,7 @@ _MODEL_USERS = {"reconstruct", "encode", "decode", "evaluate", "interpolate", "p
 OPTION_MODES = {
     "ckpt": _MODEL_USERS, "input": _MODEL_USERS, "output": _MODEL_USERS | {"import-weights"},
     "no_ema": _MODEL_USERS, "fresh": {"train"}, "verbose": {"train"}, "sample": {"encode"},
-    "side_by_side": {"reconstruct"}, "write": {"mem"}, "input2": {"interpolate", "probe"},
+    "side_by_side": {"reconstruct"}, "native_size": {"reconstruct"}, "write": {"mem"}, "input2": {"interpolate", "probe"},
     "matrix": {"matrix"}, "steps": {"interpolate", "pictures"}, "nll_samples": {"evaluate"},
     "nll_sigma": {"evaluate"},
 }
@@ -84,6 +84,8 @@ def _add_options(parser: argparse.ArgumentParser, mode: Mode | None = None) -> N
     option("--verbose", action="store_true", help="-t: print the model's full layer table first")
     option("--sample", action="store_true", help="-e: store a posterior sample instead of the mean")
     option("--side-by-side", action="store_true", help="-i: write original and reconstruction side by side")
+    option("--native-size", action="store_true", help="-i: reconstruct at each image's own resolution "
+                                                      "(fully convolutional models)")
     option("--write", action="store_true", help="-mem: store the batch size found in the config file")
     option("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     option("--input2", help="-inter: second image or folder; -probe: labelled test folder")

@@ -7,12 +7,13 @@ reports unreadable files once each.
 
 from .batching import Batch, SkipLog, collate, first_images, make_loader
 from .datasets import TORCHVISION_DATASETS, ImageFolder, TorchvisionImages, open_dataset
-from .images import (CHANNEL_MODES, IMAGE_EXTENSIONS, RESIZE_FILTERS, find_images, load_image, pil_to_tensor,
+from .images import (CHANNEL_MODES, IMAGE_EXTENSIONS, RESIZE_FILTERS, find_images, load_image, load_native,
+                     pil_to_tensor,
                      save_grid, save_image)
 
 __all__ = [
     "Batch", "SkipLog", "collate", "first_images", "make_loader",
     "TORCHVISION_DATASETS", "ImageFolder", "TorchvisionImages", "open_dataset",
-    "CHANNEL_MODES", "IMAGE_EXTENSIONS", "RESIZE_FILTERS", "find_images", "load_image", "pil_to_tensor",
+    "CHANNEL_MODES", "IMAGE_EXTENSIONS", "RESIZE_FILTERS", "find_images", "load_image", "load_native", "pil_to_tensor",
     "save_grid", "save_image",
 ]

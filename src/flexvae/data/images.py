@@ -202,6 +202,16 @@ def reason(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def load_native(path: PathLike, channels: int) -> torch.Tensor:
+    """One image file at its own size, (channels, H, W) in [-1, 1] (no resizing or cropping)."""
+    try:
+        img = _to_channels(_to_8bit(open_image(path)), channels)
+    except Exception as exc:
+        raise DataError(f"cannot read image {path}: {reason(exc)}") from exc
+    array = np.array(img, dtype=np.uint8).reshape(img.height, img.width, channels)
+    return torch.from_numpy(array).permute(2, 0, 1).float().div(127.5).sub(1.0).contiguous()
+
+
 def load_image(path: PathLike, channels: int, image_size: int,
                resize_filter: str = "bilinear", pad_to_square: bool = False) -> torch.Tensor:
     """Read one image file as a (channels, image_size, image_size) tensor in [-1, 1].

@@ -18,8 +18,12 @@ from .paths import check_folders, folder_loader, input_root, output_names, safe_
 
 @torch.no_grad()
 def reconstruct_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=16, num_workers=0,
-                       side_by_side=False, device="cpu", progress=True) -> dict:
-    """Reconstruct every image; write PNGs with the same relative paths and a metrics CSV."""
+                       side_by_side=False, device="cpu", progress=True, native_size=False) -> dict:
+    """Reconstruct every image; write PNGs with the same relative paths and a metrics CSV.
+
+    ``native_size``: each image at its own resolution, one at a time (centre-cropped to the
+    nearest size the model takes, e.g. a multiple of its downsampling), for fully
+    convolutional models; a model that cannot take another size is a DataError."""
     from tqdm import tqdm
 
     out_root = check_folders(input_dir, output_dir)
@@ -30,7 +34,8 @@ def reconstruct_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=16
     skips = SkipLog()
     skips.add(dataset.excluded)
     rows = []
-    for batch in tqdm(loader, disable=not progress, desc="reconstruct"):
+    batches = _native_batches(ctx, dataset) if native_size else loader
+    for batch in tqdm(batches, disable=not progress, desc="reconstruct", total=len(dataset) if native_size else None):
         skips.add(batch.failures)
         if batch.images is None:
             continue
@@ -58,3 +63,50 @@ def reconstruct_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=16
         "psnr": float(np.mean([r["psnr"] for r in rows])) if rows else float("nan"),
         "ssim": float(np.mean([r["ssim"] for r in rows])) if rows else float("nan"),
     }
+
+
+def _native_batches(ctx, dataset):
+    """Batches of one image each, at the image's own size cropped to what the model takes."""
+    from ..data import Batch, load_native
+
+    sizes: dict = {}
+    for index, (path, rel) in enumerate(zip(dataset.paths, dataset.relpaths)):
+        try:
+            image = load_native(path, ctx.data_shape[0])
+        except DataError as exc:
+            yield Batch(None, [], [], [(rel, str(exc).split(": ", 1)[-1])])
+            continue
+        h, w = image.shape[1:]
+        if (h, w) not in sizes:
+            sizes[(h, w)] = _accepted_size(ctx, h, w)
+        th, tw = sizes[(h, w)]
+        top, left = (h - th) // 2, (w - tw) // 2
+        yield Batch(image[None, :, top:top + th, left:left + tw], [rel], [index], [])
+
+
+def _accepted_size(ctx, h: int, w: int) -> tuple[int, int]:
+    """The largest centre crop of h x w, by multiples of 1, 2, 4 ... 64, that the model's
+    structures reproduce (traced on the meta device); DataError when there is none."""
+    from ..build import plan_vae
+    from ..errors import StructureError
+
+    channels, reason = ctx.data_shape[0], None
+
+    def fits(size) -> bool:
+        try:
+            plan_vae(ctx.plan.encoder.specs, ctx.plan.decoder.specs, (channels, *size), ctx.vae.latent)
+            return True
+        except StructureError as exc:
+            nonlocal reason
+            reason = reason or str(exc)
+            return False
+
+    for multiple in (1, 2, 4, 8, 16, 32, 64):
+        size = (h - h % multiple, w - w % multiple)
+        if min(size) < 1:
+            break
+        # a fully convolutional model also takes the next size up; one that takes a single size does not
+        if fits(size) and fits((size[0] + multiple, size[1] + multiple)):
+            return size
+    raise DataError(f"--native-size: this model cannot reconstruct {h} x {w} images (it is not fully "
+                    f"convolutional, or needs another size): {reason}")
