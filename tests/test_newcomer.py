@@ -180,3 +180,9 @@ def test_native_size_reconstructs_at_each_images_own_resolution(tmp_path):
     assert run_in_process(["-t", *args, "--set", "train.max_steps=1"]).returncode == 0
     proc = run_in_process(["-i", *args, "--input", images, "--output", tmp_path / "n2", "--native-size"])
     assert proc.returncode == 1 and "--native-size: this model cannot reconstruct 20 x 20 images" in proc.stderr
+
+
+def test_train_py_mode_help_lists_only_that_mode():
+    text = run_in_process(["-e", "-h"]).stdout
+    assert text.startswith("usage: train.py -e") and "--sample" in text and "--fresh" not in text
+    assert "--fresh" in run_in_process(["-t", "--help"]).stdout

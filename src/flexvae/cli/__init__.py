@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import FlexVAEError, describe_os_error
-from .modes import MODES, check_options, flexvae_parser, handler_for, train_py_parser
+from .modes import MODES, check_options, flexvae_parser, handler_for, mode_parser, train_py_parser
 
 __all__ = ["main", "MODES", "flexvae_parser", "train_py_parser"]
 
@@ -25,7 +25,20 @@ def one_line(message: str) -> str:
     return str(message).translate(_CONTROL)
 
 
+def _mode_help(argv) -> str | None:
+    """``train.py -t -h``: the help of that mode alone (what ``flexvae train -h`` prints), or None."""
+    flags = {mode.flag: mode for mode in MODES}
+    chosen = [flags[a] for a in argv if a in flags]
+    if len(chosen) != 1 or not {"-h", "--help"} & set(argv):
+        return None
+    return mode_parser(chosen[0], f"train.py {chosen[0].flag}").format_help()
+
+
 def main(argv=None, prog: str = "flexvae") -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if prog == "train.py" and (text := _mode_help(argv)) is not None:
+        print(text, end="")
+        return 0
     parser = train_py_parser() if prog == "train.py" else flexvae_parser()
     args = parser.parse_args(argv)
     try:

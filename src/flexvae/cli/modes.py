@@ -123,10 +123,20 @@ def flexvae_parser() -> argparse.ArgumentParser:
     _add_version(parser)
     sub = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
     for mode in MODES:
-        command = sub.add_parser(mode.name, help=mode.help, description=mode.help)
-        if mode.value is not None:
-            command.add_argument(mode.value[0], metavar=mode.value[1], help=mode.value[2])
-        _add_options(command, mode)
+        _add_mode_arguments(sub.add_parser(mode.name, help=mode.help, description=mode.help), mode)
+    return parser
+
+
+def _add_mode_arguments(parser: argparse.ArgumentParser, mode: Mode) -> None:
+    if mode.value is not None:
+        parser.add_argument(mode.value[0], metavar=mode.value[1], help=mode.value[2])
+    _add_options(parser, mode)
+
+
+def mode_parser(mode: Mode, prog: str) -> argparse.ArgumentParser:
+    """A parser of one mode's arguments alone (for its -h)."""
+    parser = argparse.ArgumentParser(prog=prog, description=mode.help)
+    _add_mode_arguments(parser, mode)
     return parser
 
 
