@@ -186,3 +186,32 @@ def test_train_py_mode_help_lists_only_that_mode():
     text = run_in_process(["-e", "-h"]).stdout
     assert text.startswith("usage: train.py -e") and "--sample" in text and "--fresh" not in text
     assert "--fresh" in run_in_process(["-t", "--help"]).stdout
+
+
+@pytest.mark.slow
+def test_plugins_beside_the_config_resolve_in_every_mode(tmp_path):
+    """A plugin file named relative to its config works in -t and -i from another folder, and the
+    checkpoint records it by name (a subprocess: registering a token changes the process)."""
+    import subprocess
+    import sys
+
+    from flexvae.checkpoint import list_checkpoints, load_checkpoint
+
+    project = tmp_path / "project"
+    images = make_images(project / "images", 2)
+    (project / "my_layers.py").write_text(
+        "import torch.nn as nn\nfrom flexvae.registry import Arg, register\n\n"
+        "@register('Twice', doc='multiply by two')\nclass Twice(nn.Module):\n"
+        "    def forward(self, x):\n        return 2 * x\n")
+    (project / "config.toml").write_text(
+        f'[data]\npath = "images"\nimage_size = 16\nnum_workers = 0\n[model]\nplugins = ["my_layers.py"]\n'
+        f'encoder = ["C2d_3_8_3_1_1", "Twice", "Down_?_4"]\n'
+        f'decoder = ["C2d_2_8_3_1_1", "UpS_2", "C2d_?_3_3_1_1"]\n'
+        f'[train]\nmax_steps = 1\nout_dir = "{(tmp_path / "run").as_posix()}"\n')
+    code = ("import sys; from flexvae.cli import main\n"
+            "for args in (['-t'], ['-i', '--input', sys.argv[2], '--output', sys.argv[3]]):\n"
+            "    print('rc', main([*args, '-c', sys.argv[1]], prog='train.py'))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(project / "config.toml"), str(images),
+                           str(tmp_path / "recon")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.stdout.count("rc 0") == 2, done.stdout + done.stderr
+    assert load_checkpoint(list_checkpoints(tmp_path / "run")[-1]).metadata["plugins"] == ["my_layers.py"]

@@ -18,19 +18,21 @@ def load_config(args):
     from ..assemble import resolve_path
     from ..config import load_config as load
 
-    path = args.config
-    if path is None:
-        path = next((name for name in DEFAULT_CONFIGS if Path(name).is_file()), None)
+    path = config_path(args)
     cfg = load(path, args.set)
     if path is not None:
         if cfg.data.source == "folder":
             data = {key: str(resolve_path(value, path)) for key in ("path", "val_path")
                     if (value := getattr(cfg.data, key))}
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data))
-        # plugin files beside the config resolve the same way in every mode, not only in -t
-        plugins = [str(resolve_path(p, path)) if p.endswith(".py") else p for p in cfg.model.plugins]
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, plugins=plugins))
     return cfg, path
+
+
+def config_path(args):
+    """The config file a command reads: ``-c``, else the first of DEFAULT_CONFIGS present, else None."""
+    if args.config is not None:
+        return args.config
+    return next((name for name in DEFAULT_CONFIGS if Path(name).is_file()), None)
 
 
 def device(args, cfg) -> str:
@@ -50,8 +52,12 @@ def load_run(args, cfg, device: str):
     """The model of ``--ckpt`` (a file or a run directory), else of ``train.out_dir``."""
     from ..checkpoint import load_run as load
 
-    model = load(args.ckpt or cfg.train.out_dir, device=device, prefer_ema=not args.no_ema,
-                 plugins=cfg.model.plugins)
+    from ..assemble import resolve_path
+
+    # plugin files named beside the config resolve as in -t; checkpoints record them by name
+    path = config_path(args)
+    plugins = [str(resolve_path(p, path)) if p.endswith(".py") and path else p for p in cfg.model.plugins]
+    model = load(args.ckpt or cfg.train.out_dir, device=device, prefer_ema=not args.no_ema, plugins=plugins)
     print(f"model: {model.path} (step {model.step})")
     return model
 
