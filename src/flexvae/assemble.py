@@ -10,9 +10,9 @@ from pathlib import Path
 from .build import VAEPlan, as_specs, plan_vae
 from .errors import ConfigError, StructureError
 from .latents import LATENTS
+from .presets import PRESETS
 
 
-PRESETS = Path(__file__).resolve().parent / "presets"
 
 
 def resolve_path(value: str, config_path: str | Path | None) -> Path:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from .errors import DataError
 from .files import write_text
+from .presets import PRESETS
 
-PRESETS = Path(__file__).resolve().parent / "presets"
 STRUCTURES = ("small_encoder.json", "small_decoder.json")
 HEADER = """# A flexvae project (written by `flexvae init`). Put images in images/ and run `flexvae train`
 # from this folder; relative paths below are taken from this file's folder first.
