@@ -7,12 +7,11 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from . import likelihoods
 from .build import VAEPlan, as_specs, plan_vae
 from .errors import ConfigError, StructureError
 from .latents import LATENTS
 from .presets import PRESETS
-
-
 
 
 def resolve_path(value: str, config_path: str | Path | None) -> Path:
@@ -51,15 +50,15 @@ def load_plugins(plugins, config_path=None) -> None:
                 raise ConfigError(f"model.plugins: cannot import module {name!r}: {exc}") from exc
 
 
-def structure_specs(value, role: str, config_path=None):
-    """``model.encoder``/``model.decoder``: a JSON file path or an inline token list."""
+def structure_specs(value, role: str, config_path=None, section: str = "model"):
+    """``model.encoder``/``model.decoder`` (``section.role``): a JSON file path or an inline token list."""
     if isinstance(value, str):
         path = resolve_path(value, config_path)
         if not path.is_file():
             where = "beside the config, in the working directory or among the shipped presets"
-            raise StructureError(f"model.{role}: structure file not found: {value} (looked {where})")
+            raise StructureError(f"{section}.{role}: structure file not found: {value} (looked {where})")
         return as_specs(path)
-    return as_specs(list(value), f"model.{role} in {config_path or 'the config'}")
+    return as_specs(list(value), f"{section}.{role} in {config_path or 'the config'}")
 
 
 def make_latent(cfg):
@@ -76,18 +75,50 @@ def data_shape(cfg) -> tuple[int, ...]:
     return (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
 
 
+def make_likelihood(cfg, channels: int):
+    """The decoder likelihood of the elbo objective (None for the weighted objective)."""
+    loss = cfg.loss
+    if loss.objective != "elbo":
+        return None
+    return likelihoods.make_likelihood(loss.likelihood, channels, loss.scale, loss.scale_value,
+                                       loss.mixture_components)
+
+
+def plan_specs(encoder, decoder, shape, cfg) -> VAEPlan:
+    """Plan token lists for ``shape`` with the config's latent and the decoder output its likelihood needs."""
+    likelihood = make_likelihood(cfg, shape[0])
+    channels = None if likelihood is None else likelihood.param_channels(shape[0])
+    reason = "" if likelihood is None else (
+        f"loss.likelihood = {cfg.loss.likelihood!r}"
+        + (f" with {cfg.loss.mixture_components} components" if cfg.loss.likelihood == "logistic_mixture" else ""))
+    return plan_vae(encoder, decoder, shape, make_latent(cfg), output_channels=channels, output_reason=reason)
+
+
 def plan_from_config(cfg, config_path=None) -> VAEPlan:
     load_plugins(cfg.model.plugins, config_path)
     encoder = structure_specs(cfg.model.encoder, "encoder", config_path)
     decoder = structure_specs(cfg.model.decoder, "decoder", config_path)
-    return plan_vae(encoder, decoder, data_shape(cfg), make_latent(cfg))
+    return plan_specs(encoder, decoder, data_shape(cfg), cfg)
 
 
 def output_kind(cfg) -> str:
+    if cfg.loss.objective == "elbo":
+        return {"bernoulli": "logits", "logistic_mixture": "mixture"}.get(cfg.loss.likelihood, "value")
     return "logits" if cfg.loss.recon == "bce" else "value"
+
+
+def build_model(plan: VAEPlan, cfg, device=None, scaling_factor: float | None = None):
+    """A VAE from a plan and its config: output kind and likelihood come from ``cfg.loss``."""
+    from .losses import LossBalance
+
+    factor = cfg.model.scaling_factor if scaling_factor is None else scaling_factor
+    model = plan.build(device, scaling_factor=factor, output=output_kind(cfg),
+                       likelihood=make_likelihood(cfg, plan.data_shape[0]))
+    if cfg.loss.balance == "learned" and cfg.loss.objective == "weighted":
+        model.balance = LossBalance().to(device or "cpu")
+    return model
 
 
 def model_from_config(cfg, config_path=None, device=None):
     plan = plan_from_config(cfg, config_path)
-    model = plan.build(device, scaling_factor=cfg.model.scaling_factor, output=output_kind(cfg))
-    return model, plan
+    return build_model(plan, cfg, device), plan

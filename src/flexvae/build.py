@@ -168,10 +168,12 @@ class VAEPlan:
     latent: Latent
     latent_shape: tuple[int, ...]
 
-    def build(self, device=None, scaling_factor: float = 1.0, output: str = "value") -> VAE:
+    def build(self, device=None, scaling_factor: float = 1.0, output: str = "value", likelihood=None) -> VAE:
+        """A fresh VAE; ``likelihood`` (a ``likelihoods.Likelihood``, used once) makes it an ELBO model."""
         return VAE(
             self.encoder.build(device), self.decoder.build(device), self.latent.to(device or "cpu"),
             self.latent_shape, scaling_factor=scaling_factor, output=output,
+            likelihood=None if likelihood is None else likelihood.to(device or "cpu"),
         )
 
     def table(self) -> str:
@@ -183,8 +185,12 @@ class VAEPlan:
 
 
 def plan_vae(encoder, decoder, data_shape, latent: Latent | None = None, *,
-             registry: Registry = LAYERS) -> VAEPlan:
-    """Trace encoder and decoder on the meta device; raise StructureError on any mismatch."""
+             registry: Registry = LAYERS, output_channels: int | None = None, output_reason: str = "") -> VAEPlan:
+    """Trace encoder and decoder on the meta device; raise StructureError on any mismatch.
+
+    The decoder reproduces the data shape, or outputs ``output_channels`` channels at the
+    data's spatial size where a likelihood needs more parameters than pixel values
+    (``output_reason`` says which)."""
 
     latent = GaussianLatent() if latent is None else latent
     data_shape = tuple(int(s) for s in data_shape)
@@ -198,7 +204,14 @@ def plan_vae(encoder, decoder, data_shape, latent: Latent | None = None, *,
         decoder_specs, latent_shape, registry=registry,
         input_name=f"the {latent.kind} latent (from the encoder's output {format_shape(enc.out_shape)})",
     )
-    if dec.out_shape != data_shape:
+    if output_channels is not None and output_channels != data_shape[0]:
+        wanted = (output_channels, *data_shape[1:])
+        if dec.out_shape != wanted:
+            raise dec.specs[-1].error(
+                f"the decoder's output has shape {format_shape(dec.out_shape)}, but {output_reason} needs "
+                f"{format_shape(wanted)}: {output_channels} channels at the data's spatial size {format_shape(data_shape[1:])}"
+            )
+    elif dec.out_shape != data_shape:
         raise dec.specs[-1].error(
             f"the decoder's output has shape {format_shape(dec.out_shape)}, but it must reproduce "
             f"the input shape {format_shape(data_shape)} (channels, then spatial sizes)"

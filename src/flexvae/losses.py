@@ -1,8 +1,24 @@
-"""Loss terms and schedules.
+"""Loss terms and schedules, for the two objectives of ``loss.objective``.
+
+weighted (the original FlexVAE's formula, per-element means):
 
     total = alpha * recon + kld_weight(step) * KLD
             + [ssim] * beta * (1 - SSIM) + [sparse] * gamma * mean|posterior mean|
-            + every auxiliary loss of the latent and of quantizer tokens
+
+elbo (a likelihood with units): per image, NLL = -log p(x|z) in nats under
+``loss.likelihood`` and KL = KL(q(z|x) || p(z)) in nats, summed over every element;
+
+    total = (NLL + kld_weight(step) * KL) / D    (+ the ssim and sparse terms as above)
+
+where D is the number of values per image, so kld_weight = 1 is the negative ELBO per
+dimension (its gradient is the ELBO's divided by a constant) and kld_weight = beta is a
+beta-VAE. Logged: nll and kld in nats per image, bpd = -ELBO in bits per dimension.
+
+Both add ``perceptual_weight * LPIPS`` (mean per image) when it is on, and every auxiliary
+loss of the latent and of quantizer tokens. Free bits: the KL that enters the loss is
+sum_c max(free_bits, mean over the batch of KL_c) over latent channels c (the logged KL is
+the true one). A learned balance (weighted objective) trains one log-weight s per term:
+w * exp(-s) * term + s.
 
 Each term is returned separately for logging. Images live in [-1, 1]; SSIM comes from
 ``metrics`` (on [0, 1] with ``data_range=1`` fixed by that range, never guessed from a batch).
@@ -13,10 +29,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
 from .metrics import pick_ssim_kind, similarity_loss_value
+
+BALANCED_TERMS = ("recon", "kld", "ssim", "sparse", "perceptual")
+# The smallest image each LPIPS backbone's pooling stages leave at least one position of.
+PERCEPTUAL_MIN_SIZE = {"vgg": 16, "alex": 31}
+LOG_WEIGHT_LIMIT = 12.0  # |s| of a learned balance: exp(12) ~ 1.6e5
 
 
 @dataclass
@@ -24,6 +46,21 @@ class LossOutput:
     total: torch.Tensor
     terms: dict  # name -> unweighted scalar tensor
     kld_weight: float
+
+
+class LossBalance(nn.Module):
+    """Learned log-weights s, one per term of the weighted objective (starting at 0)."""
+
+    def __init__(self, names=BALANCED_TERMS):
+        super().__init__()
+        self.log_weights = nn.ParameterDict({name: nn.Parameter(torch.zeros(())) for name in names})
+
+    def weigh(self, name: str, weight: float, value: torch.Tensor) -> torch.Tensor:
+        s = self.log_weights[name].clamp(-LOG_WEIGHT_LIMIT, LOG_WEIGHT_LIMIT)
+        return weight * torch.exp(-s) * value + s
+
+    def metrics(self) -> dict:
+        return {f"balance_{name}": float(torch.exp(-p.detach())) for name, p in self.log_weights.items()}
 
 
 def kld_weight_at(step: int, cfg) -> float:
@@ -53,13 +90,24 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) ->
     raise ValueError(f"unknown reconstruction loss {kind!r}")
 
 
-def kld_term(posterior, reduction: str) -> torch.Tensor:
+def kl_per_image(posterior, free_bits: float = 0.0) -> torch.Tensor:
+    """The KL of a batch as it enters the loss, in nats per image (batch mean): with free
+    bits, sum over channels of max(free_bits, the channel's batch-mean KL)."""
+    if free_bits <= 0:
+        return posterior.kl().float().mean()
+    return posterior.kl_groups().float().mean(0).clamp(min=free_bits).sum()
+
+
+def kld_term(posterior, reduction: str, free_bits: float = 0.0) -> torch.Tensor:
     """'mean': mean over every latent element (the original FlexVAE);
     'sum': sum over each sample's latent elements, averaged over the batch (the ELBO's KL)."""
     if reduction == "mean":
-        return posterior.kl_elements().float().mean()
+        if free_bits <= 0:
+            return posterior.kl_elements().float().mean()
+        elements = posterior.kl_elements()[0].numel()
+        return kl_per_image(posterior, free_bits) / elements
     if reduction == "sum":
-        return posterior.kl().float().mean()
+        return kl_per_image(posterior, free_bits)
     raise ValueError(f"unknown KL reduction {reduction!r}")
 
 
@@ -72,21 +120,55 @@ def check_loss_config(cfg, data_shape: tuple[int, ...]) -> None:
         if min(spatial) < 3:
             raise ConfigError(f"loss.ssim needs images at least 3 px on every side, got {spatial}")
         pick_ssim_kind(cfg.ssim_kind, spatial)
+    if cfg.balance == "learned" and cfg.objective != "weighted":
+        raise ConfigError("loss.balance = 'learned' applies to the weighted objective; with loss.objective = "
+                          "'elbo' the likelihood's learned scale (loss.scale = 'learned') balances the terms")
+    if cfg.perceptual_weight > 0:
+        if len(spatial) != 2 or data_shape[0] not in (1, 3):
+            raise ConfigError(f"loss.perceptual_weight needs 2D grey or RGB images; this data has shape {tuple(data_shape)}")
+        smallest = PERCEPTUAL_MIN_SIZE[cfg.perceptual_net]
+        if min(spatial) < smallest:
+            raise ConfigError(f"loss.perceptual_net = {cfg.perceptual_net!r} needs images of at least {smallest} px, "
+                              f"got {spatial}" + ("; 'vgg' takes 16 px" if cfg.perceptual_net == "alex" else ""))
 
 
-def vae_loss(x: torch.Tensor, out, cfg, step: int = 0, output: str = "value") -> LossOutput:
-    """Total loss and its parts for a batch ``x`` and the model's ``VAEOutput``."""
-    terms = {"recon": reconstruction_loss(out.recon, x, cfg.recon)}
+def vae_loss(x: torch.Tensor, out, cfg, step: int = 0, output: str = "value", model=None,
+             perceptual=None) -> LossOutput:
+    """Total loss and its parts for a batch ``x`` and the model's ``VAEOutput``.
+
+    ``model``: the VAE (its likelihood for the elbo objective, its balance when learned);
+    ``perceptual``: an LPIPS module, when loss.perceptual_weight > 0."""
+    likelihood = getattr(model, "likelihood", None)
+    balance = getattr(model, "balance", None)
     kld_weight = kld_weight_at(step, cfg)
-    terms["kld"] = kld_term(out.posterior, cfg.kld_reduction)
-    total = cfg.alpha * terms["recon"] + kld_weight * terms["kld"]
-    if cfg.ssim:
+    terms = {}
+
+    def add(name, weight, value, total):
+        terms[name] = value
+        if balance is not None and name in balance.log_weights:
+            return total + balance.weigh(name, weight, value)
+        return total + weight * value
+
+    if cfg.objective == "elbo":
+        if likelihood is None:
+            raise ValueError("the elbo objective needs the model's likelihood (pass model=)")
+        dims = x[0].numel()
+        nll = -likelihood.log_prob(out.recon, x)
+        kl = out.posterior.kl().float()
+        terms["nll"], terms["kld"] = nll.mean(), kl.mean()
+        terms["bpd"] = likelihood.bits_per_dim(nll.detach() + kl.detach(), dims).mean()
+        total = (terms["nll"] + kld_weight * kl_per_image(out.posterior, cfg.free_bits)) / dims
+        image = likelihood.image(out.recon)
+    else:
+        total = add("recon", cfg.alpha, reconstruction_loss(out.recon, x, cfg.recon), 0.0)
+        total = add("kld", kld_weight, kld_term(out.posterior, cfg.kld_reduction, cfg.free_bits), total)
         image = torch.sigmoid(out.recon.float()) * 2 - 1 if output == "logits" else out.recon
-        terms["ssim"] = 1 - similarity_loss_value(image, x, cfg.ssim_kind)
-        total = total + cfg.beta * terms["ssim"]
+    if cfg.ssim:
+        total = add("ssim", cfg.beta, 1 - similarity_loss_value(image, x, cfg.ssim_kind), total)
     if cfg.sparse:
-        terms["sparse"] = out.posterior.mean.float().abs().mean()
-        total = total + cfg.gamma * terms["sparse"]
+        total = add("sparse", cfg.gamma, out.posterior.mean.float().abs().mean(), total)
+    if perceptual is not None and cfg.perceptual_weight > 0:
+        total = add("perceptual", cfg.perceptual_weight, perceptual(image.float(), x.float()).mean(), total)
     for name, value in out.aux.items():
         terms[name] = value.float()
         total = total + terms[name]

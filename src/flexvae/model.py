@@ -9,6 +9,9 @@ import torch.nn as nn
 
 from .latents.base import DiscreteLatent, Latent, Posterior
 
+# What the decoder outputs: image values, Bernoulli logits, or logistic-mixture parameters.
+OUTPUTS = ("value", "logits", "mixture")
+
 
 class Stack(nn.Sequential):
     """A built token list. ``forward`` returns the output; ``forward_aux`` also returns the
@@ -90,18 +93,23 @@ class VAE(nn.Module):
     """
 
     def __init__(self, encoder: Stack, decoder: Stack, latent: Latent, latent_shape,
-                 scaling_factor: float = 1.0, output: str = "value"):
+                 scaling_factor: float = 1.0, output: str = "value", likelihood=None):
         super().__init__()
         if scaling_factor <= 0:
             raise ValueError(f"scaling_factor must be positive, got {scaling_factor}")
-        if output not in ("value", "logits"):
-            raise ValueError(f"output must be 'value' or 'logits', got {output!r}")
+        if likelihood is not None:
+            output = likelihood.output
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
         self.encoder = encoder
         self.latent = latent
         self.decoder = decoder
         self.latent_shape = tuple(latent_shape)
         self.scaling_factor = float(scaling_factor)
         self.output = output
+        # The decoder likelihood of an ELBO model (likelihoods.py), with its learned scales.
+        self.likelihood = likelihood
+        self.balance = None  # learned loss weights (losses.LossBalance), set by assemble.build_model
 
     def _encode(self, x, step: int | None = None):
         h, aux = self.encoder.forward_aux(x)
@@ -132,6 +140,9 @@ class VAE(nn.Module):
         """Non-loss diagnostics of the quantizers (codebook usage, perplexity) by name, as
         floats: the latent's under their own names, quantizer tokens' as enc_/dec_<name>_<index>."""
         found = dict(self.latent.metrics())
+        for part in (self.likelihood, self.balance):
+            if part is not None:
+                found.update(part.metrics())
         for prefix, stack in (("enc", self.encoder), ("dec", self.decoder)):
             for index, module in enumerate(stack):
                 if hasattr(module, "metrics"):
@@ -146,9 +157,15 @@ class VAE(nn.Module):
 
     def to_image(self, recon: torch.Tensor) -> torch.Tensor:
         """Decoder output -> image values in [-1, 1]."""
+        return self.loss_image(recon).clamp(-1, 1)
+
+    def loss_image(self, recon: torch.Tensor) -> torch.Tensor:
+        """Decoder output -> image values, differentiable and not clamped (for image-space losses)."""
+        if self.likelihood is not None:
+            return self.likelihood.image(recon)
         if self.output == "logits":
             return torch.sigmoid(recon) * 2 - 1
-        return recon.clamp(-1, 1)
+        return recon
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

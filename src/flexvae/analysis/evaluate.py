@@ -22,7 +22,9 @@ Reported, all on images in [-1, 1] (the training range):
   Bits per dimension: Bernoulli NLL / (D ln 2). For the Gaussian the density lives on
   [-1, 1], where one 8-bit grey level is 2/255 = 1/127.5 wide, so the density per grey
   level is p(x) / 127.5 per dimension: bits/dim = (NLL + D ln 127.5) / (D ln 2).
-  The same samples give the ELBO; -ELBO >= NLL.
+  The same samples give the ELBO; -ELBO >= NLL. A model trained with the elbo objective
+  is scored with its own likelihood (likelihoods.py: learned or running-average scales,
+  the logistic mixture's mass), never with a sigma chosen here.
 """
 
 from __future__ import annotations
@@ -59,6 +61,20 @@ def decoder_log_likelihood(output: str, recon: torch.Tensor, x: torch.Tensor, si
     return ll.flatten(1).sum(1)
 
 
+def model_log_likelihood(vae, recon: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """log p(x|z) per sample under the model's own likelihood (an elbo-objective model),
+    else as ``decoder_log_likelihood`` with ``sigma``."""
+    if vae.likelihood is not None:
+        return vae.likelihood.log_prob(recon, x).double()
+    return decoder_log_likelihood(vae.output, recon, x, sigma)
+
+
+def model_bits_per_dim(vae, nll_nats: float, dims: int) -> float:
+    if vae.likelihood is not None:
+        return vae.likelihood.bits_per_dim(nll_nats, dims)
+    return bits_per_dim(nll_nats, dims, vae.output)
+
+
 @torch.no_grad()
 def importance_log_weights(vae, x: torch.Tensor, num_samples: int = 100, sigma: float = 0.1,
                            generator: torch.Generator | None = None, max_batch: int = 256) -> torch.Tensor:
@@ -77,7 +93,7 @@ def importance_log_weights(vae, x: torch.Tensor, num_samples: int = 100, sigma: 
         z = mean + std * eps
         recon = vae.decode(z.reshape(k * batch, *mean.shape[1:]).to(x.dtype))
         repeated = x.unsqueeze(0).expand(k, *x.shape).reshape(k * batch, *x.shape[1:])
-        log_px_z = decoder_log_likelihood(vae.output, recon, repeated, sigma).view(k, batch)
+        log_px_z = model_log_likelihood(vae, recon, repeated, sigma).view(k, batch)
         log_pz = (-0.5 * z.pow(2) - 0.5 * LOG_2PI).flatten(2).sum(2)
         log_qz = (-0.5 * eps.pow(2) - 0.5 * logvar - 0.5 * LOG_2PI).flatten(2).sum(2)
         out.append(log_px_z + log_pz - log_qz)
@@ -224,7 +240,10 @@ def _nll(vae, batches, samples, sigma, limit, raw_mse, data_shape, device, seed,
     probe = next((_images(b) for b in batches if _images(b) is not None), None)
     if not is_gaussian(vae.encode(probe[:1].to(device))):
         return {"skipped": "the importance-sampled likelihood needs a Gaussian posterior"}
-    if vae.output == "logits":
+    if vae.likelihood is not None:
+        scale = vae.likelihood.metrics().get("scale")
+        likelihood, sigma = f"the model's own: {vae.likelihood.name}", scale
+    elif vae.output == "logits":
         likelihood, sigma = "bernoulli", None
     else:
         if sigma == "auto":
@@ -256,9 +275,9 @@ def _nll(vae, batches, samples, sigma, limit, raw_mse, data_shape, device, seed,
         "images": int(nll.numel()),
         "nats": mean_nll,
         "nats_std_error": float(nll.std() / math.sqrt(nll.numel())) if nll.numel() > 1 else None,
-        "bits_per_dim": bits_per_dim(mean_nll, dims, vae.output),
+        "bits_per_dim": model_bits_per_dim(vae, mean_nll, dims),
         "neg_elbo_nats": float(neg_elbo.mean()),
-        "neg_elbo_bits_per_dim": bits_per_dim(float(neg_elbo.mean()), dims, vae.output),
+        "neg_elbo_bits_per_dim": model_bits_per_dim(vae, float(neg_elbo.mean()), dims),
         "dims": dims,
     }
 

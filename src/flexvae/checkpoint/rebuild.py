@@ -12,6 +12,7 @@ import torch
 from ..errors import CheckpointError, ConfigError, StructureError
 from .format import FORMAT_VERSION, Checkpoint, load_checkpoint
 from .runs import resolve_checkpoint
+from ..model import OUTPUTS
 
 
 def checkpoint_metadata(cfg, plan, step: int, scaling_factor: float) -> dict:
@@ -109,8 +110,8 @@ def _check_metadata(path, meta: dict) -> None:
     factor = meta.get("scaling_factor")
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
         raise bad("scaling_factor", "a positive number")
-    if meta.get("output") not in ("value", "logits"):
-        raise bad("output", "'value' or 'logits'")
+    if meta.get("output") not in OUTPUTS:
+        raise bad("output", "one of " + ", ".join(repr(o) for o in OUTPUTS))
     step = meta.get("step", 0)
     if type(step) is not int or step < 0:
         raise bad("step", "a whole number >= 0")
@@ -119,11 +120,13 @@ def _check_metadata(path, meta: dict) -> None:
         raise bad("plugins", "a list of names")
 
 
-def _check_shapes(path, plan_meta, state: dict, scaling_factor, output) -> None:
+def _check_shapes(path, plan_meta, state: dict, cfg, scaling_factor) -> None:
     """The stored structure, built on the meta device (no memory), must have exactly the
     checkpoint's tensors: a structure asking for more than its weights hold fails here,
     before any real module is allocated."""
-    expected = {k: tuple(v.shape) for k, v in plan_meta.build("meta", scaling_factor, output).state_dict().items()}
+    from ..assemble import build_model
+
+    expected = {k: tuple(v.shape) for k, v in build_model(plan_meta, cfg, "meta", scaling_factor).state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unexpected:
@@ -139,8 +142,8 @@ def _check_shapes(path, plan_meta, state: dict, scaling_factor, output) -> None:
 
 def model_from_checkpoint(ckpt: Checkpoint, device=None, prefer_ema: bool = True, extra_plugins=()):
     """(model, stored config, plan) rebuilt from a checkpoint's metadata, weights loaded."""
-    from ..assemble import load_plugins, make_latent
-    from ..build import as_specs, plan_vae
+    from ..assemble import build_model, load_plugins, output_kind, plan_specs
+    from ..build import as_specs
     from ..config import config_from_dict
 
     meta = ckpt.metadata
@@ -152,8 +155,8 @@ def model_from_checkpoint(ckpt: Checkpoint, device=None, prefer_ema: bool = True
     load_plugins(extra_plugins)
 
     def plan():
-        return plan_vae(as_specs(meta["encoder"], f"{ckpt.path} (encoder)"),
-                        as_specs(meta["decoder"], f"{ckpt.path} (decoder)"), meta["data_shape"], make_latent(cfg))
+        return plan_specs(as_specs(meta["encoder"], f"{ckpt.path} (encoder)"),
+                          as_specs(meta["decoder"], f"{ckpt.path} (decoder)"), tuple(meta["data_shape"]), cfg)
 
     try:
         plan_meta, plan_real = plan(), plan()  # each build takes the latent module of its plan
@@ -163,8 +166,11 @@ def model_from_checkpoint(ckpt: Checkpoint, device=None, prefer_ema: bool = True
             hint = f" This checkpoint was trained with plugins {meta['plugins']}: pass them with --set model.plugins=..."
         raise CheckpointError(f"{ckpt.path}: cannot rebuild the model: {exc}.{hint}") from None
     state = ckpt.ema_state if prefer_ema and ckpt.ema_state else ckpt.model_state
-    _check_shapes(ckpt.path, plan_meta, state, meta["scaling_factor"], meta["output"])
-    model = plan_real.build(device, scaling_factor=meta["scaling_factor"], output=meta["output"])
+    if output_kind(cfg) != meta["output"]:
+        raise CheckpointError(f"{ckpt.path}: corrupt checkpoint metadata: 'output' is {meta['output']!r}, "
+                              f"but its stored loss settings make {output_kind(cfg)!r}")
+    _check_shapes(ckpt.path, plan_meta, state, cfg, meta["scaling_factor"])
+    model = build_model(plan_real, cfg, device, meta["scaling_factor"])
     model.load_state_dict(state)
     model.eval()
     plan = plan_real

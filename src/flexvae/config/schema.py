@@ -46,11 +46,26 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    recon: Literal["mse", "l1", "bce"] = setting("mse", "reconstruction loss: mse, l1 or bce")
-    alpha: float = setting(1.0, "reconstruction loss weight", NON_NEGATIVE)
+    objective: Literal["weighted", "elbo"] = setting(
+        "weighted", "weighted: alpha * recon + kld_weight * KL, per-element means (the original FlexVAE); "
+        "elbo: the likelihood's NLL + kld_weight * KL, summed per image (kld_weight = 1 is the ELBO)")
+    likelihood: Literal["gaussian", "laplace", "bernoulli", "logistic_mixture"] = setting(
+        "gaussian", "elbo: decoder likelihood: gaussian, laplace, bernoulli or logistic_mixture (8-bit images)")
+    scale: Literal["fixed", "learned", "channel", "optimal"] = setting(
+        "learned", "elbo, gaussian/laplace: the scale is fixed (scale_value), learned (one value), channel "
+        "(learned per channel) or optimal (the batch's maximum-likelihood value)")
+    scale_value: float = setting(0.1, "elbo: the fixed scale, and where learned scales start", POSITIVE)
+    mixture_components: int = setting(10, "elbo, logistic_mixture: mixture components", POSITIVE)
+    recon: Literal["mse", "l1", "bce"] = setting("mse", "weighted: reconstruction loss: mse, l1 or bce")
+    alpha: float = setting(1.0, "weighted: reconstruction loss weight", NON_NEGATIVE)
     kld_weight: float = setting(1e-4, "KL divergence weight (its final value under a schedule)", NON_NEGATIVE)
     kld_reduction: Literal["mean", "sum"] = setting(
-        "mean", "KL reduction: mean (per element) or sum (per sample, averaged over the batch)")
+        "mean", "weighted: KL reduction: mean (per element) or sum (per sample, averaged over the batch)")
+    free_bits: float = setting(
+        0.0, "KL floor in nats per latent channel (per group for categorical latents), averaged over the batch: "
+        "a channel under it gets no KL gradient", NON_NEGATIVE)
+    balance: Literal["fixed", "learned"] = setting(
+        "fixed", "weighted: learned = each term's weight w is trained as w * exp(-s) * term + s")
     kld_schedule: Literal["constant", "linear", "cyclical"] = setting(
         "constant", "KL weight schedule: constant, linear (warmup) or cyclical")
     kld_warmup_steps: int = setting(0, "linear schedule: steps to ramp the KL weight from 0", NON_NEGATIVE)
@@ -62,6 +77,29 @@ class LossConfig:
         "auto", "SSIM variant: auto (chosen from the image size), ssim or ms-ssim")
     sparse: bool = setting(False, "add gamma * L1 of the posterior mean to the loss")
     gamma: float = setting(1e-3, "sparsity loss weight", NON_NEGATIVE)
+    perceptual_weight: float = setting(0.0, "weight of the LPIPS perceptual distance (mean per image); 0 = off",
+                                       NON_NEGATIVE)
+    perceptual_net: Literal["vgg", "alex"] = setting("vgg", "LPIPS backbone: vgg (VGG16) or alex (AlexNet)")
+    perceptual_weights: str = setting(
+        "", "LPIPS backbone weights: empty = torchvision's cache (downloaded once), a .pth or .safetensors "
+        "file, or 'random' (an untrained backbone: for tests only)")
+
+
+@dataclass(frozen=True)
+class AdversarialConfig:
+    discriminator: str | list[str] = setting(
+        "", "discriminator structure: JSON token-list file or inline list; empty = no adversarial training")
+    weight: float = setting(0.5, "weight of the generator's adversarial term", NON_NEGATIVE)
+    start: int = setting(0, "optimizer step from which the discriminator trains and the generator sees it",
+                         NON_NEGATIVE)
+    loss: Literal["hinge", "non_saturating"] = setting("hinge", "adversarial loss: hinge or non_saturating")
+    adaptive: bool = setting(
+        True, "scale the generator's term by |grad reconstruction| / |grad adversarial| at the decoder's last layer")
+    max_adaptive_weight: float = setting(1e4, "upper bound of the adaptive weight", POSITIVE)
+    lr: float = setting(2e-4, "discriminator peak learning rate (Adam; train's warm-up and schedule)", POSITIVE)
+    betas: list[float] = setting([0.5, 0.9], "discriminator Adam betas", UNIT_CLOSED_OPEN, (2, 2))
+    r1_weight: float = setting(0.0, "R1 gradient penalty on real images (gamma / 2 * |grad D|^2); 0 = off",
+                               NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
@@ -115,6 +153,7 @@ class Config:
     # The parameters of the latent type model.latent names (its registered dataclass).
     latent: object = field(default_factory=NoParams)
     loss: LossConfig = field(default_factory=LossConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     mem: MemConfig = field(default_factory=MemConfig)

@@ -91,10 +91,13 @@ def _accepted_size(ctx, h: int, w: int) -> tuple[int, int]:
     from ..errors import StructureError
 
     channels, reason = ctx.data_shape[0], None
+    likelihood = ctx.vae.likelihood
+    out_channels = None if likelihood is None else likelihood.param_channels(channels)
 
     def fits(size) -> bool:
         try:
-            plan_vae(ctx.plan.encoder.specs, ctx.plan.decoder.specs, (channels, *size), ctx.vae.latent)
+            plan_vae(ctx.plan.encoder.specs, ctx.plan.decoder.specs, (channels, *size), ctx.vae.latent,
+                     output_channels=out_channels, output_reason="the model's likelihood")
             return True
         except StructureError as exc:
             nonlocal reason

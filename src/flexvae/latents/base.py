@@ -65,6 +65,12 @@ class Posterior:
     def kl(self) -> torch.Tensor:
         return batch_sum(self.kl_elements())
 
+    def kl_groups(self) -> torch.Tensor:
+        """KL per sample and latent channel, summed over positions: (B, channels). The unit
+        that free bits floor; a categorical latent's groups are its variables."""
+        kl = self.kl_elements()
+        return kl.flatten(2).sum(2) if kl.dim() > 2 else kl
+
     def variance(self) -> torch.Tensor:
         """Variance of q per latent element (zero for a point code)."""
         return torch.zeros_like(self.mean)

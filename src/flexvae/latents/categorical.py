@@ -92,6 +92,11 @@ class CategoricalPosterior(Posterior):
         log_q = F.log_softmax(self.logits.float(), dim=2)
         return self._flat(log_q.exp() * (log_q + math.log(self.categories)))
 
+    def kl_groups(self) -> torch.Tensor:
+        """KL per sample and group (one categorical variable per position), (B, G)."""
+        log_q = F.log_softmax(self.logits.float(), dim=2)
+        return (log_q.exp() * (log_q + math.log(self.categories))).flatten(3).sum(3).sum(2)
+
     def variance(self) -> torch.Tensor:
         """Per-channel variance of the one-hot sample: p (1 - p)."""
         probs = self.mean

@@ -25,6 +25,7 @@ from ..errors import FlexVAEError
 from ..assemble import model_from_config
 from ..losses import check_loss_config
 from .runtime import prepare
+from .adversarial import make_extras
 from .step import make_optimizer, train_step
 
 
@@ -129,13 +130,17 @@ class StepRunner:
         # Precision, channels_last, grad checkpointing and compile as the trainer applies them.
         self.runtime = prepare(self.model, self.cfg, self.device)
         self.optimizer = make_optimizer(self.model, self.cfg.train)
+        # LPIPS and the discriminator (from step 0) count towards a step's memory too.
+        extras_cfg = dataclasses.replace(self.cfg, adversarial=dataclasses.replace(self.cfg.adversarial, start=0))
+        self.extras = make_extras(extras_cfg, config_path, self.plan.data_shape, self.device)
         self.steps = 0
         self.reserved_peak = 0  # CUDA: the caching allocator's peak in the last measured step
 
     def step(self, batch_size: int) -> None:
         images = torch.empty((batch_size, *self.plan.data_shape), device=self.device).uniform_(-1, 1)
         self.steps += 1
-        train_step(self.runtime, [self.runtime.to_input(images)], self.optimizer, self.cfg, self.steps)
+        train_step(self.runtime, [self.runtime.to_input(images)], self.optimizer, self.cfg, self.steps,
+                   extras=self.extras)
 
     def measure(self, batch_size: int) -> tuple[int, float]:
         cuda = self.device.type == "cuda"

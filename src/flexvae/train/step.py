@@ -9,6 +9,7 @@ import torch
 
 from ..errors import TrainingError
 from ..losses import vae_loss
+from .adversarial import TrainingExtras, last_layer_weight
 from .distributed import DistInfo
 from ..layers.dropout import global_batch_masks
 from .runtime import Runtime, flip_mask, mask_key
@@ -49,27 +50,42 @@ class StepResult:
     grad_norm: float
 
 
-def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None) -> StepResult:
+def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None,
+               extras: TrainingExtras | None = None) -> StepResult:
     """One optimizer step over ``len(batches)`` micro-batches (gradient accumulation).
 
     The forward pass runs under the runtime's autocast; the loss is computed in float32
     outside it. ``noises``: per micro-batch sampling noise of the latent (see
     runtime.sample_noise); dropout masks are drawn for the global batch too (layers/dropout.py).
+    ``extras``: the perceptual and adversarial terms (train/adversarial.py); with a
+    discriminator, it takes its own step after the VAE's, on the same images.
     A plain model stands for an fp32, single-process runtime.
     """
     if isinstance(runtime, torch.nn.Module):
         runtime = Runtime.plain(runtime)
+    extras = extras or TrainingExtras()
+    adversary = extras.adversary if extras.adversary is not None and extras.adversary.active(step) else None
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, float] = {}
     loss_sum, kld_weight = 0.0, 0.0
     output_kind = runtime.model.output
+    pairs = []
     for index, images in enumerate(batches):
         noise = noises[index] if noises else None
         masks = global_batch_masks(mask_key(cfg.train.seed, step, index), runtime.dist.rank, runtime.dist.world_size)
         with runtime.no_sync(last_micro_batch=index == len(batches) - 1), masks:
             with runtime.autocast():
                 out = runtime.step_model(images, step=step, noise=noise)
-            losses = vae_loss(images, out, cfg.loss, step, output=output_kind)
+            losses = vae_loss(images, out, cfg.loss, step, output=output_kind, model=runtime.model,
+                              perceptual=extras.perceptual)
+            if adversary is not None:
+                fake = runtime.model.loss_image(out.recon)
+                with runtime.autocast():
+                    g_adv = adversary.generator_term(fake)
+                weight = adversary.adaptive_weight(losses.total, g_adv, last_layer_weight(runtime.model.decoder))
+                losses.total = losses.total + cfg.adversarial.weight * weight * g_adv
+                losses.terms.update(g_adv=g_adv.detach(), adaptive_weight=weight)
+                pairs.append((images, fake.detach()))
             loss = losses.total / len(batches)
             (runtime.scaler.scale(loss) if runtime.scaler is not None else loss).backward()
         loss_sum += losses.total.item() / len(batches)
@@ -91,4 +107,8 @@ def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None
         runtime.scaler.update()
     else:
         optimizer.step()
+    if adversary is not None:
+        totals.update(adversary.discriminator_step(pairs, runtime.autocast, step))
+    elif extras.adversary is not None:  # before adversarial.start: the columns exist, empty
+        totals.update(dict.fromkeys(extras.adversary.term_names, float("nan")))
     return StepResult(loss_sum, totals, kld_weight, grad_norm)

@@ -19,8 +19,9 @@ from ..data import SkipLog, first_images, make_loader, open_dataset, save_grid
 from ..device import resolve_device
 from ..errors import Interrupted, Terminated, TrainingError
 from ..files import RunLock
-from ..losses import check_loss_config, reconstruction_loss
-from ..metrics import MetricsLog, psnr
+from ..losses import check_loss_config
+from ..metrics import MetricsLog
+from .adversarial import make_extras
 from .distributed import barrier, cleanup, from_environment, mean_across, setup
 from .ema import EMA
 from .run_dir import save_run_config, set_aside_run_outputs, tidy_resumed_run
@@ -29,6 +30,7 @@ from .runtime import prepare, sample_noise
 from .sampler import StreamSampler
 from .signals import SigTerm, on_sigterm, raise_terminated
 from .summary import model_summary
+from .validation import validate, validation_batches
 from .step import StepResult, lr_factor, make_optimizer, random_flip, train_step
 
 SAMPLE_IMAGES = 8
@@ -51,6 +53,7 @@ class Trainer:
         self.model, self.plan = model_from_config(cfg, config_path, device=self.device)
         check_loss_config(cfg.loss, self.plan.data_shape)
         self.runtime = prepare(self.model, cfg, self.device, self.dist)
+        self.extras = make_extras(cfg, config_path, self.plan.data_shape, self.device, self.dist)
         self.optimizer = make_optimizer(self.model, cfg.train)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.train))
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema else None
@@ -92,6 +95,8 @@ class Trainer:
             self.runtime.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and ckpt.ema_state:
             self.ema.state = {k: v.to(self.device) for k, v in ckpt.ema_state.items()}
+        if self.extras.adversary is not None and "adversarial" in state:
+            self.extras.adversary.load_state_dict(state["adversarial"], found[-1])
         # Restored just before the first step (train()): building the loader and the summary
         # draw from the global RNG, which an uninterrupted run did before its first step.
         self._rng_state = state.get("rng")
@@ -122,6 +127,8 @@ class Trainer:
         }
         if self.runtime.scaler is not None:
             train_state["scaler"] = self.runtime.scaler.state_dict()
+        if self.extras.adversary is not None:
+            train_state["adversarial"] = self.extras.adversary.state_dict()
         path = save_checkpoint(
             self.run_dir / "checkpoints" / checkpoint_name(self.step), self.model.state_dict(), meta,
             train_state=train_state, ema_state=self.ema.state if self.ema else None,
@@ -199,15 +206,15 @@ class Trainer:
         """A training step; when the compiled model fails on its first step, say so and
         train the same model without compilation."""
         if not self.runtime.compiled or self._compile_verified:
-            return train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, noises)
+            return train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, noises, self.extras)
         try:
-            result = train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, noises)
+            result = train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, noises, self.extras)
         except (TrainingError, KeyboardInterrupt):
             raise
         except Exception as exc:  # torch.compile raises many exception types
             self.runtime.fall_back_to_eager(exc)
             self.log(f"note: {self.runtime.notes[-1]}")
-            return train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, noises)
+            return train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, noises, self.extras)
         self._compile_verified = True  # compiled and ran: later failures are real errors
         return result
 
@@ -251,7 +258,7 @@ class Trainer:
         started = time.perf_counter()
         batches = iter(loader)
         fixed = self._fixed_batch(dataset)
-        validation = self._validation_batches()
+        validation = validation_batches(self.cfg, self.skips)
         metrics = MetricsLog(self.run_dir) if self.dist.is_main else None
         if self._rng_state is not None:
             restore_rng_state(self._rng_state)
@@ -300,6 +307,14 @@ class Trainer:
         self.log(f"data: {len(dataset):,} images in {self.cfg.data.path}"
                  + (f" ({excluded} special files left out)" if excluded else "")
                  + f"; {per_step} a step ({split}); steps {self.step + 1} to {tcfg.max_steps}")
+        extras = self.extras
+        if extras.perceptual is not None or extras.adversary is not None:
+            parts = [f"LPIPS ({self.cfg.loss.perceptual_net}) x {self.cfg.loss.perceptual_weight:g}"] if extras.perceptual else []
+            if extras.adversary is not None:
+                acfg = self.cfg.adversarial
+                parts.append(f"{acfg.loss} discriminator of {extras.adversary.params:,} parameters from step {acfg.start}"
+                             + (" with the adaptive weight" if acfg.adaptive else ""))
+            self.log("extra terms: " + "; ".join(parts))
         for note in self.runtime.notes:
             self.log(f"note: {note}")
 
@@ -319,7 +334,7 @@ class Trainer:
                 **self.model.metrics(),  # quantizer diagnostics (codebook usage...), not losses
             }
             if validation and tcfg.val_every and (self.step % tcfg.val_every == 0 or last):
-                row.update(self.validate(validation))
+                row.update(validate(self.model, self.runtime, validation, self.cfg.loss))
             if metrics is not None:
                 metrics.write(row)
             self._tick, self._images_seen = time.perf_counter(), 0
@@ -339,39 +354,6 @@ class Trainer:
         if terminated:
             raise Terminated(f"terminated (SIGTERM) at step {self.step}; {where}") from None
         raise Interrupted(f"interrupted at step {self.step}; {where}") from None
-
-    def _validation_batches(self):
-        """Images of data.val_path, loaded once, for the metrics written every val_every steps."""
-        data = self.cfg.data
-        if not (data.val_path and self.cfg.train.val_every):
-            return None
-        dataset = open_dataset("folder", data.val_path, train=False, channels=data.channels,
-                               image_size=data.image_size, resize_filter=data.resize_filter,
-                               pad_to_square=data.pad_to_square)
-        loader = make_loader(dataset, self.cfg.train.batch_size, shuffle=False, num_workers=0)
-        batches = []
-        for batch in loader:
-            self.skips.add(batch.failures)
-            if batch.images is not None:
-                batches.append(batch.images)
-        return batches
-
-    @torch.no_grad()
-    def validate(self, batches) -> dict:
-        """Mean reconstruction loss, MSE and PSNR of the posterior means on the validation images."""
-        self.model.eval()
-        recon_loss, mse, psnr_sum, count = 0.0, 0.0, 0.0, 0
-        for images in batches:
-            images = self.runtime.to_input(images)
-            out = self.model(images, sample=False)
-            n = images.shape[0]
-            recon_loss += reconstruction_loss(out.recon, images, self.cfg.loss.recon).item() * n
-            image = self.model.to_image(out.recon)
-            mse += (image.float() - images.float()).pow(2).flatten(1).mean(1).sum().item()
-            psnr_sum += psnr(image, images).sum().item()
-            count += n
-        self.model.train()
-        return {"val_recon": recon_loss / count, "val_mse": mse / count, "val_psnr": psnr_sum / count}
 
     def _fixed_batch(self, dataset) -> torch.Tensor:
         """The first readable images, for sample grids that are comparable across steps."""

@@ -1,0 +1,238 @@
+"""Decoder likelihoods p(x | z) of the ELBO objective, in nats per image.
+
+Images live in [-1, 1]; 8-bit images sit on a grid of 256 levels 2/255 apart. The decoder
+outputs the likelihood's parameters (``param_channels`` channels per position):
+
+- ``gaussian``: mean; the scale sigma is fixed (``loss.scale_value``), learned (one value
+  or one per channel) or ``optimal``: the batch's maximum-likelihood sigma,
+  sigma^2 = mean squared error (the calibrated decoder of sigma-VAE). By the envelope
+  theorem its gradient is zero at that optimum, so it is used detached; a running average
+  of it is kept for evaluation, where a fixed sigma makes the density a proper one.
+- ``laplace``: mean, with a scale b handled the same way (optimal b = mean absolute error).
+- ``bernoulli``: logits of pixel values (x + 1) / 2 in [0, 1] (a proper likelihood only for
+  binary images).
+- ``logistic_mixture``: the discretized logistic mixture of PixelCNN++ and VDVAE: K
+  components, each with a mean and a log scale per channel, channel c's mean shifted by
+  tanh coefficients times channels 0..c-1 of x; a probability mass over the 256 levels.
+
+Bits per dimension: a mass (logistic mixture, Bernoulli) gives NLL / (D ln 2); a density
+on [-1, 1] first becomes a mass per grey level, p(x) * (2/255) per dimension, so
+bits/dim = (NLL + D ln 127.5) / (D ln 2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LOG_SCALE_MIN = -6.0  # sigma >= 0.0025, a third of a grey level: keeps the density finite
+GREY_LEVELS_PER_UNIT = 127.5  # 8-bit grey levels per unit of x in [-1, 1]
+HALF_BIN = 1.0 / 255  # half the distance between two 8-bit levels in [-1, 1]
+RUNNING_MOMENTUM = 0.01
+LIKELIHOODS = ("gaussian", "laplace", "bernoulli", "logistic_mixture")
+SCALES = ("fixed", "learned", "channel", "optimal")
+
+
+class Likelihood(nn.Module):
+    """log p(x | decoder output), per image; ``image`` turns the output into an image."""
+
+    name = ""
+    output = "value"  # what the decoder outputs: 'value', 'logits' or 'mixture'
+    is_mass = False  # a probability mass over 8-bit levels rather than a density
+
+    def param_channels(self, channels: int) -> int:
+        return channels
+
+    def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def image(self, params: torch.Tensor) -> torch.Tensor:
+        """Differentiable image values (not clamped): what perceptual and adversarial terms see."""
+        return params
+
+    def metrics(self) -> dict:
+        return {}
+
+    def bits_per_dim(self, nll_nats: float, dims: int) -> float:
+        shift = 0.0 if self.is_mass else dims * math.log(GREY_LEVELS_PER_UNIT)
+        return (nll_nats + shift) / (dims * math.log(2))
+
+
+class _ScaledLikelihood(Likelihood):
+    """A location-scale likelihood whose mean is the decoder output."""
+
+    def __init__(self, channels: int, scale: str = "learned", scale_value: float = 0.1):
+        super().__init__()
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+        if not scale_value > 0:
+            raise ValueError(f"scale_value must be positive, got {scale_value}")
+        self.scale = scale
+        start = max(math.log(scale_value), LOG_SCALE_MIN)
+        if scale == "learned":
+            self.log_scale = nn.Parameter(torch.full((1,), start))
+        elif scale == "channel":
+            self.log_scale = nn.Parameter(torch.full((channels,), start))
+        elif scale == "optimal":
+            self.register_buffer("running_log_scale", torch.full((1,), start))
+        else:
+            self.register_buffer("fixed_log_scale", torch.full((1,), start))
+
+    def batch_log_scale(self, error: torch.Tensor) -> torch.Tensor:
+        """The maximum-likelihood log scale of this batch's errors (x - mean)."""
+        raise NotImplementedError
+
+    def current_log_scale(self, error: torch.Tensor) -> torch.Tensor:
+        """Log scale broadcastable to ``error`` (B, C, *spatial)."""
+        if self.scale == "optimal":
+            if self.training:
+                batch = self.batch_log_scale(error.detach()).clamp(min=LOG_SCALE_MIN).view(1)
+                with torch.no_grad():
+                    self.running_log_scale.lerp_(batch, RUNNING_MOMENTUM)
+                value = batch
+            else:
+                value = self.running_log_scale
+        elif self.scale == "fixed":
+            value = self.fixed_log_scale
+        else:
+            value = self.log_scale.clamp(min=LOG_SCALE_MIN)
+        if value.numel() > 1:  # one per channel
+            return value.view(1, -1, *([1] * (error.dim() - 2)))
+        return value.view(*([1] * error.dim()))
+
+    def metrics(self) -> dict:
+        if self.scale == "optimal":
+            return {"scale": math.exp(float(self.running_log_scale))}
+        if self.scale == "fixed":
+            return {}
+        values = self.log_scale.detach().clamp(min=LOG_SCALE_MIN).exp()
+        return {"scale": float(values.mean())}
+
+
+class Gaussian(_ScaledLikelihood):
+    name = "gaussian"
+
+    def batch_log_scale(self, error):
+        return 0.5 * error.float().pow(2).mean().clamp(min=1e-12).log()
+
+    def log_prob(self, params, x):
+        error = x.float() - params.float()
+        log_scale = self.current_log_scale(error)
+        ll = -0.5 * (error * torch.exp(-log_scale)).pow(2) - log_scale - 0.5 * math.log(2 * math.pi)
+        return ll.flatten(1).sum(1)
+
+
+class Laplace(_ScaledLikelihood):
+    name = "laplace"
+
+    def batch_log_scale(self, error):
+        return error.float().abs().mean().clamp(min=1e-12).log()
+
+    def log_prob(self, params, x):
+        error = x.float() - params.float()
+        log_scale = self.current_log_scale(error)
+        ll = -error.abs() * torch.exp(-log_scale) - log_scale - math.log(2)
+        return ll.flatten(1).sum(1)
+
+
+class Bernoulli(Likelihood):
+    name = "bernoulli"
+    output = "logits"
+    is_mass = True
+
+    def log_prob(self, params, x):
+        target = (x.float() + 1) / 2
+        return -F.binary_cross_entropy_with_logits(params.float(), target, reduction="none").flatten(1).sum(1)
+
+    def image(self, params):
+        return torch.sigmoid(params) * 2 - 1
+
+
+class LogisticMixture(Likelihood):
+    """Discretized mixture of logistics over 256 levels (see the module docstring).
+
+    Decoder output channels, in order: K mixture logits, C*K means, C*K log scales and
+    C(C-1)/2*K coefficients (pairs (1,0), (2,0), (2,1), ...), each block laid out (C, K).
+    """
+
+    name = "logistic_mixture"
+    output = "mixture"
+    is_mass = True
+
+    def __init__(self, channels: int, components: int = 10):
+        super().__init__()
+        if components < 1:
+            raise ValueError(f"components must be at least 1, got {components}")
+        self.channels, self.components = channels, components
+        self.pairs = channels * (channels - 1) // 2
+
+    def param_channels(self, channels: int) -> int:
+        return self.components * (1 + 2 * channels + channels * (channels - 1) // 2)
+
+    def _split(self, params):
+        """(logits (B,K,*S), means (B,C,K,*S), log scales (B,C,K,*S), coeffs (B,P,K,*S))."""
+        c, k = self.channels, self.components
+        params = params.float()
+        spatial = params.shape[2:]
+        logits = params[:, :k]
+        means = params[:, k:k + c * k].unflatten(1, (c, k))
+        log_scales = params[:, k + c * k:k + 2 * c * k].unflatten(1, (c, k)).clamp(min=-7.0)
+        coeffs = torch.tanh(params[:, k + 2 * c * k:]).reshape(params.shape[0], self.pairs, k, *spatial)
+        return logits, means, log_scales, coeffs
+
+    def _channel_means(self, means, coeffs, x):
+        """Means of every channel given earlier channels' values ``x`` (B, C, *S)."""
+        shifted = []
+        for c in range(self.channels):
+            mean = means[:, c]
+            for j in range(c):
+                mean = mean + coeffs[:, c * (c - 1) // 2 + j] * x[:, j].unsqueeze(1)
+            shifted.append(mean)
+        return torch.stack(shifted, dim=1)
+
+    def log_prob(self, params, x):
+        logits, means, log_scales, coeffs = self._split(params)
+        x = x.float()
+        means = self._channel_means(means, coeffs, x)
+        value = x.unsqueeze(2)  # (B, C, 1, *S)
+        centered = value - means
+        inv_scale = torch.exp(-log_scales)
+        plus, minus = inv_scale * (centered + HALF_BIN), inv_scale * (centered - HALF_BIN)
+        log_cdf_plus = plus - F.softplus(plus)  # log sigmoid(plus): the mass below the top level
+        log_survival_minus = -F.softplus(minus)  # log (1 - sigmoid(minus)): the mass above the bottom
+        bin_mass = torch.sigmoid(plus) - torch.sigmoid(minus)
+        middle = inv_scale * centered
+        # Where a bin's mass underflows, the density at its centre times its width.
+        log_density_mass = middle - log_scales - 2 * F.softplus(middle) - math.log(GREY_LEVELS_PER_UNIT)
+        log_bin = torch.where(bin_mass > 1e-5, torch.log(bin_mass.clamp(min=1e-12)), log_density_mass)
+        log_level = torch.where(value < -0.999, log_cdf_plus, torch.where(value > 0.999, log_survival_minus, log_bin))
+        log_components = log_level.sum(1) + F.log_softmax(logits, dim=1)  # (B, K, *S)
+        return torch.logsumexp(log_components, dim=1).flatten(1).sum(1)
+
+    def image(self, params):
+        """The mixture's mean, channel by channel (later channels use earlier channels' means)."""
+        logits, means, _, coeffs = self._split(params)
+        weights = F.softmax(logits, dim=1)  # (B, K, *S)
+        out = []
+        for c in range(self.channels):
+            mean = means[:, c]
+            for j in range(c):
+                mean = mean + coeffs[:, c * (c - 1) // 2 + j] * out[j].unsqueeze(1)
+            out.append((weights * mean).sum(1))
+        return torch.stack(out, dim=1)
+
+
+def make_likelihood(name: str, channels: int, scale: str = "learned", scale_value: float = 0.1,
+                    components: int = 10) -> Likelihood:
+    if name == "gaussian":
+        return Gaussian(channels, scale, scale_value)
+    if name == "laplace":
+        return Laplace(channels, scale, scale_value)
+    if name == "bernoulli":
+        return Bernoulli()
+    if name == "logistic_mixture":
+        return LogisticMixture(channels, components)
+    raise ValueError(f"unknown likelihood {name!r}; expected one of {', '.join(LIKELIHOODS)}")

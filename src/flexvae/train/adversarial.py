@@ -1,0 +1,158 @@
+"""The terms beyond the VAE's own loss: LPIPS and a patch discriminator (the latent-diffusion recipe).
+
+Each optimizer step, from ``adversarial.start`` on:
+
+1. the generator (the VAE) adds ``weight * lambda * g_adv`` to its loss, g_adv = -mean D(x_hat)
+   (hinge) or softplus(-D(x_hat)) (non-saturating); with ``adaptive``, lambda = |grad of the
+   rest of the loss| / |grad of g_adv| at the decoder's last layer, clamped to
+   [0, max_adaptive_weight] and not differentiated (Esser et al., taming transformers);
+2. the discriminator, with its own Adam optimizer at ``adversarial.lr`` under the warm-up
+   and schedule of ``[train]``, takes one step on the same real and (detached) reconstructed images:
+   0.5 (relu(1 - D(x)) + relu(1 + D(x_hat))) for hinge, softplus terms for non-saturating,
+   plus an optional R1 penalty r1_weight / 2 * |grad_x D(x)|^2 on the real images.
+
+Every step updates both networks (no alternation by parity). The discriminator is a token
+structure traced against the data shape like the encoder; its state (weights and optimizer)
+goes into the checkpoint's training state so a resumed run is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .distributed import DistInfo
+
+ADAPTIVE_EPS = 1e-4
+
+
+class TrainingExtras:
+    """What a training step adds to the VAE's loss: ``perceptual`` (an LPIPS module) and
+    ``adversary`` (an Adversary); either may be None."""
+
+    def __init__(self, perceptual=None, adversary=None):
+        self.perceptual, self.adversary = perceptual, adversary
+
+
+def make_extras(cfg, config_path, data_shape, device, dist: DistInfo | None = None) -> TrainingExtras:
+    perceptual = adversary = None
+    if cfg.loss.perceptual_weight > 0:
+        from ..perceptual import load_perceptual
+
+        perceptual = load_perceptual(cfg.loss.perceptual_net, cfg.loss.perceptual_weights, device)
+    if cfg.adversarial.discriminator:
+        adversary = Adversary(cfg, config_path, data_shape, device, dist or DistInfo())
+    return TrainingExtras(perceptual, adversary)
+
+
+def plan_discriminator(value, data_shape, config_path=None):
+    """The discriminator structure traced against the data shape (StructureError on mismatch)."""
+    from ..assemble import structure_specs
+    from ..build import trace
+
+    specs = structure_specs(value, "discriminator", config_path, section="adversarial")
+    return trace(specs, data_shape, input_name="the images")
+
+
+class Adversary:
+    def __init__(self, cfg, config_path, data_shape, device, dist: DistInfo):
+        from .step import lr_factor
+
+        self.cfg = cfg.adversarial
+        self.grad_clip = cfg.train.grad_clip
+        self.plan = plan_discriminator(self.cfg.discriminator, data_shape, config_path)
+        self.model = self.plan.build(device)
+        self.model.train()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, betas=tuple(self.cfg.betas))
+        # adversarial.lr under train's warm-up and schedule, set from the step itself (nothing to resume)
+        self.lr_at = lambda step: self.cfg.lr * lr_factor(step, cfg.train)
+        self.step_model = self.model
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if torch.device(device).type == "cuda" else None
+            self.step_model = DistributedDataParallel(self.model, device_ids=ids)
+
+    @property
+    def params(self) -> int:
+        return self.plan.params
+
+    def active(self, step: int) -> bool:
+        return step >= self.cfg.start
+
+    # --------------------------------------------------------------- generator side
+    def generator_term(self, fake: torch.Tensor) -> torch.Tensor:
+        """g_adv for reconstructed images (differentiable towards the VAE). The plain module
+        is used: gradients it leaves on the discriminator are cleared before its own step."""
+        logits = self.model(fake).float()
+        if self.cfg.loss == "hinge":
+            return -logits.mean()
+        return F.softplus(-logits).mean()
+
+    def adaptive_weight(self, rest: torch.Tensor, g_adv: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.adaptive:
+            return torch.ones((), device=g_adv.device)
+        rest_grad = torch.autograd.grad(rest, last_layer, retain_graph=True)[0]
+        adv_grad = torch.autograd.grad(g_adv, last_layer, retain_graph=True)[0]
+        weight = rest_grad.float().norm() / (adv_grad.float().norm() + ADAPTIVE_EPS)
+        return weight.clamp(0, self.cfg.max_adaptive_weight).detach()
+
+    # ----------------------------------------------------------- discriminator side
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """What a step logs: the generator's and the discriminator's terms."""
+        return ("g_adv", "adaptive_weight", "d_loss", "logits_real", "logits_fake") + (
+            ("r1",) if self.cfg.r1_weight > 0 else ())
+
+    def discriminator_step(self, pairs, autocast, step: int) -> dict:
+        """One update on (real, fake) micro-batches (fakes detached); returns the logged terms."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = {"d_loss": 0.0, "logits_real": 0.0, "logits_fake": 0.0}
+        if self.cfg.r1_weight > 0:
+            sums["r1"] = 0.0
+        for real, fake in pairs:
+            real = real.detach().requires_grad_(self.cfg.r1_weight > 0)
+            with autocast():
+                logits_real = self.step_model(real).float()
+                logits_fake = self.step_model(fake.detach()).float()
+            if self.cfg.loss == "hinge":
+                loss = 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+            else:
+                loss = 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+            total = loss
+            if self.cfg.r1_weight > 0:
+                grad = torch.autograd.grad(logits_real.sum(), real, create_graph=True)[0]
+                penalty = grad.float().pow(2).flatten(1).sum(1).mean()
+                total = total + 0.5 * self.cfg.r1_weight * penalty
+                sums["r1"] += penalty.item() / len(pairs)
+            (total / len(pairs)).backward()
+            sums["d_loss"] += loss.item() / len(pairs)
+            sums["logits_real"] += logits_real.mean().item() / len(pairs)
+            sums["logits_fake"] += logits_fake.mean().item() / len(pairs)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        return sums
+
+    # -------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict, source) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise ConfigError(f"{source}: its discriminator does not match adversarial.discriminator "
+                              f"({type(exc).__name__}); use --fresh to start over") from None
+
+
+def last_layer_weight(decoder) -> torch.Tensor:
+    """The decoder's last weight matrix or kernel: where the adaptive weight compares gradients."""
+    weights = [p for p in decoder.parameters() if p.dim() >= 2 and p.requires_grad]
+    if not weights:
+        raise ConfigError("adversarial.adaptive needs a decoder with a weight layer (a convolution or linear layer)")
+    return weights[-1]

@@ -1,0 +1,49 @@
+"""Validation during training: the images of ``data.val_path`` and their metrics."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data import make_loader, open_dataset
+from ..losses import reconstruction_loss
+from ..metrics import psnr
+
+
+def validation_batches(cfg, skips):
+    """Images of data.val_path, loaded once, for the metrics written every val_every steps."""
+    data = cfg.data
+    if not (data.val_path and cfg.train.val_every):
+        return None
+    dataset = open_dataset("folder", data.val_path, train=False, channels=data.channels,
+                           image_size=data.image_size, resize_filter=data.resize_filter,
+                           pad_to_square=data.pad_to_square)
+    loader = make_loader(dataset, cfg.train.batch_size, shuffle=False, num_workers=0)
+    batches = []
+    for batch in loader:
+        skips.add(batch.failures)
+        if batch.images is not None:
+            batches.append(batch.images)
+    return batches
+
+
+@torch.no_grad()
+def validate(model, runtime, batches, loss_cfg) -> dict:
+    """Mean MSE and PSNR of the posterior means' reconstructions on the validation images, and
+    the reconstruction loss (weighted objective) or the NLL in nats per image (elbo objective)."""
+    model.eval()
+    recon_loss, mse, psnr_sum, count = 0.0, 0.0, 0.0, 0
+    for images in batches:
+        images = runtime.to_input(images)
+        out = model(images, sample=False)
+        n = images.shape[0]
+        if model.likelihood is not None:
+            recon_loss += -model.likelihood.log_prob(out.recon, images).sum().item()
+        else:
+            recon_loss += reconstruction_loss(out.recon, images, loss_cfg.recon).item() * n
+        image = model.to_image(out.recon)
+        mse += (image.float() - images.float()).pow(2).flatten(1).mean(1).sum().item()
+        psnr_sum += psnr(image, images).sum().item()
+        count += n
+    model.train()
+    name = "val_nll" if model.likelihood is not None else "val_recon"
+    return {name: recon_loss / count, "val_mse": mse / count, "val_psnr": psnr_sum / count}

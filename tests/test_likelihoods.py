@@ -1,0 +1,208 @@
+"""Decoder likelihoods and the elbo objective, against torch.distributions and direct formulas."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.distributions as D
+
+from flexvae.config import LossConfig
+from flexvae.errors import ConfigError
+from flexvae.latents import DiagonalGaussian
+from flexvae.likelihoods import Bernoulli, Gaussian, Laplace, LogisticMixture, make_likelihood
+from flexvae.losses import LossBalance, check_loss_config, kl_per_image, kld_term, vae_loss
+from flexvae.model import VAEOutput
+
+
+def grid_images(shape=(3, 3, 5, 4), seed=0):
+    """8-bit images on [-1, 1], with the extreme levels present."""
+    generator = torch.Generator().manual_seed(seed)
+    levels = torch.randint(0, 256, shape, generator=generator)
+    levels.view(-1)[:2] = torch.tensor([0, 255])
+    return levels.float() / 127.5 - 1
+
+
+@pytest.mark.parametrize("scale", ["fixed", "learned", "channel"])
+def test_gaussian_matches_torch_distributions(scale):
+    x, mean = grid_images(), torch.randn(3, 3, 5, 4) * 0.3
+    lik = Gaussian(3, scale, 0.2)
+    if scale == "channel":
+        with torch.no_grad():
+            lik.log_scale.copy_(torch.log(torch.tensor([0.1, 0.2, 0.3])))
+        sigma = torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)
+    else:
+        sigma = torch.tensor(0.2)
+    expected = D.Normal(mean, sigma).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(lik.log_prob(mean, x), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_laplace_matches_torch_distributions():
+    x, mean = grid_images(), torch.randn(3, 3, 5, 4) * 0.3
+    expected = D.Laplace(mean, 0.15).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(Laplace(3, "fixed", 0.15).log_prob(mean, x), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_bernoulli_matches_torch_distributions():
+    x = (torch.rand(2, 1, 6, 6) > 0.5).float() * 2 - 1
+    logits = torch.randn(2, 1, 6, 6)
+    expected = D.Bernoulli(logits=logits).log_prob((x + 1) / 2).flatten(1).sum(1)
+    torch.testing.assert_close(Bernoulli().log_prob(logits, x), expected)
+    assert torch.allclose(Bernoulli().image(logits), torch.sigmoid(logits) * 2 - 1)
+
+
+def test_optimal_scale_is_the_batch_maximum_likelihood_and_its_running_value_is_used_in_eval():
+    x, mean = grid_images(), torch.randn(3, 3, 5, 4) * 0.3
+    lik = Gaussian(3, "optimal", 0.1)
+    sigma = (x - mean).pow(2).mean().sqrt()
+    expected = D.Normal(mean, sigma).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(lik.log_prob(mean, x), expected, rtol=1e-5, atol=1e-3)
+    # no other sigma gives a higher total likelihood for this batch
+    for other in (sigma * 0.9, sigma * 1.1):
+        assert D.Normal(mean, other).log_prob(x).sum() < lik.log_prob(mean, x).sum()
+    running = math.exp(float(lik.running_log_scale))
+    assert 0.1 < running < float(sigma)  # moved from the start value towards the batch's
+    lik.eval()
+    expected_eval = D.Normal(mean, running).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(lik.log_prob(mean, x), expected_eval, rtol=1e-5, atol=1e-3)
+
+
+def test_learned_scale_gets_a_gradient_towards_the_error_scale():
+    x, mean = grid_images(), torch.zeros(3, 3, 5, 4)
+    lik = Gaussian(3, "learned", 0.01)  # far below the error's scale
+    (-lik.log_prob(mean, x).sum()).backward()
+    assert lik.log_scale.grad.item() < 0  # descent raises sigma
+
+
+# ------------------------------------------------------------- logistic mixture
+def direct_mixture_log_prob(params, x, components):
+    """The discretized logistic mixture written out level by level, in float64."""
+    batch, channels = x.shape[:2]
+    spatial = x.shape[2:]
+    params, x = params.double(), x.double()
+    k = components
+    logits = params[:, :k]
+    means = params[:, k:k + channels * k].reshape(batch, channels, k, *spatial)
+    log_scales = params[:, k + channels * k:k + 2 * channels * k].reshape(batch, channels, k, *spatial).clamp(min=-7)
+    coeffs = torch.tanh(params[:, k + 2 * channels * k:]).reshape(batch, -1, k, *spatial)
+    weights = torch.softmax(logits, 1)
+    total = torch.zeros(batch, *spatial, dtype=torch.float64)
+    for comp in range(k):
+        prob = torch.ones(batch, *spatial, dtype=torch.float64)
+        pair = 0
+        for c in range(channels):
+            mean = means[:, c, comp].clone()
+            for j in range(c):
+                mean = mean + coeffs[:, pair, comp] * x[:, j]
+                pair += 1
+            scale = log_scales[:, c, comp].exp()
+            upper = torch.where(x[:, c] > 0.999, torch.ones_like(mean), torch.sigmoid((x[:, c] + 1 / 255 - mean) / scale))
+            lower = torch.where(x[:, c] < -0.999, torch.zeros_like(mean), torch.sigmoid((x[:, c] - 1 / 255 - mean) / scale))
+            prob = prob * (upper - lower)
+        total = total + weights[:, comp] * prob
+    return total.log().flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_logistic_mixture_matches_a_direct_formula(channels):
+    lik = LogisticMixture(channels, components=4)
+    x = grid_images((2, channels, 3, 3))
+    generator = torch.Generator().manual_seed(1)
+    params = torch.randn(2, lik.param_channels(channels), 3, 3, generator=generator) * 0.5
+    params[:, 4 + channels * 4:4 + 2 * channels * 4] -= 2.0  # scales around e^-2: bins well resolved
+    torch.testing.assert_close(lik.log_prob(params, x).double(), direct_mixture_log_prob(params, x, 4),
+                               rtol=1e-4, atol=1e-3)
+
+
+def test_logistic_mixture_is_a_probability_mass_over_the_256_levels():
+    lik = LogisticMixture(1, components=3)
+    params = torch.randn(1, lik.param_channels(1), 1, 1)
+    levels = torch.arange(256).float().view(256, 1, 1, 1) / 127.5 - 1
+    log_p = lik.log_prob(params.expand(256, -1, -1, -1), levels)
+    assert float(log_p.exp().sum()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_logistic_mixture_channel_count_and_image():
+    lik = make_likelihood("logistic_mixture", 3, components=10)
+    assert lik.param_channels(3) == 100  # K * (1 + 3 + 3 + 3), as in PixelCNN++
+    params = torch.zeros(2, 100, 4, 4)
+    params[:, 10:40] = 0.25  # every component's mean 0.25, coefficients tanh(0) = 0
+    torch.testing.assert_close(lik.image(params), torch.full((2, 3, 4, 4), 0.25))
+
+
+def test_bits_per_dim_units():
+    dims = 3 * 8 * 8
+    assert LogisticMixture(3).bits_per_dim(dims * math.log(2), dims) == pytest.approx(1.0)
+    # a density on [-1, 1] is converted to mass per grey level (width 2/255)
+    assert Gaussian(3).bits_per_dim(-dims * math.log(127.5), dims) == pytest.approx(0.0, abs=1e-12)
+
+
+# -------------------------------------------------------------------- objective
+def loss_cfg(**changes):
+    return dataclasses.replace(LossConfig(), **changes)
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, likelihood=None, balance=None):
+        super().__init__()
+        self.likelihood, self.balance = likelihood, balance
+
+
+def output(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = grid_images((4, 3, 8, 8), seed)
+    recon = x + 0.1 * torch.randn(x.shape, generator=generator)
+    posterior = DiagonalGaussian(torch.randn(4, 2, 4, 4, generator=generator),
+                                 torch.randn(4, 2, 4, 4, generator=generator) - 1)
+    return x, VAEOutput(recon, posterior, posterior.mean)
+
+
+def test_elbo_objective_is_the_negative_elbo_per_dimension():
+    x, out = output()
+    lik = Gaussian(3, "fixed", 0.1)
+    loss = vae_loss(x, out, loss_cfg(objective="elbo", kld_weight=1.0), model=_Model(lik))
+    nll = -D.Normal(out.recon, 0.1).log_prob(x).flatten(1).sum(1)
+    q = D.Normal(out.posterior.mean, torch.exp(0.5 * out.posterior.logvar))
+    kl = D.kl_divergence(q, D.Normal(0.0, 1.0)).flatten(1).sum(1)
+    dims = 3 * 8 * 8
+    torch.testing.assert_close(loss.terms["nll"], nll.mean(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(loss.terms["kld"], kl.mean(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(loss.total, (nll + kl).mean() / dims, rtol=1e-5, atol=1e-5)
+    expected_bpd = ((nll + kl).mean() + dims * math.log(127.5)) / (dims * math.log(2))
+    torch.testing.assert_close(loss.terms["bpd"], expected_bpd, rtol=1e-5, atol=1e-4)
+    beta = vae_loss(x, out, loss_cfg(objective="elbo", kld_weight=4.0), model=_Model(lik))
+    torch.testing.assert_close(beta.total, (nll + 4 * kl).mean() / dims, rtol=1e-5, atol=1e-5)
+
+
+def test_free_bits_floor_each_channel_but_leave_the_logged_kl_true():
+    x, out = output()
+    per_channel = out.posterior.kl_groups().mean(0)
+    floor = float(per_channel.max()) + 1.0  # above every channel: the KL term is constant
+    assert float(kl_per_image(out.posterior, floor)) == pytest.approx(floor * 2)
+    low = float(per_channel.min()) + 1e-3  # floors only the smallest channel
+    assert float(kl_per_image(out.posterior, low)) == pytest.approx(float(per_channel.clamp(min=low).sum()), rel=1e-6)
+    mean = out.posterior.mean.detach().requires_grad_()
+    posterior = DiagonalGaussian(mean, out.posterior.logvar)
+    kl_per_image(posterior, floor).backward()
+    assert mean.grad is None or float(mean.grad.abs().max()) == 0.0  # no KL gradient under the floor
+    elbo = vae_loss(x, out, loss_cfg(objective="elbo", free_bits=floor), model=_Model(Gaussian(3)))
+    torch.testing.assert_close(elbo.terms["kld"], out.posterior.kl().mean())
+    # the weighted objective's per-element KL is the per-image one over the elements
+    torch.testing.assert_close(kld_term(out.posterior, "mean", floor), torch.tensor(floor * 2 / 32))
+
+
+def test_learned_balance_trains_one_log_weight_per_term():
+    x, out = output()
+    balance = LossBalance()
+    loss = vae_loss(x, out, loss_cfg(balance="learned", kld_weight=0.5), model=_Model(balance=balance))
+    loss.total.backward()
+    recon, kld = loss.terms["recon"].detach(), loss.terms["kld"].detach()
+    # d/ds (w exp(-s) L + s) at s = 0 is 1 - w L
+    assert balance.log_weights["recon"].grad.item() == pytest.approx(1 - float(recon), rel=1e-5)
+    assert balance.log_weights["kld"].grad.item() == pytest.approx(1 - 0.5 * float(kld), rel=1e-5)
+    assert float(loss.total.detach()) == pytest.approx(float(recon + 0.5 * kld), rel=1e-6)
+
+
+def test_balance_with_the_elbo_is_refused():
+    with pytest.raises(ConfigError, match="loss.balance = 'learned' applies to the weighted objective"):
+        check_loss_config(loss_cfg(objective="elbo", balance="learned"), (3, 8, 8))
