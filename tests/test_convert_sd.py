@@ -279,3 +279,41 @@ def test_fine_tuning_continues_from_the_imported_weights(tmp_path):
     trained = load_checkpoint(last).model_state
     # An lr of 1e-12 barely moves the weights: they are the imported ones, not a random start.
     assert max((trained[k] - v).abs().max().item() for k, v in imported_state.items()) < 1e-6
+
+
+# ------------------------------------------------------------------ export
+def test_export_to_diffusers_round_trips_a_fine_tuned_model(tmp_path):
+    """Import a tiny AutoencoderKL, change its weights (a stand-in for fine-tuning), export it:
+    diffusers loads the folder and its outputs equal flexvae's."""
+    from helpers.inprocess import run_in_process
+
+    make_vae({**TINY, "mid_block_add_attention": True}, tmp_path / "vae")
+    _, _, _, path = imported(tmp_path / "vae", tmp_path)
+    ckpt = load_checkpoint(path, with_train_state=False)
+    model, _, _ = model_from_checkpoint(ckpt)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01).add_(0.01)
+    from flexvae.checkpoint import save_checkpoint
+
+    save_checkpoint(path, model.state_dict(), ckpt.metadata)
+    result = run_in_process(["--export", "--ckpt", str(path), "--output", str(tmp_path / "out")], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    exported = diffusers.AutoencoderKL.from_pretrained(tmp_path / "out").eval()
+    assert_matches(exported, model, 16)
+    assert exported.config.scaling_factor == pytest.approx(0.18215)
+    again = run_in_process(["--export", "--ckpt", str(path), "--output", str(tmp_path / "out")], cwd=tmp_path)
+    assert again.returncode != 0 and "exists and is not an empty folder" in again.stderr
+
+
+def test_export_refuses_a_model_without_the_sd_structure(tmp_path):
+    from helpers.inprocess import run_in_process
+    from helpers.runs import make_images, tiny
+
+    images = make_images(tmp_path / "images", 4)
+    run = tmp_path / "run"
+    assert run_in_process(["-t", *tiny(images, run, "--set", "train.max_steps=1")]).returncode == 0
+    result = run_in_process(["--export", "--ckpt", str(run), "--output", str(tmp_path / "out")])
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: ") and "Stable Diffusion autoencoder's structure" in result.stderr
+    assert not (tmp_path / "out").exists()

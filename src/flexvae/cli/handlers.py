@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from . import common
+from ..errors import ConfigError
 
 
 def layers(args) -> int:
@@ -140,6 +141,19 @@ def import_weights(args) -> int:
               f"{base.data.image_size} in {config_path or 'the defaults'}; -t resumes only with the same "
               f"size: train with --set data.image_size={result.plan.data_shape[1]} or import with "
               f"--set data.image_size={base.data.image_size}")
+    return 0
+
+
+def export(args) -> int:
+    from ..convert_sd.exporter import export_diffusers
+
+    cfg, _ = common.load_config(args)
+    if not args.output:
+        raise ConfigError("--export needs --output: the new folder to write the model into")
+    model = common.load_run(args, cfg, "cpu")
+    out = export_diffusers(model, args.output)
+    print(f"exported {model.path} as a diffusers AutoencoderKL into {out} (config.json, "
+          "diffusion_pytorch_model.safetensors); load it with AutoencoderKL.from_pretrained")
     return 0
 
 

@@ -44,6 +44,9 @@ MODES = [
                                                ".safetensors) into a flexvae checkpoint at --output (default "
                                                "runs/sd_vae/checkpoints/step_00000000.safetensors)",
          handlers.import_weights, ("import_weights", "SRC", "diffusers VAE folder or original .safetensors")),
+    Mode("--export", "export", "write a model as another library's format into --output: --format diffusers "
+                               "makes a folder that diffusers' AutoencoderKL.from_pretrained loads (SD-structured "
+                               "models)", handlers.export),
     Mode("--init", "init", "write a starter project into DIR: a commented config and its structures, "
                            "ready to train on the images you put in DIR/images", handlers.init,
          ("init_dir", "DIR", "the project folder to create (or an empty existing one)")),
@@ -54,8 +57,8 @@ VALUED = [mode for mode in MODES if mode.value is not None]
 # The modes that read each mode-specific option; any other mode refuses it rather than ignore it.
 _MODEL_USERS = {"reconstruct", "encode", "decode", "evaluate", "interpolate", "pictures", "probe"}
 OPTION_MODES = {
-    "ckpt": _MODEL_USERS, "input": _MODEL_USERS, "output": _MODEL_USERS | {"import-weights"},
-    "no_ema": _MODEL_USERS, "fresh": {"train"}, "verbose": {"train"}, "sample": {"encode"},
+    "ckpt": _MODEL_USERS | {"export"}, "input": _MODEL_USERS, "output": _MODEL_USERS | {"import-weights", "export"},
+    "no_ema": _MODEL_USERS | {"export"}, "format": {"export"}, "fresh": {"train"}, "verbose": {"train"}, "sample": {"encode"},
     "side_by_side": {"reconstruct"}, "native_size": {"reconstruct"}, "write": {"mem"}, "input2": {"interpolate", "probe"},
     "matrix": {"matrix"}, "steps": {"interpolate", "pictures"}, "nll_samples": {"evaluate"},
     "nll_sigma": {"evaluate"},
@@ -86,6 +89,7 @@ def _add_options(parser: argparse.ArgumentParser, mode: Mode | None = None) -> N
     option("--side-by-side", action="store_true", help="-i: write original and reconstruction side by side")
     option("--native-size", action="store_true", help="-i: reconstruct at each image's own resolution "
                                                       "(fully convolutional models)")
+    option("--format", choices=["diffusers"], help="--export: the format to write (default and only: diffusers)")
     option("--write", action="store_true", help="-mem: store the batch size found in the config file")
     option("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     option("--input2", help="-inter: second image or folder; -probe: labelled test folder")
