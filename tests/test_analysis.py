@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from flexvae.analysis import MissingDependency, require
-from flexvae.analysis.common import first_images, image_dataset, image_loader
+from flexvae.analysis.common import sample_images, image_dataset, image_loader
 from flexvae.checkpoint import load_run as load_model
 from flexvae.analysis.evaluate import (bits_per_dim, evaluate_model, format_report, importance_log_weights,
                                        importance_nll)
@@ -162,7 +162,7 @@ def test_evaluate_tiny_checkpoint(tiny_run, tiny_model):
 
 def test_interpolation_endpoints_are_the_reconstructions(tiny_model):
     vae = tiny_model.vae
-    images = first_images(image_dataset(tiny_model, cfg=tiny_model.cfg), 4)
+    images = sample_images(image_dataset(tiny_model, cfg=tiny_model.cfg), 4)
     a, b = images[:2], images[2:4]
     for mode in ("linear", "slerp"):
         path = interpolate(vae, a, b, steps=5, mode=mode)
@@ -195,7 +195,7 @@ def test_pictures(tiny_run, tiny_model, tmp_path):
     from flexvae.metrics import read_metrics
 
     vae = tiny_model.vae
-    images = first_images(image_dataset(tiny_model, cfg=tiny_model.cfg), 16)
+    images = sample_images(image_dataset(tiny_model, cfg=tiny_model.cfg), 16)
     info = traversal_grid(vae, images[:1], images, tmp_path / "traversal.png", top_k=8, steps=5)
     channels = vae.latent_shape[0]
     assert len(info["channels"]) == min(8, channels) and info["kl"] == sorted(info["kl"], reverse=True)

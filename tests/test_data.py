@@ -22,6 +22,7 @@ from flexvae.data import (
     make_loader,
     open_dataset,
     pil_to_tensor,
+    sample_images,
     save_grid,
     save_image,
 )
@@ -360,3 +361,19 @@ def test_save_image_and_grid(tmp_path):
         assert img.mode == "RGBA" and img.size == (15, 8)
     assert sorted(p.name for p in tmp_path.rglob("*")) == [
         "grid.png", "grids", "new", "one.png", "rgba.png"]  # no temp files left behind
+
+
+def test_sample_images_draw_a_seeded_random_subset_of_a_class_sorted_folder(tmp_path):
+    """On the digits layout (0/, 1/, ... sorted) the first files are all of class 0: the
+    grids draw at random instead, the same images for the same seed."""
+    for label, value in (("0", 0), ("1", 255)):
+        (tmp_path / label).mkdir()
+        for i in range(12):
+            Image.fromarray(np.full((8, 8), value, np.uint8)).save(tmp_path / label / f"{i}.png")
+    dataset = open_dataset("folder", tmp_path, train=False, channels=1, image_size=8)
+    images = sample_images(dataset, 8, seed=0)
+    means = images.flatten(1).mean(1)
+    assert images.shape == (8, 1, 8, 8)
+    assert (means < 0).any() and (means > 0).any()  # both classes shown
+    assert torch.equal(images, sample_images(dataset, 8, seed=0))
+    assert not torch.equal(images, sample_images(dataset, 8, seed=1))

@@ -119,6 +119,20 @@ def build_model(plan: VAEPlan, cfg, device=None, scaling_factor: float | None = 
     return model
 
 
+def objective_state(cfg, channels: int) -> dict:
+    """Fresh state of the objective's parameters inside a VAE (``likelihood.*``, ``balance.*``):
+    what a model built from ``cfg`` starts with, for weights that come from elsewhere."""
+    from .losses import LossBalance
+
+    state = {}
+    likelihood = make_likelihood(cfg, channels)
+    if likelihood is not None:
+        state.update({f"likelihood.{k}": v for k, v in likelihood.state_dict().items()})
+    if cfg.loss.balance == "learned" and cfg.loss.objective == "weighted":
+        state.update({f"balance.{k}": v for k, v in LossBalance().state_dict().items()})
+    return state
+
+
 def model_from_config(cfg, config_path=None, device=None):
     plan = plan_from_config(cfg, config_path)
     return build_model(plan, cfg, device), plan

@@ -36,9 +36,9 @@ def image_loader(dataset, batch_size: int = 32, device="cpu", num_workers: int =
                        device_type=torch.device(device).type)
 
 
-def first_images(dataset, n: int) -> torch.Tensor:
-    """The first ``n`` readable images of a dataset, stacked."""
-    images = data.first_images(dataset, n)
+def sample_images(dataset, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` readable images of a dataset drawn at random (fixed by ``seed``), stacked."""
+    images = data.sample_images(dataset, n, seed)
     if images is None:
         raise DataError("no readable image in the input")
     return images

@@ -309,6 +309,13 @@ def format_report(result: dict, top: int = 8) -> str:
         rows.append(("decoder likelihood", nll["likelihood"] + (f" = {nll['sigma']:.4g}" if nll["sigma"] else "")))
     elif nll:
         rows.append(("NLL", f"skipped: {nll['skipped']}"))
+    gen = result.get("generation")
+    if gen:
+        rows.append((f"prior samples classified with p > 0.9 ({gen['samples']}, classifier of {gen['labelled']})",
+                     gen["confident"]))
+        rows.append(("entropy of the predicted classes (nats)", f"{gen['class_entropy']:.3f} of {gen['max_entropy']:.3f}"))
+        if gen["classifier_accuracy"] is not None:
+            rows.append(("that classifier's held-out accuracy on real images", gen["classifier_accuracy"]))
     text = [markdown_table(["metric", "value"], rows)]
     if "kl" in result:
         kl = result["kl"]["per_channel"]

@@ -38,6 +38,11 @@ def evaluate(args) -> int:
     data = args.input or model.cfg.data.val_path or f"{model.cfg.data.path} ({model.cfg.data.source})"
     result = {"checkpoint": str(model.path), "step": model.step, "data": str(data),
               "nll_samples": nll_samples, **result}
+    if args.input2:  # a labelled folder: score the prior samples with a classifier of its images
+        from ..analysis.generation import generation_score
+
+        result["generation"] = {"labelled": str(args.input2),
+                                **generation_score(model, args.input2, seed=cfg.train.seed, device=device)}
     out = common.output_dir(args, run_dir, "evaluation")
     report = format_report(result)
     write_json(result, out / "evaluation.json")
@@ -66,14 +71,15 @@ def pictures(args) -> int:
     cfg, device, run_dir = _context(args)
     steps = common.count_option(args, "steps", 2, 9, "a traversal (both ends included)")
     from ..analysis import MissingDependency
-    from ..analysis.common import first_images, image_dataset
+    from ..analysis.common import image_dataset, sample_images
     from ..analysis.pictures import (kl_per_channel_history, plot_history, prior_grid, traversal_grid,
                                      write_kl_history)
     from ..metrics import METRICS_FILE, read_metrics
 
     model = common.load_run(args, cfg, device)
     out = common.output_dir(args, run_dir, "pictures")
-    images = first_images(image_dataset(model, args.input, model.cfg, train=True), 64).to(device)
+    # the training grid's seed: the same random images (not the first files of a class-sorted folder)
+    images = sample_images(image_dataset(model, args.input, model.cfg, train=True), 64, model.cfg.train.seed).to(device)
     info = traversal_grid(model.vae, images[:1], images, out / "traversal.png", steps=steps)
     print(f"traversal of channels {info['channels']} (largest KL first): {out / 'traversal.png'}")
     print(f"prior samples: {prior_grid(model.vae, out / 'prior.png', seed=cfg.train.seed)}")

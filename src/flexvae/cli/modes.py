@@ -59,7 +59,7 @@ _MODEL_USERS = {"reconstruct", "encode", "decode", "evaluate", "interpolate", "p
 OPTION_MODES = {
     "ckpt": _MODEL_USERS | {"export"}, "input": _MODEL_USERS, "output": _MODEL_USERS | {"import-weights", "export"},
     "no_ema": _MODEL_USERS | {"export"}, "format": {"export"}, "fresh": {"train"}, "verbose": {"train"}, "sample": {"encode"},
-    "side_by_side": {"reconstruct"}, "native_size": {"reconstruct"}, "write": {"mem"}, "input2": {"interpolate", "probe"},
+    "side_by_side": {"reconstruct"}, "native_size": {"reconstruct"}, "write": {"mem"}, "input2": {"interpolate", "probe", "evaluate"},
     "matrix": {"matrix"}, "steps": {"interpolate", "pictures"}, "nll_samples": {"evaluate"},
     "nll_sigma": {"evaluate"},
 }
@@ -92,7 +92,8 @@ def _add_options(parser: argparse.ArgumentParser, mode: Mode | None = None) -> N
     option("--format", choices=["diffusers"], help="--export: the format to write (default and only: diffusers)")
     option("--write", action="store_true", help="-mem: store the batch size found in the config file")
     option("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
-    option("--input2", help="-inter: second image or folder; -probe: labelled test folder")
+    option("--input2", help="-inter: second image or folder; -probe: labelled test folder; "
+                                 "-eval: labelled folder for the generation score of prior samples")
     option("--matrix", help="-matrix: the experiment matrix TOML file")
     option("--steps", type=int, help="-inter: images per interpolation (8); -pics: traversal steps (9)")
     option("--nll-samples", type=int, help="-eval: importance samples per image for the NLL "

@@ -142,14 +142,16 @@ def load_sd_vae(src, base=None, image_size: int | None = None, config: dict | No
 
     ``config`` overrides architecture values (e.g. norm_num_groups of an original file).
     """
-    from ..assemble import plan_from_config
+    from ..assemble import build_model, objective_state, plan_from_config
 
     source = read_source(src)
     arch = sd_config({**source.config, **(config or {})})
     cfg = flexvae_config(arch, base, image_size)
     plan = plan_from_config(cfg)
-    model = plan.build("meta", scaling_factor=cfg.model.scaling_factor)
+    model = build_model(plan, cfg, "meta")
     state = convert_state(source.tensors, arch, source.layout, model, str(source.path))
+    # The objective's own parameters (a learned likelihood scale, a learned balance) start fresh.
+    state.update(objective_state(cfg, plan.data_shape[0]))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval(), cfg, plan, source
 

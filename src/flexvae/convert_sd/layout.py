@@ -206,6 +206,8 @@ def weight_mapping(model, arch: dict, layout: str) -> dict[str, str]:
     stacks = dict(zip(("encoder", "decoder"), sd_layout(arch)))
     mapping = {}
     for key in model.state_dict():
+        if not key.startswith(("encoder.", "decoder.")):
+            continue  # the objective's own parameters (likelihood scale, balance) are not in the source
         side, index, local = key.split(".", 2)
         mapping[key] = _source_name(stacks[side][int(index)], local, layout)
     return mapping

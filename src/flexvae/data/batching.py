@@ -82,10 +82,13 @@ class SkipLog:
         return f"skipped {n} unreadable file{'' if n == 1 else 's'}" if n else ""
 
 
-def first_images(dataset: Dataset, n: int) -> Optional[torch.Tensor]:
-    """The first ``n`` readable images of a dataset, stacked; None when none is readable."""
+def sample_images(dataset: Dataset, n: int, seed: int = 0) -> Optional[torch.Tensor]:
+    """``n`` readable images of a dataset drawn at random (fixed by ``seed``), stacked; None when
+    none is readable. Random, not the first in sorted order: on a folder sorted by class
+    (digits/0/..., digits/1/...) the first files would all be of one class."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     images = []
-    for index in range(len(dataset)):
+    for index in order:
         item = dataset[index]
         if item.get("image") is not None:
             images.append(item["image"])

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .distributed import DistInfo
+from .schedule import lr_factor
 
 ADAPTIVE_EPS = 1e-4
 
@@ -57,8 +58,6 @@ def plan_discriminator(value, data_shape, config_path=None):
 
 class Adversary:
     def __init__(self, cfg, config_path, data_shape, device, dist: DistInfo):
-        from .step import lr_factor
-
         self.cfg = cfg.adversarial
         self.grad_clip = cfg.train.grad_clip
         self.plan = plan_discriminator(self.cfg.discriminator, data_shape, config_path)

@@ -10,20 +10,12 @@ import torch
 from ..errors import TrainingError
 from ..losses import vae_loss
 from .adversarial import TrainingExtras, last_layer_weight
+from .schedule import lr_factor
+
+__all__ = ["StepResult", "lr_factor", "make_optimizer", "random_flip", "train_step"]
 from .distributed import DistInfo
 from ..layers.dropout import global_batch_masks
 from .runtime import Runtime, flip_mask, mask_key
-
-
-def lr_factor(step: int, cfg) -> float:
-    """Multiplier of train.lr at ``step``: linear warm-up, then cosine down to min_lr_ratio."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:

@@ -15,7 +15,7 @@ import torch
 from ..assemble import model_from_config
 from ..checkpoint import (checkpoint_metadata, checkpoint_name, list_checkpoints, load_checkpoint,
                           prune_checkpoints, save_checkpoint)
-from ..data import SkipLog, first_images, make_loader, open_dataset, save_grid
+from ..data import SkipLog, make_loader, open_dataset, sample_images, save_grid
 from ..device import resolve_device
 from ..errors import Interrupted, Terminated, TrainingError
 from ..files import RunLock
@@ -356,8 +356,9 @@ class Trainer:
         raise Interrupted(f"interrupted at step {self.step}; {where}") from None
 
     def _fixed_batch(self, dataset) -> torch.Tensor:
-        """The first readable images, for sample grids that are comparable across steps."""
-        images = first_images(dataset, SAMPLE_IMAGES)
+        """Readable images drawn at random (seeded by train.seed), the same at every step, for
+        sample grids that are comparable across steps."""
+        images = sample_images(dataset, SAMPLE_IMAGES, self.cfg.train.seed)
         if images is None:
             raise TrainingError(f"no readable image in {self.cfg.data.path}")
         return images.to(self.device)
