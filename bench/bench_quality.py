@@ -108,6 +108,16 @@ def evaluate_run(run: Path, test: Path, train: Path) -> dict:
     return result
 
 
+def format_row(data: str, name: str, r: dict, seconds: float) -> str:
+    if name == "PCA":
+        return f"| {data} | PCA ({r['dims']} dims) | {r['psnr']:.2f} | {r['ssim']:.3f} | | | | | | |"
+    nll, gen, au = r.get("nll", {}), r["generation"], r["active_units"]
+    return (f"| {data} | {name} | {r['reconstruction']['psnr']:.2f} | {r['reconstruction']['ssim']:.3f} | "
+            f"{nll.get('bits_per_dim', float('nan')):.3f} | {r['kl']['total_nats']:.1f} | "
+            f"{au['elements']}/{au['of_elements']} | {gen['confident']:.2f} | "
+            f"{gen['class_entropy']:.2f} of {gen['max_entropy']:.2f} | {seconds:.0f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps-photos", type=int, default=600)
@@ -140,24 +150,15 @@ def main() -> int:
                 result = evaluate_run(run, test, train)
                 dims = int(np.prod(result["latent_shape"]))
                 rows.append((data, name, result, seconds))
-                print(f"{data} {name}: {seconds:.0f} s", file=sys.stderr, flush=True)
+                print(f"{data} {name}: {seconds:.0f} s: " + format_row(data, name, result, seconds),
+                      file=sys.stderr, flush=True)
             shape = tuple(result["data_shape"])
             rows.append((data, "PCA", pca_row(train, test, shape, dims), 0.0))
 
     header = ("data", "objective", "PSNR", "SSIM", "NLL bits/dim", "KL nats", "active units",
               "prior p>0.9", "class entropy", "train s")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for data, name, r, seconds in rows:
-        if name == "PCA":
-            lines.append(f"| {data} | PCA ({r['dims']} dims) | {r['psnr']:.2f} | {r['ssim']:.3f} | | | | | | |")
-            continue
-        nll = r.get("nll", {})
-        gen = r["generation"]
-        au = r["active_units"]
-        lines.append(f"| {data} | {name} | {r['reconstruction']['psnr']:.2f} | {r['reconstruction']['ssim']:.3f} | "
-                     f"{nll.get('bits_per_dim', float('nan')):.3f} | {r['kl']['total_nats']:.1f} | "
-                     f"{au['elements']}/{au['of_elements']} | {gen['confident']:.2f} | "
-                     f"{gen['class_entropy']:.2f} of {gen['max_entropy']:.2f} | {seconds:.0f} |")
+    lines += [format_row(*row) for row in rows]
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("n/a",)
     footer = (f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
               f"load average {load[0]:.2f} at the end; {args.steps_photos} steps on photos, {args.steps_digits} "
