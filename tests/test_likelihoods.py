@@ -206,3 +206,27 @@ def test_learned_balance_trains_one_log_weight_per_term():
 def test_balance_with_the_elbo_is_refused():
     with pytest.raises(ConfigError, match="loss.balance = 'learned' applies to the weighted objective"):
         check_loss_config(loss_cfg(objective="elbo", balance="learned"), (3, 8, 8))
+
+
+# ------------------------------------------------------------- generation score
+class _FixedClassifier:
+    """predict_proba returns the rows it was given: the score's arithmetic alone."""
+
+    classes_ = __import__("numpy").array(["a", "b"])
+
+    def predict_proba(self, samples):
+        return samples
+
+
+def test_generation_score_counts_confident_samples_and_the_class_entropy():
+    import numpy as np
+
+    from flexvae.analysis.generation import score_samples
+
+    probs = np.array([[0.95, 0.05], [0.5, 0.5], [0.08, 0.92], [0.97, 0.03]])
+    score = score_samples(_FixedClassifier(), probs)
+    assert score["confident"] == pytest.approx(0.75)  # three of four above 0.9
+    # predicted classes a, a, b, a: histogram (3/4, 1/4)
+    assert score["class_entropy"] == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert score["max_entropy"] == pytest.approx(math.log(2))
+    assert score["predicted_classes"] == {"a": 0.75, "b": 0.25}
