@@ -224,6 +224,29 @@ def test_two_processes_with_gloo_match_one_process(tmp_path, images, latent):
 
 
 @pytest.mark.slow
+def test_two_processes_train_an_elbo_model_with_a_discriminator(tmp_path, images):
+    """A learned per-channel scale and a DDP-wrapped discriminator: both replicas of both
+    networks stay identical. (Unlike the runs above, two processes need not equal one here:
+    the discriminator's BatchNorm statistics and the adaptive weight are per process.)"""
+    common = [f"data.path={images}", "data.num_workers=0", "train.max_steps=3", "train.save_every=3",
+              "train.batch_size=2", "train.log_every=1", "loss.objective=elbo", "loss.scale=channel",
+              "adversarial.discriminator=structures/small_discriminator.json", "adversarial.start=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = str(ROOT / "tests" / "helpers" / "ddp_train.py")
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script,
+         str(tmp_path / "two"), *common],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rank0, rank1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
+    assert "likelihood.log_scale" in rank0 and any(k.startswith("discriminator.") for k in rank0)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    header = (tmp_path / "two" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"d_loss", "g_adv", "adaptive_weight"} <= set(header)
+
+
+@pytest.mark.slow
 def test_encode_splits_the_folder_across_processes(tmp_path, images):
     from flexvae.checkpoint import checkpoint_metadata
     from flexvae.checkpoint import checkpoint_name, save_checkpoint

@@ -134,6 +134,11 @@ class Adversary:
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
+        if self.step_model is not self.model:
+            # BatchNorm statistics moved in each process's own forward passes: rank 0's are the
+            # replicas' (as DDP's broadcast at the next forward would make them anyway).
+            for buffer in self.model.buffers():
+                torch.distributed.broadcast(buffer, 0)
         return sums
 
     # -------------------------------------------------------------------- state
