@@ -268,3 +268,17 @@ def test_write_batch_size_dotted_key_at_the_top(tmp_path):
     path.write_text("train.batch_size = 4  # dotted\n[data]\nimage_size = 16\n")
     write_batch_size(path, 5)
     assert path.read_text() == "train.batch_size = 5  # dotted\n[data]\nimage_size = 16\n"
+
+
+def test_mem_steps_include_the_discriminator_from_the_first_step(one_thread):
+    """-mem measures a whole training step: with a discriminator (even one that starts late in
+    training) each measured step runs and updates it too."""
+    from flexvae.config import apply_overrides
+
+    cfg = apply_overrides(tiny_config(), ["adversarial.discriminator=structures/small_discriminator.json",
+                                          "adversarial.start=1000"])
+    runner = StepRunner(cfg, TINY, "cpu")
+    adversary = runner.extras.adversary
+    before = [p.detach().clone() for p in adversary.model.parameters()]
+    runner.step(2)
+    assert any(not torch.equal(a, p) for a, p in zip(before, adversary.model.parameters()))
