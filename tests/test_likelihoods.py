@@ -230,3 +230,15 @@ def test_generation_score_counts_confident_samples_and_the_class_entropy():
     assert score["class_entropy"] == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
     assert score["max_entropy"] == pytest.approx(math.log(2))
     assert score["predicted_classes"] == {"a": 0.75, "b": 0.25}
+
+
+def test_kl_groups_sum_to_the_kl_for_every_latent_type():
+    from flexvae.latents.categorical import CategoricalPosterior
+
+    logits = torch.randn(3, 2, 4, 5, 5)  # (B, groups, categories, H, W)
+    categorical = CategoricalPosterior(logits, tau=1.0)
+    assert categorical.kl_groups().shape == (3, 2)  # one floor per categorical variable group
+    torch.testing.assert_close(categorical.kl_groups().sum(1), categorical.kl())
+    _, out = output()
+    assert out.posterior.kl_groups().shape == (4, 2)
+    torch.testing.assert_close(out.posterior.kl_groups().sum(1), out.posterior.kl())
