@@ -196,3 +196,44 @@ def test_a_mixture_likelihood_needs_a_decoder_with_its_channels(photos, tmp_path
                     "loss.likelihood=logistic_mixture", "loss.mixture_components=3", *decoder)
     image = trainer.model.sample_prior(2)
     assert image.shape == (2, 3, 16, 16) and image.min() >= -1 and image.max() <= 1
+
+
+# ------------------------------------------------------------------ presets
+SHIPPED = sorted(p for p in (REPO / "configs").glob("*.toml") if p.name != "matrix_example.toml")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_config_plans_with_its_discriminator(path):
+    from flexvae.assemble import plan_from_config
+
+    cfg = load_config(path)
+    plan = plan_from_config(cfg, path)
+    assert plan.data_shape == (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    if cfg.adversarial.discriminator:
+        assert plan_discriminator(cfg.adversarial.discriminator, plan.data_shape, path).params > 0
+
+
+def test_the_latent_configs_differ_only_in_the_latent():
+    kinds = {}
+    for path in REPO.glob("configs/latent_*.toml"):
+        cfg = load_config(path)
+        kinds[cfg.model.latent] = cfg
+    assert set(kinds) == {"deterministic", "gaussian", "vq", "fsq", "categorical"}
+    for cfg in kinds.values():
+        assert cfg.loss.objective == "elbo" and cfg.data == kinds["gaussian"].data
+
+
+def test_an_sd_import_under_the_recipe_config_rebuilds_with_a_fresh_laplace_scale(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from flexvae.convert_sd import import_weights
+
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=2,
+                            sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(tmp_path / "vae")
+    base = load_config(REPO / "configs" / "sd_vae.toml")
+    path = import_weights(tmp_path / "vae", tmp_path / "run", base).path
+    loaded = load_run(path)
+    assert loaded.vae.likelihood.name == "laplace"
+    assert float(loaded.vae.likelihood.log_scale.detach()) == pytest.approx(0.0)  # b = scale_value = 1
+    assert loaded.cfg.adversarial.discriminator == "structures/patchgan_discriminator.json"
