@@ -40,15 +40,17 @@ def sync(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------ 1. training
-def train_comparison(cfg, workers: int, steps: int, block: int, warmup: int, out_dir: str) -> dict:
+def train_comparison(cfg, workers: int, steps: int, block: int, warmup: int, out_dir: str,
+                     cache: str = "auto", config_path=CONFIG) -> dict:
     from flexvae.config import apply_overrides
     from flexvae.train.trainer import Trainer, random_flip, train_step
 
-    cfg = apply_overrides(cfg, [f"data.num_workers={workers}", f"train.out_dir={out_dir}"])
+    cfg = apply_overrides(cfg, [f"data.num_workers={workers}", f"train.out_dir={out_dir}", f"data.cache={cache}"])
     tcfg = cfg.train
-    trainer = Trainer(cfg, CONFIG, quiet=True)
+    trainer = Trainer(cfg, config_path, quiet=True)
     device = trainer.device
     dataset, loader = trainer._loader()
+    cached = dataset.cache is not None
     batches = iter(loader)
     memory = torch.stack([dataset[i % len(dataset)]["image"] for i in range(tcfg.batch_size)]).to(device)
     trainer.model.train()
@@ -94,6 +96,7 @@ def train_comparison(cfg, workers: int, steps: int, block: int, warmup: int, out
         "workers": workers, "steps": len(rates["loader"]) * block, "images_per_step": images_per_step,
         "loader": statistics.median(rates["loader"]), "memory": statistics.median(rates["memory"]),
         "ratio": statistics.median(pairs), "spread": (min(pairs), max(pairs)), "data_only": data_only,
+        "cache": "on" if cached else "off",
     }
 
 
@@ -101,7 +104,7 @@ def train_comparison(cfg, workers: int, steps: int, block: int, warmup: int, out
 def encode_comparison(cfg, reps: int, workers_list, out_root: Path) -> list[dict]:
     from flexvae.data import ImageFolder
     from flexvae.checkpoint import LoadedModel
-from flexvae.inference import encode_folder
+    from flexvae.inference import encode_folder
     from flexvae.assemble import model_from_config
 
     device = torch.device(_device(cfg))
@@ -135,6 +138,9 @@ from flexvae.inference import encode_folder
             assert summary["encoded"] == count, summary
             return count / elapsed
 
+        # encode_folder starts no worker processes for a couple of batches' worth of images
+        effective = 0 if count <= 2 * batch_size else workers
+
         end_to_end(), model_only()  # warm-up
         rates = {"files": [], "model": []}
         for i in range(reps):
@@ -142,7 +148,7 @@ from flexvae.inference import encode_folder
             for name, fn in order if i % 2 == 0 else order[::-1]:
                 rates[name].append(fn())
         pairs = [f / m for f, m in zip(rates["files"], rates["model"])]
-        results.append({"workers": workers, "images": count, "batch": batch_size,
+        results.append({"workers": workers, "effective_workers": effective, "images": count, "batch": batch_size,
                         "files": statistics.median(rates["files"]), "model": statistics.median(rates["model"]),
                         "ratio": statistics.median(pairs), "spread": (min(pairs), max(pairs))})
     return results
@@ -162,40 +168,50 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per path first")
     parser.add_argument("--workers", default="0,1,2", help="num_workers settings to try")
     parser.add_argument("--reps", type=int, default=7, help="timed encode runs per path and setting")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--config", default=CONFIG, help=f"the run config (default {CONFIG}; "
+                        "configs/digits.toml after scripts/make_digits.py data/digits --holdout 0.25)")
+    parser.add_argument("--cache", default="off,auto", help="data.cache settings to try")
+    parser.add_argument("--skip-encode", action="store_true", help="only the training comparison")
     args = parser.parse_args()
     os.chdir(REPO)  # the config names its structures and images relative to the repository
     warnings.filterwarnings("ignore", message="skipping unreadable image")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
     from flexvae.config import load_config
 
-    cfg = load_config(CONFIG)
+    cfg = load_config(args.config)
     workers_list = [int(w) for w in args.workers.split(",")]
     print(f"{platform.processor() or platform.machine()} / {os.cpu_count()} CPUs / torch {torch.__version__} / "
           f"{torch.get_num_threads()} threads / device {_device(cfg)}")
-    print(f"config {CONFIG}: {cfg.data.image_size} px, batch {cfg.train.batch_size} x {cfg.train.grad_accum}, "
+    print(f"config {args.config}: {cfg.data.image_size} px, batch {cfg.train.batch_size} x {cfg.train.grad_accum}, "
           f"images from {cfg.data.path}, default num_workers {cfg.data.num_workers}")
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         print(f"\n1. Training throughput: trainer data path vs in-memory batch "
               f"({args.steps} steps each, blocks of {args.block}, alternating)")
-        for workers in workers_list:
-            r = train_comparison(cfg, workers, args.steps, args.block, args.warmup, str(Path(tmp) / f"run{workers}"))
-            default = "  (default)" if workers == cfg.data.num_workers else ""
-            print(f"  num_workers={workers}: loader {r['loader']:6.2f} steps/s {r['loader'] * r['images_per_step']:7.1f} img/s"
-                  f" | memory {r['memory']:6.2f} steps/s {r['memory'] * r['images_per_step']:7.1f} img/s"
-                  f" | ratio {r['ratio']:.3f} (pairs {r['spread'][0]:.2f}..{r['spread'][1]:.2f}) goal >= 0.90"
-                  f" | data path alone {r['data_only']:6.1f} batches/s{default}")
+        for cache in args.cache.split(","):
+            for workers in workers_list:
+                run_dir = str(Path(tmp) / f"run{workers}{cache}")
+                r = train_comparison(cfg, workers, args.steps, args.block, args.warmup, run_dir, cache, args.config)
+                default = "  (default)" if workers == cfg.data.num_workers else ""
+                print(f"  cache {cache} ({r['cache']}), num_workers={workers}: loader {r['loader']:6.2f} steps/s "
+                      f"{r['loader'] * r['images_per_step']:7.1f} img/s"
+                      f" | memory {r['memory']:6.2f} steps/s {r['memory'] * r['images_per_step']:7.1f} img/s"
+                      f" | ratio {r['ratio']:.3f} (pairs {r['spread'][0]:.2f}..{r['spread'][1]:.2f}) goal >= 0.97"
+                      f" | data path alone {r['data_only']:6.1f} batches/s | load {os.getloadavg()[0]:.2f}{default}")
+        if args.skip_encode:
+            print(f"\ntotal bench time {time.perf_counter() - began:.1f} s")
+            return
 
         print(f"\n2. -e throughput: encode_folder end to end vs encode_latents on in-memory images "
               f"(median of {args.reps})")
         for r in encode_comparison(cfg, args.reps, sorted({0, cfg.data.num_workers}), Path(tmp)):
             default = "  (default)" if r["workers"] == cfg.data.num_workers else ""
-            print(f"  num_workers={r['workers']}: files {r['files']:7.1f} img/s | model only {r['model']:7.1f} img/s"
+            print(f"  num_workers={r['workers']} (runs with {r['effective_workers']}): files {r['files']:7.1f} img/s"
+                  f" | model only {r['model']:7.1f} img/s"
                   f" | ratio {r['ratio']:.3f} (pairs {r['spread'][0]:.2f}..{r['spread'][1]:.2f}) goal >= 0.90"
-                  f"  ({r['images']} images, batch {r['batch']}){default}")
+                  f"  ({r['images']} images, batch {r['batch']}) | load {os.getloadavg()[0]:.2f}{default}")
     print(f"\ntotal bench time {time.perf_counter() - began:.1f} s")
 
 

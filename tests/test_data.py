@@ -377,3 +377,49 @@ def test_sample_images_draw_a_seeded_random_subset_of_a_class_sorted_folder(tmp_
     assert (means < 0).any() and (means > 0).any()  # both classes shown
     assert torch.equal(images, sample_images(dataset, 8, seed=0))
     assert not torch.equal(images, sample_images(dataset, 8, seed=1))
+
+
+# ------------------------------------------------------------------ decoded-image cache
+def _photo_folder(tmp_path, n=10):
+    rng = np.random.default_rng(5)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "broken.png").write_text("not an image")
+    return tmp_path
+
+
+def test_cached_items_equal_uncached_ones_bitwise(tmp_path):
+    root = _photo_folder(tmp_path)
+    plain = open_dataset("folder", root, train=True, channels=3, image_size=16)
+    cached = open_dataset("folder", root, train=True, channels=3, image_size=16)
+    assert cached.enable_cache("ram") is None
+    for _ in range(2):  # the first pass fills the cache, the second reads from it
+        for i in range(len(plain)):
+            a, b = plain[i], cached[i]
+            if a["image"] is None:  # the broken file: never cached, reported every time
+                assert b["image"] is None and b["error"] == a["error"]
+            else:
+                assert torch.equal(a["image"], b["image"]) and a["path"] == b["path"]
+    assert int(cached.cache.filled.sum()) == len(plain) - 1
+
+
+def test_loader_workers_fill_the_shared_cache(tmp_path):
+    root = _photo_folder(tmp_path)
+    dataset = open_dataset("folder", root, train=True, channels=3, image_size=16)
+    dataset.enable_cache("ram")
+    first = [b.images for b in make_loader(dataset, 4, shuffle=False, num_workers=2)]
+    assert int(dataset.cache.filled.sum()) == len(dataset) - 1  # written by the worker processes
+    again = [b.images for b in make_loader(dataset, 4, shuffle=False, num_workers=0)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_cache_modes(tmp_path):
+    from flexvae.data.cache import make_cache
+
+    assert make_cache("off", 10, (3, 8, 8)) == (None, None)
+    cache, note = make_cache("auto", 10, (3, 8, 8), available=10 * 192 * 4)  # a quarter of RAM exactly
+    assert cache is not None and note is None
+    cache, note = make_cache("auto", 10, (3, 8, 8), available=10 * 192 * 4 - 1)
+    assert cache is None and "reading them from disk every epoch" in note
+    with pytest.raises(DataError, match="data.cache = 'ram': the 10 decoded images need"):
+        make_cache("ram", 10, (3, 8, 8), available=100)

@@ -29,6 +29,9 @@ class DataConfig:
     pad_to_square: bool = setting(False, "pad images to a square before resizing instead of cropping")
     flip: bool = setting(True, "random horizontal flip (training only)")
     num_workers: int = setting(2, "data loader worker processes", NON_NEGATIVE)
+    cache: Literal["auto", "ram", "off"] = setting(
+        "auto", "training: keep decoded, resized images in shared memory after their first read; "
+        "auto = when they take under a quarter of the available RAM")
 
 
 @dataclass(frozen=True)

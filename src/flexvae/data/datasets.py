@@ -17,7 +17,8 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from ..utils import did_you_mean
-from .images import PathLike, check_options, find_images, open_image, pil_to_tensor, reason
+from .cache import make_cache
+from .images import PathLike, check_options, find_images, open_image, pil_to_uint8, reason, uint8_to_float
 
 
 class _PipelineDataset(Dataset):
@@ -29,6 +30,13 @@ class _PipelineDataset(Dataset):
     """
 
     excluded: list[tuple[str, str]] = []  # files found but never opened (special files), with reasons
+    cache = None  # a DecodedCache once enable_cache has made one
+
+    def enable_cache(self, mode: str, processes: int = 1) -> str | None:
+        """Keep decoded images in shared memory (``data.cache``); returns a note when it does not."""
+        self.cache, note = make_cache(mode, len(self), (self.channels, self.image_size, self.image_size),
+                                      processes=processes)
+        return note
 
     def _configure(self, channels: int, image_size: int, resize_filter: str, pad_to_square: bool) -> None:
         check_options(channels, image_size, resize_filter)
@@ -43,13 +51,18 @@ class _PipelineDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         relpath = self._relpath(index)
+        cached = self.cache.get(index) if self.cache is not None else None
+        if cached is not None:
+            values, extra = cached
+            return {"image": uint8_to_float(values), "path": relpath, "index": index, **extra}
         try:
             picture, extra = self._read(index)
-            image = pil_to_tensor(picture, self.channels, self.image_size,
-                                  self.resize_filter, self.pad_to_square)
+            values = pil_to_uint8(picture, self.channels, self.image_size, self.resize_filter, self.pad_to_square)
         except Exception as exc:  # truncated, not an image, permission, ...
             return {"image": None, "path": relpath, "index": index, "error": reason(exc)}
-        return {"image": image, "path": relpath, "index": index, **extra}
+        if self.cache is not None:
+            self.cache.put(index, values, extra)
+        return {"image": uint8_to_float(values), "path": relpath, "index": index, **extra}
 
 
 class ImageFolder(_PipelineDataset):

@@ -166,11 +166,22 @@ def pil_to_tensor(img: Image.Image, channels: int, image_size: int,
 
     Returns float32 (channels, image_size, image_size) in [-1, 1].
     """
+    return uint8_to_float(pil_to_uint8(img, channels, image_size, resize_filter, pad_to_square))
+
+
+def pil_to_uint8(img: Image.Image, channels: int, image_size: int,
+                 resize_filter: str = "bilinear", pad_to_square: bool = False) -> torch.Tensor:
+    """The pipeline up to 8-bit values: uint8 (channels, image_size, image_size)."""
     check_options(channels, image_size, resize_filter)
     img = _to_channels(_to_8bit(img), channels)
     img = _resize_square(img, image_size, RESIZE_FILTERS[resize_filter], pad_to_square)
     array = np.array(img, dtype=np.uint8).reshape(image_size, image_size, channels)
-    return torch.from_numpy(array).permute(2, 0, 1).float().div(127.5).sub(1.0).contiguous()
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def uint8_to_float(values: torch.Tensor) -> torch.Tensor:
+    """8-bit values -> float32 in [-1, 1] (v / 127.5 - 1)."""
+    return values.float().div(127.5).sub(1.0).contiguous()
 
 
 def open_image(path: PathLike) -> Image.Image:

@@ -22,7 +22,8 @@ import torch
 from ..device import resolve_device
 from ..errors import FlexVAEError
 from .memory_fit import MiB, MemResult, fit_linear, predict_batch
-from .memory_probe import ChildRunner, StepRunner, own_rss, reset_high_water_mark, trim_heap, available_memory
+from ..sysmem import available_memory
+from .memory_probe import ChildRunner, StepRunner, own_rss, reset_high_water_mark, trim_heap
 
 CPU_CONFIRM_SECONDS = 10.0  # longest CPU confirmation step we are willing to run
 CPU_CONFIRM_SAFETY = 1.25  # the CPU confirmation step must fit even if the fit is 25% low
