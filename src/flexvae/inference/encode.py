@@ -14,6 +14,7 @@ from ..data import SkipLog, find_images
 from ..errors import DataError
 from ..files import write_text
 from .latent_files import append_manifest, write_manifest, read_manifest, save_latent
+from .pipeline import BackgroundWriter, read_ahead
 from .paths import (LATENT_SUFFIXES, MANIFEST, check_folders, folder_loader, input_root, output_names,
                     safe_output_path)
 
@@ -121,28 +122,43 @@ def _encode_batches(ctx, root, out_root, todo, names, entries, skips, fmt, sampl
     from tqdm import tqdm
 
     _, loader = folder_loader(ctx, root, batch_size, num_workers, device, paths=todo)
-    for batch in tqdm(loader, disable=not progress, desc="encode"):
-        skips.add(batch.failures)
-        done = []
-        for rel, reason in batch.failures:
-            entries[rel] = {"path": rel, "status": "failed", "reason": reason}
-            done.append(entries[rel])
-        if batch.images is None:
-            append_manifest(journal, done)
-            continue
-        latents, codes = ctx.vae.encode_with_codes(batch.images.to(device), sample=sample, generator=generator)
-        latents = latents.float().cpu()
-        codes = [None] * len(latents) if codes is None else codes.cpu()
-        stats[0] += latents.sum().item()
-        stats[1] += latents.pow(2).sum().item()
-        stats[2] += latents.numel()
-        stats[3] += len(latents)
-        for rel, latent, code in zip(batch.paths, latents, codes):
-            target = safe_output_path(out_root, names[rel])
-            save_latent(latent, target, fmt, codes=code)
-            entries[rel] = {"path": rel, "status": "ok", "file": target.relative_to(out_root).as_posix(),
-                            "shape": list(latent.shape), "made_by": made_by}
-            if code is not None:
-                entries[rel]["codes_shape"] = list(code.shape)
-            done.append(entries[rel])
-        append_manifest(journal, done)
+    pending = None  # the previous batch: (its write jobs, its manifest entries)
+    with BackgroundWriter() as writer:
+        for batch in tqdm(read_ahead(loader), disable=not progress, desc="encode", total=len(loader)):
+            skips.add(batch.failures)
+            done = []
+            for rel, reason in batch.failures:
+                done.append({"path": rel, "status": "failed", "reason": reason})
+            jobs = []
+            if batch.images is not None:
+                latents, codes = ctx.vae.encode_with_codes(batch.images.to(device), sample=sample, generator=generator)
+                latents = latents.float().cpu()
+                codes = [None] * len(latents) if codes is None else codes.cpu()
+                stats[0] += latents.sum().item()
+                stats[1] += latents.pow(2).sum().item()
+                stats[2] += latents.numel()
+                stats[3] += len(latents)
+                for rel, latent, code in zip(batch.paths, latents, codes):
+                    target = safe_output_path(out_root, names[rel])
+                    jobs.append(writer.submit(save_latent, latent, target, fmt, code))
+                    entry = {"path": rel, "status": "ok", "file": target.relative_to(out_root).as_posix(),
+                             "shape": list(latent.shape), "made_by": made_by}
+                    if code is not None:
+                        entry["codes_shape"] = list(code.shape)
+                    done.append(entry)
+            # This batch's files are written while the next one is read and encoded; an entry
+            # enters the manifest only once its file is complete.
+            if pending is not None:
+                _finish(writer, pending, entries, journal)
+            pending = (jobs, done)
+        if pending is not None:
+            _finish(writer, pending, entries, journal)
+
+
+def _finish(writer, pending, entries, journal) -> None:
+    """Wait for a batch's files, then record its entries (re-raising a failed write first)."""
+    jobs, done = pending
+    writer.wait(jobs)
+    for entry in done:
+        entries[entry["path"]] = entry
+    append_manifest(journal, done)
