@@ -7,7 +7,10 @@ and the medians, their ratio (flexvae / diffusers, goal <= 1.0) and the largest 
 differences of mean, log-variance and decoder output are printed. CPU fp32 always; on a
 CUDA device also fp32 and bf16 autocast there.
 
-    python bench/bench_sd_vae.py [--size 256] [--reps 5] [--threads N]
+    python bench/bench_sd_vae.py [--size 256] [--reps 5] [--threads 2]
+
+CPU bf16 autocast is compared too (inference and a training step: L1 loss, backward), with
+each model's bf16 error against its own fp32 output.
 
 Needs diffusers (a test-only dependency). No network access: nothing is downloaded.
 """
@@ -15,6 +18,7 @@ Needs diffusers (a test-only dependency). No network access: nothing is download
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import tempfile
@@ -54,19 +58,43 @@ def step_flexvae(vae, x):
     return vae.decode(vae.encode(x).mean)
 
 
+def train_diffusers(vae, x):
+    posterior = vae.encode(x).latent_dist
+    (vae.decode(posterior.mean).sample.float() - x).abs().mean().backward()
+
+
+def train_flexvae(vae, x):
+    posterior = vae.encode(x)
+    (vae.decode(posterior.mean).float() - x).abs().mean().backward()
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
 def timed(fn, model, x, device, autocast):
     sync(device)
+    grad = fn in (train_diffusers, train_flexvae)
     start = time.perf_counter()
-    with autocast:
+    with (nullcontext() if grad else torch.inference_mode()), autocast:
         fn(model, x)
     sync(device)
+    if grad:
+        model.zero_grad(set_to_none=True)
     return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def bf16_errors(reference, model, x, device):
+    """Largest |bf16 autocast - fp32| of each model's decoder output on the same input."""
+    out = {}
+    for name, fn, vae in (("diffusers", step_diffusers, reference), ("flexvae", step_flexvae, model)):
+        exact = fn(vae, x.to(device)).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            approx = fn(vae, x.to(device)).float()
+        out[name] = (exact - approx).abs().max().item()
+    return out
 
 
 @torch.inference_mode()
@@ -79,20 +107,25 @@ def differences(reference, model, x):
     }
 
 
-def compare(reference, model, x, device, reps, warmup, dtype=None):
+def compare(reference, model, x, device, reps, warmup, dtype=None, train=False):
     reference, model, x = reference.to(device), model.to(device), x.to(device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    ref_fn, flex_fn = (train_diffusers, train_flexvae) if train else (step_diffusers, step_flexvae)
     for _ in range(warmup):
-        timed(step_diffusers, reference, x, device, autocast)
-        timed(step_flexvae, model, x, device, autocast)
+        timed(ref_fn, reference, x, device, autocast)
+        timed(flex_fn, model, x, device, autocast)
     ref_times, flex_times = [], []
-    for _ in range(reps):  # interleaved, so drifts in machine load hit both alike
-        ref_times.append(timed(step_diffusers, reference, x, device, autocast))
-        flex_times.append(timed(step_flexvae, model, x, device, autocast))
+    for i in range(reps):  # interleaved ABBA, so drifts in machine load hit both alike
+        order = ((ref_times, ref_fn, reference), (flex_times, flex_fn, model))
+        for times, fn, vae in (order if i % 2 == 0 else order[::-1]):
+            times.append(timed(fn, vae, x, device, autocast))
     ref_median, flex_median = statistics.median(ref_times), statistics.median(flex_times)
-    label = f"{device.type} {'fp32' if dtype is None else str(dtype).replace('torch.', '') + ' autocast'}"
+    ratios = [f / r for f, r in zip(flex_times, ref_times)]
+    label = (f"{device.type} {'fp32' if dtype is None else str(dtype).replace('torch.', '') + ' autocast'} "
+             f"{'training step' if train else 'inference'}")
     print(f"{label}: diffusers {ref_median * 1e3:.1f} ms, flexvae {flex_median * 1e3:.1f} ms "
-          f"(median of {reps}), ratio flexvae/diffusers {flex_median / ref_median:.3f} (goal <= 1.0)")
+          f"(median of {reps}), ratio of medians flexvae/diffusers {flex_median / ref_median:.3f} "
+          f"(pairs {min(ratios):.3f}..{max(ratios):.3f}; goal <= 1.0) load {os.getloadavg()[0]:.2f}")
     return flex_median / ref_median
 
 
@@ -101,10 +134,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="input side length (a multiple of 8)")
     parser.add_argument("--reps", type=int, default=5, help="timed runs per model")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per model first")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} CPU threads; input 1x3x{args.size}x{args.size}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,6 +147,11 @@ def main() -> None:
     print("largest absolute difference (cpu fp32): "
           + ", ".join(f"{name} {value:.2e}" for name, value in diffs.items()))
     compare(reference, model, x, cpu, args.reps, args.warmup)
+    errors = bf16_errors(reference, model, x, cpu)
+    print("largest |bf16 autocast - fp32| of the decoder output (cpu): "
+          + ", ".join(f"{name} {value:.3e}" for name, value in errors.items()))
+    compare(reference, model, x, cpu, args.reps, args.warmup, dtype=torch.bfloat16)
+    compare(reference, model, x, cpu, args.reps, args.warmup, dtype=torch.bfloat16, train=True)
     if torch.cuda.is_available():
         cuda = torch.device("cuda")
         compare(reference, model, x, cuda, max(args.reps, 10), max(args.warmup, 3))

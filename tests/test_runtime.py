@@ -73,7 +73,10 @@ def test_group_norm_statistics_are_float32_under_half_precision():
     x = (torch.randn(2, 4, 8, 8) * 3 + 300).to(torch.bfloat16)  # large offset: bf16 variance is useless
     expected = torch.nn.functional.group_norm(x.float(), 2, norm.weight, norm.bias, norm.eps)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = norm(x)
+        out = norm(x)  # no cast of ours here: the kernel accumulates in float32 itself
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    out = norm.to(torch.bfloat16)(x)  # outside autocast: normalised in float32 and cast back
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
 
