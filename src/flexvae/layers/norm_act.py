@@ -32,7 +32,9 @@ class FP32GroupNorm(nn.GroupNorm):
 
     def forward(self, x):
         if x.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(x.device.type):
-            return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+            weight = None if self.weight is None else self.weight.float()
+            bias = None if self.bias is None else self.bias.float()
+            return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
         return super().forward(x)
 
 
