@@ -74,7 +74,7 @@ def reconstruct(args) -> int:
     out = Path(args.output or common.run_dir(args, cfg) / "reconstructions")
     summary = reconstruct_folder(model, args.input or cfg.data.path, out, batch_size=cfg.encode.batch_size,
                                  num_workers=cfg.data.num_workers, side_by_side=args.side_by_side, device=device,
-                                 native_size=args.native_size)
+                                 native_size=args.native_size, tile=args.tile, overlap=args.overlap)
     skipped = f" ({summary['skipped']} unreadable skipped)" if summary["skipped"] else ""
     print(f"reconstructed {summary['images']} images{skipped} into {out}: mean PSNR {summary['psnr']:.2f} dB, "
           f"mean SSIM {summary['ssim']:.4f}; per-image values in {out / 'metrics.csv'}")
@@ -95,7 +95,8 @@ def encode(args) -> int:
     try:
         summary = encode_folder(model, args.input or cfg.data.path, out, fmt=cfg.encode.format,
                                 sample=args.sample or cfg.encode.sample, batch_size=cfg.encode.batch_size,
-                                num_workers=cfg.data.num_workers, device=device, seed=cfg.train.seed, dist=dist)
+                                num_workers=cfg.data.num_workers, device=device, seed=cfg.train.seed, dist=dist,
+                                tile=args.tile, overlap=args.overlap)
     finally:
         cleanup(dist)
     if dist.is_main:
@@ -113,7 +114,7 @@ def decode(args) -> int:
     run = common.run_dir(args, cfg)
     out = Path(args.output or run / "decoded")
     summary = decode_folder(model, args.input or run / "latents", out, batch_size=cfg.encode.batch_size,
-                            device=device)
+                            device=device, tile=args.tile, overlap=args.overlap)
     bad = f"; {summary['non_finite_files']} held NaN or infinite values" if summary["non_finite_files"] else ""
     print(f"decoded {summary['decoded']} latents into {out} ({summary['failed']} failed{bad})")
     return 0

@@ -56,10 +56,13 @@ VALUED = [mode for mode in MODES if mode.value is not None]
 
 # The modes that read each mode-specific option; any other mode refuses it rather than ignore it.
 _MODEL_USERS = {"reconstruct", "encode", "decode", "evaluate", "interpolate", "pictures", "probe"}
+_TILED = {"reconstruct", "encode", "decode"}
 OPTION_MODES = {
     "ckpt": _MODEL_USERS | {"export"}, "input": _MODEL_USERS, "output": _MODEL_USERS | {"import-weights", "export"},
-    "no_ema": _MODEL_USERS | {"export"}, "format": {"export"}, "fresh": {"train"}, "verbose": {"train"}, "sample": {"encode"},
-    "side_by_side": {"reconstruct"}, "native_size": {"reconstruct"}, "write": {"mem"}, "input2": {"interpolate", "probe", "evaluate"},
+    "no_ema": _MODEL_USERS | {"export"}, "format": {"export"}, "tile": _TILED, "overlap": _TILED,
+    "fresh": {"train"}, "verbose": {"train"}, "sample": {"encode"},
+    "side_by_side": {"reconstruct"}, "native_size": {"reconstruct"}, "write": {"mem"},
+    "input2": {"interpolate", "probe", "evaluate"},
     "matrix": {"matrix"}, "steps": {"interpolate", "pictures"}, "nll_samples": {"evaluate"},
     "nll_sigma": {"evaluate"},
 }
@@ -90,6 +93,10 @@ def _add_options(parser: argparse.ArgumentParser, mode: Mode | None = None) -> N
     option("--native-size", action="store_true", help="-i: reconstruct at each image's own resolution "
                                                       "(fully convolutional models)")
     option("--format", choices=["diffusers"], help="--export: the format to write (default and only: diffusers)")
+    option("--tile", type=int, help="-i/-e/-d: process each image at its own size in tiles of this many pixels "
+                                    "(a multiple of the model's downsampling), blended across overlaps")
+    option("--overlap", type=int, help="-i/-e/-d with --tile: pixels by which tiles overlap (default: a quarter "
+                                       "of the tile)")
     option("--write", action="store_true", help="-mem: store the batch size found in the config file")
     option("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     option("--input2", help="-inter: second image or folder; -probe: labelled test folder; "
@@ -160,6 +167,10 @@ def check_options(args) -> None:
             users = ", ".join(f"{BY_NAME[m].flag} ({m})" for m in sorted(modes))
             raise FlexVAEError(f"--{name.replace('_', '-')} does nothing in {mode.flag} ({mode.name}); "
                                f"it is read by {users}")
+    if getattr(args, "overlap", None) is not None and getattr(args, "tile", None) is None:
+        raise FlexVAEError("--overlap does nothing without --tile SIZE")
+    if getattr(args, "tile", None) is not None and getattr(args, "native_size", False):
+        raise FlexVAEError("--tile already works at each image's own size; leave out --native-size")
 
 
 def handler_for(args) -> Callable:

@@ -16,7 +16,8 @@ from .paths import CODES_SUFFIX, MANIFEST, check_folders, output_names, safe_out
 
 
 @torch.no_grad()
-def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, device="cpu", progress=True) -> dict:
+def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, device="cpu", progress=True,
+                  tile: int | None = None, overlap: int | None = None) -> dict:
     """Decode every latent file (.safetensors/.npy) under ``input_dir`` to a PNG at the same
     relative path; ``manifest.jsonl`` in the output accounts for each file.
 
@@ -24,6 +25,10 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, dev
     float latent is then only a convenience for other tools). Latents holding NaN or
     infinite values are decoded (they come out as black or saturated pixels) with a warning,
     and the count of such values is recorded in the manifest.
+
+    ``tile``: decode each latent in tiles of ``tile`` pixels overlapping by ``overlap``
+    (tiling.py); latents of any spatial size with the model's channels are then accepted,
+    such as those of a tiled ``-e``.
     """
     from tqdm import tqdm
 
@@ -37,6 +42,14 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, dev
         raise DataError(f"no latent files (.safetensors or .npy) under {in_root}")
     names = output_names([path.relative_to(in_root).as_posix() for path in files], ".png")
     expected = tuple(ctx.vae.latent_shape)
+    factor = None
+    if tile is not None:
+        from .tiling import check_tiling, default_overlap, downsampling_factor
+
+        factor = downsampling_factor(ctx.vae, ctx.data_shape)
+        overlap = default_overlap(tile, factor) if overlap is None else overlap
+        check_tiling(tile, overlap, factor)
+        expected = (expected[0], None)  # any spatial size
     discrete = ctx.vae.latent if ctx.vae.is_discrete else None
     expected_codes = tuple(discrete.code_shape(expected)) if discrete is not None else None
     entries, failed, non_finite_files = {}, [], 0
@@ -61,7 +74,12 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, dev
             entries[rel] = {"path": rel, "status": "ok", "file": names[rel], "non_finite": bad, "made_by": made_by}
         if not tensors:
             continue
-        images = ctx.vae.to_image(ctx.vae.decode(torch.stack(tensors).to(device)))
+        if factor is not None:
+            from .tiling import decode_tiled
+
+            images = [decode_tiled(ctx.vae, t[None].to(device), tile, overlap, factor)[0] for t in tensors]
+        else:
+            images = ctx.vae.to_image(ctx.vae.decode(torch.stack(tensors).to(device)))
         for path, image in zip(chunk, images):
             save_image(image, safe_output_path(out_root, names[path.relative_to(in_root).as_posix()]))
     for path, reason in failed:
@@ -82,6 +100,10 @@ def _raw_latent(path: Path, ctx, discrete, expected, expected_codes, device) -> 
         if tuple(codes.shape) != expected_codes:
             raise ValueError(f"codes shape {tuple(codes.shape)}, the model expects {expected_codes}")
         return discrete.decode_codes(codes.unsqueeze(0).to(device))[0].float().cpu()
-    if tuple(latent.shape) != expected:
+    if expected[-1] is None:  # tiled decoding: the channels must fit, the size is free
+        if latent.dim() != len(ctx.vae.latent_shape) or latent.shape[0] != expected[0]:
+            raise ValueError(f"latent shape {tuple(latent.shape)}, the model expects {expected[0]} channels "
+                             f"and {len(ctx.vae.latent_shape) - 1} spatial dimensions")
+    elif tuple(latent.shape) != expected:
         raise ValueError(f"latent shape {tuple(latent.shape)}, the model expects {expected}")
     return latent.float() / ctx.vae.scaling_factor

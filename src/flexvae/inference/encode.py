@@ -21,7 +21,8 @@ from .paths import (LATENT_SUFFIXES, MANIFEST, check_folders, folder_loader, inp
 
 @torch.no_grad()
 def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors", sample=False,
-                  batch_size=32, num_workers=0, device="cpu", seed=0, progress=True, dist=None) -> dict:
+                  batch_size=32, num_workers=0, device="cpu", seed=0, progress=True, dist=None,
+                  tile: int | None = None, overlap: int | None = None) -> dict:
     """Encode every image to a latent file mirroring the tree; a manifest accounts for each input.
 
     Re-running skips inputs already encoded by the same checkpoint file (its SHA-256) with the
@@ -29,6 +30,10 @@ def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors",
     interrupted run keeps the manifest of what it finished. The latents' standard deviation gives the
     suggested scaling factor 1/std. Under torchrun (``dist``), process r of N encodes every
     N-th remaining image and rank 0 merges the per-process manifests into one.
+
+    ``tile``: each image at its own resolution (cropped to a multiple of the model's
+    downsampling), encoded in overlapping tiles whose posterior means are blended into one
+    latent map (tiling.py); ``-d --tile`` decodes it back to the full image.
     """
     from ..train.distributed import DistInfo, barrier, sum_across
 
@@ -41,7 +46,15 @@ def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors",
     suffix = LATENT_SUFFIXES[fmt]
     manifest_path = out_root / MANIFEST
     previous = read_manifest(manifest_path)
-    made_by = _comparable({**ctx.provenance(), "format": fmt, "sample": bool(sample), "seed": seed if sample else None})
+    tiling = None
+    if tile is not None:
+        from .tiling import prepare_tiling
+
+        if sample:
+            raise DataError("--sample with --tile: tiles blend posterior means; encode without --sample")
+        tiling = prepare_tiling(ctx, tile, overlap)
+    made_by = _comparable({**ctx.provenance(), "format": fmt, "sample": bool(sample), "seed": seed if sample else None,
+                           **({"tile": tiling[0], "overlap": tiling[1]} if tiling else {})})
     names = output_names([path.relative_to(root).as_posix() for path in images], suffix)
     todo, stale = [], 0
     for path in images:
@@ -71,7 +84,7 @@ def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors",
         if todo:
             _encode_batches(ctx, root, out_root, todo, names, entries, skips, fmt, sample, batch_size,
                             num_workers, device, generator, progress and dist.is_main, stats, own_manifest,
-                            made_by)
+                            made_by, tiling)
     finally:
         write_manifest(own_manifest, entries)  # compact: one line per input
     total, total_sq, count, encoded = sum_across(dist, stats, device)
@@ -115,23 +128,29 @@ def _comparable(made_by: dict) -> dict:
 
 
 def _encode_batches(ctx, root, out_root, todo, names, entries, skips, fmt, sample, batch_size,
-                    num_workers, device, generator, progress, stats, journal: Path, made_by: dict):
+                    num_workers, device, generator, progress, stats, journal: Path, made_by: dict, tiling=None):
     """Encode ``todo`` into latent files; record each input in ``entries`` and, batch by batch,
     in the ``journal`` manifest (so an interrupted run keeps what it finished), and add the
     latents' sum, sum of squares and count, and the number of images encoded, to ``stats``."""
     from tqdm import tqdm
 
-    _, loader = folder_loader(ctx, root, batch_size, num_workers, device, paths=todo)
+    dataset, loader = folder_loader(ctx, root, batch_size, num_workers, device, paths=todo)
+    encode = ctx.vae.encode_with_codes
+    if tiling is not None:
+        from .tiling import tiled_batches, tiled_encoder
+
+        loader, encode = tiled_batches(ctx, dataset, tiling[2]), tiled_encoder(ctx.vae, *tiling)
     pending = None  # the previous batch: (its write jobs, its manifest entries)
     with BackgroundWriter() as writer:
-        for batch in tqdm(read_ahead(loader), disable=not progress, desc="encode", total=len(loader)):
+        for batch in tqdm(read_ahead(loader), disable=not progress, desc="encode",
+                          total=len(todo) if tiling else len(loader)):
             skips.add(batch.failures)
             done = []
             for rel, reason in batch.failures:
                 done.append({"path": rel, "status": "failed", "reason": reason})
             jobs = []
             if batch.images is not None:
-                latents, codes = ctx.vae.encode_with_codes(batch.images.to(device), sample=sample, generator=generator)
+                latents, codes = encode(batch.images.to(device), sample=sample, generator=generator)
                 latents = latents.float().cpu()
                 codes = [None] * len(latents) if codes is None else codes.cpu()
                 stats[0] += latents.sum().item()

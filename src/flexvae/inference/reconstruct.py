@@ -18,12 +18,15 @@ from .paths import check_folders, folder_loader, input_root, output_names, safe_
 
 @torch.no_grad()
 def reconstruct_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=16, num_workers=0,
-                       side_by_side=False, device="cpu", progress=True, native_size=False) -> dict:
+                       side_by_side=False, device="cpu", progress=True, native_size=False,
+                       tile: int | None = None, overlap: int | None = None) -> dict:
     """Reconstruct every image; write PNGs with the same relative paths and a metrics CSV.
 
     ``native_size``: each image at its own resolution, one at a time (centre-cropped to the
     nearest size the model takes, e.g. a multiple of its downsampling), for fully
-    convolutional models; a model that cannot take another size is a DataError."""
+    convolutional models; a model that cannot take another size is a DataError.
+    ``tile``: each image at its own resolution (cropped to a multiple of the model's
+    downsampling), encoded and decoded in overlapping tiles (tiling.py)."""
     from tqdm import tqdm
 
     out_root = check_folders(input_dir, output_dir)
@@ -34,13 +37,21 @@ def reconstruct_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=16
     skips = SkipLog()
     skips.add(dataset.excluded)
     rows = []
-    batches = _native_batches(ctx, dataset) if native_size else loader
-    for batch in tqdm(batches, disable=not progress, desc="reconstruct", total=len(dataset) if native_size else None):
+    if tile is not None:
+        from .tiling import prepare_tiling, tiled_batches, tiled_reconstructor
+
+        tile, overlap, factor = prepare_tiling(ctx, tile, overlap)
+        batches, run = tiled_batches(ctx, dataset, factor), tiled_reconstructor(ctx.vae, tile, overlap, factor)
+    else:
+        batches = _native_batches(ctx, dataset) if native_size else loader
+        run = ctx.vae.reconstruct
+    per_image = native_size or tile is not None
+    for batch in tqdm(batches, disable=not progress, desc="reconstruct", total=len(dataset) if per_image else None):
         skips.add(batch.failures)
         if batch.images is None:
             continue
         images = batch.images.to(device)
-        recon = ctx.vae.reconstruct(images)
+        recon = run(images)
         scores = psnr(recon, images).tolist()
         ssims = ssim(recon, images).tolist()
         for rel, original, output, p, s in zip(batch.paths, images, recon, scores, ssims):
