@@ -4,15 +4,17 @@ One command prints, beside a description of the machine:
 
 1. Training images/s of the default config (configs/config.toml at its image size and batch)
    and of the 256x256 preset (structures/fixed256_*.json) for fp32 eager, bf16,
-   bf16 + channels_last, bf16 + channels_last + compile, fp16 (with the gradient scaler) and
-   fp32 + compile. Each setting builds a fresh Trainer (so ``prepare``, the compile fallback
-   and ``train_step`` are exactly what training runs) and feeds it one synthetic in-memory
-   batch in [-1, 1], with the trainer's flip and sampling noise. Warm-up steps are not timed;
-   for compiled settings the warm-up time above the steady step time is printed as compile
-   seconds. Step times are medians. FLOPs are counted with torch's FlopCounterMode over one
-   forward and backward pass on the meta device (no real compute); achieved FLOP/s follow
-   from the step times, and on a GPU the model FLOP utilisation against the GPU's dense bf16
-   peak (from a table of known GPUs, or --peak-tflops).
+   bf16 + channels_last, bf16 + channels_last + compile, fp16 (with the gradient scaler; on
+   the CPU only with --all) and fp32 + compile. Each setting builds its own Trainer (so
+   ``prepare``, the compile fallback and ``train_step`` are exactly what training runs), is
+   warmed up, and then all settings are timed in interleaved rounds (blocks of steps, the
+   order reversed every other round): speed-ups are ratios of median step times with the
+   min..max of the per-round ratios, so load drifting during the run hits every setting
+   alike. Compile time is reported cold (an empty inductor cache of the bench's own) and
+   warm (after torch._dynamo.reset(), with that cache filled). FLOPs are counted with torch's
+   FlopCounterMode on the meta device; achieved FLOP/s are compared with this machine's
+   practical peak measured in the same run (large fp32 and bf16 matmuls, a model-shaped
+   convolution), and on a GPU also with its data-sheet bf16 peak (MFU).
 2. DSL-built model vs hand-written twin, forward + backward (bench_core.compare).
 3. ``-e`` throughput: encode_folder on assets/photos vs the model alone on the same images in
    memory (bench_train.encode_comparison; random weights).
@@ -225,6 +227,8 @@ class Timing:
     spread: tuple[float, float] = (0.0, 0.0)  # fastest and slowest timed step
     compile_s: float | None = None
     peak_bytes: int | None = None
+    ratio: float | None = None  # speed-up over fp32 eager (ratio of median step times, interleaved)
+    compile_warm_s: float | None = None
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     skipped: str | None = None
@@ -253,50 +257,104 @@ def timed_step(trainer, images: torch.Tensor, device: torch.device) -> float:
     sync(device)
     return time.perf_counter() - began
 
-def time_training(cfg, device: torch.device, batch: int, label: str, *, warmup: int, steps: int | None,
-                  budget_s: float = 10.0, min_steps: int = 2, max_steps: int = 50) -> Timing:
-    """Train ``warmup`` untimed steps, then timed ones: ``steps`` of them, or as many as fit in
-    ``budget_s`` judging by the last warm-up step (between min_steps and max_steps)."""
+@dataclass
+class Prepared:
+    """A setting's trainer, warmed up, waiting for its timed blocks."""
+
+    trainer: object
+    images: torch.Tensor
+    timing: Timing
+    times: list = field(default_factory=list)  # every timed step, seconds
+    rounds: list = field(default_factory=list)  # median step time per round
+
+
+def prepare_setting(cfg, device: torch.device, batch: int, label: str, warmup: int) -> Prepared | Timing:
+    """A Trainer for one setting after ``warmup`` untimed steps; for a compiled setting the first
+    step's time above the steady step time is the cold compile time (the bench runs with an
+    empty inductor cache of its own). A Timing with the error when the setting cannot run."""
     from flexvae.train.trainer import Trainer
 
-    result = Timing(label, batch)
-    if cfg.train.compile:
-        torch._dynamo.reset()  # every compiled setting compiles from scratch
-    trainer = None
+    timing = Timing(label, batch)
     try:
         trainer = Trainer(cfg, CONFIG, quiet=True, device=str(device))
         generator = torch.Generator().manual_seed(cfg.train.seed)
-        images = torch.rand((batch, *trainer.plan.data_shape), generator=generator) * 2 - 1
-        images = trainer.runtime.to_input(images)
+        images = trainer.runtime.to_input(torch.rand((batch, *trainer.plan.data_shape), generator=generator) * 2 - 1)
         trainer.model.train()
-
-        def one_step() -> float:
-            return timed_step(trainer, images, device)
-
-        warm = [one_step() for _ in range(warmup)]
-        if steps is None:
-            last = warm[-1] if warm else 1.0
-            steps = max(min_steps, min(max_steps, int(budget_s / max(last, 1e-6))))
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        timed = [one_step() for _ in range(steps)]
-        result.step_s, result.steps = statistics.median(timed), len(timed)
-        result.spread = (min(timed), max(timed))
-        if device.type == "cuda":
-            result.peak_bytes = torch.cuda.max_memory_allocated(device)
+        warm = [timed_step(trainer, images, device) for _ in range(max(2, warmup))]
         if cfg.train.compile and trainer.runtime.compiled:
-            result.compile_s = max(0.0, sum(warm) - len(warm) * result.step_s)
-        result.notes += trainer.runtime.notes
+            timing.compile_s = max(0.0, warm[0] - statistics.median(warm[1:]))
+        timing.notes += trainer.runtime.notes
+        return Prepared(trainer, images, timing)
     except torch.cuda.OutOfMemoryError:
-        result.error = "out of memory"
+        timing.error = "out of memory"
     except Exception as exc:  # a setting this machine cannot run (bf16 on an old GPU...): report, go on
-        result.error = first_line(exc)
+        timing.error = first_line(exc)
+    release(device)
+    return timing
+
+
+def warm_compile_seconds(cfg, device: torch.device, batch: int) -> float | None:
+    """Compile time again after torch._dynamo.reset(), now with inductor's cache filled."""
+    from flexvae.train.trainer import Trainer
+
+    torch._dynamo.reset()
+    try:
+        trainer = Trainer(cfg, CONFIG, quiet=True, device=str(device))
+        images = trainer.runtime.to_input(torch.rand((batch, *trainer.plan.data_shape)) * 2 - 1)
+        first = timed_step(trainer, images, device)
+        steady = statistics.median([timed_step(trainer, images, device) for _ in range(2)])
+        return max(0.0, first - steady) if trainer.runtime.compiled else None
+    except Exception:  # measured cold already; a failure here only loses the warm figure
+        return None
     finally:
-        trainer = None  # frees the model and optimizer before the next setting
-        if cfg.train.compile:
-            torch._dynamo.reset()  # compiled code keeps the model and its optimizer state alive
+        trainer = None
         release(device)
-    return result
+
+
+def interleave(prepared: dict, device: torch.device, rounds: int, block: int) -> None:
+    """Timed blocks of ``block`` steps, every setting once per round, the order reversed on every
+    other round (ABBA): drifts in machine load hit every setting alike."""
+    labels = list(prepared)
+    for r in range(rounds):
+        for label in (labels if r % 2 == 0 else labels[::-1]):
+            item = prepared[label]
+            times = [timed_step(item.trainer, item.images, device) for _ in range(block)]
+            item.times += times
+            item.rounds.append(statistics.median(times))
+
+
+# ------------------------------------------------------------------ this machine's practical peak
+def measure_peaks(device: torch.device, quick: bool) -> dict:
+    """Practical peaks measured now: a large fp32 and bf16 matmul, and a model-shaped 3x3
+    convolution (64 -> 64 channels, 32 x 32, batch 16) in fp32 and bf16; TFLOP/s, median of 5."""
+    n = 4096 if device.type == "cuda" else (1024 if quick else 2048)
+    out = {}
+
+    def rate(fn, flops):
+        fn()
+        times = []
+        for _ in range(5):
+            sync(device)
+            began = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - began)
+        return flops / statistics.median(times) / 1e12
+
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        out[f"matmul {name}"] = rate(lambda: a @ b, 2 * n ** 3)
+        x = torch.randn(16, 64, 32, 32, device=device, dtype=dtype)
+        w = torch.randn(64, 64, 3, 3, device=device, dtype=dtype)
+        out[f"conv {name}"] = rate(lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 16 * 64 * 64 * 9 * 32 * 32)
+    out["size"] = n
+    return out
+
+
+def peak_for(label: str, peaks: dict) -> float:
+    """The measured peak a setting is compared with: the bf16 matmul for bf16/fp16, else fp32."""
+    return peaks["matmul bf16" if label.startswith(("bf16", "fp16")) else "matmul fp32"] * 1e12
 
 
 @dataclass
@@ -306,15 +364,14 @@ class Case:
     batch: int
     warmup: int
     compile_warmup: int
-    budget_s: float
-    min_steps: int
-    max_steps: int
+    rounds: int  # interleaved rounds
+    block: int  # timed steps per setting and round
     skip: dict = field(default_factory=dict)  # label -> reason
     note: str = ""
     goals: bool = False  # the 256 px preset: the GPU goals (speedup, MFU) are judged on it
 
 
-def run_case(case: Case, base_cfg, machine: Machine, args, tmp: Path, fp16_ratio: float | None) -> dict:
+def run_case(case: Case, base_cfg, machine: Machine, args, tmp: Path, peaks: dict) -> dict:
     from flexvae.config import apply_overrides
 
     device = machine.device
@@ -329,47 +386,69 @@ def run_case(case: Case, base_cfg, machine: Machine, args, tmp: Path, fp16_ratio
           f"{flops['train'] / 1e9:.3f} G (backward / forward = {flops['train'] / flops['forward'] - 1:.2f})")
     if case.note:
         print(f"   {case.note}")
-    gpu = device.type == "cuda"
-    unit, scale = ("TFLOPS", 1e12) if gpu else ("GFLOPS", 1e9)
-    header = f"   {'setting':<31} {'img/s':>9} {'ms/step':>9} {'vs fp32':>8} {unit:>8}"
-    if gpu:
-        header += f" {'MFU':>6} {'peak GiB':>8}"
-    print(header + f" {'compile s':>9} {'steps':>5}  notes")
-    results = {}
+    results, prepared, configs = {}, {}, {}
     for label, precision, channels_last, compiled in SETTINGS:
         if label in case.skip and not args.all:
-            reason = case.skip[label]
-            if label.startswith("fp16") and fp16_ratio is not None and BASELINE in results:
-                base = results[BASELINE].step_s
-                if base:
-                    reason += f" (about {base * fp16_ratio:,.0f} s per step, from the default model's fp16/fp32 ratio)"
-            results[label] = Timing(label, case.batch, skipped=reason)
-            print(f"   {label:<31} {'skipped':>9}  {reason}")
+            results[label] = Timing(label, case.batch, skipped=case.skip[label])
             continue
-        setting_cfg = apply_overrides(cfg, [f"train.precision={precision}",
-                                            f"train.channels_last={str(channels_last).lower()}",
-                                            f"train.compile={str(compiled).lower()}"])
-        began = time.perf_counter()
-        timing = time_training(setting_cfg, device, case.batch, label,
-                               warmup=case.compile_warmup if compiled else case.warmup, steps=args.steps,
-                               budget_s=case.budget_s, min_steps=case.min_steps, max_steps=case.max_steps)
-        results[label] = timing
+        configs[label] = apply_overrides(cfg, [f"train.precision={precision}",
+                                               f"train.channels_last={str(channels_last).lower()}",
+                                               f"train.compile={str(compiled).lower()}"])
+        item = prepare_setting(configs[label], device, case.batch, label,
+                               case.compile_warmup if compiled else case.warmup)
+        if isinstance(item, Timing):
+            results[label] = item
+        else:
+            prepared[label], results[label] = item, item.timing
+    block = args.steps or case.block
+    began = time.perf_counter()
+    interleave(prepared, device, case.rounds, block)
+    for label, item in prepared.items():
+        timing = item.timing
+        timing.step_s, timing.steps = statistics.median(item.times), len(item.times)
+        timing.spread = (min(item.times), max(item.times))
+        if device.type == "cuda":
+            timing.peak_bytes = torch.cuda.max_memory_allocated(device)
+    base = prepared.get(BASELINE)
+    gpu = device.type == "cuda"
+    unit, scale = ("TFLOPS", 1e12) if gpu else ("GFLOPS", 1e9)
+    print(f"   {len(prepared)} settings interleaved: {case.rounds} rounds of {block} steps each, order reversed every "
+          f"other round ({time.perf_counter() - began:.0f} s); speed-up = ratio of median step times, with the "
+          f"min..max of the per-round ratios; peak = this run's {'bf16' if gpu else 'fp32/bf16'} matmul")
+    header = f"   {'setting':<31} {'img/s':>9} {'ms/step':>9} {'vs fp32 (rounds)':>20} {unit:>8} {'of peak':>7}"
+    if gpu:
+        header += f" {'MFU':>6}"
+    print(header + f" {'compile s cold/warm':>19}  notes")
+    for label, _, _, compiled in SETTINGS:
+        timing = results[label]
+        if timing.skipped:
+            print(f"   {label:<31} {'skipped':>9}  {timing.skipped}")
+            continue
         if timing.error:
             print(f"   {label:<31} {'failed':>9}  {timing.error}")
             continue
+        item = prepared[label]
         rate = timing.images_per_s
-        base = results.get(BASELINE)
-        speedup = rate / base.images_per_s if base is not None and base.images_per_s else None
+        ratio = "-"
+        if base is not None and label != BASELINE:
+            per_round = [b / s for b, s in zip(base.rounds, item.rounds)]
+            timing.ratio = base.timing.step_s / timing.step_s
+            ratio = f"{timing.ratio:.2f}x ({min(per_round):.2f}..{max(per_round):.2f})"
         achieved = flops["train"] * rate
-        row = (f"   {label:<31} {rate_text(rate):>9} {timing.step_s * 1e3:9.1f} "
-               f"{(f'{speedup:.2f}x' if speedup else '-'):>8} {achieved / scale:8.2f}")
+        row = (f"   {label:<31} {rate_text(rate):>9} {timing.step_s * 1e3:9.1f} {ratio:>20} {achieved / scale:8.2f} "
+               f"{achieved / peak_for(label, peaks):7.1%}")
         if gpu:
-            mfu = f"{achieved / (machine.peak_tflops * 1e12):.1%}" if machine.peak_tflops else "-"
-            row += f" {mfu:>6} {timing.peak_bytes / GiB:8.2f}"
-        compile_s = f"{timing.compile_s:.1f}" if timing.compile_s is not None else "-"
-        notes = [f"steps {timing.spread[0] * 1e3:.0f}..{timing.spread[1] * 1e3:.0f} ms",
-                 f"{time.perf_counter() - began:.0f} s in all"] + timing.notes
-        print(row + f" {compile_s:>9} {timing.steps:>5}  {'; '.join(notes)}")
+            row += f" {f'{achieved / (machine.peak_tflops * 1e12):.1%}' if machine.peak_tflops else '-':>6}"
+        compile_text = "-"
+        if compiled and timing.compile_s is not None:
+            warm = warm_compile_seconds(configs[label], device, case.batch)
+            timing.compile_warm_s = warm
+            compile_text = f"{timing.compile_s:.1f}/{warm:.1f}" if warm is not None else f"{timing.compile_s:.1f}/-"
+        notes = [f"steps {timing.spread[0] * 1e3:.0f}..{timing.spread[1] * 1e3:.0f} ms"] + timing.notes
+        print(row + f" {compile_text:>19}  {'; '.join(notes)}")
+    prepared.clear()
+    torch._dynamo.reset()
+    release(device)
     return {"flops": flops, "results": results, "batch": case.batch, "title": case.title, "goals": case.goals}
 
 
@@ -380,26 +459,27 @@ def plan_cases(base_cfg, machine: Machine, args) -> list[Case]:
     if gpu:
         memory = torch.cuda.get_device_properties(machine.device).total_memory / GiB
         preset_batch = args.preset_batch or (16 if memory >= 40 else 8 if memory >= 16 else 2)
-        steps = (10, 20) if args.quick else (20, 50)
+        rounds, block = (4, 5) if args.quick else (6, 10)
         return [
-            Case(small_title, [], base_cfg.train.batch_size, 5, 3, 5.0 if args.quick else 10.0, *steps),
+            Case(small_title, [], base_cfg.train.batch_size, 5, 3, rounds, block),
             Case("256x256 preset (structures/fixed256_*.json, 256 px)", PRESET + ["data.image_size=256"],
-                 preset_batch, 3, 3, 8.0 if args.quick else 15.0, 5, 20 if args.quick else 40, goals=True),
+                 preset_batch, 3, 3, rounds, block, goals=True),
         ]
-    small_skip, preset_skip = {}, {"fp16 + grad scaler": "fp16 on the CPU: no fast fp16 convolution kernels"}
+    # fp16 on the CPU has no fast convolution kernels (tens of times slower): left out unless --all
+    fp16 = "fp16 on the CPU: no fast fp16 convolution kernels (--all runs it)"
+    small_skip, preset_skip = {"fp16 + grad scaler": fp16}, {"fp16 + grad scaler": fp16}
     if args.quick:
         small_skip["fp32 + compile"] = "--quick: one compiled setting per model"
         preset_skip[FASTEST] = "--quick on the CPU: compiling the preset takes minutes (run without --quick)"
         preset_skip["fp32 + compile"] = "--quick on the CPU: compiling the preset takes minutes"
     size = 64 if args.quick else 256
     note = ("--quick on the CPU: the preset runs at 64 px instead of 256 px, batch 1" if args.quick else
-            "on the CPU the preset trains at batch 1 for a few steps (tens of seconds per fp32 step)")
+            "on the CPU the preset trains at batch 1 for a few steps (seconds per fp32 step)")
     return [
-        Case(small_title, [], base_cfg.train.batch_size, 2, 2, 4.0 if args.quick else 8.0,
-             2 if args.quick else 3, 30, small_skip),
+        Case(small_title, [], base_cfg.train.batch_size, 2, 2, 4 if args.quick else 6, 3 if args.quick else 5,
+             small_skip),
         Case(f"256x256 preset (structures/fixed256_*.json) at {size} px", PRESET + [f"data.image_size={size}"],
-             args.preset_batch or 1, 1, 2, 5.0 if args.quick else 15.0, 2, 10, preset_skip, note,
-             goals=not args.quick),
+             args.preset_batch or 1, 1, 2, 4, 1 if args.quick else 2, preset_skip, note, goals=not args.quick),
     ]
 
 
@@ -444,6 +524,27 @@ def encode_speed(base_cfg, device: torch.device, quick: bool, tmp: Path) -> list
     return results
 
 
+def train_steps(cfg, device: torch.device, batch: int, steps: int) -> Timing:
+    """``steps`` training steps at ``batch``: their median time and the peak memory."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    item = prepare_setting(cfg, device, batch, "mem check", 0)
+    if isinstance(item, Timing):
+        return item
+    timing = item.timing
+    try:
+        times = [timed_step(item.trainer, item.images, device) for _ in range(steps)]
+        timing.step_s, timing.steps = statistics.median(times), len(times) + 2  # and 2 warm-up steps
+        if device.type == "cuda":
+            timing.peak_bytes = torch.cuda.max_memory_allocated(device)
+    except torch.cuda.OutOfMemoryError:
+        timing.error = "out of memory"
+    finally:
+        item = None
+        release(device)
+    return timing
+
+
 def mem_check(title: str, cfg, machine: Machine, tmp: Path) -> dict:
     from flexvae.config import apply_overrides
     from flexvae.train.memory import find_max_batch
@@ -467,8 +568,7 @@ def mem_check(title: str, cfg, machine: Machine, tmp: Path) -> dict:
     if device.type == "cuda" and found.confirmed:
         size = found.confirmed
         print(f"   training {MEM_CHECK_STEPS} steps at the confirmed batch size {size:,} ...")
-        timing = time_training(apply_overrides(cfg, [f"train.batch_size={size}"]), device, size,
-                               "mem check", warmup=0, steps=MEM_CHECK_STEPS)
+        timing = train_steps(apply_overrides(cfg, [f"train.batch_size={size}"]), device, size, MEM_CHECK_STEPS)
         outcome["check"] = timing
         if timing.error:
             print(f"   {MEM_CHECK_STEPS} steps at batch {size:,}: FAILED ({timing.error})")
@@ -588,20 +688,21 @@ def main() -> None:
     print(f"bench_speed on {device}" + (" (--quick)" if args.quick else ""))
     print("\n".join(f"  {line}" for line in machine.lines))
     print("  training steps run the real Trainer path (prepare + train_step + scheduler) on one synthetic "
-          "in-memory batch; images/s from the median timed step; warm-up steps not timed; compile seconds "
-          "are the warm-up time above the steady step time (they depend on inductor's on-disk cache)")
+          "in-memory batch; images/s from the median timed step of interleaved rounds; warm-up steps not timed; "
+          "compile seconds: the first step above the steady step time, cold (empty inductor cache) / warm")
 
     base_cfg = load_config(CONFIG)
     cases = []
-    fp16_ratio = None
+    peaks = measure_peaks(device, args.quick)
+    print("  practical peak measured now (TFLOP/s, median of 5): " + ", ".join(
+        f"{name} {value:.3f}" for name, value in peaks.items() if name != "size")
+        + f" (matmuls {peaks['size']} x {peaks['size']}; conv 64 -> 64 ch 3x3 on 16 x 32 x 32)")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
+        # an inductor cache of this run's own: the first compile of each setting is cold, the second warm
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "inductor")
         for case in plan_cases(base_cfg, machine, args):
-            outcome = run_case(case, base_cfg, machine, args, tmp, fp16_ratio)
-            cases.append(outcome)
-            times = outcome["results"]
-            if fp16_ratio is None and all(times.get(k) and times[k].step_s for k in (BASELINE, "fp16 + grad scaler")):
-                fp16_ratio = times["fp16 + grad scaler"].step_s / times[BASELINE].step_s
+            cases.append(run_case(case, base_cfg, machine, args, tmp, peaks))
         ratio = dsl_ratio(device, args.quick)
         encode = encode_speed(base_cfg, device, args.quick, tmp)
         mems = [mem_check(f"the default config ({CONFIG})", base_cfg, machine, tmp)]
