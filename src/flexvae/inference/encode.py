@@ -16,7 +16,7 @@ from ..files import write_text
 from .latent_files import append_manifest, write_manifest, read_manifest, save_latent
 from .pipeline import BackgroundWriter, read_ahead
 from .paths import (LATENT_SUFFIXES, MANIFEST, check_folders, folder_loader, input_root, output_names,
-                    safe_output_path)
+                    OutputPaths)
 
 
 @torch.no_grad()
@@ -56,12 +56,13 @@ def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors",
     made_by = _comparable({**ctx.provenance(), "format": fmt, "sample": bool(sample), "seed": seed if sample else None,
                            **({"tile": tiling[0], "overlap": tiling[1]} if tiling else {})})
     names = output_names([path.relative_to(root).as_posix() for path in images], suffix)
+    output_path = OutputPaths(out_root)
     todo, stale = [], 0
     for path in images:
         rel = path.relative_to(root).as_posix()
         entry = previous.get(rel, {})
         done = (entry.get("status") == "ok" and entry.get("made_by") == made_by
-                and safe_output_path(out_root, names[rel]).exists())
+                and output_path(names[rel]).exists())
         stale += entry.get("status") == "ok" and not done
         if not done:
             todo.append(rel)  # relative to root: ImageFolder joins it to its (absolute) root
@@ -135,6 +136,7 @@ def _encode_batches(ctx, root, out_root, todo, names, entries, skips, fmt, sampl
     from tqdm import tqdm
 
     dataset, loader = folder_loader(ctx, root, batch_size, num_workers, device, paths=todo)
+    output_path = OutputPaths(out_root)
     encode = ctx.vae.encode_with_codes
     if tiling is not None:
         from .tiling import tiled_batches, tiled_encoder
@@ -158,7 +160,7 @@ def _encode_batches(ctx, root, out_root, todo, names, entries, skips, fmt, sampl
                 stats[2] += latents.numel()
                 stats[3] += len(latents)
                 for rel, latent, code in zip(batch.paths, latents, codes):
-                    target = safe_output_path(out_root, names[rel])
+                    target = output_path(names[rel])
                     jobs.append(writer.submit(save_latent, latent, target, fmt, code))
                     entry = {"path": rel, "status": "ok", "file": target.relative_to(out_root).as_posix(),
                              "shape": list(latent.shape), "made_by": made_by}

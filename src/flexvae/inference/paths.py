@@ -31,6 +31,35 @@ def safe_output_path(out_root: Path, relpath: str, suffix: str | None = None) ->
     return target
 
 
+class OutputPaths:
+    """``safe_output_path`` for many files under one root: each directory is resolved once
+    (the check costs a dozen system calls per path otherwise), a file itself only when it is
+    a symbolic link."""
+
+    def __init__(self, out_root: Path):
+        self.out_root = out_root
+        self.root = out_root.resolve()
+        self._inside: dict[Path, bool] = {}
+
+    def __call__(self, relpath: str, suffix: str | None = None) -> Path:
+        rel = PurePosixPath(relpath)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise DataError(f"refusing output path outside {self.out_root}: {relpath}")
+        target = self.out_root.joinpath(*rel.parts)
+        if suffix is not None:
+            target = target.with_suffix(suffix)
+        parent = target.parent
+        if parent not in self._inside:
+            resolved = parent.resolve()
+            self._inside[parent] = resolved == self.root or self.root in resolved.parents
+        inside = self._inside[parent]
+        if inside and target.is_symlink():
+            inside = self.root in target.resolve().parents
+        if not inside:
+            raise DataError(f"refusing output path outside {self.out_root}: {relpath}")
+        return target
+
+
 def input_root(input_path) -> tuple[Path, list[Path] | None]:
     """(folder, None) for a folder of inputs; (its folder, [the file]) for one input file."""
     path = Path(input_path)
