@@ -237,7 +237,7 @@ def check_structure(text: str, decoder: list[str], data_shape) -> tuple[float, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--reps", type=int, default=15, help="timed repetitions per model (small preset)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

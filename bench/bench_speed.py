@@ -658,8 +658,8 @@ def main() -> None:
                         "preset runs at 64 px and compiles only the default model")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed training steps per setting (default: as many as fit a short time budget)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op CPU threads (default: the usable CPUs that other processes leave idle)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch intra-op CPU threads (default 2; 0: the usable CPUs that other processes leave idle)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the GPU's dense bf16 peak in TFLOPS, for GPUs missing from the table")
     parser.add_argument("--preset-batch", type=int, default=None,
