@@ -216,3 +216,16 @@ def test_error_spatial_layer_after_flatten(token):
     message = str(info.value)
     assert f"enc.json, position 2, token {token!r}" in message, message
     assert "data, but the previous layer's output has shape (48)" in message, message
+
+
+def test_checking_a_structure_leaves_the_random_stream_alone():
+    """Small layers are traced on real CPU tensors (their construction and dropout draw random
+    numbers): the seeded stream a run draws from next must be unchanged."""
+    from flexvae.build import plan_vae
+
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    plan_vae(["C2d_3_8_3_1_1", "Drop_0.5", "C2d_8_4_3_1_1"], ["C2d_2_8_3_1_1", "Drop_0.5", "C2d_8_3_3_1_1"],
+             (3, 8, 8))
+    assert torch.equal(torch.rand(4), expected)

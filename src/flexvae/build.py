@@ -101,15 +101,28 @@ def trace(specs: list[TokenSpec], in_shape, *, registry: Registry = LAYERS,
     return plan
 
 
+# A layer whose input and weights are this small is traced on real CPU tensors: the meta
+# device's Python kernels import torch's compiler on first use (about 1.5 s), which a shape
+# check of a small model should not pay. Larger layers use the meta device (no memory).
+REAL_TRACE_PARAMS = 1 << 20
+REAL_TRACE_ELEMENTS = 1 << 18
+
+
 def _trace_layer(layer: LayerType, kwargs: dict, spec: TokenSpec, shape, input_desc: str):
-    """Build one layer on the meta device and run it: (output shape, parameter count)."""
+    """Build one layer and run it on a batch of 2: (output shape, parameter count)."""
     try:
         with torch.device("meta"):
             module = layer.factory(**kwargs)
+        params = sum(p.numel() for p in module.parameters())
+        device = "meta"
+        if params <= REAL_TRACE_PARAMS and 2 * torch.Size(shape).numel() <= REAL_TRACE_ELEMENTS:
+            with torch.random.fork_rng(devices=[]):  # the check must not move the seeded RNG
+                module, device = layer.factory(**kwargs), "cpu"
     except Exception as exc:  # constructors reject values with several exception types
         raise spec.error(f"invalid arguments for {layer.signature()}: {_first_line(exc)}") from None
     try:
-        out = module(torch.empty((2, *shape), device="meta"))
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # dropout draws, on real tensors
+            out = module(torch.zeros((2, *shape), device=device))
     except Exception as exc:  # torch reports bad sizes with many exception types
         raise spec.error(f"cannot be applied to {input_desc} of shape {format_shape(shape)}: {_first_line(exc)}") from None
     if layer.aux:
@@ -117,7 +130,7 @@ def _trace_layer(layer: LayerType, kwargs: dict, spec: TokenSpec, shape, input_d
     out_shape = tuple(out.shape[1:])
     if any(s == 0 for s in out_shape):
         raise spec.error(f"produces an empty output {format_shape(out_shape)}: the input is too small")
-    return out_shape, sum(p.numel() for p in module.parameters())
+    return out_shape, params
 
 
 def _first_line(exc: Exception) -> str:
