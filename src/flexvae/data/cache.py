@@ -65,5 +65,6 @@ def fill_cache(dataset, num_workers: int, batch_size: int = 64) -> None:
     Unreadable files stay out (training reads and reports them as usual)."""
     from .batching import make_loader
 
-    for _ in make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers):
+    # its own generator: filling the cache must not draw from the seeded global stream
+    for _ in make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, seed=0):
         pass
