@@ -423,3 +423,23 @@ def test_cache_modes(tmp_path):
     assert cache is None and "reading them from disk every epoch" in note
     with pytest.raises(DataError, match="data.cache = 'ram': the 10 decoded images need"):
         make_cache("ram", 10, (3, 8, 8), available=100)
+
+
+def test_batches_gathered_from_the_cache_equal_the_loader_s(tmp_path):
+    from itertools import islice
+
+    from flexvae.data.cache import CachedLoader, fill_cache
+    from flexvae.train.sampler import StreamSampler
+
+    root = _photo_folder(tmp_path)
+    plain = open_dataset("folder", root, train=True, channels=3, image_size=16)
+    cached = open_dataset("folder", root, train=True, channels=3, image_size=16)
+    cached.enable_cache("ram")
+    fill_cache(cached, 0)
+    sampler = StreamSampler(len(plain), seed=4, start=3)
+    expected = list(islice(iter(make_loader(plain, 4, shuffle=False, num_workers=0, sampler=sampler)), 7))
+    found = list(islice(iter(CachedLoader(cached, 4, sampler)), 7))
+    for a, b in zip(expected, found):
+        assert a.paths == b.paths and a.indices == b.indices and a.failures == b.failures
+        assert torch.equal(a.images, b.images)
+    assert any(batch.failures for batch in found)  # the broken file came up and was reported

@@ -68,3 +68,36 @@ def fill_cache(dataset, num_workers: int, batch_size: int = 64) -> None:
     # its own generator: filling the cache must not draw from the seeded global stream
     for _ in make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, seed=0):
         pass
+
+
+class CachedLoader:
+    """Batches of a filled cache, gathered straight from its tensor in ``sampler``'s order:
+    what a DataLoader over the cached dataset yields (the same Batch objects, bitwise the same
+    images), without building an item per image. Items missing from the cache (unreadable
+    files) are read through the dataset, so their failures are reported as usual."""
+
+    def __init__(self, dataset, batch_size: int, sampler, pin_memory: bool = False):
+        self.dataset, self.batch_size, self.sampler = dataset, batch_size, sampler
+        self.pin_memory = pin_memory
+
+    def __iter__(self):
+        from .batching import Batch, collate
+
+        cache = self.dataset.cache
+        chunk = []
+        for index in self.sampler:
+            chunk.append(index)
+            if len(chunk) < self.batch_size:
+                continue
+            if bool(cache.filled[chunk].all()):
+                rows = torch.tensor(chunk)
+                images = cache.images[rows].float().div(127.5).sub(1.0)
+                labels = cache.labels[rows]
+                yield Batch(images.pin_memory() if self.pin_memory else images,
+                            [self.dataset.relpaths[i] for i in chunk], list(chunk), [],
+                            labels if bool((labels >= 0).all()) else None)
+            else:
+                yield collate([self.dataset[i] for i in chunk])
+            chunk = []
+        if chunk:
+            yield collate([self.dataset[i] for i in chunk])

@@ -16,7 +16,7 @@ from ..assemble import model_from_config
 from ..checkpoint import (checkpoint_metadata, checkpoint_name, list_checkpoints, load_checkpoint,
                           prune_checkpoints, save_checkpoint)
 from ..data import SkipLog, make_loader, open_dataset, sample_images, save_grid
-from ..data.cache import fill_cache
+from ..data.cache import CachedLoader, fill_cache
 from ..device import resolve_device
 from ..errors import Interrupted, Terminated, TrainingError
 from ..files import RunLock
@@ -150,15 +150,18 @@ class Trainer:
         if note:
             self.runtime.notes.append(note)
         if dataset.cache is not None:
-            fill_cache(dataset, workers)  # every image decoded once, in parallel
-            workers = 0  # later reads are memory copies: worker processes would only add transfers
+            fill_cache(dataset, workers)  # every image decoded once, in parallel; later batches are
+            # gathered from the cache in this process (worker processes would only add transfers)
         if self.dist.is_main:
             self.skips.add(dataset.excluded)
         sampler = StreamSampler(len(dataset), seed=self.cfg.train.seed, start=self.stream_position,
                                 rank=self.dist.rank, world_size=self.dist.world_size)
         self._read_position = self.stream_position  # runs ahead of stream_position during a step
-        loader = make_loader(dataset, self.cfg.train.batch_size, shuffle=False, num_workers=workers,
-                             device_type=self.device.type, sampler=sampler)
+        if dataset.cache is not None:
+            loader = CachedLoader(dataset, self.cfg.train.batch_size, sampler, pin_memory=self.device.type == "cuda")
+        else:
+            loader = make_loader(dataset, self.cfg.train.batch_size, shuffle=False, num_workers=workers,
+                                 device_type=self.device.type, sampler=sampler)
         return dataset, loader
 
     def _next_images(self, batches):
