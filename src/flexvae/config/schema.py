@@ -19,8 +19,10 @@ FOLDER_NAME = ("a folder name (not empty; '.' is the working directory itself)",
 @dataclass(frozen=True)
 class DataConfig:
     source: str = setting(
-        "folder", "'folder' or a torchvision dataset: mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn")
-    path: str = setting("assets/photos", "image folder (source = folder) or dataset root (downloads go there)")
+        "folder", "'folder', 'webdataset' (tar shards) or a torchvision dataset: mnist, fashion-mnist, kmnist, "
+        "cifar10, cifar100, svhn")
+    path: str = setting("assets/photos", "image folder (source = folder), tar shards: a file, a folder of them or "
+                        "a brace pattern such as shards/train-{000..127}.tar (webdataset), or dataset root")
     val_path: str = setting("", "optional separate validation image folder; empty = none")
     image_size: int = setting(32, "side length in pixels that images are resized to", POSITIVE)
     channels: Literal[1, 3, 4] = setting(3, "image channels: 1 (grey), 3 (RGB) or 4 (RGBA)")

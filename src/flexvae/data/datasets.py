@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from ..utils import did_you_mean
 from .cache import make_cache
+from .shards import ShardDataset
 from .images import PathLike, check_options, find_images, open_image, pil_to_uint8, reason, uint8_to_float
 
 
@@ -178,13 +179,35 @@ class TorchvisionImages(_PipelineDataset):
         return picture, {"label": int(label)}
 
 
+class WebDatasetImages(ShardDataset, _PipelineDataset):
+    """The samples of webdataset-layout tar shards (see shards.py); item paths are
+    ``<shard file>/<key>.<image extension>``."""
+
+    def __init__(self, path_or_pattern, channels: int, image_size: int,
+                 resize_filter: str = "bilinear", pad_to_square: bool = False) -> None:
+        self._configure(channels, image_size, resize_filter, pad_to_square)
+        self._index(path_or_pattern)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _relpath(self, index: int) -> str:
+        return self.relpaths[index]
+
+    def _read(self, index: int) -> tuple[Image.Image, dict[str, Any]]:
+        return self._read_sample(index)
+
+
 def open_dataset(source: str, path_or_root: PathLike, *, train: bool, channels: int,
                  image_size: int, resize_filter: str = "bilinear", pad_to_square: bool = False) -> Dataset:
-    """``source`` "folder" reads images under ``path_or_root``; a torchvision
-    name (see TORCHVISION_DATASETS) loads or downloads that dataset there."""
+    """``source`` "folder" reads images under ``path_or_root``, "webdataset" the tar shards
+    it names (a file, a folder of them or a brace pattern); a torchvision name (see
+    TORCHVISION_DATASETS) loads or downloads that dataset there."""
     options = dict(channels=channels, image_size=image_size, resize_filter=resize_filter,
                    pad_to_square=pad_to_square)
-    key = _source_key(source, ["folder", *TORCHVISION_DATASETS], "data source")
+    key = _source_key(source, ["folder", "webdataset", *TORCHVISION_DATASETS], "data source")
     if key == "folder":
         return ImageFolder(path_or_root, **options)
+    if key == "webdataset":
+        return WebDatasetImages(path_or_root, **options)
     return TorchvisionImages(key, path_or_root, train, **options)
