@@ -206,6 +206,11 @@ def test_latent_stats_suggest_one_over_the_raw_std(ctx, images, tmp_path):
     assert stats["suggested_scaling_factor"] == pytest.approx(1 / raw.std(unbiased=False).item(), rel=1e-5)
     assert stats["scaling_factor_used"] == SCALING
     assert summary["suggested_scaling_factor"] == stats["suggested_scaling_factor"]
+    # per-channel statistics over every latent of the folder, not one batch
+    scaled = raw * SCALING
+    channels = scaled.transpose(0, 1).flatten(1)
+    assert stats["channel_mean"] == pytest.approx(channels.mean(1).tolist(), rel=1e-6, abs=1e-9)
+    assert stats["channel_std"] == pytest.approx(channels.std(1, unbiased=False).tolist(), rel=1e-6)
 
 
 def test_npy_format_and_decode_back(ctx, images, tmp_path):

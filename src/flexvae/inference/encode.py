@@ -76,7 +76,10 @@ def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors",
     own_manifest = manifest_path if not dist.enabled else out_root / f".manifest.rank{dist.rank}.jsonl"
     entries = dict(previous) if not dist.enabled else {}
     generator = torch.Generator(device=device).manual_seed(seed)
-    stats = [0.0, 0.0, 0, 0]  # latent values' sum, sum of squares and count; images encoded
+    channels = int(ctx.vae.latent_shape[0])
+    # latent values' sum, sum of squares and count, images encoded, then per channel: sums, sums of
+    # squares, counts (float64, merged over processes by one all-reduce)
+    stats = [0.0, 0.0, 0, 0] + [0.0] * (3 * channels)
     started = time.perf_counter()
     skips = SkipLog()
     if dist.is_main:
@@ -88,7 +91,9 @@ def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors",
                             made_by, tiling)
     finally:
         write_manifest(own_manifest, entries)  # compact: one line per input
-    total, total_sq, count, encoded = sum_across(dist, stats, device)
+    merged = sum_across(dist, stats, device)
+    total, total_sq, count, encoded = merged[:4]
+    channel_sum, channel_sq, channel_count = (merged[4 + k * channels:4 + (k + 1) * channels] for k in range(3))
     if dist.enabled:
         barrier(dist)
         if dist.is_main:
@@ -117,6 +122,11 @@ def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors",
         raw_std = std / ctx.vae.scaling_factor
         summary.update({"latent_mean": mean, "latent_std": std,
                         "suggested_scaling_factor": 1.0 / raw_std if raw_std > 0 else float("nan")})
+        means = [t / n if n else float("nan") for t, n in zip(channel_sum, channel_count)]
+        summary["channel_mean"] = means
+        summary["channel_std"] = [max(q / n - m * m, 0.0) ** 0.5 if n else float("nan")
+                                  for q, n, m in zip(channel_sq, channel_count, means)]
+        summary["stats_over"] = "the latents encoded in this run, every process's merged"
         if dist.is_main:
             stats_path = out_root / "latent_stats.json"
             write_text(stats_path, json.dumps({**summary, "scaling_factor_used": ctx.vae.scaling_factor}, indent=2))
@@ -155,10 +165,7 @@ def _encode_batches(ctx, root, out_root, todo, names, entries, skips, fmt, sampl
                 latents, codes = encode(batch.images.to(device), sample=sample, generator=generator)
                 latents = latents.float().cpu()
                 codes = [None] * len(latents) if codes is None else codes.cpu()
-                stats[0] += latents.sum().item()
-                stats[1] += latents.pow(2).sum().item()
-                stats[2] += latents.numel()
-                stats[3] += len(latents)
+                _add_stats(stats, latents)
                 for rel, latent, code in zip(batch.paths, latents, codes):
                     target = output_path(names[rel])
                     jobs.append(writer.submit(save_latent, latent, target, fmt, code))
@@ -174,6 +181,21 @@ def _encode_batches(ctx, root, out_root, todo, names, entries, skips, fmt, sampl
             pending = (jobs, done)
         if pending is not None:
             _finish(writer, pending, entries, journal)
+
+
+def _add_stats(stats: list, latents: torch.Tensor) -> None:
+    """Add a batch of latents (B, C, *spatial) to the running sums (see encode_folder)."""
+    values = latents.double()
+    stats[0] += values.sum().item()
+    stats[1] += values.pow(2).sum().item()
+    stats[2] += values.numel()
+    stats[3] += len(values)
+    channels = values.shape[1]
+    per_channel = values.transpose(0, 1).reshape(channels, -1)
+    for c, (total, squares) in enumerate(zip(per_channel.sum(1).tolist(), per_channel.pow(2).sum(1).tolist())):
+        stats[4 + c] += total
+        stats[4 + channels + c] += squares
+        stats[4 + 2 * channels + c] += per_channel.shape[1]
 
 
 def _finish(writer, pending, entries, journal) -> None:
