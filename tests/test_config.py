@@ -172,7 +172,7 @@ def test_unknown_key_suggests_close_name():
 def test_unknown_key_without_match_lists_valid_keys():
     msg = error_of(config_from_dict, {"encode": {"zzzz": 1}})
     assert "unknown key 'encode.zzzz'" in msg
-    assert "format, sample, batch_size" in msg
+    assert "format, shard_size, sample, batch_size" in msg
 
 
 def test_misplaced_key_suggests_right_section():

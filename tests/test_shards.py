@@ -99,3 +99,39 @@ def test_loader_workers_read_the_shards_like_one_process(tmp_path):
     one = [b.images for b in make_loader(dataset, 4, shuffle=False, num_workers=0)]
     two = [b.images for b in make_loader(dataset, 4, shuffle=False, num_workers=2)]
     assert len(one) == 3 and all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_encode_into_shards_resumes_and_never_rewrites_a_shard(tmp_path, monkeypatch):
+    """-e with encode.format = webdataset: the shards hold every latent under its image's key,
+    the manifest names shard and member, a re-run encodes only what is missing into new shards."""
+    import json
+
+    from safetensors.torch import load
+    from helpers.inprocess import run_in_process
+    from helpers.runs import make_images, tiny
+
+    images = make_images(tmp_path / "images", 5)
+    run = tmp_path / "run"
+    assert run_in_process(["-t", *tiny(images, run, "--set", "train.max_steps=1")]).returncode == 0
+    out = tmp_path / "latents"
+    args = ["-e", "--ckpt", str(run), "--input", str(images), "--output", str(out),
+            "--set", "encode.format=webdataset", "--set", "encode.shard_size=2", "--set", "encode.batch_size=2"]
+    assert run_in_process(args).returncode == 0
+    shards = sorted(p.name for p in out.glob("*.tar"))
+    assert shards == ["latents-r00-000000.tar", "latents-r00-000001.tar", "latents-r00-000002.tar"]
+    members = {}
+    for name in shards:
+        with tarfile.open(out / name) as archive:
+            for member in archive:
+                members[member.name] = load(archive.extractfile(member).read())["latent"]
+    assert sorted(members) == [f"{i}.safetensors" for i in range(5)]
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {(e["file"], e["member"]) for e in manifest} == {
+        (f"latents-r00-00000{i // 2}.tar", f"{i}.safetensors") for i in range(5)}
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    make_images(tmp_path / "more", 7)
+    (tmp_path / "more" / "5.png").rename(images / "5.png")
+    again = run_in_process(args)
+    assert again.returncode == 0 and '"already_done": 5' in again.stdout and '"encoded": 1' in again.stdout
+    assert all(p.stat().st_mtime_ns == stamp[p.name] for p in out.glob("*.tar") if p.name in stamp)
+    assert (out / "latents-r00-000003.tar").is_file()

@@ -96,7 +96,7 @@ def encode(args) -> int:
         summary = encode_folder(model, args.input or cfg.data.path, out, fmt=cfg.encode.format,
                                 sample=args.sample or cfg.encode.sample, batch_size=cfg.encode.batch_size,
                                 num_workers=cfg.data.num_workers, device=device, seed=cfg.train.seed, dist=dist,
-                                tile=args.tile, overlap=args.overlap)
+                                tile=args.tile, overlap=args.overlap, shard_size=cfg.encode.shard_size)
     finally:
         cleanup(dist)
     if dist.is_main:

@@ -139,7 +139,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EncodeConfig:
-    format: Literal["safetensors", "npy"] = setting("safetensors", "file format for encoded latents: safetensors or npy")
+    format: Literal["safetensors", "npy", "webdataset"] = setting(
+        "safetensors", "encoded latents: one safetensors or npy file per image, or webdataset tar shards")
+    shard_size: int = setting(10000, "webdataset format: images per shard", POSITIVE)
     sample: bool = setting(False, "store a posterior sample instead of the mean")
     batch_size: int = setting(32, "images per encoding batch", POSITIVE)
 

@@ -15,6 +15,7 @@ from ..errors import DataError
 from ..files import write_text
 from .latent_files import append_manifest, write_manifest, read_manifest, save_latent
 from .pipeline import BackgroundWriter, read_ahead
+from .shard_writer import ShardWriter
 from .paths import (LATENT_SUFFIXES, MANIFEST, check_folders, folder_loader, input_root, output_names,
                     OutputPaths)
 
@@ -22,7 +23,7 @@ from .paths import (LATENT_SUFFIXES, MANIFEST, check_folders, folder_loader, inp
 @torch.no_grad()
 def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors", sample=False,
                   batch_size=32, num_workers=0, device="cpu", seed=0, progress=True, dist=None,
-                  tile: int | None = None, overlap: int | None = None) -> dict:
+                  tile: int | None = None, overlap: int | None = None, shard_size: int = 10000) -> dict:
     """Encode every image to a latent file mirroring the tree; a manifest accounts for each input.
 
     Re-running skips inputs already encoded by the same checkpoint file (its SHA-256) with the
@@ -31,6 +32,7 @@ def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors",
     suggested scaling factor 1/std. Under torchrun (``dist``), process r of N encodes every
     N-th remaining image and rank 0 merges the per-process manifests into one.
 
+    ``fmt = "webdataset"``: latents go into tar shards of ``shard_size`` images (shard_writer.py).
     ``tile``: each image at its own resolution (cropped to a multiple of the model's
     downsampling), encoded in overlapping tiles whose posterior means are blended into one
     latent map (tiling.py); ``-d --tile`` decodes it back to the full image.
@@ -62,7 +64,7 @@ def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors",
         rel = path.relative_to(root).as_posix()
         entry = previous.get(rel, {})
         done = (entry.get("status") == "ok" and entry.get("made_by") == made_by
-                and output_path(names[rel]).exists())
+                and isinstance(entry.get("file"), str) and output_path(entry["file"]).exists())
         stale += entry.get("status") == "ok" and not done
         if not done:
             todo.append(rel)  # relative to root: ImageFolder joins it to its (absolute) root
@@ -88,7 +90,7 @@ def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors",
         if todo:
             _encode_batches(ctx, root, out_root, todo, names, entries, skips, fmt, sample, batch_size,
                             num_workers, device, generator, progress and dist.is_main, stats, own_manifest,
-                            made_by, tiling)
+                            made_by, tiling, dist.rank, shard_size)
     finally:
         write_manifest(own_manifest, entries)  # compact: one line per input
     merged = sum_across(dist, stats, device)
@@ -139,12 +141,11 @@ def _comparable(made_by: dict) -> dict:
 
 
 def _encode_batches(ctx, root, out_root, todo, names, entries, skips, fmt, sample, batch_size,
-                    num_workers, device, generator, progress, stats, journal: Path, made_by: dict, tiling=None):
-    """Encode ``todo`` into latent files; record each input in ``entries`` and, batch by batch,
-    in the ``journal`` manifest (so an interrupted run keeps what it finished), and add the
-    latents' sum, sum of squares and count, and the number of images encoded, to ``stats``."""
-    from tqdm import tqdm
-
+                    num_workers, device, generator, progress, stats, journal: Path, made_by: dict, tiling=None,
+                    rank: int = 0, shard_size: int = 10000):
+    """Encode ``todo`` into latent files (or shards); record each input in ``entries`` and, as
+    its file or shard is complete, in the ``journal`` manifest (so an interrupted run keeps what
+    it finished), and add the latents' statistics to ``stats``."""
     dataset, loader = folder_loader(ctx, root, batch_size, num_workers, device, paths=todo)
     output_path = OutputPaths(out_root)
     encode = ctx.vae.encode_with_codes
@@ -152,10 +153,23 @@ def _encode_batches(ctx, root, out_root, todo, names, entries, skips, fmt, sampl
         from .tiling import tiled_batches, tiled_encoder
 
         loader, encode = tiled_batches(ctx, dataset, tiling[2]), tiled_encoder(ctx.vae, *tiling)
+    shards = ShardWriter(out_root, rank, shard_size) if fmt == "webdataset" else None
+    try:
+        _encode_loop(ctx, loader, output_path, out_root, names, entries, skips, fmt, sample, device, generator,
+                     progress, stats, journal, made_by, encode, shards, len(todo) if tiling else len(loader))
+    except BaseException:
+        if shards is not None:
+            shards.abandon()
+        raise
+
+
+def _encode_loop(ctx, loader, output_path, out_root, names, entries, skips, fmt, sample, device, generator,
+                 progress, stats, journal, made_by, encode, shards, total):
+    from tqdm import tqdm
+
     pending = None  # the previous batch: (its write jobs, its manifest entries)
     with BackgroundWriter() as writer:
-        for batch in tqdm(read_ahead(loader), disable=not progress, desc="encode",
-                          total=len(todo) if tiling else len(loader)):
+        for batch in tqdm(read_ahead(loader), disable=not progress, desc="encode", total=total):
             skips.add(batch.failures)
             done = []
             for rel, reason in batch.failures:
@@ -167,12 +181,17 @@ def _encode_batches(ctx, root, out_root, todo, names, entries, skips, fmt, sampl
                 codes = [None] * len(latents) if codes is None else codes.cpu()
                 _add_stats(stats, latents)
                 for rel, latent, code in zip(batch.paths, latents, codes):
-                    target = output_path(names[rel])
-                    jobs.append(writer.submit(save_latent, latent, target, fmt, code))
-                    entry = {"path": rel, "status": "ok", "file": target.relative_to(out_root).as_posix(),
-                             "shape": list(latent.shape), "made_by": made_by}
+                    entry = {"path": rel, "status": "ok", "shape": list(latent.shape), "made_by": made_by}
                     if code is not None:
                         entry["codes_shape"] = list(code.shape)
+                    if shards is not None:  # recorded when its shard is complete
+                        completed = shards.add(Path(names[rel]).with_suffix("").as_posix(), latent, code, entry)
+                        if completed:
+                            _record(entries, journal, completed)
+                        continue
+                    target = output_path(names[rel])
+                    jobs.append(writer.submit(save_latent, latent, target, fmt, code))
+                    entry["file"] = target.relative_to(out_root).as_posix()
                     done.append(entry)
             # This batch's files are written while the next one is read and encoded; an entry
             # enters the manifest only once its file is complete.
@@ -181,6 +200,8 @@ def _encode_batches(ctx, root, out_root, todo, names, entries, skips, fmt, sampl
             pending = (jobs, done)
         if pending is not None:
             _finish(writer, pending, entries, journal)
+    if shards is not None:
+        _record(entries, journal, shards.close())
 
 
 def _add_stats(stats: list, latents: torch.Tensor) -> None:
@@ -202,6 +223,10 @@ def _finish(writer, pending, entries, journal) -> None:
     """Wait for a batch's files, then record its entries (re-raising a failed write first)."""
     jobs, done = pending
     writer.wait(jobs)
+    _record(entries, journal, done)
+
+
+def _record(entries, journal, done) -> None:
     for entry in done:
         entries[entry["path"]] = entry
     append_manifest(journal, done)

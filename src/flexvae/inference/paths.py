@@ -12,7 +12,7 @@ from ..data import ImageFolder, make_loader
 from ..errors import DataError
 
 
-LATENT_SUFFIXES = {"safetensors": ".safetensors", "npy": ".npy"}
+LATENT_SUFFIXES = {"safetensors": ".safetensors", "npy": ".npy", "webdataset": ".safetensors"}
 CODES_SUFFIX = ".codes.npy"  # npy format: a discrete latent's integer codes beside its latent file
 MANIFEST = "manifest.jsonl"
 
