@@ -92,3 +92,30 @@ def test_tiling_errors(trained, tmp_path, args, message):
     result = run_in_process(["-i", "--ckpt", str(trained["run"]), "--input", str(trained["images"]),
                              "--output", str(tmp_path / "out"), *args])
     assert result.returncode != 0 and result.stderr.startswith("error: ") and message in result.stderr
+
+
+def test_reconstruction_falls_back_to_tiles_when_the_device_runs_out_of_memory():
+    from flexvae.checkpoint import LoadedModel
+    from flexvae.inference.tiling import FallBackToTiles
+
+    vae = local_vae()
+    ctx = LoadedModel(vae, (3, 16, 16))
+    calls = []
+
+    def whole(images):
+        calls.append(images.shape)
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    notes = []
+    run = FallBackToTiles(ctx, whole, "a batch", log=notes.append)
+    x = torch.rand(2, 3, 40, 40) * 2 - 1
+    torch.testing.assert_close(run(x), vae.reconstruct(x), atol=1e-6, rtol=1e-5)  # a local model: tiling is exact
+    assert len(notes) == 1 and "did not fit in the device's memory" in notes[0] and "--tile 16" in notes[0]
+    run(x)
+    assert len(calls) == 1  # once out of memory, later batches go to tiles directly
+
+    def broken(images):
+        raise RuntimeError("some other failure")
+
+    with pytest.raises(RuntimeError, match="some other failure"):
+        FallBackToTiles(ctx, broken, "a batch", log=notes.append)(x)

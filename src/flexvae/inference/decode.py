@@ -50,6 +50,10 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, dev
         overlap = default_overlap(tile, factor) if overlap is None else overlap
         check_tiling(tile, overlap, factor)
         expected = (expected[0], None)  # any spatial size
+    from .tiling import FallBackToTiles, decode_tiled
+
+    whole = FallBackToTiles(ctx, lambda z: ctx.vae.to_image(ctx.vae.decode(z)), "a batch of latents",
+                            make_tiled=lambda t, o, f: (lambda z: decode_tiled(ctx.vae, z, t, o, f)))
     discrete = ctx.vae.latent if ctx.vae.is_discrete else None
     expected_codes = tuple(discrete.code_shape(expected)) if discrete is not None else None
     entries, failed, non_finite_files = {}, [], 0
@@ -75,11 +79,9 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, dev
         if not tensors:
             continue
         if factor is not None:
-            from .tiling import decode_tiled
-
             images = [decode_tiled(ctx.vae, t[None].to(device), tile, overlap, factor)[0] for t in tensors]
         else:
-            images = ctx.vae.to_image(ctx.vae.decode(torch.stack(tensors).to(device)))
+            images = whole(torch.stack(tensors).to(device))
         for path, image in zip(chunk, images):
             save_image(image, safe_output_path(out_root, names[path.relative_to(in_root).as_posix()]))
     for path, reason in failed:

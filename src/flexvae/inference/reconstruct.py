@@ -43,8 +43,10 @@ def reconstruct_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=16
         tile, overlap, factor = prepare_tiling(ctx, tile, overlap)
         batches, run = tiled_batches(ctx, dataset, factor), tiled_reconstructor(ctx.vae, tile, overlap, factor)
     else:
+        from .tiling import FallBackToTiles
+
         batches = _native_batches(ctx, dataset) if native_size else loader
-        run = ctx.vae.reconstruct
+        run = FallBackToTiles(ctx, ctx.vae.reconstruct, "a batch")
     per_image = native_size or tile is not None
     for batch in tqdm(batches, disable=not progress, desc="reconstruct", total=len(dataset) if per_image else None):
         skips.add(batch.failures)

@@ -12,6 +12,8 @@ pixel tiles and latent tiles line up.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..errors import DataError
@@ -162,3 +164,43 @@ def tiled_encoder(vae, tile: int, overlap: int, factor: int):
     def encode(images, sample=False, generator=None):
         return encode_tiled(vae, images, tile, overlap, factor) * vae.scaling_factor, None
     return encode
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device allocation failure (CUDA, MPS or the CPU allocator)."""
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", MemoryError)):
+        return True
+    return isinstance(exc, (RuntimeError, MemoryError)) and "out of memory" in str(exc).lower()
+
+
+class FallBackToTiles:
+    """Run ``whole`` on a batch; when the device runs out of memory, run the same images one at
+    a time in tiles of the model's training size instead, saying so once."""
+
+    def __init__(self, ctx, whole, what: str, log=None, make_tiled=None):
+        self.ctx, self.whole, self.what = ctx, whole, what
+        self.log = log or (lambda text: print(text, file=sys.stderr))
+        # (tile, overlap, factor) -> the tiled counterpart of ``whole`` for one image
+        self.make_tiled = make_tiled or (lambda tile, overlap, factor: tiled_reconstructor(ctx.vae, tile, overlap,
+                                                                                             factor))
+        self.tiled = None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.tiled is None:
+            try:
+                return self.whole(images)
+            except Exception as exc:
+                if not is_out_of_memory(exc) or self.ctx.vae.is_discrete:
+                    raise
+                self._switch(images)
+        return torch.cat([self.tiled(image[None]) for image in images])
+
+    def _switch(self, images) -> None:
+        if images.device.type == "cuda":
+            torch.cuda.empty_cache()
+        factor = downsampling_factor(self.ctx.vae, self.ctx.data_shape)
+        tile = int(self.ctx.data_shape[-1])
+        overlap = default_overlap(tile, factor)
+        self.tiled = self.make_tiled(tile, overlap, factor)
+        self.log(f"note: {self.what} of size {tuple(images.shape[-2:])} did not fit in the device's memory; going on "
+                 f"one at a time in tiles of {tile} px overlapping by {overlap} (as --tile {tile} --overlap {overlap})")
