@@ -220,11 +220,11 @@ def test_an_interrupted_encode_keeps_the_manifest_of_what_it_finished(trained, t
 
     real, batches = inference.save_latent, {"n": 0}
 
-    def failing(tensor, path, fmt, codes=None):
+    def failing(tensor, path, fmt, codes=None, sync_dir=True):
         if batches["n"] >= 2:
             raise OSError(errno.EIO, "Input/output error", str(path))
         batches["n"] += 1
-        real(tensor, path, fmt, codes)
+        real(tensor, path, fmt, codes, sync_dir)
 
     monkeypatch.setattr(inference, "save_latent", failing)
     out = tmp_path / "latents"

@@ -51,8 +51,10 @@ def fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path to write to; on success it replaces ``path``."""
+def atomic_path(path, sync_dir: bool = True):
+    """Yield a temporary path to write to; on success it replaces ``path``. ``sync_dir=False``
+    leaves making the rename durable (``fsync_dir``) to the caller, who may do it once for
+    many files of one folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -68,17 +70,18 @@ def atomic_path(path):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
-def atomic_open(path, mode: str = "w", **kwargs):
+def atomic_open(path, mode: str = "w", sync_dir: bool = True, **kwargs):
     """``open`` for writing, atomically: ``with atomic_open(p) as fh: fh.write(...)``."""
     if not mode.startswith("w"):
         raise ValueError(f"atomic_open writes a whole file; mode must start with 'w', got {mode!r}")
     if "b" not in mode:
         kwargs.setdefault("encoding", "utf-8")
-    with atomic_path(path) as tmp:
+    with atomic_path(path, sync_dir) as tmp:
         with open(tmp, mode, **kwargs) as fh:
             yield fh
 

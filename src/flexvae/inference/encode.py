@@ -12,7 +12,7 @@ import torch
 from ..checkpoint import LoadedModel
 from ..data import SkipLog, find_images
 from ..errors import DataError
-from ..files import write_text
+from ..files import fsync_dir, write_text
 from .latent_files import append_manifest, write_manifest, read_manifest, save_latent
 from .pipeline import BackgroundWriter, read_ahead
 from .shard_writer import ShardWriter
@@ -190,7 +190,7 @@ def _encode_loop(ctx, loader, output_path, out_root, names, entries, skips, fmt,
                             _record(entries, journal, completed)
                         continue
                     target = output_path(names[rel])
-                    jobs.append(writer.submit(save_latent, latent, target, fmt, code))
+                    jobs.append(writer.submit(save_latent, latent, target, fmt, code, False))
                     entry["file"] = target.relative_to(out_root).as_posix()
                     done.append(entry)
             # This batch's files are written while the next one is read and encoded; an entry
@@ -223,6 +223,8 @@ def _finish(writer, pending, entries, journal) -> None:
     """Wait for a batch's files, then record its entries (re-raising a failed write first)."""
     jobs, done = pending
     writer.wait(jobs)
+    for folder in {(journal.parent / e["file"]).parent for e in done if "file" in e}:
+        fsync_dir(folder)  # the batch's renames are durable before the manifest names them
     _record(entries, journal, done)
 
 

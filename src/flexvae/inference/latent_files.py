@@ -20,26 +20,28 @@ def codes_path(path: Path) -> Path:
     return path.with_name(path.stem + CODES_SUFFIX)
 
 
-def save_latent(tensor: torch.Tensor, path: Path, fmt: str, codes: torch.Tensor | None = None) -> None:
+def save_latent(tensor: torch.Tensor, path: Path, fmt: str, codes: torch.Tensor | None = None,
+                sync_dir: bool = True) -> None:
     """One latent per file, written atomically; safetensors key 'latent', plus 'codes' (int64)
-    for discrete latents. The npy format writes the codes to ``<name>.codes.npy`` first."""
+    for discrete latents. The npy format writes the codes to ``<name>.codes.npy`` first.
+    ``sync_dir=False``: the caller makes the folder's renames durable (files.fsync_dir)."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "npy":
         if codes is not None:
-            _atomic_npy(codes.long().cpu().numpy(), codes_path(path))
-        _atomic_npy(tensor.cpu().numpy(), path)
+            _atomic_npy(codes.long().cpu().numpy(), codes_path(path), sync_dir)
+        _atomic_npy(tensor.cpu().numpy(), path, sync_dir)
         return
     tensors = {"latent": tensor.contiguous().cpu()}
     if codes is not None:
         tensors["codes"] = codes.long().contiguous().cpu()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, sync_dir) as tmp:
         save_file(tensors, str(tmp))
 
 
-def _atomic_npy(array: np.ndarray, path: Path) -> None:
-    with atomic_open(path, "wb") as fh:
+def _atomic_npy(array: np.ndarray, path: Path, sync_dir: bool = True) -> None:
+    with atomic_open(path, "wb", sync_dir=sync_dir) as fh:
         np.save(fh, array)
 
 
