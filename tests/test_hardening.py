@@ -451,3 +451,12 @@ def test_sigterm_saves_like_ctrl_c_and_exits_143(trained, tmp_path):
 def test_version(capsys):
     proc = run_in_process(["--version"])
     assert proc.returncode == 0 and proc.stdout.strip() == f"flexvae {__import__('flexvae').__version__}"
+
+
+def test_error_lines_escape_every_line_break_python_knows():
+    """NEL (\\x85) and the Unicode line and paragraph separators break lines too."""
+    from flexvae.cli import one_line
+
+    message = one_line("key 'a\x85b\u2028c\u2029d\ne\x1c'")
+    assert len(message.splitlines()) == 1
+    assert message == "key 'a\\x85b\\u2028c\\u2029d\\x0ae\\x1c'"

@@ -16,7 +16,9 @@ from .modes import MODES, check_options, flexvae_parser, handler_for, mode_parse
 __all__ = ["main", "MODES", "flexvae_parser", "train_py_parser"]
 
 
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+# C0 and C1 controls and the Unicode line separators: everything str.splitlines() breaks at
+_CONTROL = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}")
+            for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]}
 
 
 def one_line(message: str) -> str:
