@@ -19,7 +19,7 @@ def checkpoint_metadata(cfg, plan, step: int, scaling_factor: float) -> dict:
     """Everything needed to rebuild the model from the checkpoint file alone."""
     from ..assemble import output_kind
     from ..config import config_to_dict
-    from ..dsl.structure import unparse_structure
+    from ..dsl.structure import unexpanded, unparse_structure
     from ..version import __version__
 
     return {
@@ -27,24 +27,14 @@ def checkpoint_metadata(cfg, plan, step: int, scaling_factor: float) -> dict:
         "flexvae_version": __version__,
         "step": int(step),
         "config": config_to_dict(cfg),
-        "encoder": unparse_structure(_unexpanded(plan.encoder.specs)),
-        "decoder": unparse_structure(_unexpanded(plan.decoder.specs)),
+        "encoder": unparse_structure(unexpanded(plan.encoder.specs)),
+        "decoder": unparse_structure(unexpanded(plan.decoder.specs)),
         "data_shape": list(plan.data_shape),
         "latent_shape": list(plan.latent_shape),
         "scaling_factor": float(scaling_factor),
         "output": output_kind(cfg),
         "plugins": list(cfg.model.plugins),
     }
-
-
-def _unexpanded(specs):
-    """Expanded specs share their TokenSpec object per repeat: keep each once."""
-    seen, out = set(), []
-    for spec in specs:
-        if id(spec) not in seen:
-            seen.add(id(spec))
-            out.append(spec)
-    return out
 
 
 @dataclass

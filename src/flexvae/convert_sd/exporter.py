@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..dsl.structure import parse_structure
+from ..dsl.structure import parse_structure, unexpanded
 from ..errors import CheckpointError
 from .layout import DIFFUSERS_WEIGHTS, sd_config, sd_layout, weight_mapping
 
@@ -92,7 +92,7 @@ def export_diffusers(loaded, output) -> Path:
         raise CheckpointError(f"export --format diffusers needs a decoder that outputs images; this one outputs "
                               f"{vae.output} (its likelihood is not part of diffusers' AutoencoderKL)")
     meta_tokens = (loaded.plan.encoder.specs, loaded.plan.decoder.specs)
-    arch = infer_arch([s.text for s in _unique(meta_tokens[0])], [s.text for s in _unique(meta_tokens[1])],
+    arch = infer_arch([s.text for s in unexpanded(meta_tokens[0])], [s.text for s in unexpanded(meta_tokens[1])],
                       loaded.data_shape, vae.latent_shape, vae.scaling_factor)
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
@@ -107,11 +107,3 @@ def export_diffusers(loaded, output) -> Path:
     write_text(output / "config.json", json.dumps(diffusers_config(arch), indent=2) + "\n")
     return output
 
-
-def _unique(specs):
-    seen, out = set(), []
-    for spec in specs:
-        if id(spec) not in seen:
-            seen.add(id(spec))
-            out.append(spec)
-    return out

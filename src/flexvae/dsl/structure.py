@@ -94,3 +94,13 @@ def load_structure(path) -> list[TokenSpec]:
         raise StructureError(f"not a usable JSON value: {exc}", source=str(path)) from None
     return parse_structure(tokens, source=str(path))
 
+
+
+def unexpanded(specs) -> list[TokenSpec]:
+    """Expanded specs share their TokenSpec object per repeat: keep each once, in order."""
+    seen, out = set(), []
+    for spec in specs:
+        if id(spec) not in seen:
+            seen.add(id(spec))
+            out.append(spec)
+    return out

@@ -103,3 +103,24 @@ def folder_loader(ctx, input_dir, batch_size, num_workers, device, paths=None):
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers,
                          device_type=torch.device(device).type)
     return dataset, loader
+
+
+def native_batches(ctx, dataset, crop_size):
+    """Batches of one image each at its own size, centre-cropped to ``crop_size(h, w)``: a
+    (height, width), or a string saying why the image cannot be used (reported as a failure)."""
+    from ..data import Batch, load_native
+
+    for index, (path, rel) in enumerate(zip(dataset.paths, dataset.relpaths)):
+        try:
+            image = load_native(path, ctx.data_shape[0])
+        except DataError as exc:
+            yield Batch(None, [], [], [(rel, str(exc).split(": ", 1)[-1])])
+            continue
+        h, w = image.shape[1:]
+        size = crop_size(h, w)
+        if isinstance(size, str):
+            yield Batch(None, [], [], [(rel, size)])
+            continue
+        th, tw = size
+        top, left = (h - th) // 2, (w - tw) // 2
+        yield Batch(image[None, :, top:top + th, left:left + tw], [rel], [index], [])

@@ -13,7 +13,7 @@ from ..data import SkipLog, save_image
 from ..errors import DataError
 from ..files import atomic_open, write_text
 from ..metrics import psnr, ssim
-from .paths import check_folders, folder_loader, input_root, output_names, safe_output_path
+from .paths import check_folders, folder_loader, input_root, native_batches, output_names, safe_output_path
 
 
 @torch.no_grad()
@@ -80,21 +80,14 @@ def reconstruct_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=16
 
 def _native_batches(ctx, dataset):
     """Batches of one image each, at the image's own size cropped to what the model takes."""
-    from ..data import Batch, load_native
-
     sizes: dict = {}
-    for index, (path, rel) in enumerate(zip(dataset.paths, dataset.relpaths)):
-        try:
-            image = load_native(path, ctx.data_shape[0])
-        except DataError as exc:
-            yield Batch(None, [], [], [(rel, str(exc).split(": ", 1)[-1])])
-            continue
-        h, w = image.shape[1:]
+
+    def accepted(h, w):
         if (h, w) not in sizes:
             sizes[(h, w)] = _accepted_size(ctx, h, w)
-        th, tw = sizes[(h, w)]
-        top, left = (h - th) // 2, (w - tw) // 2
-        yield Batch(image[None, :, top:top + th, left:left + tw], [rel], [index], [])
+        return sizes[(h, w)]
+
+    return native_batches(ctx, dataset, accepted)
 
 
 def _accepted_size(ctx, h: int, w: int) -> tuple[int, int]:

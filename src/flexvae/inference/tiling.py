@@ -137,21 +137,14 @@ def prepare_tiling(ctx, tile: int, overlap: int | None) -> tuple[int, int, int]:
 
 def tiled_batches(ctx, dataset, factor: int):
     """Batches of one image each at its own size, centre-cropped to a multiple of ``factor``."""
-    from ..data import Batch, load_native
+    from .paths import native_batches
 
-    for index, (path, rel) in enumerate(zip(dataset.paths, dataset.relpaths)):
-        try:
-            image = load_native(path, ctx.data_shape[0])
-        except DataError as exc:
-            yield Batch(None, [], [], [(rel, str(exc).split(": ", 1)[-1])])
-            continue
-        h, w = image.shape[-2:]
-        th, tw = h - h % factor, w - w % factor
-        if min(th, tw) < 1:
-            yield Batch(None, [], [], [(rel, f"{h} x {w} px is smaller than the model's downsampling {factor}")])
-            continue
-        top, left = (h - th) // 2, (w - tw) // 2
-        yield Batch(image[None, :, top:top + th, left:left + tw], [rel], [index], [])
+    def multiple(h, w):
+        if min(h, w) < factor:
+            return f"{h} x {w} px is smaller than the model's downsampling {factor}"
+        return h - h % factor, w - w % factor
+
+    return native_batches(ctx, dataset, multiple)
 
 
 def tiled_reconstructor(vae, tile: int, overlap: int, factor: int):
