@@ -31,7 +31,9 @@ MODES = [
     Mode("--check", "check", "build and check the structures; print the per-layer table", handlers.check),
     Mode("--layers", "layers", "list every layer token with its arguments", handlers.layers),
     Mode("-eval", "evaluate", "evaluate a checkpoint on a folder: MSE, PSNR, SSIM, MS-SSIM, KL per channel, "
-                              "active units, importance-sampled NLL; JSON and a table", analysis.evaluate),
+                              "active units, importance-sampled NLL under the model's likelihood, and with "
+                              "--input2 LABELLED the generation score of prior samples; JSON and a table",
+         analysis.evaluate),
     Mode("-inter", "interpolate", "interpolate between --input and --input2 (images or folders) in latent space: "
                                   "linear and spherical PNG strips", analysis.interpolate),
     Mode("-pics", "pictures", "latent traversal grid, prior samples and training-history plots into "
