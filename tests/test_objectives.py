@@ -237,3 +237,19 @@ def test_an_sd_import_under_the_recipe_config_rebuilds_with_a_fresh_laplace_scal
     assert loaded.vae.likelihood.name == "laplace"
     assert float(loaded.vae.likelihood.log_scale.detach()) == pytest.approx(0.0)  # b = scale_value = 1
     assert loaded.cfg.adversarial.discriminator == "structures/patchgan_discriminator.json"
+
+
+@pytest.mark.slow
+def test_the_photos_gan_recipe_trains(photos, tmp_path):
+    """configs/photos_gan.toml as shipped (LPIPS VGG16, PatchGAN) for a few steps, with an untrained
+    LPIPS backbone standing in for the ImageNet weights this offline machine lacks."""
+    path = REPO / "configs" / "photos_gan.toml"
+    cfg = load_config(path, [f"train.out_dir={tmp_path / 'run'}", "train.max_steps=3", "adversarial.start=1",
+                             "loss.perceptual_weights=random", "data.num_workers=0", "train.device=cpu",
+                             "train.batch_size=4"])
+    trainer = Trainer(cfg, path, quiet=True)
+    trainer.train()
+    header, *rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    values = dict(zip(header.split(","), rows[-1].split(",")))
+    assert trainer.extras.perceptual is not None and float(values["perceptual"]) > 0
+    assert float(values["d_loss"]) > 0 and float(values["adaptive_weight"]) > 0
