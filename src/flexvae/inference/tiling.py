@@ -93,12 +93,16 @@ def tiled_apply(fn, x: torch.Tensor, tile: int, overlap: int, num: int = 1, den:
     return (out / weight_sum).to(x.dtype if x.is_floating_point() else torch.float32)
 
 
-@torch.no_grad()
-def encode_tiled(vae, x: torch.Tensor, tile: int, overlap: int, factor: int) -> torch.Tensor:
-    """Raw latents (posterior means) of ``x``, encoded tile by tile."""
+def _refuse_discrete(vae) -> None:
     if vae.is_discrete:
         raise DataError("--tile: blending tiles' latents needs a continuous latent; this model's is "
                         f"{vae.latent.kind} (integer codes)")
+
+
+@torch.no_grad()
+def encode_tiled(vae, x: torch.Tensor, tile: int, overlap: int, factor: int) -> torch.Tensor:
+    """Raw latents (posterior means) of ``x``, encoded tile by tile."""
+    _refuse_discrete(vae)
     return tiled_apply(lambda t: vae.encode(t).mode(), x, tile, overlap, 1, factor)
 
 
@@ -122,9 +126,7 @@ def prepare_tiling(ctx, tile: int, overlap: int | None) -> tuple[int, int, int]:
     factor = downsampling_factor(ctx.vae, ctx.data_shape)
     overlap = default_overlap(tile, factor) if overlap is None else overlap
     check_tiling(tile, overlap, factor)
-    if ctx.vae.is_discrete:
-        raise DataError("--tile: blending tiles' latents needs a continuous latent; this model's is "
-                        f"{ctx.vae.latent.kind} (integer codes)")
+    _refuse_discrete(ctx.vae)
     likelihood = ctx.vae.likelihood
     try:
         plan_vae(ctx.plan.encoder.specs, ctx.plan.decoder.specs, (ctx.data_shape[0], tile, tile), ctx.vae.latent,
