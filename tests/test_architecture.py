@@ -48,7 +48,10 @@ def encoder_channels(latent: Latent) -> int:
 @pytest.fixture(params=[t.name for t in LATENTS], ids=str)
 def model(request):
     latent_type = LATENTS.get(request.param)
-    latent = latent_type.build()
+    params = latent_type.params()
+    if "classes" in latent_type.keys:  # a class part: its count comes from the labels (assemble.make_latent)
+        params = dataclasses.replace(params, classes=3)
+    latent = latent_type.build(params)
     torch.manual_seed(0)
     plan = plan_vae(encoder_for(request.param, encoder_channels(latent)), decoder_for(), DATA, latent)
     return plan.build()

@@ -63,6 +63,8 @@ EXAMPLES = {
     "VQ": [(["VQ_16_?"], (4, 8, 8)), (["VQ_8_4_beta=0.5_decay=0_dead=0"], (4, 6)),
            (["Flat", "VQ_8_?_kmeans=true"], (2, 2, 2)), (["C2d_4_4_1", "VQ_16_?"], (4, 4, 4)),
            (["VQ_8_?_kmeans=true"], (4, 2, 2, 2))],
+    "CtxCat": [(["CtxCat_3"], (4, 8, 8)), (["CtxCat_2"], (4, 8)), (["Flat", "CtxCat_5"], (2, 2, 2))],
+    "CtxFiLM": [(["CtxFiLM_?"], (4, 8, 8)), (["CtxFiLM_4"], (4, 2, 2, 2))],
     "FSQ": [(["FSQ_8_5_5"], (3, 4, 4)), (["FSQ_3"], (1, 2, 2, 2)), (["C2d_4_4_1", "FSQ_8_5_5_5"], (4, 4, 4)),
             (["FSQ_3_3"], (2, 6))],
 }
@@ -75,7 +77,7 @@ def test_every_token_runs_forward_and_backward(name):
         specs = parse_structure(tokens, source="example")
         assert name in {s.name for s in specs}
         torch.manual_seed(0)
-        plan = trace(specs, in_shape)
+        plan = trace(specs, in_shape, classes=3)  # context tokens embed one of 3 classes
         stack = plan.build()
         assert isinstance(stack, Stack)
         x = torch.randn(2, *in_shape, requires_grad=True)

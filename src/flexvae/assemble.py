@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import sys
@@ -61,14 +62,35 @@ def structure_specs(value, role: str, config_path=None, section: str = "model"):
     return as_specs(list(value), f"{section}.{role} in {config_path or 'the config'}")
 
 
-def make_latent(cfg):
-    """The latent module that ``model.latent`` names, built from the config's [latent] parameters."""
+def make_latent(cfg, classes=None):
+    """The latent module that ``model.latent`` names, built from the config's [latent] parameters.
+    ``classes``: the labels' class names, for a latent with a class part (``latent.classes``
+    = 0 takes their count)."""
     latent_type = LATENTS.get(cfg.model.latent)
     params = cfg.latent if isinstance(cfg.latent, latent_type.params) else latent_type.params()
+    if "classes" in latent_type.keys:
+        params = _with_class_count(cfg, params, classes)
     try:
         return latent_type.build(params)
     except ValueError as exc:
         raise ConfigError(f"[latent] settings for model.latent = {cfg.model.latent!r}: {exc}") from None
+
+
+def _with_class_count(cfg, params, classes):
+    count = None if classes is None else len(classes)
+    if params.classes == 0:
+        if count is None and cfg.data.labels == "none":
+            raise ConfigError("latent.classes = 0 takes the number of classes from the labels, but data.labels = "
+                              "'none': set data.labels to 'folders' or a CSV file, or set latent.classes")
+        if count is None:
+            raise ConfigError("latent.classes = 0 takes the number of classes from the labels, which were not "
+                              "read here: pass the class names (classes=...) or set latent.classes")
+        return dataclasses.replace(params, classes=count)
+    if count is not None and params.classes != count:
+        names = ", ".join(classes[:12]) + (", ..." if count > 12 else "")
+        raise ConfigError(f"latent.classes = {params.classes}, but the labels have {count} classes ({names}); "
+                          f"set latent.classes = {count} or 0 (as many as the labels)")
+    return params
 
 
 def data_shape(cfg) -> tuple[int, ...]:
@@ -84,21 +106,25 @@ def make_likelihood(cfg, channels: int):
                                        loss.mixture_components)
 
 
-def plan_specs(encoder, decoder, shape, cfg) -> VAEPlan:
-    """Plan token lists for ``shape`` with the config's latent and the decoder output its likelihood needs."""
+def plan_specs(encoder, decoder, shape, cfg, classes=None) -> VAEPlan:
+    """Plan token lists for ``shape`` with the config's latent and the decoder output its likelihood
+    needs; ``classes``: the labels' class names (context tokens and class latents use their count)."""
     likelihood = make_likelihood(cfg, shape[0])
     channels = None if likelihood is None else likelihood.param_channels(shape[0])
     reason = "" if likelihood is None else (
         f"loss.likelihood = {cfg.loss.likelihood!r}"
         + (f" with {cfg.loss.mixture_components} components" if cfg.loss.likelihood == "logistic_mixture" else ""))
-    return plan_vae(encoder, decoder, shape, make_latent(cfg), output_channels=channels, output_reason=reason)
+    plan = plan_vae(encoder, decoder, shape, make_latent(cfg, classes), output_channels=channels,
+                    output_reason=reason, classes=None if classes is None else len(classes))
+    plan.classes = None if classes is None else tuple(classes)
+    return plan
 
 
-def plan_from_config(cfg, config_path=None) -> VAEPlan:
+def plan_from_config(cfg, config_path=None, classes=None) -> VAEPlan:
     load_plugins(cfg.model.plugins, config_path)
     encoder = structure_specs(cfg.model.encoder, "encoder", config_path)
     decoder = structure_specs(cfg.model.decoder, "decoder", config_path)
-    return plan_specs(encoder, decoder, data_shape(cfg), cfg)
+    return plan_specs(encoder, decoder, data_shape(cfg), cfg, classes)
 
 
 def output_kind(cfg) -> str:
@@ -116,6 +142,7 @@ def build_model(plan: VAEPlan, cfg, device=None, scaling_factor: float | None = 
                        likelihood=make_likelihood(cfg, plan.data_shape[0]))
     if cfg.loss.balance == "learned" and cfg.loss.objective == "weighted":
         model.balance = LossBalance().to(device or "cpu")
+    model.class_names = plan.classes
     return model
 
 
@@ -133,6 +160,25 @@ def objective_state(cfg, channels: int) -> dict:
     return state
 
 
-def model_from_config(cfg, config_path=None, device=None):
-    plan = plan_from_config(cfg, config_path)
+def model_from_config(cfg, config_path=None, device=None, classes=None):
+    plan = plan_from_config(cfg, config_path, classes)
     return build_model(plan, cfg, device), plan
+
+
+def open_training_data(cfg, config_path=None, classes=None):
+    """The training dataset of ``cfg.data`` with its labels attached (``data.labels``);
+    ``classes``: a model's class names, which the labels must use."""
+    from .data import open_dataset
+    from .data.labels import read_labels
+
+    data = cfg.data
+    if data.labels != "none" and data.source != "folder":
+        raise ConfigError(f"data.labels = {data.labels!r} reads the labels of an image folder, but "
+                          f"data.source = {data.source!r}; use data.source = 'folder'")
+    dataset = open_dataset(data.source, data.path, train=True, channels=data.channels, image_size=data.image_size,
+                           resize_filter=data.resize_filter, pad_to_square=data.pad_to_square)
+    if data.labels != "none":
+        csv_path = None if data.labels == "folders" else resolve_path(data.labels, config_path)
+        dataset.set_labels(read_labels(data.labels, dataset.relpaths, data.path, csv_path=csv_path,
+                                       classes=classes, fraction=data.label_fraction, seed=cfg.train.seed))
+    return dataset

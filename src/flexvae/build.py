@@ -50,7 +50,8 @@ class StackPlan:
         """Real modules on ``device`` (random init, in structure order, so seeding holds)."""
         with torch.device(device or "cpu"):
             modules = [layer.factory(**kwargs) for layer, kwargs in self.layers]
-        return Stack(modules, [layer.aux for layer, _ in self.layers], self.checkpoint_groups())
+        return Stack(modules, [layer.aux for layer, _ in self.layers], self.checkpoint_groups(),
+                     [layer.context for layer, _ in self.layers])
 
     def checkpoint_groups(self) -> list:
         """Per layer: None, or a key shared by the layers recomputed together."""
@@ -71,8 +72,9 @@ def expand(specs: list[TokenSpec]) -> list[TokenSpec]:
 
 
 def trace(specs: list[TokenSpec], in_shape, *, registry: Registry = LAYERS,
-          input_name: str = "the input") -> StackPlan:
-    """Check a structure against a per-sample input shape without allocating anything."""
+          input_name: str = "the input", classes: int | None = None) -> StackPlan:
+    """Check a structure against a per-sample input shape without allocating anything.
+    ``classes``: the number of label classes that context tokens embed (None: no labels)."""
     in_shape = tuple(int(s) for s in in_shape)
     source = specs[0].source if specs else None
     plan = StackPlan(source=source, in_shape=in_shape, out_shape=in_shape)
@@ -88,6 +90,11 @@ def trace(specs: list[TokenSpec], in_shape, *, registry: Registry = LAYERS,
                 f"has shape {format_shape(shape)}"
             )
         kwargs = layer.bind(spec, shape, _describe_input(index, input_name))
+        if layer.context:
+            if classes is None:
+                raise spec.error(f"{layer.name} embeds the class label, but this model has no labels: set "
+                                 "data.labels to 'folders' (sub-folder names) or a CSV file of labels")
+            kwargs["classes"] = classes
         # The same layer with the same arguments on the same input shape traces the same way:
         # repetitive structures are checked once per distinct layer, not once per token.
         key = (layer.name, tuple(sorted(kwargs.items())), shape)
@@ -122,7 +129,8 @@ def _trace_layer(layer: LayerType, kwargs: dict, spec: TokenSpec, shape, input_d
         raise spec.error(f"invalid arguments for {layer.signature()}: {_first_line(exc)}") from None
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):  # dropout draws, on real tensors
-            out = module(torch.zeros((2, *shape), device=device))
+            x = torch.zeros((2, *shape), device=device)
+            out = module(x, torch.zeros(2, dtype=torch.long, device=device)) if layer.context else module(x)
     except Exception as exc:  # torch reports bad sizes with many exception types
         raise spec.error(f"cannot be applied to {input_desc} of shape {format_shape(shape)}: {_first_line(exc)}") from None
     if layer.aux:
@@ -180,6 +188,7 @@ class VAEPlan:
     decoder: StackPlan
     latent: Latent
     latent_shape: tuple[int, ...]
+    classes: tuple[str, ...] | None = None  # the labels' class names (set by assemble.plan_specs)
 
     def build(self, device=None, scaling_factor: float = 1.0, output: str = "value", likelihood=None) -> VAE:
         """A fresh VAE; ``likelihood`` (a ``likelihoods.Likelihood``, used once) makes it an ELBO model."""
@@ -198,17 +207,19 @@ class VAEPlan:
 
 
 def plan_vae(encoder, decoder, data_shape, latent: Latent | None = None, *,
-             registry: Registry = LAYERS, output_channels: int | None = None, output_reason: str = "") -> VAEPlan:
+             registry: Registry = LAYERS, output_channels: int | None = None, output_reason: str = "",
+             classes: int | None = None) -> VAEPlan:
     """Trace encoder and decoder on the meta device; raise StructureError on any mismatch.
 
     The decoder reproduces the data shape, or outputs ``output_channels`` channels at the
     data's spatial size where a likelihood needs more parameters than pixel values
-    (``output_reason`` says which)."""
+    (``output_reason`` says which). ``classes``: how many classes the labels have, for
+    context tokens (None: the model takes no labels)."""
 
     latent = GaussianLatent() if latent is None else latent
     data_shape = tuple(int(s) for s in data_shape)
     encoder_specs, decoder_specs = as_specs(encoder, "<encoder>"), as_specs(decoder, "<decoder>")
-    enc = trace(encoder_specs, data_shape, registry=registry, input_name="the input data")
+    enc = trace(encoder_specs, data_shape, registry=registry, input_name="the input data", classes=classes)
     try:
         latent_shape = tuple(latent.latent_shape(enc.out_shape))
     except ValueError as exc:
@@ -216,6 +227,7 @@ def plan_vae(encoder, decoder, data_shape, latent: Latent | None = None, *,
     dec = trace(
         decoder_specs, latent_shape, registry=registry,
         input_name=f"the {latent.kind} latent (from the encoder's output {format_shape(enc.out_shape)})",
+        classes=classes,
     )
     if output_channels is not None and output_channels != data_shape[0]:
         wanted = (output_channels, *data_shape[1:])

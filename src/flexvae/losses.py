@@ -15,7 +15,8 @@ dimension (its gradient is the ELBO's divided by a constant) and kld_weight = be
 beta-VAE. Logged: nll and kld in nats per image, bpd = -ELBO in bits per dimension.
 
 Both add ``perceptual_weight * LPIPS`` (mean per image) when it is on, and every auxiliary
-loss of the latent and of quantizer tokens. Free bits: the KL that enters the loss is
+loss of the latent (a class latent's classification term) and of quantizer tokens; the
+posterior's diagnostics (per-part KL, temperature, label agreement) are logged beside them. Free bits: the KL that enters the loss is
 sum_c max(free_bits, mean over the batch of KL_c) over latent channels c (the logged KL is
 the true one). A learned balance (weighted objective) trains one log-weight s per term:
 w * exp(-s) * term + s.
@@ -172,4 +173,5 @@ def vae_loss(x: torch.Tensor, out, cfg, step: int = 0, output: str = "value", mo
     for name, value in out.aux.items():
         terms[name] = value.float()
         total = total + terms[name]
+    terms.update(out.posterior.diagnostics())  # logged, not optimised (per-part KL, temperature ...)
     return LossOutput(total, terms, kld_weight)

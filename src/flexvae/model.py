@@ -15,7 +15,8 @@ OUTPUTS = ("value", "logits", "mixture")
 
 class Stack(nn.Sequential):
     """A built token list. ``forward`` returns the output; ``forward_aux`` also returns the
-    auxiliary losses of layers registered with ``aux=True`` (quantizers), by name.
+    auxiliary losses of layers registered with ``aux=True`` (quantizers), by name. Both take
+    the batch's class labels (``context``), which context tokens use (None: unlabelled).
 
     Gradient checkpointing (recompute activations in the backward pass instead of storing
     them) applies to segments: ``"marked"`` uses the structure's '@' tokens and
@@ -23,11 +24,14 @@ class Stack(nn.Sequential):
     auxiliary outputs are never recomputed (a quantizer's codebook update must run once).
     """
 
-    def __init__(self, modules, aux_flags=None, checkpoint_groups=None):
+    def __init__(self, modules, aux_flags=None, checkpoint_groups=None, context_flags=None):
         super().__init__(*modules)
         count = len(self)
         self.aux_flags = tuple(aux_flags or (False,) * count)
         self.has_aux = any(self.aux_flags)
+        # Context tokens (layers/context.py) also take the batch's labels.
+        self.context_flags = tuple(context_flags or (False,) * count)
+        self.has_context = any(self.context_flags)
         self.checkpoint_groups = tuple(checkpoint_groups or (None,) * count)
         self.grad_checkpointing = "off"
 
@@ -47,31 +51,33 @@ class Stack(nn.Sequential):
                 start = index
         return out
 
-    def forward_aux(self, x):
+    def forward_aux(self, x, context=None):
         from torch.utils.checkpoint import checkpoint
 
         aux = {}
         recompute_allowed = self.grad_checkpointing != "off" and self.training and torch.is_grad_enabled()
         for start, end, recompute in self.segments(self.grad_checkpointing if recompute_allowed else "off"):
             if recompute:
-                x = checkpoint(self._run, x, start, end, use_reentrant=False)
+                x = checkpoint(self._run, x, start, end, context, use_reentrant=False)
                 continue
             for index in range(start, end):
                 if self.aux_flags[index]:
                     x, losses = self[index](x)
                     aux.update({f"{name}_{index}": value for name, value in losses.items()})
+                elif self.context_flags[index]:
+                    x = self[index](x, context)
                 else:
                     x = self[index](x)
         return x, aux
 
-    def _run(self, x, start: int, end: int):
+    def _run(self, x, start: int, end: int, context=None):
         for index in range(start, end):
-            x = self[index](x)
+            x = self[index](x, context) if self.context_flags[index] else self[index](x)
         return x
 
-    def forward(self, x):
-        if self.has_aux or self.grad_checkpointing != "off":
-            return self.forward_aux(x)[0]
+    def forward(self, x, context=None):
+        if self.has_aux or self.has_context or self.grad_checkpointing != "off":
+            return self.forward_aux(x, context)[0]
         return super().forward(x)
 
 
@@ -90,6 +96,10 @@ class VAE(nn.Module):
     ``scaling_factor * raw``; ``encode_latents``/``decode_latents`` convert. The prior of
     the KL term is N(0, I) on raw latents, so ``sample_prior`` decodes raw N(0, I) draws
     (discrete latents: codes drawn uniformly, see ``latent.sample_prior``).
+
+    A conditional model (context tokens in a stack, or a latent with a class part such as
+    ``mixed``) takes class labels: indices (B,) with -1 for "no label", or class weights
+    (B, K). ``class_names`` lists the K classes in index order (from the training data).
     """
 
     def __init__(self, encoder: Stack, decoder: Stack, latent: Latent, latent_shape,
@@ -110,26 +120,41 @@ class VAE(nn.Module):
         # The decoder likelihood of an ELBO model (likelihoods.py), with its learned scales.
         self.likelihood = likelihood
         self.balance = None  # learned loss weights (losses.LossBalance), set by assemble.build_model
+        self.class_names: tuple[str, ...] | None = None  # the labels' classes, set by assemble.build_model
 
-    def _encode(self, x, step: int | None = None):
-        h, aux = self.encoder.forward_aux(x)
+    @property
+    def classes(self) -> int | None:
+        return None if self.class_names is None else len(self.class_names)
+
+    @property
+    def takes_labels(self) -> bool:
+        """Whether labels change what the model does (context tokens or a class latent)."""
+        return self.encoder.has_context or self.decoder.has_context or self.latent.class_count is not None
+
+    def _encode(self, x, step: int | None = None, labels=None):
+        h, aux = self.encoder.forward_aux(x, labels)
         return (self.latent(h) if step is None else self.latent(h, step=step)), aux
 
-    def encode(self, x: torch.Tensor):
-        return self._encode(x)[0]
+    def encode(self, x: torch.Tensor, labels=None):
+        """q(z|x); ``labels`` reach the encoder's context tokens (a class latent still infers its class)."""
+        return self._encode(x, labels=labels)[0]
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
+    def decode(self, z: torch.Tensor, labels=None) -> torch.Tensor:
+        return self.decoder(z, labels)
 
     def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None,
-                step: int | None = None, noise: torch.Tensor | None = None) -> VAEOutput:
+                step: int | None = None, noise: torch.Tensor | None = None, labels=None) -> VAEOutput:
         """``step`` (the optimizer step, passed by the trainer) reaches the latent, whose
         schedules may use it (the categorical latent's temperature). ``noise``: the latent's
         sampling noise (shape ``latent.noise_shape``), when the caller draws it (the trainer
-        does, so results do not depend on how a batch is split across processes)."""
-        posterior, aux = self._encode(x, step)
+        does, so results do not depend on how a batch is split across processes). ``labels``
+        (indices, -1 = none) reach the context tokens, and the posterior observes them: a
+        supervised class latent uses the known class of a labelled image."""
+        posterior, aux = self._encode(x, step, labels)
+        if labels is not None:
+            posterior.observe(labels)
         z = posterior.sample(generator=generator, noise=noise) if sample else posterior.mode()
-        recon, decoder_aux = self.decoder.forward_aux(z)
+        recon, decoder_aux = self.decoder.forward_aux(z, labels)
         # Quantizer tokens' losses are named <loss>_<layer index>; the prefix keeps the
         # encoder's and the decoder's apart.
         aux = {**{f"enc_{k}": v for k, v in aux.items()}, **posterior.aux_losses(),
@@ -168,18 +193,23 @@ class VAE(nn.Module):
         return recon
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.to_image(self.decode(self.encode(x).mode()))
+    def reconstruct(self, x: torch.Tensor, labels=None) -> torch.Tensor:
+        return self.to_image(self.decode(self.encode(x, labels).mode(), labels))
 
-    def encode_latents(self, x: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
-        return self.encode_with_codes(x, sample, generator)[0]
+    def encode_latents(self, x: torch.Tensor, sample: bool = False, generator=None, labels=None) -> torch.Tensor:
+        return self.encode_with_codes(x, sample, generator, labels)[0]
 
-    def encode_with_codes(self, x: torch.Tensor, sample: bool = False, generator=None):
+    def encode_with_codes(self, x: torch.Tensor, sample: bool = False, generator=None, labels=None):
         """(scaled latents, integer codes) where the latent is discrete; codes are None otherwise."""
-        posterior = self.encode(x)
+        return self.encode_for_files(x, sample, generator, labels)[:2]
+
+    def encode_for_files(self, x: torch.Tensor, sample: bool = False, generator=None, labels=None):
+        """(scaled latents, integer codes or None, class probabilities (B, K) of a class latent or None)."""
+        posterior = self.encode(x, labels)
         z = posterior.sample(generator=generator) if sample else posterior.mode()
         codes = self.latent.codes(posterior, z) if self.is_discrete else None
-        return z * self.scaling_factor, codes
+        probs = self.latent.class_probs(posterior) if self.latent.class_count is not None else None
+        return z * self.scaling_factor, codes, probs
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Integer codes of a discrete latent -> decoder output."""
@@ -192,12 +222,34 @@ class VAE(nn.Module):
         """Whether the latent has integer codes (``encode_with_codes``, ``decode_codes``)."""
         return isinstance(self.latent, DiscreteLatent)
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_latents(self, latents: torch.Tensor, labels=None) -> torch.Tensor:
         # Not in place: the caller's tensor stays as it was.
-        return self.decode(latents / self.scaling_factor)
+        return self.decode(latents / self.scaling_factor, labels)
 
     @torch.no_grad()
-    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_prior(self, n: int, generator: torch.Generator | None = None, labels=None) -> torch.Tensor:
+        """``n`` images from the prior; ``labels`` (n class indices or (n, K) class weights) make
+        them samples of those classes. A conditional model without labels draws classes uniformly."""
         device = next(self.parameters()).device
+        if labels is not None:
+            labels = self.check_labels(labels, n).to(device)
+        elif self.takes_labels and self.classes:
+            labels = torch.randint(0, self.classes, (n,), generator=generator, device=device)
         z = self.latent.sample_prior(n, self.latent_shape, generator=generator, device=device)
-        return self.to_image(self.decode(z))
+        if labels is not None:
+            z = self.latent.with_labels(z, labels)
+        return self.to_image(self.decode(z, labels))
+
+    def check_labels(self, labels, n: int | None = None) -> torch.Tensor:
+        """``labels`` as a tensor this model takes, or ValueError saying why not."""
+        if not self.takes_labels or not self.classes:
+            raise ValueError("this model takes no labels: it has no context tokens and no class latent")
+        labels = torch.as_tensor(labels)
+        if n is not None and labels.shape[0] != n:
+            raise ValueError(f"{labels.shape[0]} labels for {n} samples")
+        if not labels.is_floating_point() and labels.numel():
+            low, high = int(labels.min()), int(labels.max())
+            if low < -1 or high >= self.classes:
+                raise ValueError(f"labels must be class indices in [0, {self.classes - 1}] (or -1 for none), "
+                                 f"found [{low}, {high}]")
+        return labels

@@ -73,6 +73,7 @@ class LayerType:
     dims: tuple[int, ...] | None = None  # spatial dims it accepts; None = any
     pass_dims: bool = False  # factory takes dims= (1, 2 or 3) from the input shape
     aux: bool = False  # forward returns (output, {name: loss}); see build.Stack
+    context: bool = False  # forward takes (x, labels) and the factory classes= (layers/context.py)
 
     def signature(self) -> str:
         """Call-style signature, e.g. ``C2d(in_channels, out_channels, kernel_size, stride=1, ...)``."""
@@ -173,7 +174,7 @@ class Registry:
 
     layers: dict[str, LayerType] = field(default_factory=dict)
 
-    def register(self, name: str, *args: Arg, doc: str, dims=None, pass_dims=False, aux=False):
+    def register(self, name: str, *args: Arg, doc: str, dims=None, pass_dims=False, aux=False, context=False):
         """Decorator registering a class (or factory function) under a token name."""
         if not name.isalnum() or not name[0].isalpha():
             raise ValueError(f"token name {name!r} must be letters and digits, starting with a letter")
@@ -192,7 +193,7 @@ class Registry:
                     f"layer token {name!r} is already registered by "
                     f"{self.layers[name].factory.__module__}; choose another name"
                 )
-            self.layers[name] = LayerType(name, factory, tuple(args), doc, dims, pass_dims, aux)
+            self.layers[name] = LayerType(name, factory, tuple(args), doc, dims, pass_dims, aux, context)
             return factory
 
         return decorator

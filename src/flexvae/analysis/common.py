@@ -18,17 +18,29 @@ def image_dataset(ctx, path=None, cfg=None, train: bool = False):
 
     ``path`` is an image folder; without it the stored config's data is used: its
     ``val_path`` when set, else ``data.path`` (a torchvision source gives its test split).
+    A conditional model's folder images get their labels (``ctx.label_spec``, see
+    data/labels.input_labels).
     """
     channels, size = ctx.data_shape[0], ctx.data_shape[1]
     options = dict(channels=channels, image_size=size, resize_filter=ctx.resize_filter,
                    pad_to_square=ctx.pad_to_square)
-    if path is not None:
-        return ImageFolder(path, **options)
-    if cfg is None:
+    if path is None and cfg is None:
         raise DataError("no input images: give a folder (--input)")
-    if cfg.data.val_path:
-        return ImageFolder(cfg.data.val_path, **options)
-    return open_dataset(cfg.data.source, cfg.data.path, train=train, **options)
+    if path is None and not cfg.data.val_path:
+        dataset = open_dataset(cfg.data.source, cfg.data.path, train=train, **options)
+        if not isinstance(dataset, ImageFolder):
+            return dataset
+        path = cfg.data.path
+    else:
+        path = path if path is not None else cfg.data.val_path
+        dataset = ImageFolder(path, **options)
+    if ctx.vae.takes_labels and ctx.vae.class_names:
+        from ..data.labels import input_labels
+
+        labels, note = input_labels(getattr(ctx, "label_spec", "auto"), dataset.relpaths, path, ctx.vae.class_names)
+        dataset.set_labels(labels)
+        print(f"note: {note}")
+    return dataset
 
 
 def image_loader(dataset, batch_size: int = 32, device="cpu", num_workers: int = 0):

@@ -77,9 +77,11 @@ def model_bits_per_dim(vae, nll_nats: float, dims: int) -> float:
 
 @torch.no_grad()
 def importance_log_weights(vae, x: torch.Tensor, num_samples: int = 100, sigma: float = 0.1,
-                           generator: torch.Generator | None = None, max_batch: int = 256) -> torch.Tensor:
-    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) for K draws z_k ~ q(z|x); shape (K, B)."""
-    posterior = vae.encode(x)
+                           generator: torch.Generator | None = None, max_batch: int = 256,
+                           labels=None) -> torch.Tensor:
+    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) for K draws z_k ~ q(z|x); shape (K, B).
+    ``labels``: the images' classes, for a conditional model (log p(x | y))."""
+    posterior = vae.encode(x, labels)
     if not is_gaussian(posterior):
         raise ValueError("the importance-sampled likelihood needs a Gaussian posterior")
     mean, logvar = posterior.mean.double(), posterior.logvar.double()
@@ -91,7 +93,8 @@ def importance_log_weights(vae, x: torch.Tensor, num_samples: int = 100, sigma: 
         k = min(chunk, num_samples - start)
         eps = torch.randn((k, *mean.shape), generator=generator, device=mean.device, dtype=torch.float32).double()
         z = mean + std * eps
-        recon = vae.decode(z.reshape(k * batch, *mean.shape[1:]).to(x.dtype))
+        recon = vae.decode(z.reshape(k * batch, *mean.shape[1:]).to(x.dtype),
+                           None if labels is None else labels.repeat(k))
         repeated = x.unsqueeze(0).expand(k, *x.shape).reshape(k * batch, *x.shape[1:])
         log_px_z = model_log_likelihood(vae, recon, repeated, sigma).view(k, batch)
         log_pz = (-0.5 * z.pow(2) - 0.5 * LOG_2PI).flatten(2).sum(2)
@@ -122,6 +125,11 @@ def default_nll_samples(data_shape) -> int:
 # ------------------------------------------------------------------ evaluation
 def _images(batch):
     return batch if isinstance(batch, torch.Tensor) else batch.images
+
+
+def _labels(batch, device):
+    labels = None if isinstance(batch, torch.Tensor) else batch.labels
+    return None if labels is None else labels.to(device)
 
 
 class _Moments:
@@ -172,9 +180,9 @@ def evaluate_model(vae, batches, *, nll_samples: int | None = None, nll_sigma="a
         x = _images(batch)
         if x is None:
             continue
-        x = x.to(device)
-        posterior = vae.encode(x)
-        raw = vae.decode(posterior.mode())
+        x, labels = x.to(device), _labels(batch, device)
+        posterior = vae.encode(x, labels)
+        raw = vae.decode(posterior.mode(), labels)
         image = vae.to_image(raw)
         per_image = (image.float() - x.float()).pow(2).flatten(1).mean(1)
         sums["mse"] += per_image.sum().item()
@@ -258,8 +266,11 @@ def _nll(vae, batches, samples, sigma, limit, raw_mse, data_shape, device, seed,
         x = _images(batch)
         if x is None:
             continue
+        labels = _labels(batch, device)
         x = x[: limit - done].to(device)
-        log_w = importance_log_weights(vae, x, samples, sigma if sigma is not None else 1.0, generator)
+        labels = None if labels is None else labels[: x.shape[0]]
+        log_w = importance_log_weights(vae, x, samples, sigma if sigma is not None else 1.0, generator,
+                                       labels=labels)
         nll.append(-(torch.logsumexp(log_w, 0) - math.log(samples)))
         neg_elbo.append(-log_w.mean(0))
         done += x.shape[0]
@@ -316,6 +327,16 @@ def format_report(result: dict, top: int = 8) -> str:
         rows.append(("entropy of the predicted classes (nats)", f"{gen['class_entropy']:.3f} of {gen['max_entropy']:.3f}"))
         if gen["classifier_accuracy"] is not None:
             rows.append(("that classifier's held-out accuracy on real images", gen["classifier_accuracy"]))
+    cond = result.get("conditional_generation")
+    if cond:
+        rows.append((f"class-c samples classified as c (mean over {len(cond['per_class'])} classes, "
+                     f"{cond['samples_per_class']} each)", cond["mean"]))
+        worst = min(cond["per_class"], key=cond["per_class"].get)
+        rows.append(("worst class", f"{worst}: {cond['per_class'][worst]:.3f}"))
+    acc = result.get("class_accuracy")
+    if acc:
+        rows.append((f"class latent accuracy ({acc['images']} images of {acc['labelled']})", acc["accuracy"]))
+        rows.append(("class latent purity / chance", f"{acc['purity']:.3f} / {acc['chance']:.3f}"))
     text = [markdown_table(["metric", "value"], rows)]
     if "kl" in result:
         kl = result["kl"]["per_channel"]

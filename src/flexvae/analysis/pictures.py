@@ -26,7 +26,9 @@ from ..data import save_grid
 from ..files import atomic_open, write_text
 from . import require
 
-NOT_LOSS_TERMS = ("step", "kld_weight", "lr", "grad_norm", "images_per_s")
+# Not plotted as loss terms; the class diagnostics have their own plot (conditional.py).
+NOT_LOSS_TERMS = ("step", "kld_weight", "lr", "grad_norm", "images_per_s",
+                  "kld_style", "kld_class", "tau", "label_acc", "label_purity")
 
 
 # ------------------------------------------------------------------ traversal

@@ -22,7 +22,7 @@ def checkpoint_metadata(cfg, plan, step: int, scaling_factor: float) -> dict:
     from ..dsl.structure import unexpanded, unparse_structure
     from ..version import __version__
 
-    return {
+    meta = {
         "format": FORMAT_VERSION,
         "flexvae_version": __version__,
         "step": int(step),
@@ -35,6 +35,9 @@ def checkpoint_metadata(cfg, plan, step: int, scaling_factor: float) -> dict:
         "output": output_kind(cfg),
         "plugins": list(cfg.model.plugins),
     }
+    if plan.classes is not None:
+        meta["classes"] = list(plan.classes)  # the labels' class names, in index order
+    return meta
 
 
 @dataclass
@@ -50,6 +53,8 @@ class LoadedModel:
     plan: Any = None
     path: Path | None = None
     step: int = 0
+    label_spec: str = "auto"  # where the inputs' labels come from (--labels): auto, folders, none or a CSV file
+    label_note: str | None = None  # the last "labels: ..." note printed
 
     def load_images(self, paths) -> torch.Tensor:
         """Image files as one batch (B, C, H, W) in [-1, 1], preprocessed as the model's training data."""
@@ -64,7 +69,8 @@ class LoadedModel:
         return {"checkpoint": None if self.path is None else str(self.path), "step": self.step,
                 "sha256": None if self.path is None else file_digest(self.path),
                 "data_shape": list(self.data_shape), "resize_filter": self.resize_filter,
-                "pad_to_square": self.pad_to_square, "scaling_factor": float(self.vae.scaling_factor)}
+                "pad_to_square": self.pad_to_square, "scaling_factor": float(self.vae.scaling_factor),
+                **({"classes": list(self.vae.class_names)} if self.vae.class_names else {})}
 
 
 def file_digest(path, chunk: int = 1 << 22) -> str:
@@ -105,6 +111,11 @@ def _check_metadata(path, meta: dict) -> None:
     step = meta.get("step", 0)
     if type(step) is not int or step < 0:
         raise bad("step", "a whole number >= 0")
+    classes = meta.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not 2 <= len(classes) <= 100_000
+                                or not all(isinstance(c, str) and 0 < len(c) < 1000 for c in classes)
+                                or len(set(classes)) != len(classes)):
+        raise bad("classes", "a list of at least 2 distinct class names")
     plugins = meta.get("plugins", [])
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise bad("plugins", "a list of names")
@@ -146,11 +157,12 @@ def model_from_checkpoint(ckpt: Checkpoint, device=None, prefer_ema: bool = True
 
     def plan():
         return plan_specs(as_specs(meta["encoder"], f"{ckpt.path} (encoder)"),
-                          as_specs(meta["decoder"], f"{ckpt.path} (decoder)"), tuple(meta["data_shape"]), cfg)
+                          as_specs(meta["decoder"], f"{ckpt.path} (decoder)"), tuple(meta["data_shape"]), cfg,
+                          meta.get("classes"))
 
     try:
         plan_meta, plan_real = plan(), plan()  # each build takes the latent module of its plan
-    except StructureError as exc:
+    except (StructureError, ConfigError) as exc:
         hint = ""
         if meta.get("plugins"):
             hint = f" This checkpoint was trained with plugins {meta['plugins']}: pass them with --set model.plugins=..."

@@ -39,10 +39,18 @@ def evaluate(args) -> int:
     result = {"checkpoint": str(model.path), "step": model.step, "data": str(data),
               "nll_samples": nll_samples, **result}
     if args.input2:  # a labelled folder: score the prior samples with a classifier of its images
+        from ..analysis.conditional import class_accuracy, conditional_score
         from ..analysis.generation import generation_score
 
-        result["generation"] = {"labelled": str(args.input2),
-                                **generation_score(model, args.input2, seed=cfg.train.seed, device=device)}
+        score = generation_score(model, args.input2, seed=cfg.train.seed, device=device, with_classifier=True)
+        classifier = score.pop("fitted")
+        result["generation"] = {"labelled": str(args.input2), **score}
+        if model.vae.takes_labels:
+            result["conditional_generation"] = {"labelled": str(args.input2), **conditional_score(
+                model, args.input2, seed=cfg.train.seed, device=device, classifier=classifier)}
+        if model.vae.latent.class_count is not None:
+            result["class_accuracy"] = {"labelled": str(args.input2),
+                                        **class_accuracy(model, args.input2, device=device)}
     out = common.output_dir(args, run_dir, "evaluation")
     report = format_report(result)
     write_json(result, out / "evaluation.json")
@@ -56,10 +64,21 @@ def interpolate(args) -> int:
     cfg, device, run_dir = _context(args)
     from ..analysis.interpolate import interpolate_inputs
 
+    steps = common.count_option(args, "steps", 2, 8, "an interpolation (both ends included)")
+    if args.classes:
+        from ..analysis.conditional import write_class_interpolation
+
+        if args.input or args.input2:
+            raise DataError("-inter --classes A,B interpolates prior styles between two classes; leave out "
+                            "--input and --input2")
+        model = common.load_run(args, cfg, device)
+        path = write_class_interpolation(model, args.classes, common.output_dir(args, run_dir, "interpolation"),
+                                         steps=steps, seed=cfg.train.seed)
+        print(f"8 styles, {steps} steps from class to class: {path}")
+        return 0
     if not args.input or not args.input2:
         raise DataError("interpolation needs two inputs: --input A --input2 B (two images, or two folders "
-                        "whose images pair up in sorted order)")
-    steps = common.count_option(args, "steps", 2, 8, "an interpolation (both ends included)")
+                        "whose images pair up in sorted order), or --classes A,B for a conditional model")
     model = common.load_run(args, cfg, device)
     out = common.output_dir(args, run_dir, "interpolation")
     summary = interpolate_inputs(model, args.input, args.input2, out, steps=steps, device=device)
@@ -82,7 +101,12 @@ def pictures(args) -> int:
     images = sample_images(image_dataset(model, args.input, model.cfg, train=True), 64, model.cfg.train.seed).to(device)
     info = traversal_grid(model.vae, images[:1], images, out / "traversal.png", steps=steps)
     print(f"traversal of channels {info['channels']} (largest KL first): {out / 'traversal.png'}")
-    print(f"prior samples: {prior_grid(model.vae, out / 'prior.png', seed=cfg.train.seed)}")
+    if model.vae.takes_labels and model.vae.classes:
+        from ..analysis.conditional import class_prior_grid
+
+        print(f"prior samples, one row per class: {class_prior_grid(model.vae, out / 'prior.png', seed=cfg.train.seed)}")
+    else:
+        print(f"prior samples: {prior_grid(model.vae, out / 'prior.png', seed=cfg.train.seed)}")
     metrics = run_dir / METRICS_FILE
     if not metrics.is_file():
         print(f"no {metrics}: training-history plots skipped")
@@ -91,7 +115,11 @@ def pictures(args) -> int:
     if history["steps"]:
         write_kl_history(history, out / "kl_channels.csv")
     try:
-        written = plot_history(read_metrics(metrics), out, history)
+        from ..analysis.conditional import plot_class_history
+
+        columns = read_metrics(metrics)
+        written = plot_history(columns, out, history)
+        written += [p for p in [plot_class_history(columns, out / "history_classes.png")] if p is not None]
     except MissingDependency as exc:
         raise MissingDependency(f"traversal and prior grids written; history plots not: {exc}") from None
     print("training history: " + ", ".join(str(p) for p in written))

@@ -50,15 +50,20 @@ def run_dir(args, cfg) -> Path:
 
 def load_run(args, cfg, device: str):
     """The model of ``--ckpt`` (a file or a run directory), else of ``train.out_dir``."""
-    from ..checkpoint import load_run as load
-
     from ..assemble import resolve_path
+    from ..checkpoint import load_run as load
+    from ..errors import DataError
 
     # plugin files named beside the config resolve as in -t; checkpoints record them by name
     path = config_path(args)
     plugins = [str(resolve_path(p, path)) if p.endswith(".py") and path else p for p in cfg.model.plugins]
     model = load(args.ckpt or cfg.train.out_dir, device=device, prefer_ema=not args.no_ema, plugins=plugins)
-    print(f"model: {model.path} (step {model.step})")
+    spec = getattr(args, "labels", None) or "auto"
+    if spec not in ("auto", "none", "folders") and not spec.lower().endswith(".csv"):
+        raise DataError(f"--labels must be auto, none, folders or a .csv file, got {spec!r}")
+    model.label_spec = spec
+    print(f"model: {model.path} (step {model.step})"
+          + (f"; conditional on {len(model.vae.class_names)} classes" if model.vae.takes_labels else ""))
     return model
 
 

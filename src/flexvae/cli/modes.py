@@ -32,10 +32,12 @@ MODES = [
     Mode("--layers", "layers", "list every layer token with its arguments", handlers.layers),
     Mode("-eval", "evaluate", "evaluate a checkpoint on a folder: MSE, PSNR, SSIM, MS-SSIM, KL per channel, "
                               "active units, importance-sampled NLL under the model's likelihood, and with "
-                              "--input2 LABELLED the generation score of prior samples; JSON and a table",
+                              "--input2 LABELLED the generation score of prior samples (conditional models: of "
+                              "each class; class latents: their accuracy); JSON and a table",
          analysis.evaluate),
     Mode("-inter", "interpolate", "interpolate between --input and --input2 (images or folders) in latent space: "
-                                  "linear and spherical PNG strips", analysis.interpolate),
+                                  "linear and spherical PNG strips; with --classes A,B between two classes of a "
+                                  "conditional model", analysis.interpolate),
     Mode("-pics", "pictures", "latent traversal grid, prior samples and training-history plots into "
                               "<run>/pictures", analysis.pictures),
     Mode("-probe", "probe", "linear probe: classify a labelled folder (--input) from latents vs PCA of pixels",
@@ -66,7 +68,8 @@ OPTION_MODES = {
     "side_by_side": {"reconstruct"}, "native_size": {"reconstruct"}, "write": {"mem"},
     "input2": {"interpolate", "probe", "evaluate"},
     "matrix": {"matrix"}, "steps": {"interpolate", "pictures"}, "nll_samples": {"evaluate"},
-    "nll_sigma": {"evaluate"},
+    "nll_sigma": {"evaluate"}, "labels": {"reconstruct", "encode", "evaluate"},
+    "classes": {"interpolate"},
 }
 
 
@@ -103,6 +106,11 @@ def _add_options(parser: argparse.ArgumentParser, mode: Mode | None = None) -> N
     option("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     option("--input2", help="-inter: second image or folder; -probe: labelled test folder; "
                                  "-eval: labelled folder for the generation score of prior samples")
+    option("--labels", help="-i/-e/-eval with a conditional model: the inputs' labels: auto (the sub-folder names "
+                            "when every image is in a folder named after a class; default), folders, none or a "
+                            "CSV file of 'relative path,label' rows")
+    option("--classes", help="-inter with a conditional model: two class names A,B; decodes the same styles "
+                             "while the class moves from A to B")
     option("--matrix", help="-matrix: the experiment matrix TOML file")
     option("--steps", type=int, help="-inter: images per interpolation (8); -pics: traversal steps (9)")
     option("--nll-samples", type=int, help="-eval: importance samples per image for the NLL "

@@ -13,6 +13,8 @@ from ..fields import NON_NEGATIVE, POSITIVE, UNIT_CLOSED, UNIT_CLOSED_OPEN, UNIT
 from ..latents.registry import NoParams
 
 SEED_RANGE = ("between -2**32 and 2**32", lambda v: -2**32 < v < 2**32)
+LABEL_SOURCE = ("'none', 'folders' or the path of a .csv file",
+                lambda v: v in ("none", "folders") or v.strip().lower().endswith(".csv"))
 FOLDER_NAME = ("a folder name (not empty; '.' is the working directory itself)", lambda v: v.strip() not in ("", "."))
 
 
@@ -31,6 +33,12 @@ class DataConfig:
     pad_to_square: bool = setting(False, "pad images to a square before resizing instead of cropping")
     flip: bool = setting(True, "random horizontal flip (training only)")
     num_workers: int = setting(2, "data loader worker processes", NON_NEGATIVE)
+    labels: str = setting(
+        "none", "class labels: none, folders (each image's first sub-folder under path is its class) or a CSV "
+        "file of 'relative path,label' rows; images without a label are unlabelled", LABEL_SOURCE)
+    label_fraction: float = setting(
+        1.0, "keep the labels of this share of the labelled images (per class, seeded by train.seed); the rest "
+        "train unlabelled (semi-supervised)", UNIT_OPEN_CLOSED)
     cache: Literal["auto", "ram", "off"] = setting(
         "auto", "training: keep decoded, resized images in shared memory after their first read; "
         "auto = when they take under a quarter of the available RAM")
@@ -43,7 +51,7 @@ class ModelConfig:
     decoder: str | list[str] = setting(
         "structures/small_decoder.json", "decoder: JSON token-list file or inline list of tokens")
     latent: str = setting(
-        "gaussian", "latent bottleneck: gaussian, deterministic, vq, fsq or categorical")
+        "gaussian", "latent bottleneck: gaussian, deterministic, vq, fsq, categorical or mixed (Gaussian + class)")
     scaling_factor: float = setting(
         1.0, "latents are multiplied by this when encoded, divided by it before decoding", POSITIVE)
     plugins: list[str] = setting([], "Python modules or .py files that register extra layer tokens")

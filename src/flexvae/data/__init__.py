@@ -5,14 +5,14 @@ folder or a torchvision dataset into items, ``batching.py`` stacks items into ba
 reports unreadable files once each.
 """
 
-from .batching import Batch, SkipLog, collate, sample_images, make_loader
+from .batching import Batch, SkipLog, collate, sample_images, sample_items, make_loader
 from .datasets import TORCHVISION_DATASETS, ImageFolder, TorchvisionImages, open_dataset
 from .images import (CHANNEL_MODES, IMAGE_EXTENSIONS, RESIZE_FILTERS, find_images, load_image, load_native,
                      pil_to_tensor,
                      save_grid, save_image)
 
 __all__ = [
-    "Batch", "SkipLog", "collate", "sample_images", "make_loader",
+    "Batch", "SkipLog", "collate", "sample_images", "sample_items", "make_loader",
     "TORCHVISION_DATASETS", "ImageFolder", "TorchvisionImages", "open_dataset",
     "CHANNEL_MODES", "IMAGE_EXTENSIONS", "RESIZE_FILTERS", "find_images", "load_image", "load_native", "pil_to_tensor",
     "save_grid", "save_image",

@@ -86,15 +86,25 @@ def sample_images(dataset: Dataset, n: int, seed: int = 0) -> Optional[torch.Ten
     """``n`` readable images of a dataset drawn at random (fixed by ``seed``), stacked; None when
     none is readable. Random, not the first in sorted order: on a folder sorted by class
     (digits/0/..., digits/1/...) the first files would all be of one class."""
+    return sample_items(dataset, n, seed)[0]
+
+
+def sample_items(dataset: Dataset, n: int, seed: int = 0):
+    """(images, labels) of ``sample_images``; labels (-1 = none) only when every item has one."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    images = []
+    items = []
     for index in order:
         item = dataset[index]
         if item.get("image") is not None:
-            images.append(item["image"])
-        if len(images) == n:
+            items.append(item)
+        if len(items) == n:
             break
-    return torch.stack(images) if images else None
+    if not items:
+        return None, None
+    labels = None
+    if all("label" in item for item in items):
+        labels = torch.tensor([item["label"] for item in items], dtype=torch.long)
+    return torch.stack([item["image"] for item in items]), labels
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int,

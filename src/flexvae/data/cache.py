@@ -92,10 +92,13 @@ class CachedLoader:
             if bool(cache.filled[chunk].all()):
                 rows = torch.tensor(chunk)
                 images = cache.images[rows].float().div(127.5).sub(1.0)
-                labels = cache.labels[rows]
+                if self.dataset.labels is not None:  # attached labels (-1 = unlabelled) come with every image
+                    labels = self.dataset.labels.indices[rows]
+                else:
+                    labels = cache.labels[rows]
+                    labels = labels if bool((labels >= 0).all()) else None
                 yield Batch(images.pin_memory() if self.pin_memory else images,
-                            [self.dataset.relpaths[i] for i in chunk], list(chunk), [],
-                            labels if bool((labels >= 0).all()) else None)
+                            [self.dataset.relpaths[i] for i in chunk], list(chunk), [], labels)
             else:
                 yield collate([self.dataset[i] for i in chunk])
             chunk = []

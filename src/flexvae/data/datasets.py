@@ -32,6 +32,13 @@ class _PipelineDataset(Dataset):
 
     excluded: list[tuple[str, str]] = []  # files found but never opened (special files), with reasons
     cache = None  # a DecodedCache once enable_cache has made one
+    labels = None  # a labels.Labels once set_labels has attached them: every item then has a "label"
+
+    def set_labels(self, labels) -> None:
+        """Attach class labels (``data/labels.py``); item ``i`` gets ``label = labels.indices[i]`` (-1: none)."""
+        if labels is not None and len(labels.indices) != len(self):
+            raise ValueError(f"{len(labels.indices)} labels for {len(self)} images")
+        self.labels = labels
 
     def enable_cache(self, mode: str, processes: int = 1) -> str | None:
         """Keep decoded images in shared memory (``data.cache``); returns a note when it does not."""
@@ -51,6 +58,12 @@ class _PipelineDataset(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self._item(index)
+        if self.labels is not None:
+            item["label"] = int(self.labels.indices[index])
+        return item
+
+    def _item(self, index: int) -> dict[str, Any]:
         relpath = self._relpath(index)
         cached = self.cache.get(index) if self.cache is not None else None
         if cached is not None:

@@ -52,8 +52,9 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, dev
         expected = (expected[0], None)  # any spatial size
     from .tiling import FallBackToTiles, decode_tiled
 
-    whole = FallBackToTiles(ctx, lambda z: ctx.vae.to_image(ctx.vae.decode(z)), "a batch of latents",
-                            make_tiled=lambda t, o, f: (lambda z: decode_tiled(ctx.vae, z, t, o, f)))
+    whole = FallBackToTiles(ctx, lambda z, labels=None: ctx.vae.to_image(ctx.vae.decode(z, labels)),
+                            "a batch of latents", make_tiled=lambda t, o, f: (lambda z: decode_tiled(ctx.vae, z, t, o, f)))
+    file_labels = _stored_labels(ctx, in_root) if ctx.vae.decoder.has_context else None
     discrete = ctx.vae.latent if ctx.vae.is_discrete else None
     expected_codes = tuple(discrete.code_shape(expected)) if discrete is not None else None
     entries, failed, non_finite_files = {}, [], 0
@@ -81,7 +82,11 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, dev
         if factor is not None:
             images = [decode_tiled(ctx.vae, t[None].to(device), tile, overlap, factor)[0] for t in tensors]
         else:
-            images = whole(torch.stack(tensors).to(device))
+            labels = None
+            if file_labels is not None:
+                labels = torch.tensor([file_labels.get(p.relative_to(in_root).as_posix(), -1) for p in chunk],
+                                      device=device)
+            images = whole(torch.stack(tensors).to(device), labels)
         for path, image in zip(chunk, images):
             save_image(image, safe_output_path(out_root, names[path.relative_to(in_root).as_posix()]))
     for path, reason in failed:
@@ -93,6 +98,25 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, dev
         raise DataError(f"not one of the {len(files)} latent files under {in_root} could be decoded "
                         f"({len(failed)} failed, listed above)")
     return {"decoded": done, "failed": len(failed), "non_finite_files": non_finite_files}
+
+
+def _stored_labels(ctx, in_root: Path) -> dict[str, int]:
+    """Class indices by latent file, from the labels that ``-e`` wrote into the latent folder's
+    manifest (a conditional decoder needs them); files without one decode as unlabelled."""
+    from .latent_files import read_manifest
+
+    index = {name: i for i, name in enumerate(ctx.vae.class_names or ())}
+    found = {}
+    for entry in read_manifest(in_root / MANIFEST).values():
+        label = entry.get("label")
+        if isinstance(entry.get("file"), str) and isinstance(label, str):
+            if label not in index:
+                raise DataError(f"{in_root / MANIFEST}: {entry['path']} has label {label!r}, which is not one of "
+                                f"the model's classes ({', '.join((ctx.vae.class_names or ())[:10])})")
+            found[entry["file"]] = index[label]
+    print(f"note: labels: {len(found)} latent file(s) labelled by {in_root / MANIFEST}; the others decode "
+          "with the 'no label' embedding", file=sys.stderr)
+    return found
 
 
 def _raw_latent(path: Path, ctx, discrete, expected, expected_codes, device) -> torch.Tensor:

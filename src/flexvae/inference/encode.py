@@ -148,7 +148,7 @@ def _encode_batches(ctx, root, out_root, todo, names, entries, skips, fmt, sampl
     it finished), and add the latents' statistics to ``stats``."""
     dataset, loader = folder_loader(ctx, root, batch_size, num_workers, device, paths=todo)
     output_path = OutputPaths(out_root)
-    encode = ctx.vae.encode_with_codes
+    encode = ctx.vae.encode_for_files
     if tiling is not None:
         from .tiling import tiled_batches, tiled_encoder
 
@@ -176,14 +176,17 @@ def _encode_loop(ctx, loader, output_path, out_root, names, entries, skips, fmt,
                 done.append({"path": rel, "status": "failed", "reason": reason})
             jobs = []
             if batch.images is not None:
-                latents, codes = encode(batch.images.to(device), sample=sample, generator=generator)
+                labels = None if batch.labels is None else batch.labels.to(device)
+                latents, codes, *probs = encode(batch.images.to(device), sample=sample, generator=generator,
+                                                **({} if labels is None else {"labels": labels}))
                 latents = latents.float().cpu()
                 codes = [None] * len(latents) if codes is None else codes.cpu()
                 _add_stats(stats, latents)
-                for rel, latent, code in zip(batch.paths, latents, codes):
+                for index, (rel, latent, code) in enumerate(zip(batch.paths, latents, codes)):
                     entry = {"path": rel, "status": "ok", "shape": list(latent.shape), "made_by": made_by}
                     if code is not None:
                         entry["codes_shape"] = list(code.shape)
+                    entry.update(_class_fields(ctx.vae, batch.labels, probs[0] if probs else None, index))
                     if shards is not None:  # recorded when its shard is complete
                         completed = shards.add(Path(names[rel]).with_suffix("").as_posix(), latent, code, entry)
                         if completed:
@@ -202,6 +205,18 @@ def _encode_loop(ctx, loader, output_path, out_root, names, entries, skips, fmt,
             _finish(writer, pending, entries, journal)
     if shards is not None:
         _record(entries, journal, shards.close())
+
+
+def _class_fields(vae, labels, probs, index: int) -> dict:
+    """The manifest's class fields of image ``index`` of a batch: its label (class name, None for
+    an unlabelled image) and, for a class latent, q(class | x) by class name."""
+    fields = {}
+    if labels is not None and vae.class_names:
+        label = int(labels[index])
+        fields["label"] = vae.class_names[label] if label >= 0 else None
+    if probs is not None:
+        fields["class_probs"] = {name: round(float(p), 6) for name, p in zip(vae.class_names, probs[index])}
+    return fields
 
 
 def _add_stats(stats: list, latents: torch.Tensor) -> None:

@@ -3,6 +3,8 @@ paths that never leave the output folder."""
 
 from __future__ import annotations
 
+import sys
+
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
@@ -98,8 +100,19 @@ def output_names(relpaths, suffix: str) -> dict[str, str]:
 
 
 def folder_loader(ctx, input_dir, batch_size, num_workers, device, paths=None):
+    """The images under ``input_dir`` (or ``paths`` relative to it) preprocessed as the model's
+    training data; a model that takes labels gets them attached (``ctx.label_spec``, see
+    data/labels.input_labels), saying once on stderr where they came from."""
     dataset = ImageFolder(input_dir, channels=ctx.data_shape[0], image_size=ctx.data_shape[1],
                           resize_filter=ctx.resize_filter, pad_to_square=ctx.pad_to_square, paths=paths)
+    if ctx.vae.takes_labels and ctx.vae.class_names:
+        from ..data.labels import input_labels
+
+        labels, note = input_labels(ctx.label_spec, dataset.relpaths, input_dir, ctx.vae.class_names)
+        dataset.set_labels(labels)
+        if ctx.label_note != note:
+            print(f"note: {note}", file=sys.stderr)
+            ctx.label_note = note
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers,
                          device_type=torch.device(device).type)
     return dataset, loader

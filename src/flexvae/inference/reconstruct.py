@@ -53,7 +53,7 @@ def reconstruct_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=16
         if batch.images is None:
             continue
         images = batch.images.to(device)
-        recon = run(images)
+        recon = run(images) if batch.labels is None else run(images, batch.labels.to(device))
         scores = psnr(recon, images).tolist()
         ssims = ssim(recon, images).tolist()
         for rel, original, output, p, s in zip(batch.paths, images, recon, scores, ssims):

@@ -97,6 +97,9 @@ def _refuse_discrete(vae) -> None:
     if vae.is_discrete:
         raise DataError("--tile: blending tiles' latents needs a continuous latent; this model's is "
                         f"{vae.latent.kind} (integer codes)")
+    if vae.takes_labels:
+        raise DataError("--tile: this model is conditional (it takes class labels); it reads and writes whole "
+                        "images at its training size only")
 
 
 @torch.no_grad()
@@ -180,12 +183,15 @@ class FallBackToTiles:
                                                                                              factor))
         self.tiled = None
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, labels=None) -> torch.Tensor:
+        """``labels``: the images' class labels for a conditional model (never tiled)."""
+        if labels is not None:
+            return self.whole(images, labels)
         if self.tiled is None:
             try:
                 return self.whole(images)
             except Exception as exc:
-                if not is_out_of_memory(exc) or self.ctx.vae.is_discrete:
+                if not is_out_of_memory(exc) or self.ctx.vae.is_discrete or self.ctx.vae.takes_labels:
                     raise
                 self._switch(images)
         return torch.cat([self.tiled(image[None]) for image in images])

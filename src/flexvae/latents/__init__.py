@@ -11,6 +11,7 @@ from .gaussian import DeterministicLatent, DiagonalGaussian, GaussianLatent  # i
 from .vq import VectorQuantizer, VQLatent, VQParams  # isort: skip
 from .fsq import FiniteScalarQuantizer, FSQLatent, FSQParams  # isort: skip
 from .categorical import CategoricalLatent, CategoricalParams, CategoricalPosterior  # isort: skip
+from .mixed import MixedLatent, MixedParams, MixedPosterior  # isort: skip
 from .quantized import QuantizedPosterior
 from .registry import LATENTS, LatentRegistry, LatentType, NoParams, register_latent
 
@@ -21,4 +22,5 @@ __all__ = [
     "QuantizedPosterior", "VectorQuantizer", "VQLatent", "VQParams",
     "FiniteScalarQuantizer", "FSQLatent", "FSQParams",
     "CategoricalPosterior", "CategoricalLatent", "CategoricalParams",
+    "MixedPosterior", "MixedLatent", "MixedParams",
 ]

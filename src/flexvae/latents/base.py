@@ -11,11 +11,16 @@ A latent sits between the encoder's output ``h`` and the decoder's input ``z``:
   says how that noise is distributed ("normal" or "uniform" in [0, 1)). The trainer draws
   it for the global batch, so results do not depend on how a batch is split across processes;
 - ``Latent.sample_prior(n, latent_shape, generator, device)``: raw latents from the prior;
-- ``Latent.metrics()``: non-loss diagnostics (codebook usage ...), floats by name.
+- ``Latent.metrics()``: non-loss diagnostics (codebook usage ...), floats by name;
+- ``Latent.class_count``: the classes of a latent with a class part (``mixed``), else None;
+  ``Latent.with_labels(z, labels)`` sets that part of raw latents to the given classes
+  (others return z unchanged).
 
 A ``Posterior`` has ``sample(generator=None, noise=None)``, ``mode()``, ``kl()`` (shape
 (B,), summed over every non-batch dim), ``kl_elements()`` (same shape as the latent, sums
-to ``kl``), ``variance()`` (per element, zero for point codes), ``aux_losses()`` and ``mean``.
+to ``kl``), ``variance()`` (per element, zero for point codes), ``aux_losses()`` and ``mean``;
+``observe(labels)`` tells it the batch's labels (-1 = none) before sampling, which a class
+latent uses for its supervised term; ``diagnostics()`` gives logged non-loss values.
 
 Discrete latents (``DiscreteLatent``) also map between latents and integer codes:
 ``code_shape(latent_shape)``, ``codes(posterior, z=None)`` and ``decode_codes(codes)``.
@@ -78,6 +83,13 @@ class Posterior:
     def aux_losses(self) -> dict:
         return {}
 
+    def observe(self, labels: torch.Tensor) -> None:
+        """The batch's class labels (-1 = unknown); only latents with a class part use them."""
+
+    def diagnostics(self) -> dict:
+        """Logged values that are not loss terms (per-part KL, temperature ...), as tensors."""
+        return {}
+
 
 class PointPosterior(Posterior):
     """A deterministic code: sampling returns the code itself and the KL term is zero."""
@@ -101,6 +113,7 @@ class Latent(nn.Module):
     kind: ClassVar[str] = "latent"
     Params: ClassVar[type]
     noise_kind: ClassVar[str | None] = None
+    class_count: int | None = None
 
     @classmethod
     def from_params(cls, params) -> "Latent":
@@ -121,6 +134,14 @@ class Latent(nn.Module):
 
     def metrics(self) -> dict:
         return {}
+
+    def class_probs(self, posterior: Posterior) -> torch.Tensor:
+        """q(class | x), (B, class_count), of a latent with a class part."""
+        raise ValueError(f"a {self.kind} latent has no class part")
+
+    def with_labels(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Raw latents with their class part set to ``labels``; unchanged for latents without one."""
+        return z
 
 
 class DiscreteLatent(Latent):

@@ -39,6 +39,17 @@ def temperature(step: int | None, tau_start: float, tau_min: float, tau_rate: fl
     return max(tau_min, tau_start * math.exp(-tau_rate * step))
 
 
+def gumbel_softmax(logits: torch.Tensor, uniform: torch.Tensor, tau: float, hard: bool, dim: int) -> torch.Tensor:
+    """softmax((logits + Gumbel noise) / tau) along ``dim``, the Gumbel noise made from
+    ``uniform`` values in [0, 1); ``hard``: one-hot forward, the soft gradient (straight-through)."""
+    gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1 - 1e-7)))
+    soft = F.softmax((logits + gumbel) / tau, dim=dim)
+    if not hard:
+        return soft
+    hard_sample = F.one_hot(soft.argmax(dim=dim), soft.shape[dim]).movedim(-1, dim).to(soft.dtype)
+    return soft + (hard_sample - soft).detach()
+
+
 class CategoricalPosterior(Posterior):
     """q(c|x) = softmax(logits) for every group and position; logits (B, G, K, *spatial)."""
 
@@ -76,12 +87,7 @@ class CategoricalPosterior(Posterior):
             uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
         else:
             uniform = noise.to(logits.device, torch.float32)
-        gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1 - 1e-7)))
-        soft = F.softmax((logits + gumbel) / self.tau, dim=2)
-        if self.hard:
-            hard = F.one_hot(soft.argmax(dim=2), self.categories).movedim(-1, 2).to(soft.dtype)
-            soft = soft + (hard - soft).detach()
-        return self._flat(soft).to(self.logits.dtype)
+        return self._flat(gumbel_softmax(logits, uniform, self.tau, self.hard, dim=2)).to(self.logits.dtype)
 
     def mode(self) -> torch.Tensor:
         one_hot = F.one_hot(self.logits.argmax(dim=2), self.categories).movedim(-1, 2)

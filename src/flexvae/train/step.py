@@ -43,14 +43,15 @@ class StepResult:
 
 
 def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None,
-               extras: TrainingExtras | None = None) -> StepResult:
+               extras: TrainingExtras | None = None, labels=None) -> StepResult:
     """One optimizer step over ``len(batches)`` micro-batches (gradient accumulation).
 
     The forward pass runs under the runtime's autocast; the loss is computed in float32
     outside it. ``noises``: per micro-batch sampling noise of the latent (see
     runtime.sample_noise); dropout masks are drawn for the global batch too (layers/dropout.py).
     ``extras``: the perceptual and adversarial terms (train/adversarial.py); with a
-    discriminator, it takes its own step after the VAE's, on the same images.
+    discriminator, it takes its own step after the VAE's, on the same images. ``labels``: per
+    micro-batch class labels (-1 = unlabelled), when the data has them.
     A plain model stands for an fp32, single-process runtime.
     """
     if isinstance(runtime, torch.nn.Module):
@@ -67,7 +68,10 @@ def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None
         masks = global_batch_masks(mask_key(cfg.train.seed, step, index), runtime.dist.rank, runtime.dist.world_size)
         with runtime.no_sync(last_micro_batch=index == len(batches) - 1), masks:
             with runtime.autocast():
-                out = runtime.step_model(images, step=step, noise=noise)
+                if labels:
+                    out = runtime.step_model(images, step=step, noise=noise, labels=labels[index])
+                else:
+                    out = runtime.step_model(images, step=step, noise=noise)
             losses = vae_loss(images, out, cfg.loss, step, output=output_kind, model=runtime.model,
                               perceptual=extras.perceptual)
             if adversary is not None:

@@ -1,4 +1,5 @@
-"""The model's layer table (torchinfo), printed at the start of a run."""
+"""What a run prints at its start: the model, the data, the extra terms (``announce``) and,
+with ``--verbose``, the layer table (torchinfo)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,40 @@ def model_summary(model, data_shape, device) -> str:
         return f"(torchinfo summary unavailable: {exc})"
     finally:
         model.train(was_training)
+
+
+def _shape(shape) -> str:
+    return " x ".join(str(n) for n in shape)
+
+
+def announce(trainer, dataset) -> list[str]:
+    """What is about to happen, in a few lines (the layer table with ``verbose``)."""
+    cfg, plan, dist = trainer.cfg, trainer.plan, trainer.dist
+    tcfg = cfg.train
+    lines = [model_summary(trainer.model, plan.data_shape, trainer.device)] if trainer.verbose else []
+    lines.append(f"model: {plan.encoder.params + plan.decoder.params:,} parameters (encoder {plan.encoder.params:,}, "
+                 f"decoder {plan.decoder.params:,}); {trainer.model.latent.kind} latent {_shape(plan.latent_shape)} "
+                 f"for data {_shape(plan.data_shape)}; device {trainer.device}, precision {tcfg.precision}")
+    excluded = len(dataset.excluded)
+    per_step = tcfg.batch_size * tcfg.grad_accum * dist.world_size
+    split = f"{tcfg.batch_size} x {tcfg.grad_accum} accumulated" + (
+        f" x {dist.world_size} processes" if dist.enabled else "")
+    lines.append(f"data: {len(dataset):,} images in {cfg.data.path}"
+                 + (f" ({excluded} special files left out)" if excluded else "")
+                 + f"; {per_step} a step ({split}); steps {trainer.step + 1} to {tcfg.max_steps}")
+    if getattr(dataset, "labels", None) is not None:
+        use = ("context tokens" if trainer.model.encoder.has_context or trainer.model.decoder.has_context else "")
+        if trainer.model.latent.class_count is not None:
+            use += (" and " if use else "") + "the class latent"
+        lines.append(f"labels ({cfg.data.labels}): {dataset.labels.describe()}; used by "
+                     + (use or "nothing: the model has no context token and no class latent"))
+    extras = trainer.extras
+    if extras.perceptual is not None or extras.adversary is not None:
+        parts = [f"LPIPS ({cfg.loss.perceptual_net}) x {cfg.loss.perceptual_weight:g}"] if extras.perceptual else []
+        if extras.adversary is not None:
+            acfg = cfg.adversarial
+            parts.append(f"{acfg.loss} discriminator of {extras.adversary.params:,} parameters from step {acfg.start}"
+                         + (" with the adaptive weight" if acfg.adaptive else ""))
+        lines.append("extra terms: " + "; ".join(parts))
+    lines += [f"note: {note}" for note in trainer.runtime.notes]
+    return lines

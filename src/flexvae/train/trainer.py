@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..assemble import model_from_config
+from ..assemble import model_from_config, open_training_data
 from ..checkpoint import (checkpoint_metadata, checkpoint_name, list_checkpoints, load_checkpoint,
                           prune_checkpoints, save_checkpoint)
-from ..data import SkipLog, make_loader, open_dataset, sample_images, save_grid
+from ..data import SkipLog, make_loader
 from ..data.cache import CachedLoader, fill_cache
 from ..device import resolve_device
 from ..errors import Interrupted, Terminated, TrainingError
@@ -30,12 +30,10 @@ from .rng import capture_rng_state, restore_rng_state, seed_everything, set_torc
 from .runtime import prepare, sample_noise
 from .sampler import StreamSampler
 from .signals import SigTerm, on_sigterm, raise_terminated
-from .summary import model_summary
+from .samples import fixed_batch, write_samples
+from .summary import announce
 from .validation import validate, validation_batches
 from .step import StepResult, lr_factor, make_optimizer, random_flip, train_step
-
-SAMPLE_IMAGES = 8
-
 
 class Trainer:
     def __init__(self, cfg, config_path=None, fresh: bool = False, device: str | None = None, quiet: bool = False,
@@ -51,7 +49,10 @@ class Trainer:
         self.fresh = fresh
         self.lock = RunLock(self.run_dir)
         seed_everything(cfg.train.seed)
-        self.model, self.plan = model_from_config(cfg, config_path, device=self.device)
+        # With data.labels the model's classes come from the data, so the data is opened first.
+        self._dataset = open_training_data(cfg, config_path) if cfg.data.labels != "none" else None
+        classes = None if self._dataset is None else self._dataset.labels.classes
+        self.model, self.plan = model_from_config(cfg, config_path, device=self.device, classes=classes)
         check_loss_config(cfg.loss, self.plan.data_shape)
         self.runtime = prepare(self.model, cfg, self.device, self.dist)
         self.extras = make_extras(cfg, config_path, self.plan.data_shape, self.device, self.dist)
@@ -80,6 +81,12 @@ class Trainer:
         ckpt = load_checkpoint(found[-1])
         stored = ckpt.metadata
         now = checkpoint_metadata(self.cfg, self.plan, 0, self.cfg.model.scaling_factor)
+        if stored.get("classes") != now.get("classes"):
+            raise TrainingError(
+                f"{self.run_dir} holds a run trained on {len(stored.get('classes') or [])} label classes "
+                f"({found[-1].name}), but data.labels now gives {len(now.get('classes') or [])}"
+                + (f" ({', '.join(now['classes'][:10])})" if now.get("classes") else "")
+                + "; use --fresh to start over or choose another train.out_dir")
         for key in ("encoder", "decoder", "data_shape"):
             if stored.get(key) != now[key]:
                 raise TrainingError(
@@ -141,10 +148,7 @@ class Trainer:
     # ----------------------------------------------------------------- data
     def _loader(self):
         data = self.cfg.data
-        dataset = open_dataset(
-            data.source, data.path, train=True, channels=data.channels, image_size=data.image_size,
-            resize_filter=data.resize_filter, pad_to_square=data.pad_to_square,
-        )
+        dataset = self._dataset if self._dataset is not None else open_training_data(self.cfg, self.config_path)
         workers = data.num_workers
         note = dataset.enable_cache(data.cache, processes=self.dist.world_size)
         if note:
@@ -164,25 +168,21 @@ class Trainer:
                                  device_type=self.device.type, sampler=sampler)
         return dataset, loader
 
-    def _next_images(self, batches):
+    def _next_batch(self, batches):
+        """(images, labels) of the next batch with a readable image, on the device; labels
+        (-1 = unlabelled) when data.labels is set, else None."""
         while True:
             batch = next(batches)
             # Stream positions are global: each of N processes reads every N-th one.
             self._read_position += (len(batch.paths) + len(batch.failures)) * self.dist.world_size
             self.skips.add(batch.failures)
             if batch.images is not None:
-                return self.runtime.to_input(batch.images)
+                labels = None if self._dataset is None or batch.labels is None else batch.labels.to(self.device)
+                return self.runtime.to_input(batch.images), labels
 
-    @torch.no_grad()
-    def write_samples(self, fixed: torch.Tensor) -> Path:
-        self.model.eval()
-        generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
-        recon = self.model.reconstruct(fixed)
-        prior = self.model.sample_prior(fixed.shape[0], generator=generator)
-        self.model.train()
+    def write_samples(self, fixed: torch.Tensor, labels: torch.Tensor | None = None) -> Path:
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
-        save_grid([fixed, recon, prior], path)
-        return path
+        return write_samples(self.model, fixed, labels, self.cfg.train.seed, path)
 
     # ----------------------------------------------------------------- steps
     def _noises(self, micro: list[torch.Tensor]):
@@ -196,13 +196,14 @@ class Trainer:
         return [sample_noise(shape, m.shape[0], tcfg.seed, self.step, i, self.dist, self.device,
                              kind=latent.noise_kind) for i, m in enumerate(micro)]
 
-    def step_once(self, micro: list[torch.Tensor]) -> StepResult:
-        """One optimizer step on these micro-batches (images already on the device): flips,
-        sampling noise, forward, backward, update, schedule and EMA; ``self.step`` advances."""
+    def step_once(self, micro: list[torch.Tensor], labels: list[torch.Tensor] | None = None) -> StepResult:
+        """One optimizer step on these micro-batches (images already on the device, with their
+        labels when the data has them): flips, sampling noise, forward, backward, update,
+        schedule and EMA; ``self.step`` advances."""
         if self.cfg.data.flip:
             micro = [random_flip(m, self.cfg.train.seed, self.step, i, self.dist) for i, m in enumerate(micro)]
         try:
-            result = self._train_step(micro, self._noises(micro))
+            result = self._train_step(micro, self._noises(micro), labels)
         except TrainingError as exc:
             kept = (f"the last checkpoint ({self.last_saved.name}) is kept" if self.last_saved is not None
                     else "no checkpoint had been written yet")
@@ -213,19 +214,22 @@ class Trainer:
         self.step += 1
         return result
 
-    def _train_step(self, micro, noises) -> StepResult:
+    def _train_step(self, micro, noises, labels=None) -> StepResult:
         """A training step; when the compiled model fails on its first step, say so and
         train the same model without compilation."""
+        def run():
+            return train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, noises, self.extras, labels)
+
         if not self.runtime.compiled or self._compile_verified:
-            return train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, noises, self.extras)
+            return run()
         try:
-            result = train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, noises, self.extras)
+            result = run()
         except (TrainingError, KeyboardInterrupt):
             raise
         except Exception as exc:  # torch.compile raises many exception types
             self.runtime.fall_back_to_eager(exc)
             self.log(f"note: {self.runtime.notes[-1]}")
-            return train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, noises, self.extras)
+            return run()
         self._compile_verified = True  # compiled and ran: later failures are real errors
         return result
 
@@ -268,8 +272,8 @@ class Trainer:
         self._announce(dataset)
         started = time.perf_counter()
         batches = iter(loader)
-        fixed = self._fixed_batch(dataset)
-        validation = validation_batches(self.cfg, self.skips)
+        fixed, fixed_labels = fixed_batch(dataset, self.cfg.train.seed, self.device, self.cfg.data.path)
+        validation = validation_batches(self.cfg, self.skips, self.plan.classes)
         metrics = MetricsLog(self.run_dir) if self.dist.is_main else None
         if self._rng_state is not None:
             restore_rng_state(self._rng_state)
@@ -282,13 +286,14 @@ class Trainer:
         try:
             while self.step < tcfg.max_steps:
                 step_rng = torch_rng_state()  # what a Ctrl-C before this step completes saves
-                micro = [self._next_images(batches) for _ in range(tcfg.grad_accum)]
-                result = self.step_once(micro)
+                pairs = [self._next_batch(batches) for _ in range(tcfg.grad_accum)]
+                micro, labels = [p[0] for p in pairs], [p[1] for p in pairs]
+                result = self.step_once(micro, labels if self._dataset is not None else None)
                 self.stream_position, step_rng = self._read_position, None
                 self._images_seen += sum(m.shape[0] for m in micro)
                 progress.update(1)
                 progress.set_postfix({k: f"{v:.4g}" for k, v in {"loss": result.loss, **result.terms}.items()})
-                self._after_step(result, metrics, fixed, validation)
+                self._after_step(result, metrics, (fixed, fixed_labels), validation)
         except (KeyboardInterrupt, SigTerm) as exc:
             progress.close()
             self._save_on_interrupt(step_rng, terminated=isinstance(exc, SigTerm))
@@ -304,30 +309,8 @@ class Trainer:
         return self.last_saved
 
     def _announce(self, dataset) -> None:
-        """What is about to happen, in three lines (the layer table with ``verbose``)."""
-        tcfg, plan = self.cfg.train, self.plan
-        if self.verbose:
-            self.log(model_summary(self.model, plan.data_shape, self.device))
-        self.log(f"model: {plan.encoder.params + plan.decoder.params:,} parameters (encoder {plan.encoder.params:,}, "
-                 f"decoder {plan.decoder.params:,}); {self.model.latent.kind} latent {_shape(plan.latent_shape)} "
-                 f"for data {_shape(plan.data_shape)}; device {self.device}, precision {tcfg.precision}")
-        excluded = len(dataset.excluded)
-        per_step = tcfg.batch_size * tcfg.grad_accum * self.dist.world_size
-        split = f"{tcfg.batch_size} x {tcfg.grad_accum} accumulated" + (
-            f" x {self.dist.world_size} processes" if self.dist.enabled else "")
-        self.log(f"data: {len(dataset):,} images in {self.cfg.data.path}"
-                 + (f" ({excluded} special files left out)" if excluded else "")
-                 + f"; {per_step} a step ({split}); steps {self.step + 1} to {tcfg.max_steps}")
-        extras = self.extras
-        if extras.perceptual is not None or extras.adversary is not None:
-            parts = [f"LPIPS ({self.cfg.loss.perceptual_net}) x {self.cfg.loss.perceptual_weight:g}"] if extras.perceptual else []
-            if extras.adversary is not None:
-                acfg = self.cfg.adversarial
-                parts.append(f"{acfg.loss} discriminator of {extras.adversary.params:,} parameters from step {acfg.start}"
-                             + (" with the adaptive weight" if acfg.adaptive else ""))
-            self.log("extra terms: " + "; ".join(parts))
-        for note in self.runtime.notes:
-            self.log(f"note: {note}")
+        for line in announce(self, dataset):
+            self.log(line)
 
     def _after_step(self, result: StepResult, metrics, fixed, validation) -> None:
         """Log, write samples and save as the config's intervals ask."""
@@ -350,7 +333,7 @@ class Trainer:
                 metrics.write(row)
             self._tick, self._images_seen = time.perf_counter(), 0
         if self.dist.is_main and (self.step % tcfg.sample_every == 0 or last):
-            self.write_samples(fixed)
+            self.write_samples(*fixed)
         if self.dist.is_main and (self.step % tcfg.save_every == 0 or last):
             self.save()
 
@@ -365,18 +348,6 @@ class Trainer:
         if terminated:
             raise Terminated(f"terminated (SIGTERM) at step {self.step}; {where}") from None
         raise Interrupted(f"interrupted at step {self.step}; {where}") from None
-
-    def _fixed_batch(self, dataset) -> torch.Tensor:
-        """Readable images drawn at random (seeded by train.seed), the same at every step, for
-        sample grids that are comparable across steps."""
-        images = sample_images(dataset, SAMPLE_IMAGES, self.cfg.train.seed)
-        if images is None:
-            raise TrainingError(f"no readable image in {self.cfg.data.path}")
-        return images.to(self.device)
-
-
-def _shape(shape) -> str:
-    return " x ".join(str(n) for n in shape)
 
 
 def _duration(seconds: float) -> str:
