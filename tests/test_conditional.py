@@ -225,7 +225,7 @@ def test_mixed_latent_observes_labels_on_the_labelled_rows():
     class_kl = posterior.class_kl()
     assert (class_kl[[0, 2]] == 0).all() and (class_kl[[1, 3]].sum(1) > 0).all()
     logits = h[:, 6:].flatten(2).mean(2)
-    expected = 0.5 * F.cross_entropy(logits[[0, 2]], torch.tensor([2, 0]))
+    expected = 0.5 * F.cross_entropy(logits[[0, 2]], torch.tensor([2, 0]), reduction="sum") / 4
     torch.testing.assert_close(posterior.aux_losses()["classify"], expected)
     assert posterior.mode()[0, 3:, 0, 0].tolist() == [0, 0, 1]
     unsupervised = MixedLatent(classes=3, classify_weight=0.0)(h)
@@ -393,3 +393,78 @@ def test_class_interpolation_ends_are_the_class_samples():
     z = vae.latent.sample_prior(2, vae.latent_shape, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(grid[:, 0], vae.to_image(vae.decode(z, torch.tensor([0, 0]))))
     torch.testing.assert_close(grid[:, 2], vae.to_image(vae.decode(z, torch.tensor([2, 2]))))
+
+
+@pytest.mark.slow
+def test_two_processes_with_labels_match_one_process(tmp_path):
+    """torchrun with 2 CPU processes on a partly labelled folder (a FiLM decoder and a
+    supervised mixed latent): each process gets its images' labels, so the replicas stay
+    identical and match one process with the same global batch."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from helpers.runs import REPO
+
+    images = labelled_folder(tmp_path / "img", unlabelled=4)
+    decoder = MIXED_DECODER.replace('"C2d_4_8_3_1_1", ', '"C2d_4_8_3_1_1", "CtxFiLM_?", ')
+    common = [f"data.path={images}", "data.num_workers=0", "data.labels=folders", "data.label_fraction=0.5",
+              "model.latent=mixed", "latent.classes=0", f"model.encoder={MIXED_ENCODER}", f"model.decoder={decoder}",
+              "train.max_steps=4", "train.save_every=4", "train.grad_accum=2", "train.lr=1e-4", "train.grad_clip=0",
+              "train.log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = str(REPO / "tests" / "helpers" / "ddp_train.py")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script,
+                          str(tmp_path / "two"), *common, "train.batch_size=2"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, script, str(tmp_path / "one"), *common, "train.batch_size=4"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    rank0, rank1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
+    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], single[key], rtol=0, atol=5e-5)
+
+    def logged(run):
+        with open(run / "metrics.csv", newline="") as fh:
+            return [(float(row["loss"]), float(row["classify"])) for row in csv.DictReader(fh)]
+
+    assert np.allclose(logged(tmp_path / "two"), logged(tmp_path / "one"), rtol=1e-5)
+
+
+def test_eval_scores_conditional_samples_and_the_class_latent_and_pics_plot_the_diagnostics(tmp_path):
+    images = labelled_folder(tmp_path / "img", per_class=6)
+    run = tmp_path / "run"
+    args = mixed_args(images, run, "--set", "train.max_steps=6", "--set", "train.log_every=2")
+    assert run_in_process(["-t", *args]).returncode == 0
+    result = run_in_process(["-eval", *args, "--input", images, "--input2", images, "--nll-samples", "0"])
+    assert result.returncode == 0, result.stderr
+    report = json.loads((run / "evaluation" / "evaluation.json").read_text())
+    cond, acc = report["conditional_generation"], report["class_accuracy"]
+    assert set(cond["per_class"]) == set(CLASSES) and all(0 <= v <= 1 for v in cond["per_class"].values())
+    assert cond["mean"] == pytest.approx(np.mean(list(cond["per_class"].values())))
+    assert acc["images"] == 18 and 0 <= acc["accuracy"] <= acc["purity"] <= 1 and acc["chance"] == pytest.approx(1 / 3)
+    assert "class latent accuracy (18 images" in result.stdout
+    pics = run_in_process(["-pics", *args])
+    assert pics.returncode == 0, pics.stderr
+    assert (run / "pictures" / "history_classes.png").is_file() and "prior samples, one row per class" in pics.stdout
+    assert Image.open(run / "pictures" / "prior.png").size[1] == 3 * 16 + 4 * 2
+
+
+def test_class_accuracy_agrees_with_a_direct_count(tmp_path):
+    from flexvae.analysis.conditional import class_accuracy
+    from flexvae.checkpoint import load_run
+
+    images = labelled_folder(tmp_path / "img", per_class=3)
+    assert run_in_process(["-t", *mixed_args(images, tmp_path / "run", "--set", "train.max_steps=2")]).returncode == 0
+    ctx = load_run(tmp_path / "run")
+    found = class_accuracy(ctx, images)
+    x = ctx.load_images(sorted(images.rglob("*.png")))
+    truth = torch.tensor([CLASSES.index(p.parent.name) for p in sorted(images.rglob("*.png"))])
+    predicted = ctx.vae.latent.class_probs(ctx.vae.encode(x)).argmax(1)
+    assert found["accuracy"] == pytest.approx(float((predicted == truth).float().mean()))

@@ -104,3 +104,31 @@ def test_trained_run_api_example(tmp_path):
     assert names["x"].shape == (1, 3, 16, 16) and names["recon"].shape == (1, 3, 16, 16)
     assert names["samples"].shape == (4, 3, 16, 16) and float(names["recon"].detach().abs().max()) <= 1
     assert torch.is_tensor(names["z"]) and names["z"].shape == (1, 2, 8, 8)
+
+
+def test_conditional_python_example_runs(tmp_path):
+    import contextlib
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from flexvae.config import load_config
+    from flexvae.train.trainer import Trainer
+
+    images = tmp_path / "digits"
+    rng = np.random.default_rng(0)
+    for digit in range(10):
+        (images / str(digit)).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(images / str(digit) / "0.png")
+    config = ROOT / "configs" / "digits_cond.toml"
+    cfg = load_config(config, [f"train.out_dir={tmp_path / 'run'}", f"data.path={images}", "train.max_steps=2",
+                               "train.batch_size=4"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        Trainer(cfg, config, quiet=True).train()
+    block = README.split("### Labels and conditional models", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    block = block.replace('"runs/digits_cond"', repr(str(tmp_path / "run")))
+    names = {"flexvae": __import__("flexvae"), "torch": torch}
+    exec(compile(block, "README.md (conditional)", "exec"), names)
+    assert names["sevens"].shape == (8, 1, 16, 16) and names["halfway"].shape == (8, 1, 16, 16)

@@ -108,6 +108,9 @@ class CategoricalPosterior(Posterior):
         probs = self.mean
         return probs * (1 - probs)
 
+    def diagnostics(self) -> dict:
+        return {"tau": torch.tensor(float(self.tau))}
+
     @property
     def codes(self) -> torch.Tensor:
         """The most likely category of every group and position, (B, G, *spatial)."""

@@ -11,8 +11,9 @@ KL: the Gaussian part's KL to N(0, I) plus the class part's KL to a uniform prio
 
 Supervision (``classify_weight`` > 0): for an image whose label is known (``observe``), the
 decoder gets that class and the loss gets ``classify_weight`` times the cross-entropy of
-q(y|x) against it (mean over the batch's labelled images); the class part's KL is left out
-for those images, as y is observed, not inferred. Unlabelled images infer their class. With
+q(y|x) against it (summed over the batch's labelled images, divided by the batch size, so a
+run with 10% of labels wants a weight about ten times larger for the same pull per labelled
+image); the class part's KL is left out for those images, as y is observed, not inferred. Unlabelled images infer their class. With
 ``classify_weight = 0`` labels are only used for the logged agreement (``label_acc``,
 ``label_purity``).
 
@@ -124,10 +125,16 @@ class MixedPosterior(Posterior):
         return self._join(self.gaussian.variance(), probs * (1 - probs))
 
     def aux_losses(self) -> dict:
+        """``classify``: the weighted cross-entropy on the labelled rows, once labels were observed
+        (zero for a batch without one, so every batch and process logs the same terms)."""
+        if self.labels is None or self.classify_weight <= 0:
+            return {}
         known = self._known()
         if known is None:
-            return {}
-        nll = F.cross_entropy(self.logits.float()[known], self.labels[known])
+            return {"classify": self.logits.float().sum() * 0.0}
+        # summed over the labelled rows, divided by the batch: like every per-image term, the same
+        # whether a batch is split across processes or micro-batches or not
+        nll = F.cross_entropy(self.logits.float()[known], self.labels[known], reduction="sum") / len(known)
         return {"classify": self.classify_weight * nll}
 
     def diagnostics(self) -> dict:
@@ -163,7 +170,8 @@ class MixedParams:
     classes: int = setting(0, "mixed: values of the class variable; 0 = the number of classes of data.labels",
                            NON_NEGATIVE)
     classify_weight: float = setting(
-        1.0, "mixed: weight of the class part's cross-entropy on labelled images; 0 = unsupervised", NON_NEGATIVE)
+        1.0, "mixed: weight of the class part's cross-entropy, summed over labelled images / batch size; "
+        "0 = unsupervised", NON_NEGATIVE)
     tau_start: float = setting(1.0, "mixed: Gumbel-softmax temperature at step 0", POSITIVE)
     tau_min: float = setting(0.5, "mixed: lowest temperature, also used outside training", POSITIVE)
     tau_rate: float = setting(1e-3, "mixed: temperature decay per step", NON_NEGATIVE)
