@@ -2,7 +2,7 @@
 
 1. Training steps of the default config (configs/config.toml: small model, 32 px, batch 16) fed
    through the trainer's own data path (ImageFolder on assets/photos, StreamSampler,
-   make_loader, Trainer._next_images) against the same model, optimizer and train_step fed one
+   make_loader, Trainer._next_batch) against the same model, optimizer and train_step fed one
    pre-built in-memory batch. Blocks of steps alternate (loader, memory, memory, loader, ...)
    after a warm-up; the ratio is the median over adjacent block pairs of loader / memory
    throughput, so that load from other processes drifting over time cancels out (goal >= 0.90).
@@ -64,7 +64,7 @@ def train_comparison(cfg, workers: int, steps: int, block: int, warmup: int, out
         trainer.step += 1
 
     def from_loader():
-        one_step([trainer._next_images(batches) for _ in range(tcfg.grad_accum)])
+        one_step([trainer._next_batch(batches)[0] for _ in range(tcfg.grad_accum)])
 
     def from_memory():
         one_step([memory] * tcfg.grad_accum)
@@ -82,7 +82,7 @@ def train_comparison(cfg, workers: int, steps: int, block: int, warmup: int, out
         from_memory()
     began = time.perf_counter()
     for _ in range(block):
-        trainer._next_images(batches)
+        trainer._next_batch(batches)
     data_only = block / (time.perf_counter() - began)
     rates = {"loader": [], "memory": []}
     for i in range(max(1, steps // block)):
