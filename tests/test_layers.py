@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flexvae.hierarchy import ForwardState
 from flexvae.build import Stack, trace
 from flexvae.dsl import parse_structure, parse_token
 from flexvae.errors import FlexVAEError, StructureError
@@ -65,9 +66,16 @@ EXAMPLES = {
            (["VQ_8_?_kmeans=true"], (4, 2, 2, 2))],
     "CtxCat": [(["CtxCat_3"], (4, 8, 8)), (["CtxCat_2"], (4, 8)), (["Flat", "CtxCat_5"], (2, 2, 2))],
     "CtxFiLM": [(["CtxFiLM_?"], (4, 8, 8)), (["CtxFiLM_4"], (4, 2, 2, 2))],
+    "Keep": [(["Keep_name=a"], (4, 8, 8)), (["Keep_name=a", "C2d_4_4_3_1_1", "Keep_name=b"], (4, 8, 8))],
+    "Z": [(["Z_3_enc=s"], (4, 8, 8)), (["Z_2_enc=s_merge=cat_hidden=8", "C2d_6_4_1"], (4, 8, 8)),
+          (["Z_3_enc=v"], (6,)), (["Z_2_enc=l_name=other"], (4, 8)), (["Z_2_enc=c"], (4, 2, 2, 2))],
     "FSQ": [(["FSQ_8_5_5"], (3, 4, 4)), (["FSQ_3"], (1, 2, 2, 2)), (["C2d_4_4_1", "FSQ_8_5_5_5"], (4, 4, 4)),
             (["FSQ_3_3"], (2, 6))],
 }
+
+
+# encoder activations the Z examples read: (channels, *positions) matching their inputs'
+KEPT = {"s": (5, 8, 8), "v": (5,), "l": (3, 8), "c": (2, 2, 2, 2)}
 
 
 @pytest.mark.parametrize("name", LAYERS.names())
@@ -77,14 +85,17 @@ def test_every_token_runs_forward_and_backward(name):
         specs = parse_structure(tokens, source="example")
         assert name in {s.name for s in specs}
         torch.manual_seed(0)
-        plan = trace(specs, in_shape, classes=3)  # context tokens embed one of 3 classes
+        # context tokens embed one of 3 classes; latent groups read the encoder activations KEPT
+        plan = trace(specs, in_shape, classes=3, kept=KEPT)
         stack = plan.build()
         assert isinstance(stack, Stack)
         x = torch.randn(2, *in_shape, requires_grad=True)
-        out, aux = stack.forward_aux(x)
+        state = ForwardState(kept={name: torch.randn(2, *shape) for name, shape in KEPT.items()})
+        out, aux = stack.forward_aux(x, state)
         assert tuple(out.shape) == (2, *plan.out_shape), tokens
         assert torch.isfinite(out).all(), tokens
-        (out.square().mean() + sum(v for v in aux.values())).backward()
+        kl = sum(group.kl().mean() for group in state.posteriors.values())  # reaches the prior nets
+        (out.square().mean() + sum(v for v in aux.values()) + kl).backward()
         assert x.grad is not None and torch.isfinite(x.grad).all(), tokens
         for param in stack.parameters():
             if param.requires_grad:

@@ -15,7 +15,9 @@ import torch
 
 from . import layers  # noqa: F401  (registers the built-in tokens)
 from .dsl.grammar import TokenSpec
+from .hierarchy import ForwardState
 from .latents import GaussianLatent, Latent
+from .layers.hierarchy import scale_groups
 from .model import VAE, Stack
 from .registry import LAYERS, LayerType, Registry
 from .utils import format_shape
@@ -41,6 +43,8 @@ class StackPlan:
     layers: list[tuple[LayerType, dict]] = field(default_factory=list)
     rows: list[LayerRow] = field(default_factory=list)
     specs: list[TokenSpec] = field(default_factory=list)
+    kept: dict = field(default_factory=dict)  # encoder activations named by Keep tokens: name -> shape
+    groups: list = field(default_factory=list)  # the decoder's latent groups (Z tokens): (name, shape)
 
     @property
     def params(self) -> int:
@@ -50,8 +54,9 @@ class StackPlan:
         """Real modules on ``device`` (random init, in structure order, so seeding holds)."""
         with torch.device(device or "cpu"):
             modules = [layer.factory(**kwargs) for layer, kwargs in self.layers]
+        scale_groups(modules)
         return Stack(modules, [layer.aux for layer, _ in self.layers], self.checkpoint_groups(),
-                     [layer.context for layer, _ in self.layers])
+                     [layer.context is not None for layer, _ in self.layers])
 
     def checkpoint_groups(self) -> list:
         """Per layer: None, or a key shared by the layers recomputed together."""
@@ -72,9 +77,10 @@ def expand(specs: list[TokenSpec]) -> list[TokenSpec]:
 
 
 def trace(specs: list[TokenSpec], in_shape, *, registry: Registry = LAYERS,
-          input_name: str = "the input", classes: int | None = None) -> StackPlan:
+          input_name: str = "the input", classes: int | None = None, kept: dict | None = None) -> StackPlan:
     """Check a structure against a per-sample input shape without allocating anything.
-    ``classes``: the number of label classes that context tokens embed (None: no labels)."""
+    ``classes``: the number of label classes that context tokens embed (None: no labels);
+    ``kept``: the encoder activations a decoder's latent groups may use (name -> shape)."""
     in_shape = tuple(int(s) for s in in_shape)
     source = specs[0].source if specs else None
     plan = StackPlan(source=source, in_shape=in_shape, out_shape=in_shape)
@@ -90,11 +96,8 @@ def trace(specs: list[TokenSpec], in_shape, *, registry: Registry = LAYERS,
                 f"has shape {format_shape(shape)}"
             )
         kwargs = layer.bind(spec, shape, _describe_input(index, input_name))
-        if layer.context:
-            if classes is None:
-                raise spec.error(f"{layer.name} embeds the class label, but this model has no labels: set "
-                                 "data.labels to 'folders' (sub-folder names) or a CSV file of labels")
-            kwargs["classes"] = classes
+        if layer.context is not None:
+            _bind_context(layer, spec, kwargs, shape, plan, classes, kept)
         # The same layer with the same arguments on the same input shape traces the same way:
         # repetitive structures are checked once per distinct layer, not once per token.
         key = (layer.name, tuple(sorted(kwargs.items())), shape)
@@ -106,6 +109,33 @@ def trace(specs: list[TokenSpec], in_shape, *, registry: Registry = LAYERS,
         plan.specs.append(spec)
     plan.out_shape = shape
     return plan
+
+
+def _bind_context(layer: LayerType, spec: TokenSpec, kwargs: dict, shape, plan: StackPlan, classes, kept) -> None:
+    """What a context token needs beyond its arguments, checked against the model: the class
+    count (context tokens), a unique name (Keep), the encoder activation it reads (Z)."""
+    if layer.context == "labels":
+        if classes is None:
+            raise spec.error(f"{layer.name} embeds the class label, but this model has no labels: set "
+                             "data.labels to 'folders' (sub-folder names) or a CSV file of labels")
+        kwargs["classes"] = classes
+    elif layer.context == "keep":
+        if kwargs["name"] in plan.kept:
+            raise spec.error(f"the name {kwargs['name']!r} is kept twice in this structure; give each Keep its own name")
+        plan.kept[kwargs["name"]] = tuple(shape)
+    elif layer.context == "group":
+        name, enc = kwargs["name"] or kwargs["enc"], kwargs["enc"]
+        available = kept or {}
+        if enc not in available:
+            names = ", ".join(available) or "none (add \"Keep_name=...\" tokens to the encoder)"
+            raise spec.error(f"no encoder activation is kept as {enc!r}; the encoder keeps: {names}")
+        if tuple(available[enc][1:]) != tuple(shape[1:]):
+            raise spec.error(f"the encoder's {enc!r} has shape {format_shape(available[enc])}, but the decoder's state "
+                             f"here has shape {format_shape(shape)}: a group needs both at the same positions")
+        if any(group == name for group, _ in plan.groups):
+            raise spec.error(f"a latent group named {name!r} comes twice; give one of them name=...")
+        kwargs.update(in_channels=shape[0], enc_channels=available[enc][0])
+        plan.groups.append((name, (kwargs["channels"], *shape[1:])))
 
 
 # A layer whose input and weights are this small is traced on real CPU tensors: the meta
@@ -130,7 +160,13 @@ def _trace_layer(layer: LayerType, kwargs: dict, spec: TokenSpec, shape, input_d
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):  # dropout draws, on real tensors
             x = torch.zeros((2, *shape), device=device)
-            out = module(x, torch.zeros(2, dtype=torch.long, device=device)) if layer.context else module(x)
+            if layer.context == "labels":
+                out = module(x, torch.zeros(2, dtype=torch.long, device=device))
+            elif layer.context == "group":
+                enc = torch.zeros((2, kwargs["enc_channels"], *shape[1:]), device=device)
+                out = module(x, ForwardState(kept={kwargs["enc"]: enc}, sample=False))
+            else:
+                out = module(x)
     except Exception as exc:  # torch reports bad sizes with many exception types
         raise spec.error(f"cannot be applied to {input_desc} of shape {format_shape(shape)}: {_first_line(exc)}") from None
     if layer.aux:
@@ -227,7 +263,7 @@ def plan_vae(encoder, decoder, data_shape, latent: Latent | None = None, *,
     dec = trace(
         decoder_specs, latent_shape, registry=registry,
         input_name=f"the {latent.kind} latent (from the encoder's output {format_shape(enc.out_shape)})",
-        classes=classes,
+        classes=classes, kept=enc.kept,
     )
     if output_channels is not None and output_channels != data_shape[0]:
         wanted = (output_channels, *data_shape[1:])

@@ -91,24 +91,27 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) ->
     raise ValueError(f"unknown reconstruction loss {kind!r}")
 
 
-def kl_per_image(posterior, free_bits: float = 0.0) -> torch.Tensor:
-    """The KL of a batch as it enters the loss, in nats per image (batch mean): with free
-    bits, sum over channels of max(free_bits, the channel's batch-mean KL)."""
+def kl_per_image(posterior, free_bits: float = 0.0, groups=None) -> torch.Tensor:
+    """The KL of a batch as it enters the loss, in nats per image (batch mean): the top latent's
+    plus each decoder group's (``groups``: GroupPosteriors by name); with free bits, each sums
+    over its channels max(free_bits, the channel's batch-mean KL)."""
+    parts = [posterior, *(groups or {}).values()]
     if free_bits <= 0:
-        return posterior.kl().float().mean()
-    return posterior.kl_groups().float().mean(0).clamp(min=free_bits).sum()
+        return sum(part.kl().float().mean() for part in parts)
+    return sum(part.kl_groups().float().mean(0).clamp(min=free_bits).sum() for part in parts)
 
 
-def kld_term(posterior, reduction: str, free_bits: float = 0.0) -> torch.Tensor:
-    """'mean': mean over every latent element (the original FlexVAE);
-    'sum': sum over each sample's latent elements, averaged over the batch (the ELBO's KL)."""
+def kld_term(posterior, reduction: str, free_bits: float = 0.0, groups=None) -> torch.Tensor:
+    """'mean': mean over every latent element (the original FlexVAE; with decoder groups, their
+    elements count too); 'sum': sum over each sample's latent elements, averaged over the batch
+    (the ELBO's KL)."""
     if reduction == "mean":
-        if free_bits <= 0:
+        if free_bits <= 0 and not groups:
             return posterior.kl_elements().float().mean()
-        elements = posterior.kl_elements()[0].numel()
-        return kl_per_image(posterior, free_bits) / elements
+        elements = posterior.kl_elements()[0].numel() + sum(g.kl_elements()[0].numel() for g in (groups or {}).values())
+        return kl_per_image(posterior, free_bits, groups) / elements
     if reduction == "sum":
-        return kl_per_image(posterior, free_bits)
+        return kl_per_image(posterior, free_bits, groups)
     raise ValueError(f"unknown KL reduction {reduction!r}")
 
 
@@ -155,14 +158,14 @@ def vae_loss(x: torch.Tensor, out, cfg, step: int = 0, output: str = "value", mo
             raise ValueError("the elbo objective needs the model's likelihood (pass model=)")
         dims = x[0].numel()
         nll = -likelihood.log_prob(out.recon, x)
-        kl = out.posterior.kl().float()
+        kl = out.kl()
         terms["nll"], terms["kld"] = nll.mean(), kl.mean()
         terms["bpd"] = likelihood.bits_per_dim(nll.detach() + kl.detach(), dims).mean()
-        total = (terms["nll"] + kld_weight * kl_per_image(out.posterior, cfg.free_bits)) / dims
+        total = (terms["nll"] + kld_weight * kl_per_image(out.posterior, cfg.free_bits, out.groups)) / dims
         image = likelihood.image(out.recon)
     else:
         total = add("recon", cfg.alpha, reconstruction_loss(out.recon, x, cfg.recon), 0.0)
-        total = add("kld", kld_weight, kld_term(out.posterior, cfg.kld_reduction, cfg.free_bits), total)
+        total = add("kld", kld_weight, kld_term(out.posterior, cfg.kld_reduction, cfg.free_bits, out.groups), total)
         image = torch.sigmoid(out.recon.float()) * 2 - 1 if output == "logits" else out.recon
     if cfg.ssim:
         total = add("ssim", cfg.beta, 1 - similarity_loss_value(image, x, cfg.ssim_kind), total)
@@ -174,4 +177,7 @@ def vae_loss(x: torch.Tensor, out, cfg, step: int = 0, output: str = "value", mo
         terms[name] = value.float()
         total = total + terms[name]
     terms.update(out.posterior.diagnostics())  # logged, not optimised (per-part KL, temperature ...)
+    if out.groups:  # a hierarchy: each group's KL in nats per image, and the top latent's
+        terms["kld_top"] = out.posterior.kl().float().mean().detach()
+        terms.update({f"kld_{name}": group.kl().float().mean().detach() for name, group in out.groups.items()})
     return LossOutput(total, terms, kld_weight)

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .hierarchy import ForwardState, group_kls
 from .latents.base import DiscreteLatent, Latent, Posterior
+from .layers.hierarchy import LatentGroup
 
 # What the decoder outputs: image values, Bernoulli logits, or logistic-mixture parameters.
 OUTPUTS = ("value", "logits", "mixture")
@@ -87,6 +89,13 @@ class VAEOutput:
     posterior: Posterior
     z: torch.Tensor  # the raw latent the decoder saw
     aux: dict = field(default_factory=dict)  # auxiliary losses by name (quantizers)
+    groups: dict = field(default_factory=dict)  # the decoder's latent groups' GroupPosteriors by name
+
+    def kl(self) -> torch.Tensor:
+        """The model's KL per sample: the top latent's plus every group's."""
+        kl = self.posterior.kl().float()
+        extra = group_kls(self.groups)
+        return kl if extra is None else kl + extra.float()
 
 
 class VAE(nn.Module):
@@ -131,35 +140,48 @@ class VAE(nn.Module):
         """Whether labels change what the model does (context tokens or a class latent)."""
         return self.encoder.has_context or self.decoder.has_context or self.latent.class_count is not None
 
-    def _encode(self, x, step: int | None = None, labels=None):
-        h, aux = self.encoder.forward_aux(x, labels)
+    @property
+    def groups(self) -> list[str]:
+        """The names of the decoder's latent groups (Z tokens), top-down; empty for a flat model."""
+        return [m.name for m in self.decoder if isinstance(m, LatentGroup)]
+
+    def _encode(self, x, step: int | None = None, labels=None, state: ForwardState | None = None):
+        state = state if state is not None else ForwardState(labels=labels)
+        h, aux = self.encoder.forward_aux(x, state)
         return (self.latent(h) if step is None else self.latent(h, step=step)), aux
 
     def encode(self, x: torch.Tensor, labels=None):
-        """q(z|x); ``labels`` reach the encoder's context tokens (a class latent still infers its class)."""
+        """q(z|x) of the top latent; ``labels`` reach the encoder's context tokens (a class latent
+        still infers its class)."""
         return self._encode(x, labels=labels)[0]
 
-    def decode(self, z: torch.Tensor, labels=None) -> torch.Tensor:
-        return self.decoder(z, labels)
+    def decode(self, z: torch.Tensor, labels=None, state: ForwardState | None = None) -> torch.Tensor:
+        """Decoder output for raw latents ``z``; a hierarchical decoder's groups take their prior
+        means (temperature 0), or what ``state`` says (its kept encoder activations, given values)."""
+        state = state if state is not None else ForwardState(labels=labels, temperature=0.0)
+        return self.decoder(z, state)
 
     def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None,
-                step: int | None = None, noise: torch.Tensor | None = None, labels=None) -> VAEOutput:
+                step: int | None = None, noise: torch.Tensor | None = None, labels=None,
+                group_noise: dict | None = None) -> VAEOutput:
         """``step`` (the optimizer step, passed by the trainer) reaches the latent, whose
         schedules may use it (the categorical latent's temperature). ``noise``: the latent's
         sampling noise (shape ``latent.noise_shape``), when the caller draws it (the trainer
         does, so results do not depend on how a batch is split across processes). ``labels``
         (indices, -1 = none) reach the context tokens, and the posterior observes them: a
-        supervised class latent uses the known class of a labelled image."""
-        posterior, aux = self._encode(x, step, labels)
+        supervised class latent uses the known class of a labelled image. ``group_noise``: the
+        decoder's latent groups' standard normal noise by name (drawn by the trainer too)."""
+        state = ForwardState(labels=labels, sample=sample, noise=group_noise, generator=generator)
+        posterior, aux = self._encode(x, step, labels, state)
         if labels is not None:
             posterior.observe(labels)
         z = posterior.sample(generator=generator, noise=noise) if sample else posterior.mode()
-        recon, decoder_aux = self.decoder.forward_aux(z, labels)
+        recon, decoder_aux = self.decoder.forward_aux(z, state)
         # Quantizer tokens' losses are named <loss>_<layer index>; the prefix keeps the
         # encoder's and the decoder's apart.
         aux = {**{f"enc_{k}": v for k, v in aux.items()}, **posterior.aux_losses(),
                **{f"dec_{k}": v for k, v in decoder_aux.items()}}
-        return VAEOutput(recon, posterior, z, aux)
+        return VAEOutput(recon, posterior, z, aux, state.posteriors)
 
     def metrics(self) -> dict:
         """Non-loss diagnostics of the quantizers (codebook usage, perplexity) by name, as
@@ -194,7 +216,29 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, labels=None) -> torch.Tensor:
-        return self.to_image(self.decode(self.encode(x, labels).mode(), labels))
+        return self.to_image(self.reconstruct_raw(x, labels)[0])
+
+    def reconstruct_raw(self, x: torch.Tensor, labels=None):
+        """(decoder output, top posterior, ForwardState) of the posterior means of every group."""
+        state = ForwardState(labels=labels, sample=False)
+        posterior = self._encode(x, labels=labels, state=state)[0]
+        return self.decode(posterior.mode(), state=state), posterior, state
+
+    @torch.no_grad()
+    def partial_posterior(self, x: torch.Tensor, k: int, generator=None, temperature: float | dict = 1.0,
+                          labels=None) -> torch.Tensor:
+        """Images whose first ``k`` latent groups (the top latent is group 0, then the decoder's
+        groups top-down) are the posterior means for ``x`` and whose other groups are drawn from
+        the prior at ``temperature``: k = 0 is a prior sample, k = all groups the reconstruction."""
+        if not 0 <= k <= 1 + len(self.groups):
+            raise ValueError(f"k must lie in [0, {1 + len(self.groups)}] (the top latent and "
+                             f"{len(self.groups)} decoder groups), got {k}")
+        if k == 0:
+            return self.sample_prior(x.shape[0], generator=generator, labels=labels, temperature=temperature)
+        state = ForwardState(labels=labels, sample=False, posterior_groups=k - 1, temperature=temperature,
+                             generator=generator)
+        posterior = self._encode(x, labels=labels, state=state)[0]
+        return self.to_image(self.decode(posterior.mode(), state=state))
 
     def encode_latents(self, x: torch.Tensor, sample: bool = False, generator=None, labels=None) -> torch.Tensor:
         return self.encode_with_codes(x, sample, generator, labels)[0]
@@ -227,18 +271,25 @@ class VAE(nn.Module):
         return self.decode(latents / self.scaling_factor, labels)
 
     @torch.no_grad()
-    def sample_prior(self, n: int, generator: torch.Generator | None = None, labels=None) -> torch.Tensor:
+    def sample_prior(self, n: int, generator: torch.Generator | None = None, labels=None,
+                     temperature: float | dict = 1.0) -> torch.Tensor:
         """``n`` images from the prior; ``labels`` (n class indices or (n, K) class weights) make
-        them samples of those classes. A conditional model without labels draws classes uniformly."""
+        them samples of those classes. A conditional model without labels draws classes uniformly.
+        ``temperature`` scales the prior's standard deviation of the decoder's latent groups (one
+        value, or one per group name; "top" names a Gaussian top latent)."""
         device = next(self.parameters()).device
         if labels is not None:
             labels = self.check_labels(labels, n).to(device)
         elif self.takes_labels and self.classes:
             labels = torch.randint(0, self.classes, (n,), generator=generator, device=device)
         z = self.latent.sample_prior(n, self.latent_shape, generator=generator, device=device)
+        state = ForwardState(labels=labels, temperature=temperature, generator=generator)
+        top = state.temperature_of("top")
+        if top != 1.0 and self.latent.noise_kind == "normal" and self.latent.class_count is None:
+            z = z * top
         if labels is not None:
             z = self.latent.with_labels(z, labels)
-        return self.to_image(self.decode(z, labels))
+        return self.to_image(self.decode(z, state=state))
 
     def check_labels(self, labels, n: int | None = None) -> torch.Tensor:
         """``labels`` as a tensor this model takes, or ValueError saying why not."""

@@ -73,7 +73,9 @@ class LayerType:
     dims: tuple[int, ...] | None = None  # spatial dims it accepts; None = any
     pass_dims: bool = False  # factory takes dims= (1, 2 or 3) from the input shape
     aux: bool = False  # forward returns (output, {name: loss}); see build.Stack
-    context: bool = False  # forward takes (x, labels) and the factory classes= (layers/context.py)
+    # forward takes (x, state), a hierarchy.ForwardState: "labels" (context tokens; the factory
+    # gets classes=), "keep" (names an encoder activation), "group" (a decoder latent group)
+    context: str | None = None
 
     def signature(self) -> str:
         """Call-style signature, e.g. ``C2d(in_channels, out_channels, kernel_size, stride=1, ...)``."""
@@ -174,7 +176,7 @@ class Registry:
 
     layers: dict[str, LayerType] = field(default_factory=dict)
 
-    def register(self, name: str, *args: Arg, doc: str, dims=None, pass_dims=False, aux=False, context=False):
+    def register(self, name: str, *args: Arg, doc: str, dims=None, pass_dims=False, aux=False, context=None):
         """Decorator registering a class (or factory function) under a token name."""
         if not name.isalnum() or not name[0].isalpha():
             raise ValueError(f"token name {name!r} must be letters and digits, starting with a letter")

@@ -127,6 +127,12 @@ class TrainConfig:
     min_lr_ratio: float = setting(0.1, "cosine schedule: final learning rate as a fraction of lr", UNIT_CLOSED)
     grad_accum: int = setting(1, "micro-batches accumulated per optimizer step", POSITIVE)
     grad_clip: float = setting(1.0, "gradient norm clipping; 0 = off", NON_NEGATIVE)
+    skip_spikes: bool = setting(
+        False, "skip an update whose gradient norm (before clipping) is not finite or above skip_factor x the "
+        "skip_quantile of the last skip_window norms (VDVAE's guard, with an adaptive threshold)")
+    skip_quantile: float = setting(0.99, "skip_spikes: the quantile of the recent norms", UNIT_OPEN_CLOSED)
+    skip_factor: float = setting(2.0, "skip_spikes: a norm above this multiple of the quantile is a spike", POSITIVE)
+    skip_window: int = setting(200, "skip_spikes: how many recent norms the quantile is taken over", POSITIVE)
     ema: bool = setting(False, "keep an exponential moving average of the weights")
     ema_decay: float = setting(0.999, "EMA decay per step", UNIT_OPEN)
     seed: int = setting(0, "random seed, -2**32 < seed < 2**32", SEED_RANGE)

@@ -1,7 +1,8 @@
 """Context tokens: a learned embedding of the image's class label, injected at the token's
 position in the encoder or the decoder (a conditional VAE).
 
-A context layer takes ``(x, labels)``. ``labels`` is either class indices (B,), where -1
+A context layer takes ``(x, labels)``, or ``(x, state)`` with the pass's ``ForwardState``
+holding them (hierarchy.py). ``labels`` is either class indices (B,), where -1
 means "no label", or class weights (B, K) or (B, K + 1) (interpolating between classes; see
 ``class_weights``). The embedding table has K + 1 rows: row K is the "no label" embedding
 (trained on the unlabelled images of a partly labelled folder, zero at the start). ``K``
@@ -19,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..hierarchy import labels_of
 from ..registry import Arg, register
 
 
@@ -42,8 +44,9 @@ def class_weights(labels: torch.Tensor, classes: int) -> torch.Tensor:
 class _Context(nn.Module):
     classes: int
 
-    def embed(self, labels: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """(B, features) for a batch of labels (None: every image unlabelled)."""
+    def embed(self, labels, x: torch.Tensor) -> torch.Tensor:
+        """(B, features) for a batch of labels or a pass's state holding them (None: every image unlabelled)."""
+        labels = labels_of(labels)
         if labels is None:
             labels = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
         weights = class_weights(labels.to(x.device), self.classes)
@@ -61,7 +64,7 @@ def _spread(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     "CtxCat",
     Arg("features", doc="size of the label embedding appended to the channels"),
     doc="conditional: append a learned embedding of the label as channels, repeated over positions",
-    context=True,
+    context="labels",
 )
 class ContextConcat(_Context):
     def __init__(self, features: int, classes: int):
@@ -82,7 +85,7 @@ class ContextConcat(_Context):
     "CtxFiLM",
     Arg("channels", infer="channels", doc="channels of the input"),
     doc="conditional: per-channel scale and shift from the label, x * (1 + gamma) + beta (identity at the start)",
-    context=True,
+    context="labels",
 )
 class ContextFiLM(_Context):
     def __init__(self, channels: int, classes: int):

@@ -40,10 +40,11 @@ class StepResult:
     terms: dict
     kld_weight: float
     grad_norm: float
+    skipped: bool = False  # the spike guard left this update out
 
 
 def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None,
-               extras: TrainingExtras | None = None, labels=None) -> StepResult:
+               extras: TrainingExtras | None = None, labels=None, group_noises=None, guard=None) -> StepResult:
     """One optimizer step over ``len(batches)`` micro-batches (gradient accumulation).
 
     The forward pass runs under the runtime's autocast; the loss is computed in float32
@@ -51,7 +52,9 @@ def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None
     runtime.sample_noise); dropout masks are drawn for the global batch too (layers/dropout.py).
     ``extras``: the perceptual and adversarial terms (train/adversarial.py); with a
     discriminator, it takes its own step after the VAE's, on the same images. ``labels``: per
-    micro-batch class labels (-1 = unlabelled), when the data has them.
+    micro-batch class labels (-1 = unlabelled), when the data has them; ``group_noises``: per
+    micro-batch noise of a hierarchical decoder's latent groups, by name; ``guard``: a
+    guard.SpikeGuard that may leave the update out (the step still counts).
     A plain model stands for an fp32, single-process runtime.
     """
     if isinstance(runtime, torch.nn.Module):
@@ -68,10 +71,10 @@ def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None
         masks = global_batch_masks(mask_key(cfg.train.seed, step, index), runtime.dist.rank, runtime.dist.world_size)
         with runtime.no_sync(last_micro_batch=index == len(batches) - 1), masks:
             with runtime.autocast():
-                if labels:
-                    out = runtime.step_model(images, step=step, noise=noise, labels=labels[index])
-                else:
-                    out = runtime.step_model(images, step=step, noise=noise)
+                inputs = {"labels": labels[index]} if labels else {}
+                if group_noises:
+                    inputs["group_noise"] = group_noises[index]
+                out = runtime.step_model(images, step=step, noise=noise, **inputs)
             losses = vae_loss(images, out, cfg.loss, step, output=output_kind, model=runtime.model,
                               perceptual=extras.perceptual)
             if adversary is not None:
@@ -96,15 +99,20 @@ def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None
     if runtime.scaler is not None:
         runtime.scaler.unscale_(optimizer)
     grad_norm = float("nan")
-    if cfg.train.grad_clip > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(runtime.model.parameters(), cfg.train.grad_clip))
+    if cfg.train.grad_clip > 0 or guard is not None:
+        limit = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(runtime.model.parameters(), limit))
+    # fp16 overflows are the gradient scaler's to skip; the guard judges the others
+    skipped = guard is not None and not (runtime.scaler is not None and not math.isfinite(grad_norm)) \
+        and guard.skip(grad_norm)
     if runtime.scaler is not None:
-        runtime.scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+        if not skipped:
+            runtime.scaler.step(optimizer)  # skipped when fp16 gradients overflowed
         runtime.scaler.update()
-    else:
+    elif not skipped:
         optimizer.step()
     if adversary is not None:
         totals.update(adversary.discriminator_step(pairs, runtime.autocast, step))
     elif extras.adversary is not None:  # before adversarial.start: the columns exist, empty
         totals.update(dict.fromkeys(extras.adversary.term_names, float("nan")))
-    return StepResult(loss_sum, totals, kld_weight, grad_norm)
+    return StepResult(loss_sum, totals, kld_weight, grad_norm, skipped)

@@ -25,6 +25,7 @@ from ..metrics import MetricsLog
 from .adversarial import make_extras
 from .distributed import barrier, cleanup, from_environment, mean_across, setup
 from .ema import EMA
+from .guard import SpikeGuard
 from .run_dir import save_run_config, set_aside_run_outputs, tidy_resumed_run
 from .rng import capture_rng_state, restore_rng_state, seed_everything, set_torch_rng_state, torch_rng_state
 from .runtime import prepare, sample_noise
@@ -59,6 +60,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg.train)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.train))
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema else None
+        self.guard = SpikeGuard.from_config(cfg.train)
         self.step = 0
         self.skips = SkipLog()
         self._rng_state = None  # restored right before the loop, see train()
@@ -103,6 +105,11 @@ class Trainer:
             self.runtime.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and ckpt.ema_state:
             self.ema.state = {k: v.to(self.device) for k, v in ckpt.ema_state.items()}
+        if self.guard is not None and "guard" in state:
+            try:
+                self.guard.load_state_dict(state["guard"])
+            except (TypeError, ValueError) as exc:
+                raise TrainingError(f"{found[-1]}: corrupt training state: {exc}") from None
         if self.extras.adversary is not None and "adversarial" in state:
             self.extras.adversary.load_state_dict(state["adversarial"], found[-1])
         # Restored just before the first step (train()): building the loader and the summary
@@ -137,6 +144,8 @@ class Trainer:
             train_state["scaler"] = self.runtime.scaler.state_dict()
         if self.extras.adversary is not None:
             train_state["adversarial"] = self.extras.adversary.state_dict()
+        if self.guard is not None:
+            train_state["guard"] = self.guard.state_dict()
         path = save_checkpoint(
             self.run_dir / "checkpoints" / checkpoint_name(self.step), self.model.state_dict(), meta,
             train_state=train_state, ema_state=self.ema.state if self.ema else None,
@@ -203,7 +212,7 @@ class Trainer:
         if self.cfg.data.flip:
             micro = [random_flip(m, self.cfg.train.seed, self.step, i, self.dist) for i, m in enumerate(micro)]
         try:
-            result = self._train_step(micro, self._noises(micro), labels)
+            result = self._train_step(micro, self._noises(micro), labels, self._group_noises(micro))
         except TrainingError as exc:
             kept = (f"the last checkpoint ({self.last_saved.name}) is kept" if self.last_saved is not None
                     else "no checkpoint had been written yet")
@@ -214,11 +223,22 @@ class Trainer:
         self.step += 1
         return result
 
-    def _train_step(self, micro, noises, labels=None) -> StepResult:
+    def _group_noises(self, micro: list[torch.Tensor]):
+        """Standard normal noise of each decoder latent group per micro-batch, drawn for the
+        global batch like the top latent's; None for a flat model."""
+        groups = self.plan.decoder.groups
+        if not groups:
+            return None
+        tcfg = self.cfg.train
+        return [{name: sample_noise(shape, m.shape[0], tcfg.seed, self.step, i + 8191 * (g + 1), self.dist, self.device)
+                 for g, (name, shape) in enumerate(groups)} for i, m in enumerate(micro)]
+
+    def _train_step(self, micro, noises, labels=None, group_noises=None) -> StepResult:
         """A training step; when the compiled model fails on its first step, say so and
         train the same model without compilation."""
         def run():
-            return train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, noises, self.extras, labels)
+            return train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, noises, self.extras, labels,
+                              group_noises=group_noises, guard=self.guard)
 
         if not self.runtime.compiled or self._compile_verified:
             return run()
@@ -324,6 +344,7 @@ class Trainer:
                 "step": self.step, **values,
                 "kld_weight": result.kld_weight, "lr": self.scheduler.get_last_lr()[0],
                 "grad_norm": result.grad_norm,
+                **({} if self.guard is None else {"skipped": self.guard.skipped, "skip_threshold": self.guard.threshold()}),
                 "images_per_s": self._images_seen * self.dist.world_size / max(elapsed, 1e-9),
                 **self.model.metrics(),  # quantizer diagnostics (codebook usage...), not losses
             }

@@ -1,0 +1,133 @@
+"""Hierarchy tokens: ``Keep`` names an encoder activation, ``Z`` draws a latent group in the
+decoder from it (see flexvae/hierarchy.py).
+
+    encoder: [..., "Keep_name=s8", ...]          keep this activation as "s8"
+    decoder: [..., "Z_16_enc=s8", ...]           a group of 16 channels at this position
+
+``Z_C_enc=NAME`` at a decoder state h of shape (Ch, *S), with the encoder's NAME of shape
+(Ce, *S) (the same positions):
+
+- prior p(z | h): conv3x3(Ch -> hidden), SiLU, conv1x1(hidden -> 2C) (mean, log-variance);
+- posterior q(z | h, enc): the same net on the channels of h and enc side by side;
+- ``merge=add`` (default): h + conv1x1(C -> Ch)(z); ``merge=cat``: h and z side by side
+  (Ch + C channels out).
+
+Both nets' last layers start at zero, so at step 0 every group's prior and posterior are
+N(0, I) and its KL is zero; the merge projections start scaled by 1/sqrt(number of groups), so
+a deep hierarchy starts with the decoder's state near its deterministic path. On vector
+states (no positions) the convolutions are linear layers. ``name=`` names the group (default:
+the encoder activation's name), ``hidden=`` sets the nets' width (default max(32, 2C)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..hierarchy import ForwardState, GroupPosterior, gaussian_log_density, split_gaussian
+from ..registry import Arg, register
+from .conv import conv_nd
+
+
+def _layer(dims: int, cin: int, cout: int, kernel: int) -> nn.Module:
+    if dims == 0:
+        return nn.Linear(cin, cout)
+    return conv_nd(dims, cin, cout, kernel, padding=kernel // 2)
+
+
+class _GaussianNet(nn.Sequential):
+    def __init__(self, dims: int, cin: int, hidden: int, channels: int):
+        super().__init__(_layer(dims, cin, hidden, 3), nn.SiLU(), _layer(dims, hidden, 2 * channels, 1))
+        nn.init.zeros_(self[-1].weight)
+        nn.init.zeros_(self[-1].bias)
+
+
+@register(
+    "Keep",
+    Arg("name", str, doc="the name the decoder's Z tokens use (enc=NAME)"),
+    doc="hierarchy: keep this encoder activation under a name, for the decoder's latent groups (identity)",
+    context="keep",
+)
+class Keep(nn.Module):
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+    def forward(self, x, state=None):
+        if isinstance(state, ForwardState):
+            state.kept[self.name] = x
+        return x
+
+
+@register(
+    "Z",
+    Arg("channels", doc="latent channels of the group"),
+    Arg("enc", str, doc="the encoder activation (Keep_name=...) its posterior sees"),
+    Arg("merge", str, "add", doc="add: state + conv1x1(z); cat: state and z side by side", choices=("add", "cat")),
+    Arg("hidden", default=0, doc="width of the prior and posterior nets; 0 = max(32, 2 x channels)"),
+    Arg("name", str, "", doc="the group's name in logs and files (default: enc)"),
+    doc="hierarchy: a latent group drawn from p(z|state) or q(z|state, encoder activation), merged into the state",
+    pass_dims=True,
+    context="group",
+)
+class LatentGroup(nn.Module):
+    def __init__(self, channels: int, enc: str, merge: str = "add", hidden: int = 0, name: str = "",
+                 in_channels: int = 1, enc_channels: int = 1, dims: int = 2):
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"channels must be positive, got {channels}")
+        hidden = hidden or max(32, 2 * channels)
+        self.channels, self.enc, self.merge, self.name = int(channels), enc, merge, name or enc
+        self.prior = _GaussianNet(dims, in_channels, hidden, channels)
+        self.posterior = _GaussianNet(dims, in_channels + enc_channels, hidden, channels)
+        self.project = _layer(dims, channels, in_channels, 1) if merge == "add" else None
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, channels={self.channels}, enc={self.enc!r}, merge={self.merge!r}"
+
+    def scale_init(self, factor: float) -> None:
+        """Scale the merge projection's initial weights (1/sqrt(groups): a deep hierarchy starts stable)."""
+        if self.project is not None:
+            with torch.no_grad():
+                self.project.weight.mul_(factor)
+
+    def forward(self, h, state=None):
+        state = state if isinstance(state, ForwardState) else ForwardState()
+        prior = split_gaussian(self.prior(h))
+        index, state.index = state.index, state.index + 1
+        enc = state.kept.get(self.enc)
+        use_posterior = enc is not None and (state.posterior_groups is None or index < state.posterior_groups)
+        if self.name in state.given:
+            z = state.given[self.name].to(h.device, torch.float32)
+        elif use_posterior:
+            q = split_gaussian(self.posterior(torch.cat([h, enc.to(h.dtype)], dim=1)))
+            state.posteriors[self.name] = GroupPosterior(self.name, q, prior)
+            z = q[0] + torch.exp(0.5 * q[1]) * state.draw(self.name, q[0]) if state.sample else q[0]
+            if state.record:
+                state.log_q[self.name] = gaussian_log_density(z, *q)
+        else:
+            t = state.temperature_of(self.name)
+            z = prior[0] + t * torch.exp(0.5 * prior[1]) * state.draw(self.name, prior[0]) if t > 0 else prior[0]
+        if state.record:
+            state.log_p[self.name] = gaussian_log_density(z, *prior)
+        state.values[self.name] = z
+        z = z.to(h.dtype)
+        if self.project is not None:
+            return h + self.project(z)
+        return torch.cat([h, z], dim=1)
+
+
+def scale_groups(modules) -> int:
+    """Apply the 1/sqrt(groups) initial scaling to a stack's groups; returns how many there are."""
+    groups = [m for m in modules if isinstance(m, LatentGroup)]
+    for group in groups:
+        group.scale_init(1 / math.sqrt(len(groups)))
+    return len(groups)
+
+
+__all__ = ["Keep", "LatentGroup", "scale_groups"]
