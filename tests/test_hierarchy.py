@@ -1,0 +1,236 @@
+"""Hierarchical VAEs: Keep/Z tokens, per-group KL, sampling by group, the spike guard."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from flexvae.build import plan_vae
+from flexvae.errors import StructureError
+from flexvae.hierarchy import ForwardState
+from flexvae.train.guard import MIN_HISTORY, SpikeGuard
+from helpers.inprocess import run_in_process
+from helpers.runs import TINY, make_images
+
+ENCODER = ["C2d_1_8_3_1_1", "Keep_name=x8", "Down_?_8", "Keep_name=x4", "C2d_8_4_3_1_1"]
+DECODER = ["C2d_2_8_3_1_1", "Z_3_enc=x4", "UpS_2", "C2d_8_8_3_1_1", "Z_2_enc=x8_merge=cat", "C2d_10_1_3_1_1"]
+# the tiny structures for 16 px RGB with two groups, for runs through train.py
+H_ENCODER = '["C2d_3_8_3_1_1", "Keep_name=x16", "Down_?_8", "Keep_name=x8", "GN_4_?", "SiLU", "C2d_?_4_3_1_1"]'
+H_DECODER = '["C2d_2_8_3_1_1", "Z_2_enc=x8", "UpS_2", "C2d_?_8_3_1_1", "Z_2_enc=x16_hidden=8", "GN_4_8", "SiLU", ' \
+            '"C2d_8_3_3_1_1"]'
+
+
+def hvae(seed: int = 0):
+    torch.manual_seed(seed)
+    vae = plan_vae(ENCODER, DECODER, (1, 8, 8)).build()
+    with torch.no_grad():  # leave the zero start: priors and posteriors that differ
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return vae
+
+
+def h_args(images, run, *extra):
+    return ["-c", TINY, "--set", f"train.out_dir={run}", "--set", f"data.path={images}",
+            "--set", f"model.encoder={H_ENCODER}", "--set", f"model.decoder={H_DECODER}",
+            "--set", "data.num_workers=0", "--set", "train.device=cpu", *extra]
+
+
+def test_plan_lists_kept_activations_and_groups():
+    plan = plan_vae(ENCODER, DECODER, (1, 8, 8))
+    assert plan.encoder.kept == {"x8": (8, 8, 8), "x4": (8, 4, 4)}
+    assert plan.decoder.groups == [("x4", (3, 4, 4)), ("x8", (2, 8, 8))]
+    assert plan.build().groups == ["x4", "x8"]
+
+
+def test_total_kl_is_the_sum_of_group_kls_against_torch_distributions():
+    vae = hvae()
+    x = torch.randn(3, 1, 8, 8)
+    out = vae(x, generator=torch.Generator().manual_seed(0))
+    assert list(out.groups) == ["x4", "x8"]
+    expected = kl_divergence(Normal(out.posterior.mean, out.posterior.std), Normal(0.0, 1.0)).flatten(1).sum(1)
+    for group in out.groups.values():
+        q = Normal(group.mean, torch.exp(0.5 * group.logvar))
+        p = Normal(group.prior_mean, torch.exp(0.5 * group.prior_logvar))
+        expected = expected + kl_divergence(q, p).flatten(1).sum(1)
+    torch.testing.assert_close(out.kl(), expected, rtol=1e-5, atol=1e-5)
+    assert all(g.kl_groups().shape == (3, g.mean.shape[1]) for g in out.groups.values())
+
+
+def test_groups_start_with_zero_kl_and_a_scaled_merge():
+    torch.manual_seed(0)
+    vae = plan_vae(ENCODER, DECODER, (1, 8, 8)).build()
+    out = vae(torch.randn(2, 1, 8, 8))
+    assert all(float(g.kl().detach().abs().max()) == 0 for g in out.groups.values())
+    plan = plan_vae(ENCODER, DECODER, (1, 8, 8))
+    torch.manual_seed(3)
+    built = plan.decoder.build()
+    torch.manual_seed(3)
+    unscaled = [layer.factory(**kwargs) for layer, kwargs in plan.decoder.layers]
+    # two groups: each merge projection starts at 1/sqrt(2) of its default initialisation
+    torch.testing.assert_close(built[1].project.weight, unscaled[1].project.weight / math.sqrt(2))
+    assert built[4].project is None  # merge=cat has no projection
+
+
+def test_partial_posterior_ends_are_the_prior_and_the_reconstruction():
+    vae = hvae().eval()
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(vae.partial_posterior(x, 3), vae.reconstruct(x))
+    torch.testing.assert_close(vae.partial_posterior(x, 0, generator=torch.Generator().manual_seed(5)),
+                               vae.sample_prior(4, generator=torch.Generator().manual_seed(5)))
+    middle = vae.partial_posterior(x, 1, generator=torch.Generator().manual_seed(5))
+    assert not torch.allclose(middle, vae.reconstruct(x))
+    with pytest.raises(ValueError, match=r"k must lie in \[0, 3\]"):
+        vae.partial_posterior(x, 4)
+
+
+def test_temperatures_per_group():
+    vae = hvae().eval()
+    cold = vae.sample_prior(3, generator=torch.Generator().manual_seed(0), temperature=0.0)
+    also_cold = vae.sample_prior(3, generator=torch.Generator().manual_seed(9), temperature={"top": 0, "x4": 0, "x8": 0})
+    torch.testing.assert_close(cold, also_cold)  # every group at its prior mean: no noise left
+    warm = vae.sample_prior(3, generator=torch.Generator().manual_seed(0), temperature={"x8": 0.0})
+    assert not torch.allclose(cold, warm)
+
+
+def test_given_group_values_are_used_as_they_are():
+    vae = hvae().eval()
+    x = torch.randn(2, 1, 8, 8)
+    recon, posterior, state = vae.reconstruct_raw(x)
+    given = ForwardState(given=dict(state.values))
+    torch.testing.assert_close(vae.decode(posterior.mode(), state=given), recon)
+
+
+@pytest.mark.parametrize("encoder, decoder, message", [
+    (ENCODER, ["C2d_2_8_3_1_1", "Z_3_enc=x2"], r"no encoder activation is kept as 'x2'; the encoder keeps: x8, x4"),
+    (ENCODER, ["C2d_2_8_3_1_1", "Z_3_enc=x8"], r"the encoder's 'x8' has shape \(8, 8, 8\), but the decoder's state here "
+                                                r"has shape \(8, 4, 4\)"),
+    (ENCODER, ["C2d_2_8_3_1_1", "Z_3_enc=x4", "Z_3_enc=x4"], r"a latent group named 'x4' comes twice"),
+    (["C2d_1_8_3_1_1", "Keep_name=a", "Keep_name=a", "C2d_8_4_3_1_1"], ["C2d_2_1_3_1_1"], r"the name 'a' is kept twice"),
+    (ENCODER, ["C2d_2_8_3_1_1", "Z_3"], r"missing argument 'enc'"),
+    (ENCODER, ["C2d_2_8_3_1_1", "Z_3_enc=x4_merge=mul"], r"argument 'merge' must be one of add, cat"),
+    (ENCODER, ["C2d_2_8_3_1_1", "Z_3_enc=x4_merge=cat", "C2d_8_1_3_1_1"], r"channel mismatch: in_channels=8, but the "
+                                                                          r"previous layer's output has 11 channels"),
+])
+def test_grammar_errors_name_the_position_and_token(encoder, decoder, message):
+    with pytest.raises(StructureError, match=message) as info:
+        plan_vae(encoder, decoder, (1, 8, 8))
+    assert "position" in str(info.value) and "token" in str(info.value)
+
+
+def test_spike_guard_quantile_threshold_and_state():
+    guard = SpikeGuard(window=50, quantile=0.5, factor=2.0)
+    assert not any(guard.skip(1.0 + 0.01 * i) for i in range(MIN_HISTORY))
+    assert guard.threshold() == pytest.approx(2 * (1.0 + 0.01 * (MIN_HISTORY - 1) / 2))
+    assert guard.skip(100.0) and guard.skip(float("nan")) and guard.skipped == 2
+    assert not guard.skip(1.05)
+    restored = SpikeGuard(window=50, quantile=0.5, factor=2.0)
+    restored.load_state_dict(guard.state_dict())
+    assert restored.threshold() == guard.threshold() and restored.skipped == 2
+
+
+def test_a_guard_adapts_to_a_lasting_rise():
+    guard = SpikeGuard(window=40, quantile=0.9, factor=1.5)
+    for _ in range(40):
+        guard.skip(1.0)
+    skipped = [guard.skip(10.0) for _ in range(60)]
+    assert skipped[0] and not skipped[-1]  # a fixed threshold would skip all 60
+
+
+def test_an_injected_spike_is_skipped_and_counted(tmp_path, monkeypatch):
+    """One step's gradient made huge: that update leaves every weight as it was, the count says 1."""
+    from flexvae.config import load_config
+    from flexvae.train import step as step_module
+    from flexvae.train.trainer import Trainer
+
+    images = make_images(tmp_path / "img", 8)
+    cfg = load_config(TINY, [f"data.path={images}", f"train.out_dir={tmp_path / 'run'}", "data.num_workers=0",
+                             "train.skip_spikes=true", "train.max_steps=30", "train.save_every=100",
+                             "train.log_every=1", "train.sample_every=100", "train.grad_clip=0"])
+    trainer = Trainer(cfg, quiet=True)
+    real_clip = torch.nn.utils.clip_grad_norm_
+    before, after = {}, {}
+
+    def clip(parameters, limit):
+        parameters = list(parameters)
+        if trainer.step == 25:  # the weights before this step's update; then its spike
+            before.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+            for p in parameters:
+                p.grad.mul_(1e6)
+        if trainer.step == 26:  # the weights after the spiked step
+            after.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        return real_clip(parameters, limit)
+
+    monkeypatch.setattr(step_module.torch.nn.utils, "clip_grad_norm_", clip)
+    trainer.train()
+    assert trainer.guard.skipped == 1
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    counts = [int(float(r.split(",")[header.index("skipped")])) for r in rows[1:]]
+    assert counts[24] == 0 and counts[25] == 1 and counts[-1] == 1
+    assert math.isfinite(float(rows[-1].split(",")[header.index("skip_threshold")]))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_hierarchical_run_logs_groups_resumes_exactly_and_round_trips(tmp_path):
+    import flexvae
+    from safetensors.torch import load_file
+
+    images = make_images(tmp_path / "img", 8)
+    extra = ["--set", "train.schedule=constant", "--set", "loss.objective=elbo", "--set", "train.skip_spikes=true"]
+    assert run_in_process(["-t", *h_args(images, tmp_path / "whole", *extra)]).returncode == 0
+    assert run_in_process(["-t", *h_args(images, tmp_path / "split", *extra, "--set", "train.max_steps=2")]).returncode == 0
+    result = run_in_process(["-t", *h_args(images, tmp_path / "split", *extra)])
+    assert result.returncode == 0, result.stderr
+    whole = load_file(str(tmp_path / "whole" / "checkpoints" / "step_00000004.safetensors"))
+    split = load_file(str(tmp_path / "split" / "checkpoints" / "step_00000004.safetensors"))
+    weights = [k for k in whole if k.startswith("model.")]
+    assert any("posterior" in k for k in weights) and all(torch.equal(whole[k], split[k]) for k in weights)
+    header = (tmp_path / "whole" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"kld_top", "kld_x8", "kld_x16", "skipped", "skip_threshold"} <= set(header)
+    vae = flexvae.load_model(tmp_path / "whole")
+    assert vae.groups == ["x8", "x16"]
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert vae.partial_posterior(x, 2).shape == (2, 3, 16, 16)
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_hierarchy_like_one(tmp_path):
+    """torchrun with 2 CPU processes: the groups' noise is drawn for the global batch, so the
+    replicas stay identical and match one process with the same global batch."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from helpers.runs import REPO
+
+    images = make_images(tmp_path / "img", 12)
+    common = [f"data.path={images}", "data.num_workers=0", f"model.encoder={H_ENCODER}", f"model.decoder={H_DECODER}",
+              "loss.objective=elbo", "train.max_steps=4", "train.save_every=4", "train.grad_accum=2", "train.lr=1e-4",
+              "train.grad_clip=0", "train.log_every=1", "train.skip_spikes=true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = str(REPO / "tests" / "helpers" / "ddp_train.py")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script,
+                          str(tmp_path / "two"), *common, "train.batch_size=2"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, script, str(tmp_path / "one"), *common, "train.batch_size=4"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    rank0, rank1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
+    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], single[key], rtol=0, atol=5e-5)
+
+    def logged(run):
+        with open(run / "metrics.csv", newline="") as fh:
+            return [(float(r["loss"]), float(r["kld_x8"]), float(r["kld_x16"])) for r in csv.DictReader(fh)]
+
+    assert np.allclose(logged(tmp_path / "two"), logged(tmp_path / "one"), rtol=1e-5)
