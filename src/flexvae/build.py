@@ -56,7 +56,7 @@ class StackPlan:
             modules = [layer.factory(**kwargs) for layer, kwargs in self.layers]
         scale_groups(modules)
         return Stack(modules, [layer.aux for layer, _ in self.layers], self.checkpoint_groups(),
-                     [layer.context is not None for layer, _ in self.layers])
+                     [layer.context for layer, _ in self.layers])
 
     def checkpoint_groups(self) -> list:
         """Per layer: None, or a key shared by the layers recomputed together."""

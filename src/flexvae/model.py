@@ -18,7 +18,8 @@ OUTPUTS = ("value", "logits", "mixture")
 class Stack(nn.Sequential):
     """A built token list. ``forward`` returns the output; ``forward_aux`` also returns the
     auxiliary losses of layers registered with ``aux=True`` (quantizers), by name. Both take
-    the batch's class labels (``context``), which context tokens use (None: unlabelled).
+    ``context``: the pass's hierarchy.ForwardState (labels, kept activations, latent groups),
+    or labels alone, for the layers that read it (None: unlabelled, no hierarchy).
 
     Gradient checkpointing (recompute activations in the backward pass instead of storing
     them) applies to segments: ``"marked"`` uses the structure's '@' tokens and
@@ -26,14 +27,17 @@ class Stack(nn.Sequential):
     auxiliary outputs are never recomputed (a quantizer's codebook update must run once).
     """
 
-    def __init__(self, modules, aux_flags=None, checkpoint_groups=None, context_flags=None):
+    def __init__(self, modules, aux_flags=None, checkpoint_groups=None, context_kinds=None):
         super().__init__(*modules)
         count = len(self)
         self.aux_flags = tuple(aux_flags or (False,) * count)
         self.has_aux = any(self.aux_flags)
-        # Context tokens (layers/context.py) also take the batch's labels.
-        self.context_flags = tuple(context_flags or (False,) * count)
+        # Layers that also take the pass's ForwardState: context tokens (kind "labels", they read
+        # the labels), Keep ("keep") and latent groups ("group"); see hierarchy.py.
+        kinds = tuple(context_kinds or (None,) * count)
+        self.context_flags = tuple(kind is not None for kind in kinds)
         self.has_context = any(self.context_flags)
+        self.takes_labels = "labels" in kinds
         self.checkpoint_groups = tuple(checkpoint_groups or (None,) * count)
         self.grad_checkpointing = "off"
 
@@ -138,7 +142,7 @@ class VAE(nn.Module):
     @property
     def takes_labels(self) -> bool:
         """Whether labels change what the model does (context tokens or a class latent)."""
-        return self.encoder.has_context or self.decoder.has_context or self.latent.class_count is not None
+        return self.encoder.takes_labels or self.decoder.takes_labels or self.latent.class_count is not None
 
     @property
     def groups(self) -> list[str]:

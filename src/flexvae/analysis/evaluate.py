@@ -32,14 +32,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import DataError
 from ..latents import DiagonalGaussian
 from ..metrics import ms_ssim, ms_ssim_scales, psnr, ssim, ssim_window
-
-ACTIVE_THRESHOLD = 0.01
-LOG_2PI = math.log(2 * math.pi)
+from .measures import (ACTIVE_THRESHOLD, LOG_2PI, _Moments, _per_channel, decoder_log_likelihood,  # noqa: F401
+                       model_log_likelihood)
 GREY_LEVELS_PER_UNIT = 127.5  # 8-bit grey levels per unit of x in [-1, 1]
 MAX_LISTED_ELEMENTS = 65536  # per-element KL goes into the JSON up to this latent size
 
@@ -48,25 +46,6 @@ MAX_LISTED_ELEMENTS = 65536  # per-element KL goes into the JSON up to this late
 def is_gaussian(posterior) -> bool:
     """The importance-sampled likelihood is implemented for diagonal Gaussian posteriors."""
     return isinstance(posterior, DiagonalGaussian)
-
-
-def decoder_log_likelihood(output: str, recon: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """log p(x|z) per sample (nats): Gaussian(sigma) for 'value' output, Bernoulli for 'logits'."""
-    recon, x = recon.double(), x.double()
-    if output == "logits":
-        target = (x + 1) / 2
-        ll = -F.binary_cross_entropy_with_logits(recon, target, reduction="none")
-    else:
-        ll = -0.5 * ((x - recon) / sigma).pow(2) - math.log(sigma) - 0.5 * LOG_2PI
-    return ll.flatten(1).sum(1)
-
-
-def model_log_likelihood(vae, recon: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """log p(x|z) per sample under the model's own likelihood (an elbo-objective model),
-    else as ``decoder_log_likelihood`` with ``sigma``."""
-    if vae.likelihood is not None:
-        return vae.likelihood.log_prob(recon, x).double()
-    return decoder_log_likelihood(vae.output, recon, x, sigma)
 
 
 def model_bits_per_dim(vae, nll_nats: float, dims: int) -> float:
@@ -132,35 +111,6 @@ def _labels(batch, device):
     return None if labels is None else labels.to(device)
 
 
-class _Moments:
-    """Running sums (float64) for means and variances over images."""
-
-    def __init__(self):
-        self.n, self.total, self.total_sq = 0, None, None
-
-    def add(self, values: torch.Tensor) -> None:
-        v = values.detach().double().cpu()
-        s, sq = v.sum(0), v.pow(2).sum(0)
-        self.total = s if self.total is None else self.total + s
-        self.total_sq = sq if self.total_sq is None else self.total_sq + sq
-        self.n += v.shape[0]
-
-    def mean(self) -> torch.Tensor:
-        return self.total / self.n
-
-    def variance(self) -> torch.Tensor:
-        """Unbiased variance over the images (0 for a single image)."""
-        if self.n < 2:
-            return torch.zeros_like(self.total)
-        return ((self.total_sq - self.total.pow(2) / self.n) / (self.n - 1)).clamp_min(0)
-
-
-def _per_channel(values: torch.Tensor, reduce: str) -> torch.Tensor:
-    """(C, *spatial) -> (C,); a 1-D latent (D,) is D channels of one element each."""
-    flat = values.reshape(values.shape[0], -1) if values.dim() > 1 else values.reshape(-1, 1)
-    return flat.sum(1) if reduce == "sum" else flat.mean(1)
-
-
 @torch.no_grad()
 def evaluate_model(vae, batches, *, nll_samples: int | None = None, nll_sigma="auto", nll_images: int = 512,
                    device="cpu", seed: int = 0, progress: bool = False) -> dict:
@@ -176,13 +126,19 @@ def evaluate_model(vae, batches, *, nll_samples: int | None = None, nll_sigma="a
     count, values = 0, 0
     kl, means = _Moments(), _Moments()
     ssim_info = None
+    groups = None
+    if vae.groups:
+        from .hierarchy import GroupStatistics
+
+        groups = GroupStatistics()
     for batch in tqdm(batches, disable=not progress, desc="evaluate"):
         x = _images(batch)
         if x is None:
             continue
         x, labels = x.to(device), _labels(batch, device)
-        posterior = vae.encode(x, labels)
-        raw = vae.decode(posterior.mode(), labels)
+        raw, posterior, state = vae.reconstruct_raw(x, labels)
+        if groups is not None:
+            groups.add(posterior, state)
         image = vae.to_image(raw)
         per_image = (image.float() - x.float()).pow(2).flatten(1).mean(1)
         sums["mse"] += per_image.sum().item()
@@ -212,6 +168,8 @@ def evaluate_model(vae, batches, *, nll_samples: int | None = None, nll_sigma="a
         if has_ms:
             recon.update(ms_ssim=sums["ms_ssim"] / count, ms_ssim_scales=scales)
     result["reconstruction"] = recon
+    if groups is not None:  # a hierarchy: KL and active units per latent group, the top first
+        result["groups"] = groups.result()
 
     if kl.n:
         kl_mean = kl.mean()
@@ -269,8 +227,14 @@ def _nll(vae, batches, samples, sigma, limit, raw_mse, data_shape, device, seed,
         labels = _labels(batch, device)
         x = x[: limit - done].to(device)
         labels = None if labels is None else labels[: x.shape[0]]
-        log_w = importance_log_weights(vae, x, samples, sigma if sigma is not None else 1.0, generator,
-                                       labels=labels)
+        if vae.groups:
+            from .hierarchy import hierarchical_log_weights
+
+            log_w = hierarchical_log_weights(vae, x, samples, sigma if sigma is not None else 1.0, generator,
+                                             labels=labels)
+        else:
+            log_w = importance_log_weights(vae, x, samples, sigma if sigma is not None else 1.0, generator,
+                                           labels=labels)
         nll.append(-(torch.logsumexp(log_w, 0) - math.log(samples)))
         neg_elbo.append(-log_w.mean(0))
         done += x.shape[0]
@@ -308,7 +272,10 @@ def format_report(result: dict, top: int = 8) -> str:
     else:
         rows.append(("MS-SSIM", "n/a (image too small for 2 scales)"))
     if "kl" in result:
-        rows.append(("KL (nats per image)", result["kl"]["total_nats"]))
+        rows.append(("KL (nats per image)" + (", top latent" if "groups" in result else ""),
+                     result["kl"]["total_nats"]))
+    if "groups" in result:
+        rows.append(("KL of the whole hierarchy (nats per image)", sum(g["kl_nats"] for g in result["groups"].values())))
     au = result["active_units"]
     rows.append((f"active units ({au['rule']})", f"{au['elements']} / {au['of_elements']}"))
     rows.append(("active channels", f"{au['channels']} / {au['of_channels']}"))
@@ -346,4 +313,10 @@ def format_report(result: dict, top: int = 8) -> str:
                  markdown_table(["channel", "KL (nats)", "Var_x of mean", "active"],
                                 [(i, kl[i], activity[i], "yes" if activity[i] > ACTIVE_THRESHOLD else "no")
                                  for i in order])]
+    if "groups" in result:
+        text += ["", "Latent groups (top-down; the KL above is the top latent's):", "",
+                 markdown_table(["group", "shape", "KL (nats)", "active units", "active channels"],
+                                [(name, " x ".join(map(str, g["shape"])), g["kl_nats"],
+                                  f"{g['active_units']} / {g['units']}", f"{g['active_channels']} / {g['channels']}")
+                                 for name, g in result["groups"].items()])]
     return "\n".join(text)

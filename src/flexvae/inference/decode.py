@@ -54,7 +54,7 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, dev
 
     whole = FallBackToTiles(ctx, lambda z, labels=None: ctx.vae.to_image(ctx.vae.decode(z, labels)),
                             "a batch of latents", make_tiled=lambda t, o, f: (lambda z: decode_tiled(ctx.vae, z, t, o, f)))
-    file_labels = _stored_labels(ctx, in_root) if ctx.vae.decoder.has_context else None
+    file_labels = _stored_labels(ctx, in_root) if ctx.vae.decoder.takes_labels else None
     discrete = ctx.vae.latent if ctx.vae.is_discrete else None
     expected_codes = tuple(discrete.code_shape(expected)) if discrete is not None else None
     entries, failed, non_finite_files = {}, [], 0

@@ -54,7 +54,7 @@ def announce(trainer, dataset) -> list[str]:
                  + (f" ({excluded} special files left out)" if excluded else "")
                  + f"; {per_step} a step ({split}); steps {trainer.step + 1} to {tcfg.max_steps}")
     if getattr(dataset, "labels", None) is not None:
-        use = ("context tokens" if trainer.model.encoder.has_context or trainer.model.decoder.has_context else "")
+        use = ("context tokens" if trainer.model.encoder.takes_labels or trainer.model.decoder.takes_labels else "")
         if trainer.model.latent.class_count is not None:
             use += (" and " if use else "") + "the class latent"
         lines.append(f"labels ({cfg.data.labels}): {dataset.labels.describe()}; used by "
