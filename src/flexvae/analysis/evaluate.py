@@ -36,8 +36,7 @@ import torch
 from ..errors import DataError
 from ..latents import DiagonalGaussian
 from ..metrics import ms_ssim, ms_ssim_scales, psnr, ssim, ssim_window
-from .measures import (ACTIVE_THRESHOLD, LOG_2PI, _Moments, _per_channel, decoder_log_likelihood,  # noqa: F401
-                       model_log_likelihood)
+from .measures import ACTIVE_THRESHOLD, LOG_2PI, _Moments, _per_channel, model_log_likelihood
 GREY_LEVELS_PER_UNIT = 127.5  # 8-bit grey levels per unit of x in [-1, 1]
 MAX_LISTED_ELEMENTS = 65536  # per-element KL goes into the JSON up to this latent size
 
