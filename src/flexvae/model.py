@@ -252,12 +252,16 @@ class VAE(nn.Module):
         return self.encode_for_files(x, sample, generator, labels)[:2]
 
     def encode_for_files(self, x: torch.Tensor, sample: bool = False, generator=None, labels=None):
-        """(scaled latents, integer codes or None, class probabilities (B, K) of a class latent or None)."""
-        posterior = self.encode(x, labels)
+        """(scaled latents, integer codes or None, class probabilities (B, K) of a class latent or
+        None, a hierarchy's group values by name (raw; posterior means, or draws with ``sample``))."""
+        state = ForwardState(labels=labels, sample=sample, generator=generator)
+        posterior = self._encode(x, labels=labels, state=state)[0]
         z = posterior.sample(generator=generator) if sample else posterior.mode()
         codes = self.latent.codes(posterior, z) if self.is_discrete else None
         probs = self.latent.class_probs(posterior) if self.latent.class_count is not None else None
-        return z * self.scaling_factor, codes, probs
+        if self.groups:  # the groups are drawn in the decoder, from the state the top latent starts
+            self.decode(z, state=state)
+        return z * self.scaling_factor, codes, probs, dict(state.values)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Integer codes of a discrete latent -> decoder output."""

@@ -107,6 +107,12 @@ def pictures(args) -> int:
         print(f"prior samples, one row per class: {class_prior_grid(model.vae, out / 'prior.png', seed=cfg.train.seed)}")
     else:
         print(f"prior samples: {prior_grid(model.vae, out / 'prior.png', seed=cfg.train.seed)}")
+    if model.vae.groups:
+        from ..analysis.hierarchy import partial_posterior_grid
+
+        partial_posterior_grid(model.vae, images[:8], out / "partial_posterior.png", seed=cfg.train.seed)
+        print(f"partial posterior (row k: the first k of the groups top, {', '.join(model.vae.groups)} "
+              f"from 8 images, the rest from the prior): {out / 'partial_posterior.png'}")
     metrics = run_dir / METRICS_FILE
     if not metrics.is_file():
         print(f"no {metrics}: training-history plots skipped")

@@ -11,7 +11,8 @@ import torch
 from ..checkpoint import LoadedModel
 from ..data import save_image
 from ..errors import DataError
-from .latent_files import write_manifest, load_latent_file
+from ..hierarchy import ForwardState
+from .latent_files import load_groups, load_latent_file, write_manifest
 from .paths import CODES_SUFFIX, MANIFEST, check_folders, output_names, safe_output_path
 
 
@@ -44,8 +45,9 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, dev
     expected = tuple(ctx.vae.latent_shape)
     factor = None
     if tile is not None:
-        from .tiling import check_tiling, default_overlap, downsampling_factor
+        from .tiling import check_tiling, default_overlap, downsampling_factor, refuse_whole_image_models
 
+        refuse_whole_image_models(ctx.vae)
         factor = downsampling_factor(ctx.vae, ctx.data_shape)
         overlap = default_overlap(tile, factor) if overlap is None else overlap
         check_tiling(tile, overlap, factor)
@@ -60,11 +62,12 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, dev
     entries, failed, non_finite_files = {}, [], 0
     made_by = json.loads(json.dumps(ctx.provenance()))  # every output is written again on each run
     for start in tqdm(range(0, len(files), batch_size), disable=not progress, desc="decode"):
-        chunk, tensors = [], []  # tensors: raw latents, as the decoder takes them
+        chunk, tensors, group_values = [], [], []  # raw latents, as the decoder takes them; their groups
         for path in files[start:start + batch_size]:
             rel = path.relative_to(in_root).as_posix()
             try:
                 raw = _raw_latent(path, ctx, discrete, expected, expected_codes, device)
+                group_values.append(_group_values(path, ctx) if ctx.vae.groups else {})
             except Exception as exc:  # unreadable or mismatched file: report, go on
                 failed.append((path, str(exc)))
                 entries[rel] = {"path": rel, "status": "failed", "reason": str(exc)}
@@ -86,7 +89,12 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, dev
             if file_labels is not None:
                 labels = torch.tensor([file_labels.get(p.relative_to(in_root).as_posix(), -1) for p in chunk],
                                       device=device)
-            images = whole(torch.stack(tensors).to(device), labels)
+            if ctx.vae.groups:
+                given = {name: torch.stack([g[name] for g in group_values]).to(device) for name in ctx.vae.groups}
+                state = ForwardState(labels=labels, given=given)
+                images = ctx.vae.to_image(ctx.vae.decode(torch.stack(tensors).to(device), state=state))
+            else:
+                images = whole(torch.stack(tensors).to(device), labels)
         for path, image in zip(chunk, images):
             save_image(image, safe_output_path(out_root, names[path.relative_to(in_root).as_posix()]))
     for path, reason in failed:
@@ -98,6 +106,20 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, dev
         raise DataError(f"not one of the {len(files)} latent files under {in_root} could be decoded "
                         f"({len(failed)} failed, listed above)")
     return {"decoded": done, "failed": len(failed), "non_finite_files": non_finite_files}
+
+
+def _group_values(path: Path, ctx) -> dict[str, torch.Tensor]:
+    """A hierarchy's latent groups stored in a latent file by ``-e``, checked against the model."""
+    found = load_groups(path)
+    expected = dict(ctx.plan.decoder.groups)
+    missing = [name for name in expected if name not in found]
+    if missing:
+        raise ValueError(f"no latent group {missing[0]!r} in this file (the model's groups: {', '.join(expected)}); "
+                         "decode the files -e wrote for this model")
+    for name, shape in expected.items():
+        if tuple(found[name].shape) != tuple(shape):
+            raise ValueError(f"latent group {name!r} has shape {tuple(found[name].shape)}, the model expects {tuple(shape)}")
+    return {name: found[name].float() for name in expected}
 
 
 def _stored_labels(ctx, in_root: Path) -> dict[str, int]:

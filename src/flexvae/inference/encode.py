@@ -48,6 +48,9 @@ def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors",
     suffix = LATENT_SUFFIXES[fmt]
     manifest_path = out_root / MANIFEST
     previous = read_manifest(manifest_path)
+    if ctx.vae.groups and fmt != "safetensors":
+        raise DataError(f"encode.format = {fmt!r}: a hierarchical model's latent groups ({', '.join(ctx.vae.groups)}) "
+                        "are stored beside its top latent in safetensors files; use encode.format = 'safetensors'")
     tiling = None
     if tile is not None:
         from .tiling import prepare_tiling
@@ -177,8 +180,10 @@ def _encode_loop(ctx, loader, output_path, out_root, names, entries, skips, fmt,
             jobs = []
             if batch.images is not None:
                 labels = None if batch.labels is None else batch.labels.to(device)
-                latents, codes, *probs = encode(batch.images.to(device), sample=sample, generator=generator,
-                                                **({} if labels is None else {"labels": labels}))
+                latents, codes, *rest = encode(batch.images.to(device), sample=sample, generator=generator,
+                                               **({} if labels is None else {"labels": labels}))
+                probs, groups = (rest + [None, {}])[:2]
+                groups = {name: value.float().cpu() for name, value in (groups or {}).items()}
                 latents = latents.float().cpu()
                 codes = [None] * len(latents) if codes is None else codes.cpu()
                 _add_stats(stats, latents)
@@ -186,14 +191,17 @@ def _encode_loop(ctx, loader, output_path, out_root, names, entries, skips, fmt,
                     entry = {"path": rel, "status": "ok", "shape": list(latent.shape), "made_by": made_by}
                     if code is not None:
                         entry["codes_shape"] = list(code.shape)
-                    entry.update(_class_fields(ctx.vae, batch.labels, probs[0] if probs else None, index))
+                    entry.update(_class_fields(ctx.vae, batch.labels, probs, index))
+                    mine = {name: value[index] for name, value in groups.items()}
+                    if mine:
+                        entry["groups"] = {name: list(value.shape) for name, value in mine.items()}
                     if shards is not None:  # recorded when its shard is complete
                         completed = shards.add(Path(names[rel]).with_suffix("").as_posix(), latent, code, entry)
                         if completed:
                             _record(entries, journal, completed)
                         continue
                     target = output_path(names[rel])
-                    jobs.append(writer.submit(save_latent, latent, target, fmt, code, False))
+                    jobs.append(writer.submit(save_latent, latent, target, fmt, code, False, mine))
                     entry["file"] = target.relative_to(out_root).as_posix()
                     done.append(entry)
             # This batch's files are written while the next one is read and encoded; an entry

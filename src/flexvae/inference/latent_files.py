@@ -14,6 +14,8 @@ from ..errors import DataError
 from ..files import atomic_open, atomic_path, write_text
 from .paths import CODES_SUFFIX
 
+GROUP_PREFIX = "group."  # a hierarchy's latent groups in a safetensors latent file
+
 
 def codes_path(path: Path) -> Path:
     """Where the npy format keeps a latent's integer codes: ``x.npy`` -> ``x.codes.npy``."""
@@ -21,9 +23,10 @@ def codes_path(path: Path) -> Path:
 
 
 def save_latent(tensor: torch.Tensor, path: Path, fmt: str, codes: torch.Tensor | None = None,
-                sync_dir: bool = True) -> None:
+                sync_dir: bool = True, groups: dict | None = None) -> None:
     """One latent per file, written atomically; safetensors key 'latent', plus 'codes' (int64)
-    for discrete latents. The npy format writes the codes to ``<name>.codes.npy`` first.
+    for discrete latents and 'group.<name>' for each latent group of a hierarchy (safetensors
+    only). The npy format writes the codes to ``<name>.codes.npy`` first.
     ``sync_dir=False``: the caller makes the folder's renames durable (files.fsync_dir)."""
     from safetensors.torch import save_file
 
@@ -36,6 +39,8 @@ def save_latent(tensor: torch.Tensor, path: Path, fmt: str, codes: torch.Tensor 
     tensors = {"latent": tensor.contiguous().cpu()}
     if codes is not None:
         tensors["codes"] = codes.long().contiguous().cpu()
+    for name, value in (groups or {}).items():
+        tensors[GROUP_PREFIX + name] = value.float().contiguous().cpu()
     with atomic_path(path, sync_dir) as tmp:
         save_file(tensors, str(tmp))
 
@@ -57,6 +62,16 @@ def load_latent_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     if "latent" not in tensors:
         raise DataError(f"{path}: no 'latent' tensor (found {', '.join(tensors) or 'nothing'})")
     return tensors["latent"], tensors.get("codes")
+
+
+def load_groups(path: Path) -> dict[str, torch.Tensor]:
+    """The latent groups a safetensors latent file holds ('group.<name>'), by name."""
+    from safetensors import safe_open
+
+    if path.suffix == ".npy":
+        return {}
+    with safe_open(str(path), framework="pt") as fh:
+        return {k[len(GROUP_PREFIX):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(GROUP_PREFIX)}
 
 
 def load_latent(path: Path) -> torch.Tensor:

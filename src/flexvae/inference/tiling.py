@@ -97,6 +97,14 @@ def _refuse_discrete(vae) -> None:
     if vae.is_discrete:
         raise DataError("--tile: blending tiles' latents needs a continuous latent; this model's is "
                         f"{vae.latent.kind} (integer codes)")
+    refuse_whole_image_models(vae)
+
+
+def refuse_whole_image_models(vae) -> None:
+    """Hierarchical and conditional models are not tiled."""
+    if vae.groups:
+        raise DataError("--tile: this model is hierarchical (latent groups in its decoder); it reads and writes "
+                        "whole images at its training size only")
     if vae.takes_labels:
         raise DataError("--tile: this model is conditional (it takes class labels); it reads and writes whole "
                         "images at its training size only")
@@ -191,7 +199,7 @@ class FallBackToTiles:
             try:
                 return self.whole(images)
             except Exception as exc:
-                if not is_out_of_memory(exc) or self.ctx.vae.is_discrete or self.ctx.vae.takes_labels:
+                if not is_out_of_memory(exc) or self.ctx.vae.is_discrete or self.ctx.vae.takes_labels or self.ctx.vae.groups:
                     raise
                 self._switch(images)
         return torch.cat([self.tiled(image[None]) for image in images])
