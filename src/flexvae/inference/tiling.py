@@ -199,7 +199,8 @@ class FallBackToTiles:
             try:
                 return self.whole(images)
             except Exception as exc:
-                if not is_out_of_memory(exc) or self.ctx.vae.is_discrete or self.ctx.vae.takes_labels or self.ctx.vae.groups:
+                vae = self.ctx.vae
+                if not is_out_of_memory(exc) or vae.is_discrete or vae.takes_labels or vae.groups:
                     raise
                 self._switch(images)
         return torch.cat([self.tiled(image[None]) for image in images])
