@@ -201,7 +201,8 @@ def _encode_loop(ctx, loader, output_path, out_root, names, entries, skips, fmt,
                             _record(entries, journal, completed)
                         continue
                     target = output_path(names[rel])
-                    jobs.append(writer.submit(save_latent, latent, target, fmt, code, False, mine))
+                    extra = {"groups": mine} if mine else {}
+                    jobs.append(writer.submit(save_latent, latent, target, fmt, code, False, **extra))
                     entry["file"] = target.relative_to(out_root).as_posix()
                     done.append(entry)
             # This batch's files are written while the next one is read and encoded; an entry

@@ -59,8 +59,8 @@ class BackgroundWriter:
     def __init__(self, threads: int = WRITER_THREADS):
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flexvae-write")
 
-    def submit(self, fn, *args) -> Future:
-        return self.pool.submit(fn, *args)
+    def submit(self, fn, *args, **kwargs) -> Future:
+        return self.pool.submit(fn, *args, **kwargs)
 
     @staticmethod
     def wait(futures) -> None:
