@@ -151,6 +151,69 @@ def probe(args) -> int:
     return 0
 
 
+def analyze(args) -> int:
+    cfg, device, run_dir = _context(args)
+    steps = common.count_option(args, "steps", 2, 9, "the latent steps (both ends included)")
+    from ..analysis import MissingDependency
+    from ..analysis import units as tools
+    from ..analysis.common import image_dataset, sample_images, write_json
+    from ..data import save_grid
+
+    model = common.load_run(args, cfg, device)
+    vae, out = model.vae, common.output_dir(args, run_dir, "analysis")
+    images = sample_images(image_dataset(model, args.input, model.cfg, train=True), 256, model.cfg.train.seed).to(device)
+    result = {"checkpoint": str(model.path), "step": model.step, "images": int(images.shape[0]),
+              "groups": ["top", *vae.groups], "divergence": tools.divergence_statistics(vae, images)}
+    rows, result["latent_steps"] = tools.latent_steps(vae, images[:1], images, steps=steps)
+    save_grid(rows, out / "latent_steps.png")
+    units = tools.chosen_units(vae, images)
+    result["units"] = [{"group": g, "channel": c, "position": list(p)} for g, c, p in units]
+    tools.unit_grid(vae, units, images, out / "receptive_fields.png", "receptive", seed=cfg.train.seed)
+    tools.unit_grid(vae, units, images[:64], out / "most_exciting.png", "exciting", seed=cfg.train.seed)
+    written = ["latent_steps.png", "receptive_fields.png", "most_exciting.png"]
+    if args.input2:
+        result["decodability"] = _decodability(model, args.input2, device, cfg.train.seed)
+    try:
+        tools.plot_divergence(result["divergence"], out / "divergence.png")
+        written.append("divergence.png")
+        if "decodability" in result:
+            tools.plot_decodability(result["decodability"], out / "decodability.png")
+            written.append("decodability.png")
+    except MissingDependency as exc:
+        print(f"note: {exc}; the plots are left out, the figures are in analysis.json")
+    write_json(result, out / "analysis.json")
+    for name, stats in result["divergence"].items():
+        line = f"{name}: KL {stats['mean']:.2f} +- {stats['std']:.2f} nats per image"
+        if "decodability" in result:
+            line += f", linear probe {result['decodability'][name]:.3f} (chance {result['decodability']['chance']:.3f})"
+        print(line)
+    print(f"written into {out}: analysis.json, " + ", ".join(written))
+    return 0
+
+
+def _decodability(model, root, device, seed) -> dict:
+    import numpy as np
+    import torch
+
+    from ..analysis.probe import labelled_images
+    from ..analysis.units import decodability, group_means
+    from ..data import make_loader
+
+    dataset, names = labelled_images(model, root)
+    values, kept = {}, []
+    for batch in make_loader(dataset, 64, shuffle=False, num_workers=0):
+        if batch.images is None:
+            continue
+        with torch.no_grad():
+            for name, v in group_means(model.vae, batch.images.to(device)).items():
+                values.setdefault(name, []).append(v.flatten(1).double().cpu())
+        kept += batch.indices
+    if not kept:
+        raise DataError(f"no readable image in {root}")
+    latents = {name: torch.cat(v).numpy() for name, v in values.items()}
+    return {"labelled": str(root), **decodability(model.vae, latents, np.array([names[i] for i in kept]), seed)}
+
+
 def matrix(args) -> int:
     from ..analysis.matrix import run_matrix
 

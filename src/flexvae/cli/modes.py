@@ -40,6 +40,10 @@ MODES = [
                                   "conditional model", analysis.interpolate),
     Mode("-pics", "pictures", "latent traversal grid, prior samples and training-history plots into "
                               "<run>/pictures", analysis.pictures),
+    Mode("-analyze", "analyze", "per latent group (the top latent, then a hierarchy's groups): divergence "
+                                "statistics, latent steps, white-noise receptive fields, most exciting inputs and, "
+                                "with --input2 LABELLED, decodability by linear probes; into <run>/analysis",
+         analysis.analyze),
     Mode("-probe", "probe", "linear probe: classify a labelled folder (--input) from latents vs PCA of pixels",
          analysis.probe),
     Mode("-matrix", "matrix", "train and evaluate every combination of an experiment matrix (--matrix FILE)",
@@ -59,15 +63,15 @@ BY_NAME = {mode.name: mode for mode in MODES}
 VALUED = [mode for mode in MODES if mode.value is not None]
 
 # The modes that read each mode-specific option; any other mode refuses it rather than ignore it.
-_MODEL_USERS = {"reconstruct", "encode", "decode", "evaluate", "interpolate", "pictures", "probe"}
+_MODEL_USERS = {"reconstruct", "encode", "decode", "evaluate", "interpolate", "pictures", "probe", "analyze"}
 _TILED = {"reconstruct", "encode", "decode"}
 OPTION_MODES = {
     "ckpt": _MODEL_USERS | {"export"}, "input": _MODEL_USERS, "output": _MODEL_USERS | {"import-weights", "export"},
     "no_ema": _MODEL_USERS | {"export"}, "format": {"export"}, "tile": _TILED, "overlap": _TILED,
     "fresh": {"train"}, "verbose": {"train"}, "sample": {"encode"},
     "side_by_side": {"reconstruct"}, "native_size": {"reconstruct"}, "write": {"mem"},
-    "input2": {"interpolate", "probe", "evaluate"},
-    "matrix": {"matrix"}, "steps": {"interpolate", "pictures"}, "nll_samples": {"evaluate"},
+    "input2": {"interpolate", "probe", "evaluate", "analyze"},
+    "matrix": {"matrix"}, "steps": {"interpolate", "pictures", "analyze"}, "nll_samples": {"evaluate"},
     "nll_sigma": {"evaluate"}, "labels": {"reconstruct", "encode", "evaluate"},
     "classes": {"interpolate"},
 }
@@ -105,14 +109,16 @@ def _add_options(parser: argparse.ArgumentParser, mode: Mode | None = None) -> N
     option("--write", action="store_true", help="-mem: store the batch size found in the config file")
     option("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     option("--input2", help="-inter: second image or folder; -probe: labelled test folder; "
-                                 "-eval: labelled folder for the generation score of prior samples")
+                                 "-eval: labelled folder for the generation score of prior samples; "
+                                 "-analyze: labelled folder for the decodability probes")
     option("--labels", help="-i/-e/-eval with a conditional model: the inputs' labels: auto (the sub-folder names "
                             "when every image is in a folder named after a class; default), folders, none or a "
                             "CSV file of 'relative path,label' rows")
     option("--classes", help="-inter with a conditional model: two class names A,B; decodes the same styles "
                              "while the class moves from A to B")
     option("--matrix", help="-matrix: the experiment matrix TOML file")
-    option("--steps", type=int, help="-inter: images per interpolation (8); -pics: traversal steps (9)")
+    option("--steps", type=int, help="-inter: images per interpolation (8); -pics, -analyze: traversal and latent "
+                                     "steps (9)")
     option("--nll-samples", type=int, help="-eval: importance samples per image for the NLL "
                                                         "(default 100, fewer above 64x64 px; 0 = skip)")
     option("--nll-sigma", help="-eval: decoder sigma of the Gaussian likelihood, or 'auto' "
