@@ -365,3 +365,30 @@ def test_analyze_writes_every_picture_and_the_probes(tmp_path):
     assert Image.open(out / "latent_steps.png").size == (6 * 16 + 7 * 2, 3 * 16 + 4 * 2)
     flat = run_in_process(["-analyze", "-c", TINY, "--ckpt", run, "--input", labelled, "--output", tmp_path / "a2"])
     assert flat.returncode == 0 and "top: KL" in flat.stdout
+
+
+def test_gradient_checkpointing_of_groups_changes_nothing(tmp_path):
+    """'@' segments holding latent groups are recomputed in the backward pass with the same noise:
+    the weights are bitwise those of a run without checkpointing."""
+    from safetensors.torch import load_file
+
+    images = make_images(tmp_path / "img", 8)
+    decoder = ('["C2d_2_8_3_1_1", "@Z_2_enc=x8", "UpS_2", "C2d_?_8_3_1_1", "@begin", "Z_2_enc=x16_hidden=8", '
+               '"GN_4_8", "@end", "SiLU", "C2d_8_3_3_1_1"]')
+    for mode in ("off", "marked"):
+        result = run_in_process(["-t", *h_args(images, tmp_path / mode, "--set", f"model.decoder={decoder}",
+                                               "--set", f"train.grad_checkpointing={mode}")])
+        assert result.returncode == 0, result.stderr
+    a, b = (load_file(str(tmp_path / m / "checkpoints" / "step_00000004.safetensors")) for m in ("off", "marked"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("model."))
+
+
+def test_a_decoder_can_start_from_a_learned_constant():
+    torch.manual_seed(0)
+    vae = plan_vae(ENCODER, ["Const_8_4_4", "Z_3_enc=x4", "UpS_2", "C2d_8_8_3_1_1", "Z_2_enc=x8", "C2d_8_1_3_1_1"],
+                   (1, 8, 8)).build()
+    x = torch.randn(2, 1, 8, 8)
+    out = vae(x)
+    assert out.recon.shape == x.shape and list(out.groups) == ["x4", "x8"]
+    out.kl().sum().backward()
+    assert vae.decoder[0].value.grad is not None  # the groups' priors see the constant

@@ -122,6 +122,23 @@ class LatentGroup(nn.Module):
         return torch.cat([h, z], dim=1)
 
 
+@register(
+    "Const",
+    Arg("shape", variadic=True, doc="the constant's per-sample shape, e.g. Const_64_4_4"),
+    doc="hierarchy: a learned constant (zero at the start) in place of its input: a decoder that starts from "
+        "a constant and draws every latent in its groups (the top latent is then unused: its KL goes to zero)",
+)
+class Constant(nn.Module):
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        if not shape or any(s < 1 for s in shape):
+            raise ValueError(f"the constant needs positive sizes, got {shape}")
+        self.value = nn.Parameter(torch.zeros(*shape))
+
+    def forward(self, x):
+        return self.value.to(x.dtype).expand(x.shape[0], *self.value.shape)
+
+
 def scale_groups(modules) -> int:
     """Apply the 1/sqrt(groups) initial scaling to a stack's groups; returns how many there are."""
     groups = [m for m in modules if isinstance(m, LatentGroup)]
@@ -130,4 +147,4 @@ def scale_groups(modules) -> int:
     return len(groups)
 
 
-__all__ = ["Keep", "LatentGroup", "scale_groups"]
+__all__ = ["Constant", "Keep", "LatentGroup", "scale_groups"]
