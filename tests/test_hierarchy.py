@@ -110,6 +110,7 @@ def test_given_group_values_are_used_as_they_are():
     (ENCODER, ["C2d_2_8_3_1_1", "Z_3_enc=x4", "Z_3_enc=x4"], r"a latent group named 'x4' comes twice"),
     (["C2d_1_8_3_1_1", "Keep_name=a", "Keep_name=a", "C2d_8_4_3_1_1"], ["C2d_2_1_3_1_1"], r"the name 'a' is kept twice"),
     (ENCODER, ["C2d_2_8_3_1_1", "Z_3"], r"missing argument 'enc'"),
+    (ENCODER, ["C2d_2_8_3_1_1", "Z_3_enc=x4_kernel=2"], r"kernel must be odd"),
     (ENCODER, ["C2d_2_8_3_1_1", "Z_3_enc=x4_merge=mul"], r"argument 'merge' must be one of add, cat"),
     (ENCODER, ["C2d_2_8_3_1_1", "Z_3_enc=x4_merge=cat", "C2d_8_1_3_1_1"], r"channel mismatch: in_channels=8, but the "
                                                                           r"previous layer's output has 11 channels"),

@@ -7,7 +7,8 @@ decoder from it (see flexvae/hierarchy.py).
 ``Z_C_enc=NAME`` at a decoder state h of shape (Ch, *S), with the encoder's NAME of shape
 (Ce, *S) (the same positions):
 
-- prior p(z | h): conv3x3(Ch -> hidden), SiLU, conv1x1(hidden -> 2C) (mean, log-variance);
+- prior p(z | h): ``depth`` x (conv kernel x kernel (Ch -> hidden, then hidden -> hidden),
+  SiLU), then conv1x1(hidden -> 2C) (mean, log-variance); defaults: depth 1, kernel 3;
 - posterior q(z | h, enc): the same net on the channels of h and enc side by side;
 - ``merge=add`` (default): h + conv1x1(C -> Ch)(z); ``merge=cat``: h and z side by side
   (Ch + C channels out).
@@ -38,8 +39,13 @@ def _layer(dims: int, cin: int, cout: int, kernel: int) -> nn.Module:
 
 
 class _GaussianNet(nn.Sequential):
-    def __init__(self, dims: int, cin: int, hidden: int, channels: int):
-        super().__init__(_layer(dims, cin, hidden, 3), nn.SiLU(), _layer(dims, hidden, 2 * channels, 1))
+    """``depth`` x (conv kernel x kernel, SiLU), then conv1x1 to mean and log-variance (zero at the start)."""
+
+    def __init__(self, dims: int, cin: int, hidden: int, channels: int, depth: int = 1, kernel: int = 3):
+        layers = []
+        for index in range(depth):
+            layers += [_layer(dims, cin if index == 0 else hidden, hidden, kernel), nn.SiLU()]
+        super().__init__(*layers, _layer(dims, hidden, 2 * channels, 1))
         nn.init.zeros_(self[-1].weight)
         nn.init.zeros_(self[-1].bias)
 
@@ -71,20 +77,24 @@ class Keep(nn.Module):
     Arg("merge", str, "add", doc="add: state + conv1x1(z); cat: state and z side by side", choices=("add", "cat")),
     Arg("hidden", default=0, doc="width of the prior and posterior nets; 0 = max(32, 2 x channels)"),
     Arg("name", str, "", doc="the group's name in logs and files (default: enc)"),
+    Arg("depth", default=1, doc="hidden layers of the prior and posterior nets"),
+    Arg("kernel", default=3, doc="kernel size of their hidden layers (odd)"),
     doc="hierarchy: a latent group drawn from p(z|state) or q(z|state, encoder activation), merged into the state",
     pass_dims=True,
     context="group",
 )
 class LatentGroup(nn.Module):
     def __init__(self, channels: int, enc: str, merge: str = "add", hidden: int = 0, name: str = "",
-                 in_channels: int = 1, enc_channels: int = 1, dims: int = 2):
+                 depth: int = 1, kernel: int = 3, in_channels: int = 1, enc_channels: int = 1, dims: int = 2):
         super().__init__()
-        if channels < 1:
-            raise ValueError(f"channels must be positive, got {channels}")
+        if channels < 1 or hidden < 0 or depth < 1:
+            raise ValueError(f"channels and depth must be positive and hidden >= 0, got {channels}, {depth}, {hidden}")
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"kernel must be odd (the positions stay), got {kernel}")
         hidden = hidden or max(32, 2 * channels)
         self.channels, self.enc, self.merge, self.name = int(channels), enc, merge, name or enc
-        self.prior = _GaussianNet(dims, in_channels, hidden, channels)
-        self.posterior = _GaussianNet(dims, in_channels + enc_channels, hidden, channels)
+        self.prior = _GaussianNet(dims, in_channels, hidden, channels, depth, kernel)
+        self.posterior = _GaussianNet(dims, in_channels + enc_channels, hidden, channels, depth, kernel)
         self.project = _layer(dims, channels, in_channels, 1) if merge == "add" else None
 
     def extra_repr(self) -> str:
