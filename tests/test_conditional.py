@@ -468,3 +468,22 @@ def test_class_accuracy_agrees_with_a_direct_count(tmp_path):
     truth = torch.tensor([CLASSES.index(p.parent.name) for p in sorted(images.rglob("*.png"))])
     predicted = ctx.vae.latent.class_probs(ctx.vae.encode(x)).argmax(1)
     assert found["accuracy"] == pytest.approx(float((predicted == truth).float().mean()))
+
+
+def test_context_tokens_work_in_hierarchical_structures():
+    """Labels reach context tokens on both sides of a hierarchy's latent groups (one pass's state)."""
+    torch.manual_seed(0)
+    encoder = ["C2d_1_8_3_1_1", "CtxFiLM_?", "Keep_name=x8", "Down_?_8", "C2d_8_4_3_1_1"]
+    decoder = ["C2d_2_8_3_1_1", "UpS_2", "CtxCat_2", "Z_3_enc=x8", "C2d_10_1_3_1_1"]
+    vae = plan_vae(encoder, decoder, (1, 8, 8), classes=3).build().eval()
+    vae.class_names = CLASSES
+    with torch.no_grad():
+        for module in [*vae.encoder, *vae.decoder]:
+            if hasattr(module, "table"):
+                module.table.normal_()
+    x = torch.randn(2, 1, 8, 8)
+    a, b = vae.reconstruct(x, torch.tensor([0, 0])), vae.reconstruct(x, torch.tensor([1, 2]))
+    assert not torch.allclose(a, b) and vae.groups == ["x8"] and vae.takes_labels
+    assert vae.sample_prior(3, labels=torch.tensor([0, 1, 2])).shape == (3, 1, 8, 8)
+    out = vae(x, labels=torch.tensor([1, 2]))
+    assert list(out.groups) == ["x8"] and out.kl().shape == (2,)
