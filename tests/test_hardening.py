@@ -460,3 +460,11 @@ def test_error_lines_escape_every_line_break_python_knows():
     message = one_line("key 'a\x85b\u2028c\u2029d\ne\x1c'")
     assert len(message.splitlines()) == 1
     assert message == "key 'a\\x85b\\u2028c\\u2029d\\x0ae\\x1c'"
+
+
+def test_a_structure_path_with_a_nul_character_is_one_error():
+    from flexvae.build import plan_vae
+    from flexvae.errors import StructureError
+
+    with pytest.raises(StructureError, match="is not a file name"):
+        plan_vae("enc\x00.json", ["C2d_?_3_3_1_1"], (3, 8, 8))

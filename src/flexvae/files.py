@@ -107,6 +107,8 @@ def read_small_file(path, limit: int, what: str, error) -> bytes:
         raise error(f"{what} not found: {path}") from None
     except OSError as exc:
         raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL character: no file can have that name
+        raise error(f"{what} {str(path)!r} is not a file name (it holds a NUL character)") from None
     if stat.S_ISDIR(info.st_mode):
         raise error(f"{what} {path} is a folder, not a file") from None
     if not stat.S_ISREG(info.st_mode):
