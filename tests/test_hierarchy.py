@@ -393,3 +393,21 @@ def test_a_decoder_can_start_from_a_learned_constant():
     assert out.recon.shape == x.shape and list(out.groups) == ["x4", "x8"]
     out.kl().sum().backward()
     assert vae.decoder[0].value.grad is not None  # the groups' priors see the constant
+
+
+def test_residual_branches_of_a_hierarchy_start_scaled():
+    encoder = ["C2d_1_8_3_1_1", "VAERB_8_8", "Keep_name=x8", "C2d_8_4_3_1_1"]
+    flat_decoder = ["C2d_2_8_3_1_1", "2*VAERB_8_8", "C2d_8_1_3_1_1"]
+    deep_decoder = ["C2d_2_8_3_1_1", "2*VAERB_8_8", "Z_2_enc=x8", "C2d_8_1_3_1_1"]
+    plans = {name: plan_vae(encoder, dec, (1, 8, 8)) for name, dec in (("flat", flat_decoder), ("deep", deep_decoder))}
+    built = {}
+    for name, plan in plans.items():
+        torch.manual_seed(0)
+        built[name] = plan.build()
+    # the same draws (the group's layers come after the blocks); three blocks: 1/sqrt(3) in the hierarchy
+    for flat_stack, deep_stack in ((built["flat"].encoder, built["deep"].encoder), (built["flat"].decoder, built["deep"].decoder)):
+        flat_blocks = [m for m in flat_stack if hasattr(m, "conv2")]
+        deep_blocks = [m for m in deep_stack if hasattr(m, "conv2")]
+        for a, b in zip(flat_blocks, deep_blocks):
+            torch.testing.assert_close(b.conv2.weight, a.conv2.weight / math.sqrt(3))
+            torch.testing.assert_close(b.conv1.weight, a.conv1.weight)

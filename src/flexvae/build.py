@@ -17,7 +17,7 @@ from . import layers  # noqa: F401  (registers the built-in tokens)
 from .dsl.grammar import TokenSpec
 from .hierarchy import ForwardState
 from .latents import GaussianLatent, Latent
-from .layers.hierarchy import scale_groups
+from .layers.hierarchy import scale_groups, scale_residual_blocks
 from .model import VAE, Stack
 from .registry import LAYERS, LayerType, Registry
 from .utils import format_shape
@@ -228,8 +228,11 @@ class VAEPlan:
 
     def build(self, device=None, scaling_factor: float = 1.0, output: str = "value", likelihood=None) -> VAE:
         """A fresh VAE; ``likelihood`` (a ``likelihoods.Likelihood``, used once) makes it an ELBO model."""
+        encoder, decoder = self.encoder.build(device), self.decoder.build(device)
+        if self.decoder.groups:  # a hierarchy starts stable: its residual branches start small
+            scale_residual_blocks(encoder, decoder)
         return VAE(
-            self.encoder.build(device), self.decoder.build(device), self.latent.to(device or "cpu"),
+            encoder, decoder, self.latent.to(device or "cpu"),
             self.latent_shape, scaling_factor=scaling_factor, output=output,
             likelihood=None if likelihood is None else likelihood.to(device or "cpu"),
         )

@@ -14,8 +14,10 @@ decoder from it (see flexvae/hierarchy.py).
   (Ch + C channels out).
 
 Both nets' last layers start at zero, so at step 0 every group's prior and posterior are
-N(0, I) and its KL is zero; the merge projections start scaled by 1/sqrt(number of groups), so
-a deep hierarchy starts with the decoder's state near its deterministic path. On vector
+N(0, I) and its KL is zero; the merge projections start scaled by 1/sqrt(number of groups),
+and in a model with groups every residual block's last convolution by 1/sqrt(number of
+residual blocks), so a deep hierarchy starts with the decoder's state near its deterministic
+path. On vector
 states (no positions) the convolutions are linear layers. ``name=`` names the group (default:
 the encoder activation's name), ``hidden=`` sets the nets' width (default max(32, 2C)).
 """
@@ -149,6 +151,19 @@ class Constant(nn.Module):
         return self.value.to(x.dtype).expand(x.shape[0], *self.value.shape)
 
 
+def scale_residual_blocks(*stacks) -> int:
+    """In a hierarchical model, each residual block's last convolution starts scaled by
+    1/sqrt(number of residual blocks in the model) (as VDVAE does), so the sum of many
+    residual branches starts small; returns how many blocks were scaled."""
+    from .resnet import ResidualBlock
+
+    blocks = [m for stack in stacks for m in stack if isinstance(m, ResidualBlock)]
+    with torch.no_grad():
+        for block in blocks:
+            block.conv2.weight.mul_(1 / math.sqrt(len(blocks)))
+    return len(blocks)
+
+
 def scale_groups(modules) -> int:
     """Apply the 1/sqrt(groups) initial scaling to a stack's groups; returns how many there are."""
     groups = [m for m in modules if isinstance(m, LatentGroup)]
@@ -157,4 +172,4 @@ def scale_groups(modules) -> int:
     return len(groups)
 
 
-__all__ = ["Constant", "Keep", "LatentGroup", "scale_groups"]
+__all__ = ["Constant", "Keep", "LatentGroup", "scale_groups", "scale_residual_blocks"]
