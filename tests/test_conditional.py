@@ -401,13 +401,8 @@ def test_two_processes_with_labels_match_one_process(tmp_path):
     supervised mixed latent): each process gets its images' labels, so the replicas stay
     identical and match one process with the same global batch."""
     import csv
-    import os
-    import subprocess
-    import sys
 
-    from safetensors.torch import load_file
-
-    from helpers.runs import REPO
+    from helpers.ddp import train_two_and_one
 
     images = labelled_folder(tmp_path / "img", unlabelled=4)
     decoder = MIXED_DECODER.replace('"C2d_4_8_3_1_1", ', '"C2d_4_8_3_1_1", "CtxFiLM_?", ')
@@ -415,17 +410,7 @@ def test_two_processes_with_labels_match_one_process(tmp_path):
               "model.latent=mixed", "latent.classes=0", f"model.encoder={MIXED_ENCODER}", f"model.decoder={decoder}",
               "train.max_steps=4", "train.save_every=4", "train.grad_accum=2", "train.lr=1e-4", "train.grad_clip=0",
               "train.log_every=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    script = str(REPO / "tests" / "helpers" / "ddp_train.py")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script,
-                          str(tmp_path / "two"), *common, "train.batch_size=2"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, script, str(tmp_path / "one"), *common, "train.batch_size=4"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    rank0, rank1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
-    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    rank0, rank1, single = train_two_and_one(tmp_path, common)
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
         torch.testing.assert_close(rank0[key], single[key], rtol=0, atol=5e-5)

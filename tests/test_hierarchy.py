@@ -202,30 +202,16 @@ def test_two_processes_train_a_hierarchy_like_one(tmp_path):
     """torchrun with 2 CPU processes: the groups' noise is drawn for the global batch, so the
     replicas stay identical and match one process with the same global batch."""
     import csv
-    import os
-    import subprocess
-    import sys
 
     import numpy as np
-    from safetensors.torch import load_file
 
-    from helpers.runs import REPO
+    from helpers.ddp import train_two_and_one
 
     images = make_images(tmp_path / "img", 12)
     common = [f"data.path={images}", "data.num_workers=0", f"model.encoder={H_ENCODER}", f"model.decoder={H_DECODER}",
               "loss.objective=elbo", "train.max_steps=4", "train.save_every=4", "train.grad_accum=2", "train.lr=1e-4",
               "train.grad_clip=0", "train.log_every=1", "train.skip_spikes=true"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    script = str(REPO / "tests" / "helpers" / "ddp_train.py")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script,
-                          str(tmp_path / "two"), *common, "train.batch_size=2"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, script, str(tmp_path / "one"), *common, "train.batch_size=4"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    rank0, rank1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
-    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    rank0, rank1, single = train_two_and_one(tmp_path, common)
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
         torch.testing.assert_close(rank0[key], single[key], rtol=0, atol=5e-5)

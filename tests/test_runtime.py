@@ -24,6 +24,7 @@ from flexvae.train.distributed import DistInfo
 from flexvae.train.runtime import flip_mask, prepare, sample_noise
 from flexvae.train.step import make_optimizer, train_step
 from flexvae.train.trainer import Trainer
+from helpers.ddp import train_two_and_one
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_test.toml"
@@ -205,19 +206,7 @@ def test_two_processes_with_gloo_match_one_process(tmp_path, images, latent):
     common = [f"data.path={images}", "data.num_workers=0", "train.max_steps=4", "train.save_every=4",
               "train.grad_accum=2", "train.lr=1e-4", "train.grad_clip=0", "train.log_every=1",
               *LATENT_SETTINGS[latent]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    script = str(ROOT / "tests" / "helpers" / "ddp_train.py")
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script,
-         str(tmp_path / "two"), *common, "train.batch_size=2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, script, str(tmp_path / "one"), *common, "train.batch_size=4"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-
-    rank0, rank1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
-    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    rank0, rank1, single = train_two_and_one(tmp_path, common)
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
         torch.testing.assert_close(rank0[key], single[key], rtol=0, atol=5e-5)

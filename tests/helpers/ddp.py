@@ -1,0 +1,28 @@
+"""Training the same run under torchrun with 2 CPU processes and in one process (tests/helpers/ddp_train.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = str(REPO / "tests" / "helpers" / "ddp_train.py")
+
+
+def train_two_and_one(tmp_path: Path, common: list, two_batch: int = 2, one_batch: int = 4):
+    """(rank 0's weights, rank 1's, the single process's) after training ``common`` overrides into
+    tmp_path/two (2 processes, batch ``two_batch`` each) and tmp_path/one (batch ``one_batch``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", SCRIPT,
+                          str(tmp_path / "two"), *common, f"train.batch_size={two_batch}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, SCRIPT, str(tmp_path / "one"), *common, f"train.batch_size={one_batch}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    rank0, rank1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
+    return rank0, rank1, load_file(str(tmp_path / "one" / "rank0.safetensors"))
