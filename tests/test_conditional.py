@@ -400,9 +400,7 @@ def test_two_processes_with_labels_match_one_process(tmp_path):
     """torchrun with 2 CPU processes on a partly labelled folder (a FiLM decoder and a
     supervised mixed latent): each process gets its images' labels, so the replicas stay
     identical and match one process with the same global batch."""
-    import csv
-
-    from helpers.ddp import train_two_and_one
+    from helpers.ddp import assert_two_processes_match_one
 
     images = labelled_folder(tmp_path / "img", unlabelled=4)
     decoder = MIXED_DECODER.replace('"C2d_4_8_3_1_1", ', '"C2d_4_8_3_1_1", "CtxFiLM_?", ')
@@ -410,16 +408,7 @@ def test_two_processes_with_labels_match_one_process(tmp_path):
               "model.latent=mixed", "latent.classes=0", f"model.encoder={MIXED_ENCODER}", f"model.decoder={decoder}",
               "train.max_steps=4", "train.save_every=4", "train.grad_accum=2", "train.lr=1e-4", "train.grad_clip=0",
               "train.log_every=1"]
-    rank0, rank1, single = train_two_and_one(tmp_path, common)
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), key
-        torch.testing.assert_close(rank0[key], single[key], rtol=0, atol=5e-5)
-
-    def logged(run):
-        with open(run / "metrics.csv", newline="") as fh:
-            return [(float(row["loss"]), float(row["classify"])) for row in csv.DictReader(fh)]
-
-    assert np.allclose(logged(tmp_path / "two"), logged(tmp_path / "one"), rtol=1e-5)
+    assert_two_processes_match_one(tmp_path, common, columns=("loss", "classify"))
 
 
 def test_eval_scores_conditional_samples_and_the_class_latent_and_pics_plot_the_diagnostics(tmp_path):

@@ -201,26 +201,13 @@ def test_hierarchical_run_logs_groups_resumes_exactly_and_round_trips(tmp_path):
 def test_two_processes_train_a_hierarchy_like_one(tmp_path):
     """torchrun with 2 CPU processes: the groups' noise is drawn for the global batch, so the
     replicas stay identical and match one process with the same global batch."""
-    import csv
-
-    import numpy as np
-
-    from helpers.ddp import train_two_and_one
+    from helpers.ddp import assert_two_processes_match_one
 
     images = make_images(tmp_path / "img", 12)
     common = [f"data.path={images}", "data.num_workers=0", f"model.encoder={H_ENCODER}", f"model.decoder={H_DECODER}",
               "loss.objective=elbo", "train.max_steps=4", "train.save_every=4", "train.grad_accum=2", "train.lr=1e-4",
               "train.grad_clip=0", "train.log_every=1", "train.skip_spikes=true"]
-    rank0, rank1, single = train_two_and_one(tmp_path, common)
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), key
-        torch.testing.assert_close(rank0[key], single[key], rtol=0, atol=5e-5)
-
-    def logged(run):
-        with open(run / "metrics.csv", newline="") as fh:
-            return [(float(r["loss"]), float(r["kld_x8"]), float(r["kld_x16"])) for r in csv.DictReader(fh)]
-
-    assert np.allclose(logged(tmp_path / "two"), logged(tmp_path / "one"), rtol=1e-5)
+    assert_two_processes_match_one(tmp_path, common, columns=("loss", "kld_x8", "kld_x16"))
 
 
 def test_encode_writes_every_group_and_decode_reads_them_back(tmp_path):

@@ -26,3 +26,24 @@ def train_two_and_one(tmp_path: Path, common: list, two_batch: int = 2, one_batc
     assert one.returncode == 0, one.stderr[-3000:]
     rank0, rank1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
     return rank0, rank1, load_file(str(tmp_path / "one" / "rank0.safetensors"))
+
+
+def assert_two_processes_match_one(tmp_path: Path, common: list, columns=("loss",)) -> None:
+    """The replicas of a 2-process run are identical and match one process with the same global
+    batch: weights within 5e-5 (Adam's normalised steps amplify rounding in tiny gradients), the
+    logged ``columns`` of metrics.csv to 1e-5."""
+    import csv
+
+    import numpy as np
+    import torch
+
+    rank0, rank1, single = train_two_and_one(tmp_path, common)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], single[key], rtol=0, atol=5e-5)
+
+    def logged(run):
+        with open(run / "metrics.csv", newline="") as fh:
+            return [[float(row[c]) for c in columns] for row in csv.DictReader(fh)]
+
+    assert np.allclose(logged(tmp_path / "two"), logged(tmp_path / "one"), rtol=1e-5)
