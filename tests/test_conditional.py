@@ -461,3 +461,12 @@ def test_context_tokens_work_in_hierarchical_structures():
     assert vae.sample_prior(3, labels=torch.tensor([0, 1, 2])).shape == (3, 1, 8, 8)
     out = vae(x, labels=torch.tensor([1, 2]))
     assert list(out.groups) == ["x8"] and out.kl().shape == (2,)
+
+
+def test_check_and_mem_read_the_classes_of_a_labelled_config(tmp_path):
+    images = labelled_folder(tmp_path / "img")
+    check = run_in_process(["--check", *cond_args(images, tmp_path / "run")])
+    assert check.returncode == 0, check.stderr
+    assert "CtxCat_3" in check.stdout and "(11, 16, 16)" in check.stdout  # 8 channels + a 3-d embedding
+    mixed = run_in_process(["--check", *mixed_args(images, tmp_path / "run")])
+    assert mixed.returncode == 0 and "latent: mixed, shape (4, 8, 8)" in mixed.stdout  # 1 style + 3 classes

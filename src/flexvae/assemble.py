@@ -121,6 +121,10 @@ def plan_specs(encoder, decoder, shape, cfg, classes=None) -> VAEPlan:
 
 
 def plan_from_config(cfg, config_path=None, classes=None) -> VAEPlan:
+    """The plan of ``cfg``'s model; with data.labels and no ``classes`` given, the classes are read
+    from the data (``--check``, ``-mem``)."""
+    if classes is None and cfg.data.labels != "none":
+        classes = open_training_data(cfg, config_path).labels.classes
     load_plugins(cfg.model.plugins, config_path)
     encoder = structure_specs(cfg.model.encoder, "encoder", config_path)
     decoder = structure_specs(cfg.model.decoder, "decoder", config_path)
