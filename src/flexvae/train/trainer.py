@@ -230,8 +230,10 @@ class Trainer:
         if not groups:
             return None
         tcfg = self.cfg.train
-        return [{name: sample_noise(shape, m.shape[0], tcfg.seed, self.step, i + 8191 * (g + 1), self.dist, self.device)
-                 for g, (name, shape) in enumerate(groups)} for i, m in enumerate(micro)]
+        # keys of their own: micro-batch i of group g is 65537 * (3 + g) + i (0..2 are the top
+        # latent's noise, the flips and the dropout masks; see runtime.py)
+        return [{name: sample_noise(shape, m.shape[0], tcfg.seed, self.step, 65_537 * (3 + g) + i, self.dist,
+                                    self.device) for g, (name, shape) in enumerate(groups)} for i, m in enumerate(micro)]
 
     def _train_step(self, micro, noises, labels=None, group_noises=None) -> StepResult:
         """A training step; when the compiled model fails on its first step, say so and
