@@ -40,7 +40,6 @@ class StepResult:
     terms: dict
     kld_weight: float
     grad_norm: float
-    skipped: bool = False  # the spike guard left this update out
 
 
 def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None,
@@ -102,9 +101,9 @@ def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None
     if cfg.train.grad_clip > 0 or guard is not None:
         limit = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(runtime.model.parameters(), limit))
-    # fp16 overflows are the gradient scaler's to skip; the guard judges the others
-    skipped = guard is not None and not (runtime.scaler is not None and not math.isfinite(grad_norm)) \
-        and guard.skip(grad_norm)
+    # fp16 overflows are the gradient scaler's to skip; the guard judges every other update
+    overflowed = runtime.scaler is not None and not math.isfinite(grad_norm)
+    skipped = guard is not None and not overflowed and guard.skip(grad_norm)
     if runtime.scaler is not None:
         if not skipped:
             runtime.scaler.step(optimizer)  # skipped when fp16 gradients overflowed
@@ -115,4 +114,4 @@ def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None
         totals.update(adversary.discriminator_step(pairs, runtime.autocast, step))
     elif extras.adversary is not None:  # before adversarial.start: the columns exist, empty
         totals.update(dict.fromkeys(extras.adversary.term_names, float("nan")))
-    return StepResult(loss_sum, totals, kld_weight, grad_norm, skipped)
+    return StepResult(loss_sum, totals, kld_weight, grad_norm)

@@ -346,7 +346,8 @@ class Trainer:
                 "step": self.step, **values,
                 "kld_weight": result.kld_weight, "lr": self.scheduler.get_last_lr()[0],
                 "grad_norm": result.grad_norm,
-                **({} if self.guard is None else {"skipped": self.guard.skipped, "skip_threshold": self.guard.threshold()}),
+                **({} if self.guard is None else {"skipped": self.guard.skipped,
+                                                   "skip_threshold": self.guard.threshold()}),
                 "images_per_s": self._images_seen * self.dist.world_size / max(elapsed, 1e-9),
                 **self.model.metrics(),  # quantizer diagnostics (codebook usage...), not losses
             }
