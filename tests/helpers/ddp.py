@@ -31,7 +31,8 @@ def train_two_and_one(tmp_path: Path, common: list, two_batch: int = 2, one_batc
 def assert_two_processes_match_one(tmp_path: Path, common: list, columns=("loss",)) -> None:
     """The replicas of a 2-process run are identical and match one process with the same global
     batch: weights within 5e-5 (Adam's normalised steps amplify rounding in tiny gradients), the
-    logged ``columns`` of metrics.csv to 1e-5."""
+    logged ``columns`` of metrics.csv to 1e-5 relative, 1e-6 absolute (a latent group's KL starts
+    at zero, where a relative tolerance alone asks for more than float sums give)."""
     import csv
 
     import numpy as np
@@ -46,4 +47,5 @@ def assert_two_processes_match_one(tmp_path: Path, common: list, columns=("loss"
         with open(run / "metrics.csv", newline="") as fh:
             return [[float(row[c]) for c in columns] for row in csv.DictReader(fh)]
 
-    assert np.allclose(logged(tmp_path / "two"), logged(tmp_path / "one"), rtol=1e-5)
+    assert np.allclose(logged(tmp_path / "two"), logged(tmp_path / "one"), rtol=1e-5, atol=1e-6), \
+        (logged(tmp_path / "two"), logged(tmp_path / "one"))
