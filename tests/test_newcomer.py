@@ -43,7 +43,7 @@ def test_reconstruct_and_encode_take_a_single_image_file(tmp_path):
     assert run_in_process(["-t", *tiny(images, run, "--set", "train.max_steps=1")]).returncode == 0
     proc = run_in_process(["-i", *tiny(images, run, "--input", images / "1.png", "--output", tmp_path / "one")])
     assert proc.returncode == 0 and "reconstructed 1 images" in proc.stdout
-    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["1.png", "made_by.json", "metrics.csv"]
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == [".flexvae-written.jsonl", "1.png", "made_by.json", "metrics.csv"]
     proc = run_in_process(["-e", *tiny(images, run, "--input", images / "2.png", "--output", tmp_path / "lat")])
     assert proc.returncode == 0 and (tmp_path / "lat" / "2.safetensors").is_file()
     # the folder of an input file is the input folder: writing there is refused

@@ -4,7 +4,9 @@ Every file flexvae writes (checkpoints, configs, metrics, images, latents, manif
 through ``atomic_path``: the content is written to a temporary file beside the target,
 flushed to disk, and renamed over the target, and the folder entry is synced. A failure or
 an interruption leaves the previous file as it was and removes the temporary one. A new
-file gets the permissions the umask gives; a replaced file keeps its own.
+file gets the permissions the umask gives; a replaced file keeps its own. Inside an output
+folder opened with ``outputs.writing_into``, only files that folder's record lists as
+flexvae's are replaced.
 """
 
 from __future__ import annotations
@@ -55,12 +57,20 @@ def atomic_path(path, sync_dir: bool = True):
     """Yield a temporary path to write to; on success it replaces ``path``. ``sync_dir=False``
     leaves making the rename durable (``fsync_dir``) to the caller, who may do it once for
     many files of one folder."""
+    from .outputs import folder_for
+
     path = Path(path)
+    output = folder_for(path)  # an output folder the user named: replace only flexvae's own files
+    if output is not None:
+        output.claim(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
         yield tmp
         fsync_path(tmp)
+        if output is not None:
+            output.claim(path)  # the user may have put a file there while this one was written
+            output.record(path, tmp)
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode)  # a replaced file keeps its permissions
         except FileNotFoundError:

@@ -204,17 +204,24 @@ def evaluate_run(run_dir: Path, cfg, device: str, nll_samples: int = 0) -> dict:
     return result
 
 
-def run_matrix(path, device: str | None = None, extra_overrides=(), quiet: bool = True, log=print) -> dict:
+def run_matrix(path, device: str | None = None, extra_overrides=(), quiet: bool = True, log=print,
+               overwrite: bool = False) -> dict:
     """Train (or skip) every combination, evaluate each, write results.md and results.csv.
 
     ``quiet`` hides each run's own log (model summary, progress bar); ``log`` gets one line per run.
+    A results.md or results.csv in ``out_dir`` that flexvae did not write is never replaced (checked
+    before any training), unless ``overwrite``.
     """
+    from ..outputs import writing_into
     from ..device import resolve_device
     from ..train.trainer import train
 
     matrix = load_matrix(path)
     names = run_names(matrix)
     combos = matrix.combinations()
+    results = (matrix.out_dir / "results.csv", matrix.out_dir / "results.md")
+    with writing_into(matrix.out_dir, overwrite, flag="out_dir in " + str(path)) as folder:
+        folder.check(results)
     matrix.out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (name, combo) in enumerate(zip(names, combos), 1):
@@ -254,7 +261,8 @@ def run_matrix(path, device: str | None = None, extra_overrides=(), quiet: bool 
             except FlexVAEError as exc:
                 row["status"] += f"; evaluation failed: {exc}"
         rows.append(row)
-    files = write_results(matrix, rows)
+    with writing_into(matrix.out_dir, overwrite, flag="out_dir in " + str(path)):
+        files = write_results(matrix, rows)
     return {"rows": rows, **files}
 
 

@@ -8,6 +8,7 @@ and exit with status 1 (130 after Ctrl-C); ``--debug`` shows the traceback inste
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from ..errors import FlexVAEError, describe_os_error
@@ -45,7 +46,8 @@ def main(argv=None, prog: str = "flexvae") -> int:
     args = parser.parse_args(argv)
     try:
         check_options(args)
-        return handler_for(args)(args)
+        with contextlib.ExitStack() as args.outputs:  # the output folders a mode opens (common.claim_output)
+            return handler_for(args)(args)
     except FlexVAEError as exc:
         if args.debug:
             raise

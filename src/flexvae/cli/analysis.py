@@ -10,6 +10,12 @@ from ..errors import DataError
 from ..files import write_text
 from . import common
 
+# What -pics and -analyze may write into their folder (checked for foreign files before any work)
+PICTURES = ("traversal.png", "traversal.txt", "prior.png", "partial_posterior.png", "kl_channels.csv",
+            "history_losses.png", "history_schedule.png", "history_kl_channels.png", "history_classes.png")
+ANALYSIS = ("latent_steps.png", "receptive_fields.png", "most_exciting.png", "divergence.png", "decodability.png",
+            "analysis.json")
+
 
 def _context(args):
     cfg, _ = common.load_config(args)
@@ -23,6 +29,7 @@ def evaluate(args) -> int:
     from ..analysis.evaluate import evaluate_model, format_report
 
     model = common.load_run(args, cfg, device)
+    out = common.output_dir(args, run_dir, "evaluation", ("evaluation.json", "evaluation.md"))
     dataset = image_dataset(model, args.input, model.cfg)
     loader = image_loader(dataset, cfg.encode.batch_size, device, cfg.data.num_workers)
     sigma = args.nll_sigma or "auto"
@@ -51,7 +58,6 @@ def evaluate(args) -> int:
         if model.vae.latent.class_count is not None:
             result["class_accuracy"] = {"labelled": str(args.input2),
                                         **class_accuracy(model, args.input2, device=device)}
-    out = common.output_dir(args, run_dir, "evaluation")
     report = format_report(result)
     write_json(result, out / "evaluation.json")
     write_text(out / "evaluation.md", f"Evaluation of {model.path} (step {model.step}) on {data}\n\n{report}\n")
@@ -80,7 +86,8 @@ def interpolate(args) -> int:
         raise DataError("interpolation needs two inputs: --input A --input2 B (two images, or two folders "
                         "whose images pair up in sorted order), or --classes A,B for a conditional model")
     model = common.load_run(args, cfg, device)
-    out = common.output_dir(args, run_dir, "interpolation")
+    out = common.output_dir(args, run_dir, "interpolation",
+                             ("interpolate_linear.png", "interpolate_slerp.png", "interpolate_pairs.txt"))
     summary = interpolate_inputs(model, args.input, args.input2, out, steps=steps, device=device)
     print(f"{summary['pairs']} pair(s), {summary['steps']} steps: " + ", ".join(summary["files"].values()))
     return 0
@@ -96,7 +103,7 @@ def pictures(args) -> int:
     from ..metrics import METRICS_FILE, read_metrics
 
     model = common.load_run(args, cfg, device)
-    out = common.output_dir(args, run_dir, "pictures")
+    out = common.output_dir(args, run_dir, "pictures", PICTURES)
     # the training grid's seed: the same random images (not the first files of a class-sorted folder)
     images = sample_images(image_dataset(model, args.input, model.cfg, train=True), 64, model.cfg.train.seed).to(device)
     info = traversal_grid(model.vae, images[:1], images, out / "traversal.png", steps=steps)
@@ -141,8 +148,8 @@ def probe(args) -> int:
         raise DataError("the probe needs a labelled image folder: --input ROOT with one sub-folder per class "
                         "(and optionally --input2 TEST_ROOT laid out the same way)")
     model = common.load_run(args, cfg, device)
+    out = common.output_dir(args, run_dir, "probe", ("probe.json", "probe.md"))
     result = run_probe(model, args.input, args.input2, seed=cfg.train.seed, device=device)
-    out = common.output_dir(args, run_dir, "probe")
     text = format_probe(result)
     write_json({"checkpoint": str(model.path), "step": model.step, **result}, out / "probe.json")
     write_text(out / "probe.md", text + "\n")
@@ -160,7 +167,7 @@ def analyze(args) -> int:
     from ..data import save_grid
 
     model = common.load_run(args, cfg, device)
-    vae, out = model.vae, common.output_dir(args, run_dir, "analysis")
+    vae, out = model.vae, common.output_dir(args, run_dir, "analysis", ANALYSIS)
     images = sample_images(image_dataset(model, args.input, model.cfg, train=True), 256, model.cfg.train.seed).to(device)
     result = {"checkpoint": str(model.path), "step": model.step, "images": int(images.shape[0]),
               "groups": ["top", *vae.groups], "divergence": tools.divergence_statistics(vae, images)}
@@ -219,7 +226,7 @@ def matrix(args) -> int:
 
     if not args.matrix:
         raise DataError("give the matrix file: --matrix FILE.toml")
-    result = run_matrix(args.matrix, device=args.device, extra_overrides=args.set)
+    result = run_matrix(args.matrix, device=args.device, extra_overrides=args.set, overwrite=args.overwrite)
     print(Path(result["markdown"]).read_text())
     print(f"written: {result['markdown']} and {result['csv']}")
     return 1 if any(r["status"].startswith("failed") for r in result["rows"]) else 0

@@ -67,10 +67,22 @@ def load_run(args, cfg, device: str):
     return model
 
 
-def output_dir(args, run: Path, name: str) -> Path:
+def output_dir(args, run: Path, name: str, writes=()) -> Path:
+    """The mode's output folder (``--output``, else ``<run>/<name>``), opened for the rest of the
+    command so that only flexvae's own files in it are replaced (outputs.py). ``writes``: the
+    file names the mode may write there, checked before any work is done."""
     out = Path(args.output) if args.output else run / name
+    claim_output(args, out).check([out / file for file in writes])
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def claim_output(args, folder):
+    """Open ``folder`` as an output folder until the command ends (``--overwrite``: foreign files
+    may be replaced); the OutputFolder."""
+    from ..outputs import writing_into
+
+    return args.outputs.enter_context(writing_into(folder, replace=getattr(args, "overwrite", False)))
 
 
 def count_option(args, name: str, minimum: int, default, what: str):

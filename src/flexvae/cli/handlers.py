@@ -74,7 +74,8 @@ def reconstruct(args) -> int:
     out = Path(args.output or common.run_dir(args, cfg) / "reconstructions")
     summary = reconstruct_folder(model, args.input or cfg.data.path, out, batch_size=cfg.encode.batch_size,
                                  num_workers=cfg.data.num_workers, side_by_side=args.side_by_side, device=device,
-                                 native_size=args.native_size, tile=args.tile, overlap=args.overlap)
+                                 native_size=args.native_size, tile=args.tile, overlap=args.overlap,
+                                 overwrite=args.overwrite)
     skipped = f" ({summary['skipped']} unreadable skipped)" if summary["skipped"] else ""
     print(f"reconstructed {summary['images']} images{skipped} into {out}: mean PSNR {summary['psnr']:.2f} dB, "
           f"mean SSIM {summary['ssim']:.4f}; per-image values in {out / 'metrics.csv'}")
@@ -96,7 +97,8 @@ def encode(args) -> int:
         summary = encode_folder(model, args.input or cfg.data.path, out, fmt=cfg.encode.format,
                                 sample=args.sample or cfg.encode.sample, batch_size=cfg.encode.batch_size,
                                 num_workers=cfg.data.num_workers, device=device, seed=cfg.train.seed, dist=dist,
-                                tile=args.tile, overlap=args.overlap, shard_size=cfg.encode.shard_size)
+                                tile=args.tile, overlap=args.overlap, shard_size=cfg.encode.shard_size,
+                                overwrite=args.overwrite)
     finally:
         cleanup(dist)
     if dist.is_main:
@@ -114,7 +116,7 @@ def decode(args) -> int:
     run = common.run_dir(args, cfg)
     out = Path(args.output or run / "decoded")
     summary = decode_folder(model, args.input or run / "latents", out, batch_size=cfg.encode.batch_size,
-                            device=device, tile=args.tile, overlap=args.overlap)
+                            device=device, tile=args.tile, overlap=args.overlap, overwrite=args.overwrite)
     bad = f"; {summary['non_finite_files']} held NaN or infinite values" if summary["non_finite_files"] else ""
     print(f"decoded {summary['decoded']} latents into {out} ({summary['failed']} failed{bad})")
     return 0
@@ -132,7 +134,9 @@ def import_weights(args) -> int:
         config_path = DEFAULT_IMPORT_CONFIG
     base = load_config(config_path, args.set)
     sets_size = any(s.partition("=")[0].strip() == "data.image_size" for s in args.set)
-    result = run_import(args.import_weights, args.output or DEFAULT_OUTPUT, base,
+    output = Path(args.output or DEFAULT_OUTPUT)
+    common.claim_output(args, output.parent if output.suffix == ".safetensors" else output)
+    result = run_import(args.import_weights, output, base,
                         image_size=base.data.image_size if sets_size else None)
     for note in result.notes:
         print(f"note: {note}")

@@ -73,7 +73,7 @@ OPTION_MODES = {
     "input2": {"interpolate", "probe", "evaluate", "analyze"},
     "matrix": {"matrix"}, "steps": {"interpolate", "pictures", "analyze"}, "nll_samples": {"evaluate"},
     "nll_sigma": {"evaluate"}, "labels": {"reconstruct", "encode", "evaluate"},
-    "classes": {"interpolate"},
+    "classes": {"interpolate"}, "overwrite": _MODEL_USERS | {"matrix", "import-weights"},
 }
 
 
@@ -107,6 +107,9 @@ def _add_options(parser: argparse.ArgumentParser, mode: Mode | None = None) -> N
     option("--overlap", type=int, help="-i/-e/-d with --tile: pixels by which tiles overlap (default: a quarter "
                                        "of the tile)")
     option("--write", action="store_true", help="-mem: store the batch size found in the config file")
+    option("--overwrite", action="store_true", help="replace files in the output folder that flexvae did not write "
+                                                    "(or that changed since); without it such files are never "
+                                                    "replaced and the mode stops before writing")
     option("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     option("--input2", help="-inter: second image or folder; -probe: labelled test folder; "
                                  "-eval: labelled folder for the generation score of prior samples; "

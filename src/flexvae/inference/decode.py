@@ -12,15 +12,28 @@ from ..checkpoint import LoadedModel
 from ..data import save_image
 from ..errors import DataError
 from ..hierarchy import ForwardState
+from ..outputs import writing_into
 from .latent_files import load_groups, load_latent_file, write_manifest
 from .paths import CODES_SUFFIX, MANIFEST, check_folders, output_names, safe_output_path
 
 
-@torch.no_grad()
-def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, device="cpu", progress=True,
-                  tile: int | None = None, overlap: int | None = None) -> dict:
+def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, overwrite: bool = False, **options) -> dict:
     """Decode every latent file (.safetensors/.npy) under ``input_dir`` to a PNG at the same
-    relative path; ``manifest.jsonl`` in the output accounts for each file.
+    relative path; ``manifest.jsonl`` in the output accounts for each file. Files in
+    ``output_dir`` that flexvae did not write are never replaced (the call stops before writing
+    anything), unless ``overwrite`` (outputs.py). ``options``: see ``_decode``."""
+    in_root = Path(input_dir)
+    if not in_root.is_dir():
+        raise DataError(f"latent folder not found: {in_root}")
+    out_root = check_folders(input_dir, output_dir)
+    with writing_into(out_root, overwrite) as folder:
+        return _decode(ctx, in_root, out_root, folder, **options)
+
+
+@torch.no_grad()
+def _decode(ctx: LoadedModel, in_root: Path, out_root: Path, folder, *, batch_size=32, device="cpu",
+            progress=True, tile: int | None = None, overlap: int | None = None) -> dict:
+    """The work of ``decode_folder`` inside its opened output folder.
 
     A file holding integer codes of a discrete latent is decoded from its codes (the stored
     float latent is then only a convenience for other tools). Latents holding NaN or
@@ -33,15 +46,12 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=32, dev
     """
     from tqdm import tqdm
 
-    in_root = Path(input_dir)
-    if not in_root.is_dir():
-        raise DataError(f"latent folder not found: {in_root}")
-    out_root = check_folders(input_dir, output_dir)
     files = sorted(p for p in in_root.rglob("*") if p.suffix in (".safetensors", ".npy") and p.is_file()
                    and not p.name.startswith(".") and not p.name.endswith(CODES_SUFFIX))
     if not files:
         raise DataError(f"no latent files (.safetensors or .npy) under {in_root}")
     names = output_names([path.relative_to(in_root).as_posix() for path in files], ".png")
+    folder.check([out_root / MANIFEST, *(safe_output_path(out_root, name) for name in names.values())])
     expected = tuple(ctx.vae.latent_shape)
     factor = None
     if tile is not None:

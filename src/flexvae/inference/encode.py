@@ -13,18 +13,28 @@ from ..checkpoint import LoadedModel
 from ..data import SkipLog, find_images
 from ..errors import DataError
 from ..files import fsync_dir, write_text
-from .latent_files import append_manifest, write_manifest, read_manifest, save_latent
+from ..outputs import writing_into
+from .latent_files import append_manifest, codes_path, write_manifest, read_manifest, save_latent
 from .pipeline import BackgroundWriter, read_ahead
 from .shard_writer import ShardWriter
 from .paths import (LATENT_SUFFIXES, MANIFEST, check_folders, folder_loader, input_root, output_names,
                     OutputPaths)
 
 
-@torch.no_grad()
-def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors", sample=False,
-                  batch_size=32, num_workers=0, device="cpu", seed=0, progress=True, dist=None,
-                  tile: int | None = None, overlap: int | None = None, shard_size: int = 10000) -> dict:
+def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, overwrite: bool = False, **options) -> dict:
     """Encode every image to a latent file mirroring the tree; a manifest accounts for each input.
+    Files in ``output_dir`` that flexvae did not write are never replaced (the call stops before
+    writing anything), unless ``overwrite`` (outputs.py). ``options``: see ``_encode``."""
+    out_root = check_folders(input_dir, output_dir)
+    with writing_into(out_root, overwrite) as folder:
+        return _encode(ctx, input_dir, out_root, folder, **options)
+
+
+@torch.no_grad()
+def _encode(ctx: LoadedModel, input_dir, out_root, folder, *, fmt="safetensors", sample=False,
+            batch_size=32, num_workers=0, device="cpu", seed=0, progress=True, dist=None,
+            tile: int | None = None, overlap: int | None = None, shard_size: int = 10000) -> dict:
+    """The work of ``encode_folder`` inside its opened output folder.
 
     Re-running skips inputs already encoded by the same checkpoint file (its SHA-256) with the
     same settings (status ok and file present) and encodes the others again, saying so; an
@@ -40,13 +50,13 @@ def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors",
     from ..train.distributed import DistInfo, barrier, sum_across
 
     dist = dist or DistInfo()
-    out_root = check_folders(input_dir, output_dir)
     root, single = input_root(input_dir)
     excluded: list[tuple[str, str]] = []
     images = single or find_images(root, excluded)
     out_root.mkdir(parents=True, exist_ok=True)
     suffix = LATENT_SUFFIXES[fmt]
     manifest_path = out_root / MANIFEST
+    folder.check([manifest_path, out_root / "latent_stats.json"])  # a manifest not ours is not read either
     previous = read_manifest(manifest_path)
     if ctx.vae.groups and fmt != "safetensors":
         raise DataError(f"encode.format = {fmt!r}: a hierarchical model's latent groups ({', '.join(ctx.vae.groups)}) "
@@ -72,6 +82,8 @@ def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, fmt="safetensors",
         if not done:
             todo.append(rel)  # relative to root: ImageFolder joins it to its (absolute) root
     pending = len(todo)
+    targets = [output_path(names[rel]) for rel in todo] if fmt != "webdataset" else []
+    folder.check(targets + ([codes_path(t) for t in targets] if fmt == "npy" and ctx.vae.is_discrete else []))
     if stale and dist.is_main:
         print(f"note: {stale} latent(s) in {out_root} came from another checkpoint or other settings; "
               f"encoding them again with {made_by['checkpoint']} (step {made_by['step']})", file=sys.stderr)

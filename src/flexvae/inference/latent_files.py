@@ -103,10 +103,17 @@ def read_manifest(path: Path) -> dict[str, dict]:
 
 def append_manifest(path: Path, entries: list[dict]) -> None:
     """Append entries to a manifest and flush them to disk (a later line for the same input wins)."""
+    from ..outputs import folder_for
+
     if not entries:
         return
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write("".join(json.dumps(entry) + "\n" for entry in entries))
+    data = "".join(json.dumps(entry) + "\n" for entry in entries).encode("utf-8")
+    output = folder_for(path)
+    if output is not None:  # an output folder: appended only to a manifest of ours, and recorded
+        output.append(path, data)
+        return
+    with open(path, "ab") as fh:
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
 

@@ -13,14 +13,24 @@ from ..data import SkipLog, save_image
 from ..errors import DataError
 from ..files import atomic_open, write_text
 from ..metrics import psnr, ssim
+from ..outputs import writing_into
 from .paths import check_folders, folder_loader, input_root, native_batches, output_names, safe_output_path
 
 
-@torch.no_grad()
-def reconstruct_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=16, num_workers=0,
-                       side_by_side=False, device="cpu", progress=True, native_size=False,
-                       tile: int | None = None, overlap: int | None = None) -> dict:
+def reconstruct_folder(ctx: LoadedModel, input_dir, output_dir, *, overwrite: bool = False, **options) -> dict:
     """Reconstruct every image; write PNGs with the same relative paths and a metrics CSV.
+    Files in ``output_dir`` that flexvae did not write are never replaced (the call stops before
+    writing anything), unless ``overwrite`` (outputs.py). ``options``: see ``_reconstruct``."""
+    out_root = check_folders(input_dir, output_dir)
+    with writing_into(out_root, overwrite) as folder:
+        return _reconstruct(ctx, input_dir, out_root, folder, **options)
+
+
+@torch.no_grad()
+def _reconstruct(ctx: LoadedModel, input_dir, out_root, folder, *, batch_size=16, num_workers=0,
+                 side_by_side=False, device="cpu", progress=True, native_size=False,
+                 tile: int | None = None, overlap: int | None = None) -> dict:
+    """The work of ``reconstruct_folder`` inside its opened output folder.
 
     ``native_size``: each image at its own resolution, one at a time (centre-cropped to the
     nearest size the model takes, e.g. a multiple of its downsampling), for fully
@@ -29,11 +39,12 @@ def reconstruct_folder(ctx: LoadedModel, input_dir, output_dir, *, batch_size=16
     downsampling), encoded and decoded in overlapping tiles (tiling.py)."""
     from tqdm import tqdm
 
-    out_root = check_folders(input_dir, output_dir)
     root, single = input_root(input_dir)
     dataset, loader = folder_loader(ctx, root, batch_size, num_workers, device, paths=single)
-    out_root.mkdir(parents=True, exist_ok=True)
     names = output_names(dataset.relpaths, ".png")
+    folder.check([out_root / "made_by.json", out_root / "metrics.csv",
+                  *(safe_output_path(out_root, name) for name in names.values())])
+    out_root.mkdir(parents=True, exist_ok=True)
     skips = SkipLog()
     skips.add(dataset.excluded)
     rows = []

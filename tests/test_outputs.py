@@ -1,0 +1,215 @@
+"""outputs.py: a mode replaces its own earlier outputs and never a file it did not write.
+
+The sweep runs each output-writing mode once into an empty folder to learn what it writes,
+then again into a folder holding the user's own files of exactly those names: the mode must
+stop with one line and leave every byte as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flexvae.errors import DataError
+from flexvae.files import write_text
+from flexvae.outputs import HEADER, RECORD, ForeignFiles, OutputFolder, writing_into
+from helpers.inprocess import run_in_process
+from helpers.runs import make_images, tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _labelled(root: Path) -> Path:
+    rng = np.random.default_rng(1)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("outputs")
+    images = make_images(root / "images", 4)
+    labelled = _labelled(root / "labelled")
+    run = root / "run"
+    proc = run_in_process(["-t", *tiny(images, run, "--set", "train.max_steps=2")])
+    assert proc.returncode == 0, proc.stderr
+    latents = root / "latents"
+    assert run_in_process(["-e", *tiny(images, run, "--input", images, "--output", latents)]).returncode == 0
+    return {"root": root, "images": images, "labelled": labelled, "run": run, "latents": latents}
+
+
+def _one_error(proc) -> str:
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+MODES = {
+    "-i": lambda r: ["--input", r["images"]],
+    "-e": lambda r: ["--input", r["images"]],
+    "-d": lambda r: ["--input", r["latents"]],
+    "-eval": lambda r: ["--input", r["images"], "--nll-samples", "2"],
+    "-inter": lambda r: ["--input", r["images"] / "0.png", "--input2", r["images"] / "1.png", "--steps", "3"],
+    "-pics": lambda r: ["--steps", "3"],
+    "-analyze": lambda r: ["--steps", "3", "--input", r["images"]],
+    "-probe": lambda r: ["--input", r["labelled"]],
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_mode_leaves_the_users_files_of_its_own_names_byte_identical(run, tmp_path, mode):
+    base = tiny(run["images"], run["run"], "--ckpt", run["run"], *MODES[mode](run))
+    first = run_in_process([mode, *base, "--output", tmp_path / "first"])
+    if first.returncode != 0 and "needs" in first.stderr:  # an optional extra missing (plots, probes)
+        pytest.skip(first.stderr.strip().splitlines()[-1])
+    assert first.returncode == 0, first.stderr
+    written = [rel for rel in _files(tmp_path / "first") if rel != RECORD]
+    assert written
+    # the same mode again into its own folder replaces its own files
+    again = run_in_process([mode, *base, "--output", tmp_path / "first"])
+    assert again.returncode == 0, again.stderr
+
+    users = tmp_path / "users"
+    for i, rel in enumerate(written):
+        (users / rel).parent.mkdir(parents=True, exist_ok=True)
+        (users / rel).write_bytes(f"the user's own file {i}\n".encode())
+    before = _files(users)
+    line = _one_error(run_in_process([mode, *base, "--output", users]))
+    assert str(users) in line and "not flexvae's outputs" in line and "--overwrite" in line
+    if mode != "-e":  # -e checks its manifest first: one not ours is not even read
+        assert f"{len(written)} file" in line
+    assert _files(users) == before
+
+    replaced = run_in_process([mode, *base, "--output", users, "--overwrite"])
+    assert replaced.returncode == 0, replaced.stderr
+    assert all(_files(users)[rel] != before[rel] for rel in written if rel in _files(tmp_path / "first"))
+
+
+def test_the_refusal_names_the_first_paths_and_the_count(run, tmp_path):
+    out = tmp_path / "out"
+    make_images(out, 4)  # the user's PNGs named exactly like the reconstructions 0.png .. 3.png
+    before = _files(out)
+    line = _one_error(run_in_process(["-i", *tiny(run["images"], run["run"], "--input", run["images"],
+                                                  "--output", out)]))
+    assert line == (f"error: {out}: 4 files would be replaced that are not flexvae's outputs (flexvae did not "
+                    f"write them, or they changed since): 0.png, 1.png, 2.png and 1 more; choose another "
+                    f"--output, or add --overwrite to replace them")
+    assert _files(out) == before and not (out / RECORD).exists()
+
+
+def test_a_file_flexvae_wrote_and_the_user_then_edited_is_the_users(run, tmp_path):
+    out = tmp_path / "out"
+    args = ["-d", *tiny(run["images"], run["run"], "--input", run["latents"], "--output", out)]
+    assert run_in_process(args).returncode == 0
+    (out / "2.png").write_bytes(b"edited by the user")
+    line = _one_error(run_in_process(args))
+    assert "1 file would be replaced" in line and ": 2.png;" in line
+    assert (out / "2.png").read_bytes() == b"edited by the user"
+    assert run_in_process([*args, "--overwrite"]).returncode == 0
+    assert (out / "2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert run_in_process(args).returncode == 0  # replaced with --overwrite, it is flexvae's again
+
+
+def test_a_forged_or_foreign_record_makes_nothing_ours(run, tmp_path):
+    out = tmp_path / "out"
+    args = ["-i", *tiny(run["images"], run["run"], "--input", run["images"], "--output", out)]
+    out.mkdir()
+    (out / "0.png").write_bytes(b"mine")
+    forged = {"path": "0.png", "sha256": hashlib.sha256(b"something else").hexdigest(), "stat": [4, 0, 0]}
+    (out / RECORD).write_text(json.dumps(HEADER) + "\n" + json.dumps(forged) + "\n")
+    assert "0.png" in _one_error(run_in_process(args))
+    assert (out / "0.png").read_bytes() == b"mine"
+    # a file of the record's name that is not our record: never trusted, never appended to
+    (out / RECORD).write_text('{"path": "0.png"}\n')
+    line = _one_error(run_in_process(args))
+    assert "its record .flexvae-written.jsonl is not flexvae's" in line
+    assert (out / RECORD).read_text() == '{"path": "0.png"}\n'
+    assert (out / "0.png").read_bytes() == b"mine"
+
+
+def test_links_and_folders_in_the_way_are_never_replaced(run, tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "precious.txt"
+    out.mkdir()
+    elsewhere.write_text("precious")
+    (out / "notes.txt").write_text("notes")
+    (out / "0.png").symlink_to(out / "notes.txt")
+    (out / "1.png").mkdir()
+    args = ["-i", *tiny(run["images"], run["run"], "--input", run["images"], "--output", out)]
+    line = _one_error(run_in_process(args))
+    assert "2 files" in line and "0.png, 1.png;" in line
+    assert (out / "0.png").is_symlink() and (out / "notes.txt").read_text() == "notes" and (out / "1.png").is_dir()
+    (out / "0.png").unlink()
+    (out / "0.png").symlink_to(elsewhere)  # a link out of the folder is refused as such
+    assert "refusing output path outside" in _one_error(run_in_process(args))
+    assert elsewhere.read_text() == "precious"
+
+
+def test_a_resumed_encode_appends_to_its_own_manifest_only(run, tmp_path):
+    out = tmp_path / "latents"
+    args = ["-e", *tiny(run["images"], run["run"], "--input", run["images"], "--output", out)]
+    assert run_in_process(args).returncode == 0
+    (run["images"] / "4.png").write_bytes((run["images"] / "0.png").read_bytes())
+    try:
+        proc = run_in_process(args)
+        assert proc.returncode == 0 and '"encoded": 1' in proc.stdout, proc.stderr
+        manifest = out / "manifest.jsonl"
+        manifest.write_text(manifest.read_text() + "\n")  # the user touched it
+        assert "manifest.jsonl" in _one_error(run_in_process(args))
+    finally:
+        (run["images"] / "4.png").unlink()
+
+
+# ------------------------------------------------------------------ the record itself
+def test_the_record_tolerates_a_torn_last_line_and_hashes_when_the_stat_differs(tmp_path):
+    with writing_into(tmp_path) as folder:
+        write_text(tmp_path / "a.txt", "one")
+    with open(tmp_path / RECORD, "a") as fh:
+        fh.write('{"path": "b.txt", "sha2')  # a crash mid-append
+    fresh = OutputFolder(tmp_path)
+    assert fresh.is_ours(tmp_path / "a.txt") and fresh.is_ours(tmp_path / "missing.txt")
+    # the same bytes written again by someone else (a new inode and time): the hash still says ours
+    shutil.copyfile(tmp_path / "a.txt", tmp_path / "copy")
+    (tmp_path / "copy").replace(tmp_path / "a.txt")
+    assert OutputFolder(tmp_path).is_ours(tmp_path / "a.txt")
+    (tmp_path / "a.txt").write_text("two")
+    assert not OutputFolder(tmp_path).is_ours(tmp_path / "a.txt")
+    with pytest.raises(ForeignFiles, match="1 file would be replaced"):
+        with writing_into(tmp_path):
+            write_text(tmp_path / "a.txt", "three")
+    assert (tmp_path / "a.txt").read_text() == "two"
+    assert isinstance(ForeignFiles("x"), DataError)
+
+
+def test_a_file_that_appears_while_ours_is_written_is_kept(tmp_path):
+    from flexvae.files import atomic_open
+
+    with pytest.raises(ForeignFiles):
+        with writing_into(tmp_path):
+            with atomic_open(tmp_path / "x.txt") as fh:
+                fh.write("ours")
+                (tmp_path / "x.txt").write_text("the user's, meanwhile")
+    assert (tmp_path / "x.txt").read_text() == "the user's, meanwhile"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]  # no temporary left
+
+
+def test_writes_outside_an_open_folder_are_not_checked(tmp_path):
+    (tmp_path / "inside").mkdir()
+    (tmp_path / "outside.txt").write_text("x")
+    with writing_into(tmp_path / "inside"):
+        write_text(tmp_path / "outside.txt", "y")  # the run directory, say: not this folder's business
+    assert (tmp_path / "outside.txt").read_text() == "y"
