@@ -468,3 +468,114 @@ def test_a_structure_path_with_a_nul_character_is_one_error():
 
     with pytest.raises(StructureError, match="is not a file name"):
         plan_vae("enc\x00.json", ["C2d_?_3_3_1_1"], (3, 8, 8))
+
+
+# ------------------------------------------------------------------ a real full disk
+def _fill(folder: Path, leave: int = 0) -> Path:
+    """Fill the file system of ``folder`` up to ``leave`` bytes; the filler file's path."""
+    filler = folder / "filler"
+    with open(filler, "ab", buffering=0) as fh:
+        block = b"\0" * 4096
+        try:
+            while True:
+                fh.write(block)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    if leave:
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (root only, as CI runs), else skipped: see the library-error tests below."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_in_every_writing_mode_is_one_line_and_keeps_the_checkpoint(trained, small_disk):
+    run = small_disk / "run"
+    args = tiny(trained["images"], run, "--set", "train.save_every=1")
+    assert run_in_process(["-t", *args, "--set", "train.max_steps=1"]).returncode == 0
+    checkpoint = list_checkpoints(run)[-1]
+    before = checkpoint.read_bytes()
+    filler = _fill(small_disk, leave=24 * 1024)  # room for the metrics and a sample grid, not a checkpoint
+    line = one_error(run_in_process(["-t", *args, "--set", "train.max_steps=3"]))
+    assert line.startswith(f"error: {run / 'checkpoints'}") and line.endswith(".safetensors: No space left on device")
+    assert list_checkpoints(run) == [checkpoint] and checkpoint.read_bytes() == before
+    assert _temporaries(run) == []
+    os.truncate(filler, 0)
+    _fill(small_disk)
+    for mode, extra in (("-e", ["--input", trained["images"]]), ("-i", ["--input", trained["images"]])):
+        out = small_disk / f"out{mode}"
+        line = one_error(run_in_process([mode, *args, *extra, "--output", out]))
+        assert "No space left on device" in line, (mode, line)
+        assert _temporaries(small_disk) == []
+    filler.unlink()
+    latents = small_disk / "latents"
+    assert run_in_process(["-e", *args, "--input", trained["images"], "--output", latents]).returncode == 0
+    _fill(small_disk)
+    line = one_error(run_in_process(["-d", *args, "--input", latents, "--output", small_disk / "decoded"]))
+    assert "No space left on device" in line
+    (small_disk / "filler").unlink()
+    proc = run_in_process(["-t", *args, "--set", "train.max_steps=3"])  # the run goes on from step 1
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in list_checkpoints(run)][-1] == "step_00000003.safetensors"
+
+
+@pytest.mark.parametrize("mode", ["-t", "-e"])
+def test_safetensors_own_disk_full_error_is_one_line(trained, tmp_path, monkeypatch, mode):
+    """Where no small file system can be mounted: safetensors' SafetensorError as it reads on a full disk."""
+    from safetensors import SafetensorError
+
+    import flexvae.checkpoint.format as checkpoint_format
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint_format, "save_file", full)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    run = tmp_path / "run"
+    extra = ["--set", "train.max_steps=1"] if mode == "-t" else ["--ckpt", trained["run"], "--input",
+                                                                  trained["images"], "--output", tmp_path / "out"]
+    line = one_error(run_in_process([mode, *tiny(trained["images"], run, *extra)]))
+    assert line.endswith(".safetensors: No space left on device"), line
+    assert _temporaries(tmp_path) == []
+
+
+# ------------------------------------------------------------------ the fuzzer's last escapes
+@pytest.mark.parametrize("override, words", [
+    ("model.decoder=" + "x" * 5000, "is neither a structure file name nor a JSON list of tokens"),
+    ('model.plugins="../../etc"', "'../../etc' is neither a module name"),
+    ("train.lr=" + "[" * 3000, "--set train.lr=[[[[[[[[[[[[[[[[[[[[[[[[...(3,000 characters): it is nested too deeply"),
+    ("train.seed=" + "9" * 5000, "a number of that many digits is beyond any config value"),
+])
+def test_odd_override_values_are_one_short_line(trained, override, words):
+    line = one_error(run_in_process(["--check", "-c", TINY, "--set", override]))
+    assert words in line and len(line) < 300, line
+
+
+def test_the_api_raises_the_same_errors_as_the_cli(trained):
+    from flexvae.assemble import plan_from_config
+    from flexvae.config import load_config
+    from flexvae.errors import FlexVAEError
+
+    cfg = load_config(TINY, ["model.decoder=" + "x" * 5000])
+    with pytest.raises(FlexVAEError, match="neither a structure file name"):
+        plan_from_config(cfg, TINY)
+
+
+def test_a_plugin_that_exits_is_one_line(tmp_path):
+    plugin = tmp_path / "exits.py"
+    plugin.write_text("import sys\nsys.exit(3)\n")
+    line = one_error(run_in_process(["--check", "-c", TINY, "--set", f'model.plugins=["{plugin}"]']))
+    assert line == (f"error: model.plugins: importing {plugin} failed: it called sys.exit(3) while being imported; "
+                    "a plugin module only registers tokens")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -23,7 +24,18 @@ def resolve_path(value: str, config_path: str | Path | None) -> Path:
     if path.is_absolute():
         return path
     candidates = ([Path(config_path).parent / path] if config_path is not None else []) + [path, PRESETS / path]
-    return next((c for c in candidates if c.exists()), path)
+    return next((c for c in candidates if _exists(c)), path)
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, False for a name no file can have (too long, a NUL character)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 def load_plugins(plugins, config_path=None) -> None:
@@ -41,23 +53,46 @@ def load_plugins(plugins, config_path=None) -> None:
             sys.modules[module_name] = module
             try:
                 spec.loader.exec_module(module)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 del sys.modules[module_name]
-                raise ConfigError(f"model.plugins: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+                raise ConfigError(f"model.plugins: importing {path} failed: {_plugin_failure(exc)}") from exc
         else:
+            if not _MODULE_NAME.fullmatch(name):
+                shown = name if len(name) <= 60 else name[:40] + "..."
+                raise ConfigError(f"model.plugins: {shown!r} is neither a module name (such as my_layers or "
+                                  "pkg.layers) nor a .py file")
             try:
                 importlib.import_module(name)
             except ImportError as exc:
                 raise ConfigError(f"model.plugins: cannot import module {name!r}: {exc}") from exc
+            except (Exception, SystemExit) as exc:
+                raise ConfigError(f"model.plugins: importing module {name!r} failed: {_plugin_failure(exc)}") from exc
+
+
+def _plugin_failure(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r}) while being imported; a plugin module only registers tokens"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def structure_specs(value, role: str, config_path=None, section: str = "model"):
     """``model.encoder``/``model.decoder`` (``section.role``): a JSON file path or an inline token list."""
     if isinstance(value, str):
         path = resolve_path(value, config_path)
-        if not path.is_file():
+        if not _is_file(path):
             where = "beside the config, in the working directory or among the shipped presets"
-            raise StructureError(f"{section}.{role}: structure file not found: {value} (looked {where})")
+            shown = value if len(value) <= 80 else f"{value[:60]}... ({len(value):,} characters)"
+            if len(value) >= 4096 or max(map(len, value.split("/"))) > 255 or "\0" in value:
+                raise StructureError(f"{section}.{role}: {shown!r} is neither a structure file name nor a JSON "
+                                     "list of tokens (write a path, or a list such as [\"C2d_?_16_3_1_1\", ...])")
+            raise StructureError(f"{section}.{role}: structure file not found: {shown} (looked {where})")
         return as_specs(path)
     return as_specs(list(value), f"{section}.{role} in {config_path or 'the config'}")
 
@@ -164,8 +199,16 @@ def objective_state(cfg, channels: int) -> dict:
     return state
 
 
-def model_from_config(cfg, config_path=None, device=None, classes=None):
+def model_from_config(cfg, config_path=None, device=None, classes=None, training_batch: int | None = None):
+    """(model, plan) of ``cfg``; with ``training_batch``, refused in one line before anything is
+    allocated when training at that batch size cannot fit on ``device`` (fits.py)."""
     plan = plan_from_config(cfg, config_path, classes)
+    if training_batch is not None:
+        from .fits import refuse_unless_fits
+
+        refuse_unless_fits(plan, training_batch, device or "cpu", training=True,
+                           element_bytes=2 if cfg.train.precision in ("bf16", "fp16") else 4,
+                           hint="lower train.batch_size (-mem finds the largest that fits) or declare a smaller model")
     return build_model(plan, cfg, device), plan
 
 

@@ -52,6 +52,21 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def as_os_error(exc: Exception, path) -> OSError | None:
+    """An OSError for ``path`` from a library error that wraps one (safetensors writes "... No
+    space left on device (os error 28)"), or None when ``exc`` names no OS error."""
+    found = _OS_ERROR.search(str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    error = OSError(code, os.strerror(code), str(path))
+    error.__cause__ = exc
+    return error
+
+
 @contextlib.contextmanager
 def atomic_path(path, sync_dir: bool = True):
     """Yield a temporary path to write to; on success it replaces ``path``. ``sync_dir=False``
@@ -66,7 +81,12 @@ def atomic_path(path, sync_dir: bool = True):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError:
+            raise
+        except Exception as exc:  # a writer's own error type for a failed write (safetensors' SafetensorError)
+            raise as_os_error(exc, path) or exc
         fsync_path(tmp)
         if output is not None:
             output.claim(path)  # the user may have put a file there while this one was written

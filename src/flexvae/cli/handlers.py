@@ -4,6 +4,7 @@ the already parsed arguments and calls library functions with typed values."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from . import common
@@ -23,8 +24,14 @@ def layers(args) -> int:
 def check(args) -> int:
     from ..assemble import plan_from_config
 
+    from ..fits import fit_warning
+
     cfg, config_path = common.load_config(args)
-    print(plan_from_config(cfg, config_path).table())
+    plan = plan_from_config(cfg, config_path)
+    print(plan.table())
+    warning = fit_warning(plan, cfg.train.batch_size, common.device(args, cfg))
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
 
 

@@ -104,6 +104,10 @@ def parse_override_value(text: str, tp):
         value = parsed["v"] if list(parsed) == ["v"] else text.strip()
     except tomllib.TOMLDecodeError:
         value = text.strip()
+    except RecursionError:
+        raise ValueError("it is nested too deeply for a config value") from None
+    except ValueError:  # an integer of thousands of digits
+        raise ValueError("a number of that many digits is beyond any config value") from None
     if tp is bool:
         if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
             return _BOOL_WORDS[value.strip().lower()]
@@ -120,6 +124,14 @@ def parse_override_value(text: str, tp):
     if not matches(value, tp)[0] and matches(text.strip(), tp)[0]:
         return text.strip()  # e.g. a date-like or numeric folder name for a string field
     return value
+
+
+def _override_value(section: str, key: str, text: str, tp):
+    try:
+        return parse_override_value(text, tp)
+    except ValueError as exc:
+        shown = text if len(text) <= 40 else f"{text[:24]}...({len(text):,} characters)"
+        raise ConfigError(f"--set {section}.{key}={shown}: {exc}") from None
 
 
 def _split_override(item: str) -> tuple[str, str, str]:
@@ -151,7 +163,8 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
         fields = section_fields(section)
         if key not in fields:
             raise unknown_key(section, key, "--set")
-        value = validate_value(SECTIONS[section], section, key, parse_override_value(text, fields[key][1]), "--set")
+        value = validate_value(SECTIONS[section], section, key, _override_value(section, key, text, fields[key][1]),
+                               "--set")
         new_section = dataclasses.replace(getattr(cfg, section), **{key: value})
         cfg = dataclasses.replace(cfg, **{section: new_section})
     latent_type = _latent_type(cfg.model.latent)
@@ -160,6 +173,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     for key, text in latent_items:
         if key not in fields:
             raise latent_key_error(latent_type, key, "--set")
-        value = validate_value(latent_type.params, "latent", key, parse_override_value(text, fields[key][1]), "--set")
+        value = validate_value(latent_type.params, "latent", key, _override_value("latent", key, text, fields[key][1]),
+                               "--set")
         latent = dataclasses.replace(latent, **{key: value})
     return dataclasses.replace(cfg, latent=latent)

@@ -12,6 +12,7 @@ from ..checkpoint import LoadedModel
 from ..data import save_image
 from ..errors import DataError
 from ..hierarchy import ForwardState
+from ..fits import refuse_unless_fits
 from ..outputs import writing_into
 from .latent_files import load_groups, load_latent_file, write_manifest
 from .paths import CODES_SUFFIX, MANIFEST, check_folders, output_names, safe_output_path
@@ -51,6 +52,7 @@ def _decode(ctx: LoadedModel, in_root: Path, out_root: Path, folder, *, batch_si
     if not files:
         raise DataError(f"no latent files (.safetensors or .npy) under {in_root}")
     names = output_names([path.relative_to(in_root).as_posix() for path in files], ".png")
+    refuse_unless_fits(ctx.plan, min(batch_size, len(files)), device, training=False, hint="lower encode.batch_size")
     folder.check([out_root / MANIFEST, *(safe_output_path(out_root, name) for name in names.values())])
     expected = tuple(ctx.vae.latent_shape)
     factor = None

@@ -13,6 +13,7 @@ from ..checkpoint import LoadedModel
 from ..data import SkipLog, find_images
 from ..errors import DataError
 from ..files import fsync_dir, write_text
+from ..fits import refuse_unless_fits
 from ..outputs import writing_into
 from .latent_files import append_manifest, codes_path, write_manifest, read_manifest, save_latent
 from .pipeline import BackgroundWriter, read_ahead
@@ -82,6 +83,8 @@ def _encode(ctx: LoadedModel, input_dir, out_root, folder, *, fmt="safetensors",
         if not done:
             todo.append(rel)  # relative to root: ImageFolder joins it to its (absolute) root
     pending = len(todo)
+    refuse_unless_fits(ctx.plan, min(batch_size, max(pending, 1)), device, training=False,
+                       hint="lower encode.batch_size")
     targets = [output_path(names[rel]) for rel in todo] if fmt != "webdataset" else []
     folder.check(targets + ([codes_path(t) for t in targets] if fmt == "npy" and ctx.vae.is_discrete else []))
     if stale and dist.is_main:

@@ -13,6 +13,7 @@ from ..data import SkipLog, save_image
 from ..errors import DataError
 from ..files import atomic_open, write_text
 from ..metrics import psnr, ssim
+from ..fits import refuse_unless_fits
 from ..outputs import writing_into
 from .paths import check_folders, folder_loader, input_root, native_batches, output_names, safe_output_path
 
@@ -42,6 +43,7 @@ def _reconstruct(ctx: LoadedModel, input_dir, out_root, folder, *, batch_size=16
     root, single = input_root(input_dir)
     dataset, loader = folder_loader(ctx, root, batch_size, num_workers, device, paths=single)
     names = output_names(dataset.relpaths, ".png")
+    refuse_unless_fits(ctx.plan, min(batch_size, len(dataset)), device, training=False, hint="lower encode.batch_size")
     folder.check([out_root / "made_by.json", out_root / "metrics.csv",
                   *(safe_output_path(out_root, name) for name in names.values())])
     out_root.mkdir(parents=True, exist_ok=True)

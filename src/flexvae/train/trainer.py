@@ -53,7 +53,8 @@ class Trainer:
         # With data.labels the model's classes come from the data, so the data is opened first.
         self._dataset = open_training_data(cfg, config_path) if cfg.data.labels != "none" else None
         classes = None if self._dataset is None else self._dataset.labels.classes
-        self.model, self.plan = model_from_config(cfg, config_path, device=self.device, classes=classes)
+        self.model, self.plan = model_from_config(cfg, config_path, device=self.device, classes=classes,
+                                                  training_batch=cfg.train.batch_size)
         check_loss_config(cfg.loss, self.plan.data_shape)
         self.runtime = prepare(self.model, cfg, self.device, self.dist)
         self.extras = make_extras(cfg, config_path, self.plan.data_shape, self.device, self.dist)
