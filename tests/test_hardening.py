@@ -235,7 +235,7 @@ def test_an_interrupted_encode_keeps_the_manifest_of_what_it_finished(trained, t
     assert [e["status"] for e in manifest] == ["ok", "ok"]
     monkeypatch.setattr(inference, "save_latent", real)
     proc = run_in_process(args)
-    assert proc.returncode == 0 and '"already_done": 2' in proc.stdout and '"encoded": 4' in proc.stdout
+    assert proc.returncode == 0 and "2 already done" in proc.stdout and "encoded 4 images" in proc.stdout
 
 
 # ------------------------------------------------------------------ 5. odd files and values
@@ -579,3 +579,49 @@ def test_a_plugin_that_exits_is_one_line(tmp_path):
     line = one_error(run_in_process(["--check", "-c", TINY, "--set", f'model.plugins=["{plugin}"]']))
     assert line == (f"error: model.plugins: importing {plugin} failed: it called sys.exit(3) while being imported; "
                     "a plugin module only registers tokens")
+
+
+def test_latent_stats_cover_the_whole_folder_after_a_resumed_encode(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    images = make_images(tmp_path / "images", 6)
+    (tmp_path / "later").mkdir()
+    for name in ("4.png", "5.png"):
+        (images / name).rename(tmp_path / "later" / name)
+    out = tmp_path / "latents"
+    args = ["-e", *tiny(images, trained["run"], "--ckpt", trained["run"], "--input", images, "--output", out)]
+    assert run_in_process(args).returncode == 0
+    for name in ("4.png", "5.png"):
+        (tmp_path / "later" / name).rename(images / name)
+    proc = run_in_process(args)
+    assert proc.returncode == 0 and "encoded 2 images" in proc.stdout and "4 already done" in proc.stdout
+    stats = json.loads((out / "latent_stats.json").read_text())
+    values = torch.stack([load_file(str(p))["latent"] for p in sorted(out.glob("*.safetensors"))]).double()
+    assert len(values) == 6 and stats["stats_over"] == "all 6 latents of the input's images in this folder"
+    assert stats["latent_mean"] == pytest.approx(values.mean().item(), rel=1e-9)
+    assert stats["latent_std"] == pytest.approx(values.std(unbiased=False).item(), rel=1e-9)
+    per_channel = values.transpose(0, 1).reshape(values.shape[1], -1)
+    assert stats["channel_std"] == pytest.approx(per_channel.std(1, unbiased=False).tolist(), rel=1e-9)
+
+
+def test_ctrl_c_during_encode_says_how_many_latents_are_kept(trained, tmp_path, monkeypatch):
+    import flexvae.inference.encode as inference
+
+    real, calls = inference.save_latent, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "save_latent", interrupted)
+    out = tmp_path / "latents"
+    args = ["-e", *tiny(trained["images"], trained["run"], "--input", trained["images"], "--output", out,
+                         "--set", "encode.batch_size=2")]
+    line = one_error(run_in_process(args), expect=130)
+    assert line == (f"error: interrupted: 2 of 6 latents are in {out} (2 encoded by this run, listed in "
+                    "manifest.jsonl); the same command encodes the remaining 4")
+    monkeypatch.setattr(inference, "save_latent", real)
+    proc = run_in_process(args)
+    assert proc.returncode == 0 and "encoded 4 images" in proc.stdout and "2 already done" in proc.stdout

@@ -282,3 +282,16 @@ def test_mem_steps_include_the_discriminator_from_the_first_step(one_thread):
     before = [p.detach().clone() for p in adversary.model.parameters()]
     runner.step(2)
     assert any(not torch.equal(a, p) for a, p in zip(before, adversary.model.parameters()))
+
+
+def test_cpu_recommendation_keeps_a_step_under_ten_seconds(monkeypatch):
+    # 0.01 s a sample (ScriptedRunner) and plenty of memory: 10 s is 1,000 samples a step
+    runner = ScriptedRunner(lambda size, _: 100 * MiB + size * 1024)
+    monkeypatch.setattr(memory, "StepRunner", lambda *args: runner)
+    cfg = tiny_config()
+    cfg = dataclasses.replace(cfg, mem=dataclasses.replace(cfg.mem, max_batch=100_000))
+    result = find_max_batch(cfg, TINY, device="cpu", log=lambda _: None, cpu_method="proc")
+    assert result.predicted > 1000
+    assert result.recommended == 1000
+    assert ("recommendation capped at 1,000: a training step of a larger batch takes over ~10 s on this CPU "
+            f"(memory alone allows {result.predicted:,}") in result.format()

@@ -166,7 +166,7 @@ def test_a_resumed_encode_appends_to_its_own_manifest_only(run, tmp_path):
     (run["images"] / "4.png").write_bytes((run["images"] / "0.png").read_bytes())
     try:
         proc = run_in_process(args)
-        assert proc.returncode == 0 and '"encoded": 1' in proc.stdout, proc.stderr
+        assert proc.returncode == 0 and "encoded 1 images" in proc.stdout, proc.stderr
         manifest = out / "manifest.jsonl"
         manifest.write_text(manifest.read_text() + "\n")  # the user touched it
         assert "manifest.jsonl" in _one_error(run_in_process(args))

@@ -9,6 +9,8 @@ and exit with status 1 (130 after Ctrl-C); ``--debug`` shows the traceback inste
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import sys
 
 from ..errors import FlexVAEError, describe_os_error
@@ -37,6 +39,20 @@ def _mode_help(argv) -> str | None:
     return mode_parser(chosen[0], f"train.py {chosen[0].flag}").format_help()
 
 
+# The modes' train.py flags as they stand in messages, and the subcommand each is under ``flexvae``
+_FLAGS = {mode.flag: mode.name for mode in MODES}
+_FLAG_IN_TEXT = re.compile(r"(?<![\w./-])(?:python )?(?:train\.py )?(" + "|".join(
+    re.escape(flag) for flag in sorted(_FLAGS, key=len, reverse=True)) + r")(?![\w-])")
+
+
+def speak_as(prog: str, message: str) -> str:
+    """A message's commands as the user typed them: ``python train.py --layers`` and ``-mem``
+    read ``flexvae layers`` and ``flexvae mem`` when the command was ``flexvae``."""
+    if prog == "train.py":
+        return str(message)
+    return _FLAG_IN_TEXT.sub(lambda m: f"flexvae {_FLAGS[m.group(1)]}", str(message))
+
+
 def main(argv=None, prog: str = "flexvae") -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if prog == "train.py" and (text := _mode_help(argv)) is not None:
@@ -51,8 +67,13 @@ def main(argv=None, prog: str = "flexvae") -> int:
     except FlexVAEError as exc:
         if args.debug:
             raise
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(speak_as(prog, exc))}", file=sys.stderr)
         return exc.exit_status
+    except BrokenPipeError:  # `flexvae layers | head`: the reader has what it wanted
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit
+        return 141  # as a program killed by SIGPIPE
     except OSError as exc:  # disk full, permission denied, a name too long ... while reading or writing
         if args.debug:
             raise

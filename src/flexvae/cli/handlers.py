@@ -39,6 +39,10 @@ def train(args) -> int:
     from ..train.trainer import train as run_training
 
     cfg, config_path = common.load_config(args)
+    if config_path is None and cfg.data.source == "folder" and not Path(cfg.data.path).is_dir():
+        raise ConfigError(f"no config found: neither {' nor '.join(common.DEFAULT_CONFIGS)} is in {Path.cwd()}, and "
+                          f"the built-in defaults train on {cfg.data.path}, which is not here; start a project with "
+                          "`flexvae init DIR` (then train from DIR), or name a config with -c CONFIG")
     run_training(cfg, config_path, fresh=args.fresh, device=args.device, verbose=args.verbose)
     return 0
 
@@ -109,8 +113,9 @@ def encode(args) -> int:
     finally:
         cleanup(dist)
     if dist.is_main:
-        rounded = {k: round(v, 6) if isinstance(v, float) else v for k, v in summary.items()}
-        print(f"encoded into {out}: {json.dumps(rounded)}")
+        from ..inference.encode import format_summary
+
+        print(format_summary(summary, out))
     return 0
 
 

@@ -11,7 +11,7 @@ import torch
 
 from ..checkpoint import LoadedModel
 from ..data import SkipLog, find_images
-from ..errors import DataError
+from ..errors import DataError, Interrupted
 from ..files import fsync_dir, write_text
 from ..fits import refuse_unless_fits
 from ..outputs import writing_into
@@ -109,11 +109,14 @@ def _encode(ctx: LoadedModel, input_dir, out_root, folder, *, fmt="safetensors",
             _encode_batches(ctx, root, out_root, todo, names, entries, skips, fmt, sample, batch_size,
                             num_workers, device, generator, progress and dist.is_main, stats, own_manifest,
                             made_by, tiling, dist.rank, shard_size)
+    except KeyboardInterrupt:
+        kept = sum(1 for rel in todo if entries.get(rel, {}).get("status") == "ok")
+        raise Interrupted(f"interrupted: {len(images) - pending + kept} of {len(images)} latents are in {out_root} "
+                          f"({kept} encoded by this run, listed in {manifest_path.name}); the same command encodes "
+                          f"the remaining {len(todo) - kept}") from None
     finally:
         write_manifest(own_manifest, entries)  # compact: one line per input
-    merged = sum_across(dist, stats, device)
-    total, total_sq, count, encoded = merged[:4]
-    channel_sum, channel_sq, channel_count = (merged[4 + k * channels:4 + (k + 1) * channels] for k in range(3))
+    encoded = sum_across(dist, stats, device)[3]
     if dist.enabled:
         barrier(dist)
         if dist.is_main:
@@ -136,21 +139,72 @@ def _encode(ctx: LoadedModel, input_dir, out_root, folder, *, fmt="safetensors",
     if pending and not encoded and summary["already_done"] == 0:
         raise DataError(f"not one of the {len(images) + len(excluded)} files under {input_dir} could be encoded "
                         f"({summary['failed']} unreadable, {len(excluded)} not regular files; see {manifest_path})")
+    current = [entries[rel] for rel in (path.relative_to(root).as_posix() for path in images)
+               if entries.get(rel, {}).get("status") == "ok"]
+    latents, sums = _folder_stats(current, out_root, channels)
+    count = sum(sums[2])
     if count > 1:
-        mean = total / count
-        std = max((total_sq / count - mean * mean), 0.0) ** 0.5
+        mean = sum(sums[0]) / count
+        std = max((sum(sums[1]) / count - mean * mean), 0.0) ** 0.5
         raw_std = std / ctx.vae.scaling_factor
         summary.update({"latent_mean": mean, "latent_std": std,
                         "suggested_scaling_factor": 1.0 / raw_std if raw_std > 0 else float("nan")})
-        means = [t / n if n else float("nan") for t, n in zip(channel_sum, channel_count)]
+        means = [t / n if n else float("nan") for t, n in zip(sums[0], sums[2])]
         summary["channel_mean"] = means
         summary["channel_std"] = [max(q / n - m * m, 0.0) ** 0.5 if n else float("nan")
-                                  for q, n, m in zip(channel_sq, channel_count, means)]
-        summary["stats_over"] = "the latents encoded in this run, every process's merged"
+                                  for q, n, m in zip(sums[1], sums[2], means)]
+        summary["stats_over"] = f"all {latents} latents of the input's images in this folder"
         if dist.is_main:
             stats_path = out_root / "latent_stats.json"
             write_text(stats_path, json.dumps({**summary, "scaling_factor_used": ctx.vae.scaling_factor}, indent=2))
     return summary
+
+
+def format_summary(summary: dict, out_root) -> str:
+    """-e's closing line: counts, then the statistics to four significant digits."""
+    parts = [f"{summary['already_done']} already done", f"{summary['redone']} redone", f"{summary['failed']} failed"]
+    if summary["skipped_special"]:
+        parts.append(f"{summary['skipped_special']} special files skipped")
+    line = f"encoded {summary['encoded']} images into {out_root} ({', '.join(parts)}) in {summary['seconds']:.1f} s"
+    if "latent_std" in summary:
+        line += (f"; latents: mean {summary['latent_mean']:.4g}, std {summary['latent_std']:.4g}, suggested "
+                 f"scaling factor {summary['suggested_scaling_factor']:.4g} (per channel in latent_stats.json)")
+    return line
+
+
+def _latent_sums(latent: torch.Tensor) -> list[list]:
+    """Per channel of one latent (C, *spatial): [sums], [sums of squares], [counts]."""
+    values = latent.double().reshape(latent.shape[0], -1)
+    return [values.sum(1).tolist(), values.pow(2).sum(1).tolist(), [values.shape[1]] * values.shape[0]]
+
+
+def _folder_stats(entries: list[dict], out_root: Path, channels: int) -> tuple[int, list[list]]:
+    """(latents counted, per-channel [sums, squares, counts]) over ``entries``: from the sums each
+    entry records, else (an entry of an older version) from its latent file."""
+    from .latent_files import load_latent_file
+
+    totals, counted = [[0.0] * channels, [0.0] * channels, [0] * channels], 0
+    for entry in entries:
+        sums = entry.get("sums")
+        if not _valid_sums(sums, channels):
+            file = entry.get("file")
+            try:
+                sums = _latent_sums(load_latent_file(OutputPaths(out_root)(file))[0]) if isinstance(file, str) else None
+            except (OSError, ValueError, DataError, RuntimeError):  # a file gone or damaged since: left out
+                sums = None
+            if sums is None or len(sums[0]) != channels:
+                continue
+        counted += 1
+        for total, part in zip(totals, sums):
+            for c in range(channels):
+                total[c] += part[c]
+    return counted, totals
+
+
+def _valid_sums(sums, channels: int) -> bool:
+    return (isinstance(sums, list) and len(sums) == 3 and all(isinstance(part, list) and len(part) == channels
+            for part in sums) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                      for part in sums for v in part))
 
 
 def _comparable(made_by: dict) -> dict:
@@ -203,7 +257,8 @@ def _encode_loop(ctx, loader, output_path, out_root, names, entries, skips, fmt,
                 codes = [None] * len(latents) if codes is None else codes.cpu()
                 _add_stats(stats, latents)
                 for index, (rel, latent, code) in enumerate(zip(batch.paths, latents, codes)):
-                    entry = {"path": rel, "status": "ok", "shape": list(latent.shape), "made_by": made_by}
+                    entry = {"path": rel, "status": "ok", "shape": list(latent.shape), "made_by": made_by,
+                             "sums": _latent_sums(latent)}
                     if code is not None:
                         entry["codes_shape"] = list(code.shape)
                     entry.update(_class_fields(ctx.vae, batch.labels, probs, index))

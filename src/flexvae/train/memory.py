@@ -192,5 +192,10 @@ def find_max_batch(cfg, config_path=None, device=None, log=print, *, cpu_method:
     else:
         confirmed, confirm_note, capped = _confirm_cpu(runner, predicted, sizes, timings, fixed, per_sample,
                                                        in_process, log)
-    return MemResult(str(device), sizes, peaks, fixed, per_sample, budget, predicted, confirmed, confirm_note,
-                     runner.steps, budget_note, notes, capped)
+    result = MemResult(str(device), sizes, peaks, fixed, per_sample, budget, predicted, confirmed, confirm_note,
+                       runner.steps, budget_note, notes, capped)
+    if device.type == "cpu":  # a batch that fits in RAM can still take minutes a step on a CPU
+        result.limit_to(_cpu_confirm_cap(sizes, timings),
+                        f"a training step of a larger batch takes over ~{CPU_CONFIRM_SECONDS:.0f} s on this CPU "
+                        f"(memory alone allows {predicted:,}; run -mem on the GPU you will train on)")
+    return result
