@@ -625,3 +625,13 @@ def test_ctrl_c_during_encode_says_how_many_latents_are_kept(trained, tmp_path, 
     monkeypatch.setattr(inference, "save_latent", real)
     proc = run_in_process(args)
     assert proc.returncode == 0 and "encoded 4 images" in proc.stdout and "2 already done" in proc.stdout
+
+
+@pytest.mark.parametrize("size, words", [(30, "multiples of 4, such as 28 or 32"), (7, "multiples of 4, such as 4 or 8"),
+                                         (20, "multiples of 8, such as 16 or 24")])
+def test_an_image_size_the_structures_cannot_reproduce_blames_the_size(size, words):
+    three_downs = ["--set", 'model.encoder=["C2d_3_8_3_2_1", "C2d_8_8_3_2_1", "C2d_8_4_3_2_1"]', "--set",
+                   'model.decoder=["UpS_2", "C2d_2_8_3_1_1", "UpS_2", "C2d_8_8_3_1_1", "UpS_2", "C2d_8_3_3_1_1"]']
+    config = ["-c", TINY, *three_downs] if size == 20 else ["-c", REPO / "configs" / "config.toml"]
+    line = one_error(run_in_process(["--check", *config, "--set", f"data.image_size={size}"]))
+    assert line == f"error: data.image_size = {size} does not fit these structures: they take sizes that are {words}"

@@ -213,3 +213,20 @@ def test_writes_outside_an_open_folder_are_not_checked(tmp_path):
     with writing_into(tmp_path / "inside"):
         write_text(tmp_path / "outside.txt", "y")  # the run directory, say: not this folder's business
     assert (tmp_path / "outside.txt").read_text() == "y"
+
+
+def test_decoding_with_the_wrong_checkpoint_names_the_right_one(run, tmp_path):
+    other = tmp_path / "other"
+    encoder = '["C2d_3_8_3_1_1", "Down_?_8", "C2d_?_8_3_1_1"]'
+    decoder = '["C2d_4_8_3_1_1", "UpS_2", "C2d_?_3_3_1_1"]'
+    proc = run_in_process(["-t", *tiny(run["images"], other, "--set", "train.max_steps=1",
+                                       "--set", f"model.encoder={encoder}", "--set", f"model.decoder={decoder}")])
+    assert proc.returncode == 0, proc.stderr
+    proc = run_in_process(["-d", *tiny(run["images"], other, "--ckpt", other, "--input", run["latents"],
+                                       "--output", tmp_path / "decoded")])
+    line = _one_error(proc)
+    made_by = json.loads((run["latents"] / "manifest.jsonl").read_text().splitlines()[0])["made_by"]["checkpoint"]
+    assert line.startswith(f"error: the latents under {run['latents']} do not fit this model (0.safetensors: "
+                           "latent shape (2, 8, 8), the model expects (4, 8, 8))")
+    assert line.endswith(f"says 4 of them were made by {made_by} (step 2): decode them with --ckpt {made_by}")
+    assert "warning" not in proc.stderr

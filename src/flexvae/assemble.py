@@ -149,10 +149,38 @@ def plan_specs(encoder, decoder, shape, cfg, classes=None) -> VAEPlan:
     reason = "" if likelihood is None else (
         f"loss.likelihood = {cfg.loss.likelihood!r}"
         + (f" with {cfg.loss.mixture_components} components" if cfg.loss.likelihood == "logistic_mixture" else ""))
-    plan = plan_vae(encoder, decoder, shape, make_latent(cfg, classes), output_channels=channels,
-                    output_reason=reason, classes=None if classes is None else len(classes))
+    def plan_at(size_shape):
+        return plan_vae(encoder, decoder, size_shape, make_latent(cfg, classes), output_channels=channels,
+                        output_reason=reason, classes=None if classes is None else len(classes))
+
+    try:
+        plan = plan_at(shape)
+    except StructureError as exc:
+        if "must reproduce the input shape" in str(exc):
+            _refuse_image_size(plan_at, shape, exc)
+        raise
     plan.classes = None if classes is None else tuple(classes)
     return plan
+
+
+def _refuse_image_size(plan_at, shape, error: StructureError) -> None:
+    """When the structures reproduce some sizes but not ``shape``'s (a size the downsampling does
+    not divide): one ConfigError on data.image_size saying which sizes they take."""
+    size = shape[1]
+    for multiple in (2, 4, 8, 16, 32, 64, 128):
+        below, above = size - size % multiple, size - size % multiple + multiple
+        if below < 1 or below == size:
+            continue
+        fits = []
+        for candidate in (below, above):
+            try:
+                plan_at((shape[0], *[candidate] * (len(shape) - 1)))
+                fits.append(candidate)
+            except StructureError:
+                pass
+        if len(fits) == 2:
+            raise ConfigError(f"data.image_size = {size} does not fit these structures: they take sizes that are "
+                              f"multiples of {multiple}, such as {below} or {above}") from error
 
 
 def plan_from_config(cfg, config_path=None, classes=None) -> VAEPlan:

@@ -68,9 +68,10 @@ def _decode(ctx: LoadedModel, in_root: Path, out_root: Path, folder, *, batch_si
 
     whole = FallBackToTiles(ctx, lambda z, labels=None: ctx.vae.to_image(ctx.vae.decode(z, labels)),
                             "a batch of latents", make_tiled=lambda t, o, f: (lambda z: decode_tiled(ctx.vae, z, t, o, f)))
-    file_labels = _stored_labels(ctx, in_root) if ctx.vae.decoder.takes_labels else None
     discrete = ctx.vae.latent if ctx.vae.is_discrete else None
     expected_codes = tuple(discrete.code_shape(expected)) if discrete is not None else None
+    _refuse_latents_of_another_model(ctx, in_root, files[0], discrete, expected, expected_codes, device)
+    file_labels = _stored_labels(ctx, in_root) if ctx.vae.decoder.takes_labels else None
     entries, failed, non_finite_files = {}, [], 0
     made_by = json.loads(json.dumps(ctx.provenance()))  # every output is written again on each run
     for start in tqdm(range(0, len(files), batch_size), disable=not progress, desc="decode"):
@@ -118,6 +119,35 @@ def _decode(ctx: LoadedModel, in_root: Path, out_root: Path, folder, *, batch_si
         raise DataError(f"not one of the {len(files)} latent files under {in_root} could be decoded "
                         f"({len(failed)} failed, listed above)")
     return {"decoded": done, "failed": len(failed), "non_finite_files": non_finite_files}
+
+
+def _refuse_latents_of_another_model(ctx, in_root: Path, first: Path, discrete, expected, expected_codes,
+                                     device) -> None:
+    """One line, before a warning per file, when the first latent does not fit this model and the
+    folder's manifest (written by -e) names the checkpoint that made the latents."""
+    from collections import Counter
+
+    from .latent_files import read_manifest
+
+    try:
+        _raw_latent(first, ctx, discrete, expected, expected_codes, device)
+        return
+    except Exception as exc:  # the per-file loop reports it when no manifest says more
+        reason = str(exc)
+    makers = Counter()
+    for entry in read_manifest(in_root / MANIFEST).values():
+        made_by = entry.get("made_by")
+        if entry.get("status") == "ok" and isinstance(made_by, dict) and isinstance(made_by.get("checkpoint"), str):
+            makers[(made_by["checkpoint"], made_by.get("step"), made_by.get("sha256"))] += 1
+    if not makers:
+        return
+    (checkpoint, step, digest), count = makers.most_common(1)[0]
+    if digest is not None and digest == ctx.provenance()["sha256"]:
+        return
+    step_text = f" (step {step})" if isinstance(step, int) else ""
+    raise DataError(f"the latents under {in_root} do not fit this model ({first.name}: {reason}); "
+                    f"{in_root / MANIFEST} says {count} of them were made by {checkpoint}{step_text}: "
+                    f"decode them with --ckpt {checkpoint}")
 
 
 def _group_values(path: Path, ctx) -> dict[str, torch.Tensor]:
