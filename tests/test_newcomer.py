@@ -215,3 +215,60 @@ def test_plugins_beside_the_config_resolve_in_every_mode(tmp_path):
                            str(tmp_path / "recon")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.stdout.count("rc 0") == 2, done.stdout + done.stderr
     assert load_checkpoint(list_checkpoints(tmp_path / "run")[-1]).metadata["plugins"] == ["my_layers.py"]
+
+
+def test_train_without_a_config_says_none_was_found(tmp_path):
+    proc = run_in_process(["train"], cwd=tmp_path, prog="flexvae")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"error: no config found: neither configs/config.toml nor config.toml is in "
+                                   f"{tmp_path}, and the built-in defaults train on assets/photos, which is not "
+                                   "here; start a project with `flexvae init DIR` (then train from DIR), or name a "
+                                   "config with -c CONFIG")
+
+
+def test_hints_speak_as_the_command_the_user_typed():
+    bad = ["--set", 'model.encoder=["Foo_1"]']
+    as_flexvae = run_in_process(["check", *bad], prog="flexvae").stderr
+    as_train_py = run_in_process(["--check", *bad]).stderr
+    assert "Run `flexvae layers` for the full list." in as_flexvae
+    assert "Run `python train.py --layers` for the full list." in as_train_py
+    from flexvae.cli import speak_as
+
+    assert speak_as("flexvae", "lower train.batch_size (-mem finds it); -t resumes; see /tmp/a-d and x-e") == (
+        "lower train.batch_size (flexvae mem finds it); flexvae train resumes; see /tmp/a-d and x-e")
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    script = "import sys; from flexvae.cli import main; sys.exit(main(['layers']))"
+    proc = subprocess.run(f"{sys.executable} -c \"{script}\" | true", shell=True, capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_the_python_quickstart_works_outside_a_clone(tmp_path, monkeypatch):
+    import torch
+
+    import flexvae
+
+    monkeypatch.chdir(tmp_path)  # no structures/ here: the shipped presets are found, as configs find them
+    plan = flexvae.plan_vae("structures/small_encoder.json", "structures/small_decoder.json", (3, 32, 32))
+    vae = plan.build()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = vae.encode_latents(x)
+    assert not z.requires_grad and not vae.decode_latents(z).requires_grad
+    assert not vae.sample_prior(2).requires_grad
+    assert vae.encode(x).mode().requires_grad and vae.decode(z).requires_grad  # for training code
+    with pytest.raises(ValueError, match="gaussian latent has no class part"):
+        vae.class_probs(x)
+
+
+def test_a_run_has_config_as_well_as_cfg(tmp_path):
+    images = make_images(tmp_path / "images", 2)
+    assert run_in_process(["-t", *tiny(images, tmp_path / "run", "--set", "train.max_steps=1")]).returncode == 0
+    import flexvae
+
+    run = flexvae.load_run(tmp_path / "run")
+    assert run.config is run.cfg and run.config.train.max_steps == 1

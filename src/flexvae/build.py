@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -204,12 +205,27 @@ def format_table(plan: StackPlan, title: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def _structure_file(path):
+    """``path``, else the shipped preset of that name (``structures/small_encoder.json`` works
+    outside a clone, as in configs)."""
+    from .presets import PRESETS
+
+    candidate = Path(path)
+    try:
+        if candidate.exists() or candidate.is_absolute():
+            return path
+        shipped = PRESETS / candidate
+        return shipped if shipped.is_file() else path
+    except (OSError, ValueError):  # a name no file can have: load_structure says so
+        return path
+
+
 def as_specs(structure, name: str = "<structure>") -> list[TokenSpec]:
     """A path to a JSON file, a list of token strings, or already parsed specs."""
     from .dsl.structure import load_structure, parse_structure
 
     if isinstance(structure, (str, os.PathLike)):
-        return load_structure(structure)
+        return load_structure(_structure_file(structure))
     if isinstance(structure, list) and structure and all(isinstance(s, TokenSpec) for s in structure):
         return structure
     return parse_structure(structure, source=name)

@@ -244,7 +244,10 @@ class VAE(nn.Module):
         posterior = self._encode(x, labels=labels, state=state)[0]
         return self.to_image(self.decode(posterior.mode(), state=state))
 
+    @torch.no_grad()
     def encode_latents(self, x: torch.Tensor, sample: bool = False, generator=None, labels=None) -> torch.Tensor:
+        """Scaled latents of ``x`` (posterior means, or draws with ``sample``), for use outside
+        training (no gradient, like ``decode_latents`` and ``sample_prior``; ``encode`` keeps one)."""
         return self.encode_with_codes(x, sample, generator, labels)[0]
 
     def encode_with_codes(self, x: torch.Tensor, sample: bool = False, generator=None, labels=None):
@@ -263,6 +266,15 @@ class VAE(nn.Module):
             self.decode(z, state=state)
         return z * self.scaling_factor, codes, probs, dict(state.values)
 
+    @torch.no_grad()
+    def class_probs(self, x: torch.Tensor, labels=None) -> torch.Tensor:
+        """q(class | x), (B, K), of a latent with a class part (the mixed latent); the columns
+        follow ``class_names``. ValueError for a latent without one."""
+        if self.latent.class_count is None:
+            raise ValueError(f"a {self.latent.kind} latent has no class part; its model gives no class probabilities")
+        posterior = self._encode(x, labels=labels, state=ForwardState(labels=labels))[0]
+        return self.latent.class_probs(posterior)
+
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Integer codes of a discrete latent -> decoder output."""
         if not self.is_discrete:
@@ -274,8 +286,10 @@ class VAE(nn.Module):
         """Whether the latent has integer codes (``encode_with_codes``, ``decode_codes``)."""
         return isinstance(self.latent, DiscreteLatent)
 
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, labels=None) -> torch.Tensor:
-        # Not in place: the caller's tensor stays as it was.
+        """The decoder's output for scaled latents, without gradient (``decode`` keeps one); the
+        caller's tensor stays as it was."""
         return self.decode(latents / self.scaling_factor, labels)
 
     @torch.no_grad()

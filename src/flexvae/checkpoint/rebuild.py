@@ -56,6 +56,11 @@ class LoadedModel:
     label_spec: str = "auto"  # where the inputs' labels come from (--labels): auto, folders, none or a CSV file
     label_note: str | None = None  # the last "labels: ..." note printed
 
+    @property
+    def config(self):
+        """The config the model was trained with (``load_config``'s type); also ``cfg``."""
+        return self.cfg
+
     def load_images(self, paths) -> torch.Tensor:
         """Image files as one batch (B, C, H, W) in [-1, 1], preprocessed as the model's training data."""
         from ..data import load_image
