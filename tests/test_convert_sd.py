@@ -19,6 +19,7 @@ from flexvae.errors import CheckpointError  # noqa: E402
 from flexvae.assemble import plan_from_config
 from flexvae.checkpoint import model_from_checkpoint  # noqa: E402
 from flexvae.checkpoint import load_checkpoint  # noqa: E402
+from helpers.inprocess import run_in_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -317,3 +318,36 @@ def test_export_refuses_a_model_without_the_sd_structure(tmp_path):
     assert result.returncode != 0
     assert result.stderr.startswith("error: ") and "Stable Diffusion autoencoder's structure" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_import_writes_its_structures_and_training_says_it_starts_from_them(tmp_path):
+    from flexvae.build import as_specs
+
+    make_vae({**TINY, "sample_size": 32}, tmp_path / "vae")
+    run = tmp_path / "run"
+    result = run_in_process(["--import-weights", tmp_path / "vae", "--output", run], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    encoder, decoder = run / "structures" / "encoder.json", run / "structures" / "decoder.json"
+    assert f"note: structures: {encoder} and {decoder}" in result.stdout
+    enc, dec = sd_structures(TINY)
+    assert [s.text for s in as_specs(str(encoder))] == [s.text for s in as_specs(enc)]
+    assert [s.text for s in as_specs(str(decoder))] == [s.text for s in as_specs(dec)]
+    images = _images(tmp_path / "images", 2, 32)
+    result = run_in_process(["-t", "--set", f"model.encoder={encoder}", "--set", f"model.decoder={decoder}",
+                             "--set", "model.scaling_factor=0.18215", "--set", "data.image_size=32",
+                             "--set", f"data.path={images}", "--set", f"train.out_dir={run}",
+                             "--set", "train.max_steps=1", "--set", "train.batch_size=2",
+                             "--set", "data.num_workers=0", "--set", "train.device=cpu"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (f"starting from the imported weights in {run / 'checkpoints' / 'step_00000000.safetensors'} "
+            "(from diffusion_pytorch_model.safetensors, diffusers layout)") in result.stdout
+
+
+def test_ckpt_naming_a_diffusers_folder_says_to_import_it(tmp_path):
+    make_vae(TINY, tmp_path / "vae")
+    result = run_in_process(["-i", "--ckpt", tmp_path / "vae", "--input", _images(tmp_path / "images", 1, 16),
+                             "--output", tmp_path / "out"], cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'vae'} looks like a diffusers model folder, not a flexvae run; convert it once with "
+        f"`python train.py --import-weights {tmp_path / 'vae'} --output runs/NAME`, then use --ckpt runs/NAME")

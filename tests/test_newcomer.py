@@ -272,3 +272,37 @@ def test_a_run_has_config_as_well_as_cfg(tmp_path):
 
     run = flexvae.load_run(tmp_path / "run")
     assert run.config is run.cfg and run.config.train.max_steps == 1
+
+
+def test_silent_conversions_get_one_note_each(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "grey"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("L", (40, 40), color=40 * i).save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    args = tiny(folder, run, "--set", "train.max_steps=1", "--set", "train.batch_size=16")
+    proc = run_in_process(["-t", *args])
+    assert proc.returncode == 0, proc.stderr
+    notes = [line for line in proc.stdout.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: 5 images for 16 a step: every step repeats images (lower train.batch_size to step through the data "
+        "without repeats)",
+        "note: 5 of 5 images are greyscale and are trained as RGB (data.channels = 3); set data.channels = 1 to "
+        "train on grey",
+        "note: images are downscaled to 16 x 16 (data.image_size); 5 of 5 are 40 x 40"]
+    resumed = run_in_process(["-t", *args, "--set", "train.max_steps=2", "--set", "train.lr=0.005",
+                              "--set", "loss.kld_weight=0.5"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "note: resuming with train.max_steps = 2 (the checkpoint was trained with 1)" in resumed.stdout
+    assert "note: resuming with train.lr = 0.005 (the checkpoint was trained with 0.001)" in resumed.stdout
+    assert "note: resuming with loss.kld_weight = 0.5 (the checkpoint was trained with " in resumed.stdout
+    again = run_in_process(["-t", *args, "--set", "train.max_steps=2", "--set", "train.lr=0.005",
+                            "--set", "loss.kld_weight=0.5"])
+    assert "resuming with" not in again.stdout  # the same settings: nothing to say
+    out = run_in_process(["-i", *tiny(folder, run, "--input", folder, "--output", tmp_path / "out", "--labels",
+                                      "folders")])
+    assert out.returncode == 0
+    assert ("note: --labels folders is ignored: this model takes no labels (no context token, no class latent)"
+            in out.stderr)

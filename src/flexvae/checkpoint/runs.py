@@ -51,6 +51,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if not path.is_dir():
         return path
     found = list_checkpoints(path)
+    if not found and any((folder / "config.json").is_file() for folder in (path, path / "vae")):
+        raise CheckpointError(f"{path} looks like a diffusers model folder, not a flexvae run; convert it once with "
+                              f"`python train.py --import-weights {path} --output runs/NAME`, then use --ckpt runs/NAME")
     if not found:
         raise CheckpointError(
             f"no checkpoint found in {path} (looked for {CHECKPOINT_DIR}/step_*.safetensors)"

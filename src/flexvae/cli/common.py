@@ -62,6 +62,11 @@ def load_run(args, cfg, device: str):
     if spec not in ("auto", "none", "folders") and not spec.lower().endswith(".csv"):
         raise DataError(f"--labels must be auto, none, folders or a .csv file, got {spec!r}")
     model.label_spec = spec
+    if getattr(args, "labels", None) and not model.vae.takes_labels:
+        import sys
+
+        print(f"note: --labels {spec} is ignored: this model takes no labels (no context token, no class latent)",
+              file=sys.stderr)
     print(f"model: {model.path} (step {model.step})"
           + (f"; conditional on {len(model.vae.class_names)} classes" if model.vae.takes_labels else ""))
     return model

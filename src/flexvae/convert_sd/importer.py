@@ -188,4 +188,23 @@ def import_weights(src, output=DEFAULT_OUTPUT, base=None, image_size: int | None
     meta = checkpoint_metadata(cfg, plan, step=0, scaling_factor=cfg.model.scaling_factor)
     meta["imported_from"] = {"layout": source.layout, "file": source.path.name}
     path = save_checkpoint(output, model.state_dict(), meta)
-    return Imported(path, plan, cfg.model.scaling_factor, source.notes)
+    notes = list(source.notes) + [_write_structures(run_dir, plan)]
+    return Imported(path, plan, cfg.model.scaling_factor, notes)
+
+
+def _write_structures(run_dir: Path, plan) -> str:
+    """The imported model's token lists as structure files in its run folder (to read, edit or
+    train with); a note saying where they are."""
+    import json
+
+    from ..dsl.structure import unexpanded
+    from ..files import write_text
+
+    written = []
+    for role, stack in (("encoder", plan.encoder), ("decoder", plan.decoder)):
+        tokens = [spec.text for spec in unexpanded(stack.specs)]
+        path = run_dir / "structures" / f"{role}.json"
+        write_text(path, "[\n" + ",\n".join(f"  {json.dumps(t)}" for t in tokens) + "\n]\n")
+        written.append(path)
+    return (f"structures: {written[0]} and {written[1]} (train on from the imported weights with "
+            f"--set model.encoder={written[0]} --set model.decoder={written[1]}, or configs/sd_vae.toml)")

@@ -105,3 +105,33 @@ def _step_of(text: str) -> int | None:
         return int(float(text))
     except ValueError:
         return None
+
+
+# Settings whose change on resume is expected and says nothing
+_UNREMARKABLE = {("train", "out_dir"), ("train", "device"), ("data", "num_workers")}
+
+
+def changed_settings(stored, current: dict, limit: int = 12) -> list[str]:
+    """One line for each setting that differs from the config a checkpoint was trained with
+    (``stored``: its metadata, untrusted), e.g. 'resuming with train.lr = 0.001 (the checkpoint
+    was trained with 0.002)'; at most ``limit`` lines, then a count."""
+    if not isinstance(stored, dict):
+        return []
+    lines = []
+    for section, values in current.items():
+        old_section = stored.get(section)
+        if not isinstance(values, dict) or not isinstance(old_section, dict):
+            continue
+        for key, value in values.items():
+            if (section, key) in _UNREMARKABLE or key not in old_section or old_section[key] == value:
+                continue
+            if isinstance(value, (list, tuple)) and list(value) == old_section[key]:
+                continue
+            lines.append(f"resuming with {section}.{key} = {_short(value)} (the checkpoint was trained with "
+                         f"{_short(old_section[key])})")
+    return lines if len(lines) <= limit else lines[:limit] + [f"and {len(lines) - limit} more changed settings"]
+
+
+def _short(value) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 60 else text[:50] + "..."

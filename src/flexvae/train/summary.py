@@ -67,5 +67,50 @@ def announce(trainer, dataset) -> list[str]:
             parts.append(f"{acfg.loss} discriminator of {extras.adversary.params:,} parameters from step {acfg.start}"
                          + (" with the adaptive weight" if acfg.adaptive else ""))
         lines.append("extra terms: " + "; ".join(parts))
+    lines += [f"note: {note}" for note in data_notes(dataset, cfg.data, per_step)]
     lines += [f"note: {note}" for note in trainer.runtime.notes]
     return lines
+
+
+GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F", "P"}
+LOOKED_AT = 256  # image headers read for the notes (a header is a few hundred bytes)
+
+
+def data_notes(dataset, data, per_step: int) -> list[str]:
+    """What the data pipeline converts silently, one line each: images repeated within a step,
+    grey images trained as colour (or colour as grey), images resized to data.image_size."""
+    from collections import Counter
+
+    from PIL import Image
+
+    notes = []
+    if 0 < len(dataset) < per_step:
+        notes.append(f"{len(dataset)} images for {per_step} a step: every step repeats images (lower "
+                     "train.batch_size to step through the data without repeats)")
+    paths = list(getattr(dataset, "paths", []) or [])[:LOOKED_AT]
+    modes, sizes = Counter(), Counter()
+    for path in paths:
+        try:
+            with Image.open(path) as image:  # the header only: no pixel is decoded
+                grey = image.mode in GREY_MODES and not (image.mode == "P" and image.palette
+                                                         and image.palette.mode != "L")
+                modes["grey" if grey else "colour"] += 1
+                sizes[image.size] += 1
+        except Exception:  # unreadable files are reported by the loader itself
+            continue
+    looked = sum(modes.values())
+    of = f"of the first {looked} looked at" if looked < len(dataset) else f"of {looked}"
+    if data.channels == 3 and modes["grey"]:
+        notes.append(f"{modes['grey']} {of} images are greyscale and are trained as RGB (data.channels = 3); "
+                     "set data.channels = 1 to train on grey")
+    if data.channels == 1 and modes["colour"]:
+        notes.append(f"{modes['colour']} {of} images are in colour and are trained as greyscale "
+                     "(data.channels = 1); set data.channels = 3 to keep the colour")
+    if sizes:
+        (width, height), count = sizes.most_common(1)[0]
+        if (width, height) != (data.image_size, data.image_size):
+            verb = "downscaled" if min(width, height) > data.image_size else "resized"
+            shape = "padded to square and " if data.pad_to_square and width != height else ""
+            notes.append(f"images are {shape}{verb} to {data.image_size} x {data.image_size} (data.image_size); "
+                         f"{count} {of} are {width} x {height}")
+    return notes

@@ -26,7 +26,7 @@ from .adversarial import make_extras
 from .distributed import barrier, cleanup, from_environment, mean_across, setup
 from .ema import EMA
 from .guard import SpikeGuard
-from .run_dir import save_run_config, set_aside_run_outputs, tidy_resumed_run
+from .run_dir import changed_settings, save_run_config, set_aside_run_outputs, tidy_resumed_run
 from .rng import capture_rng_state, restore_rng_state, seed_everything, set_torch_rng_state, torch_rng_state
 from .runtime import prepare, sample_noise
 from .sampler import StreamSampler
@@ -120,7 +120,15 @@ class Trainer:
         self.stream_position = int(state.get("stream_position", ckpt.step * per_step))
         self.step = ckpt.step
         self.last_saved = found[-1]
-        self.log(f"resuming {self.run_dir} from step {self.step} ({found[-1].name})")
+        imported = stored.get("imported_from")
+        if ckpt.step == 0 and isinstance(imported, dict) and isinstance(imported.get("file"), str):
+            layout = imported.get("layout") if isinstance(imported.get("layout"), str) else "unknown"
+            self.log(f"starting from the imported weights in {found[-1]} (from {imported['file'][:200]}, "
+                     f"{layout[:40]} layout)")
+        else:
+            self.log(f"resuming {self.run_dir} from step {self.step} ({found[-1].name})")
+        for line in changed_settings(stored.get("config"), now["config"]):
+            self.log(f"note: {line}")
         return True
 
     def _apply_config_hyperparameters(self, step: int) -> None:
