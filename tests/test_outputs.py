@@ -230,3 +230,35 @@ def test_decoding_with_the_wrong_checkpoint_names_the_right_one(run, tmp_path):
                            "latent shape (2, 8, 8), the model expects (4, 8, 8))")
     assert line.endswith(f"says 4 of them were made by {made_by} (step 2): decode them with --ckpt {made_by}")
     assert "warning" not in proc.stderr
+
+
+# ------------------------------------------------------------------ the run directory
+def test_training_into_a_folder_of_the_users_leaves_their_files(run, tmp_path):
+    folder = tmp_path / "project"
+    (folder / "samples").mkdir(parents=True)
+    (folder / "metrics.csv").write_text("my,own,table\n")
+    (folder / "samples" / "step_00000001.png").write_bytes(b"my picture")
+    before = _files(folder)
+    line = _one_error(run_in_process(["-t", *tiny(run["images"], folder, "--set", "train.max_steps=1")]))
+    assert "train.out_dir" in line and "metrics.csv" in line and "samples/step_00000001.png" in line
+    assert {rel: data for rel, data in _files(folder).items() if rel != ".flexvae.lock"} == before
+    proc = run_in_process(["-t", *tiny(run["images"], folder, "--set", "train.max_steps=1"), "--overwrite"])
+    assert proc.returncode == 0, proc.stderr
+    assert (folder / "metrics.csv").read_text().startswith("step,")
+
+
+def test_a_run_of_an_older_version_without_a_record_resumes(run, tmp_path):
+    out = tmp_path / "old"
+    args = tiny(run["images"], out, "--set", "train.save_every=1", "--set", "train.keep_last=1")
+    assert run_in_process(["-t", *args, "--set", "train.max_steps=1"]).returncode == 0
+    (out / RECORD).unlink()  # as an older flexvae left it
+    (out / "checkpoints" / "step_00000000.safetensors").write_bytes(b"a user's file named like a checkpoint")
+    proc = run_in_process(["-t", *args, "--set", "train.max_steps=3"])
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming" in proc.stdout
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    # the old checkpoints of the run were pruned (keep_last = 1); the foreign one stays
+    assert names == ["step_00000000.safetensors", "step_00000003.safetensors"]
+    assert (out / "checkpoints" / "step_00000000.safetensors").read_bytes() == b"a user's file named like a checkpoint"
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,") and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]

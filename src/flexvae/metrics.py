@@ -139,16 +139,29 @@ class MetricsLog:
             pass
 
     def write(self, row: dict) -> None:
-        if self.columns is None:
+        import io
+
+        text = io.StringIO(newline="")
+        if self.columns is None:  # a new (or empty) file: the header first
             self.columns = list(row)
-            with open(self.path, "w", newline="") as fh:
-                csv.writer(fh).writerow(self.columns)
-        with open(self.path, "a", newline="") as fh:
-            csv.writer(fh).writerow([_fmt(row.get(c, "")) for c in self.columns])
+            csv.writer(text).writerow(self.columns)
+        csv.writer(text).writerow([_fmt(row.get(c, "")) for c in self.columns])
+        self._append(text.getvalue().encode("utf-8"))
         if self.board is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.board.add_scalar(key, value, row["step"])
+
+    def _append(self, data: bytes) -> None:
+        """Append to metrics.csv; in an open output folder (a run directory) only to a file of ours."""
+        from .outputs import folder_for
+
+        output = folder_for(self.path)
+        if output is not None:
+            output.append(self.path, data, durable=False)
+            return
+        with open(self.path, "ab") as fh:
+            fh.write(data)
 
     def close(self) -> None:
         if self.board is not None:

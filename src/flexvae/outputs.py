@@ -172,9 +172,29 @@ class OutputFolder:
             self._running.pop(rel, None)
             self._add(rel, digest, stat_key)
 
-    def append(self, path, data: bytes) -> None:
-        """Append ``data`` to ``path`` (a journal such as -e's manifest), durably, and record the
-        grown file; refused like a replacement when ``path`` is foreign."""
+    def adopt(self, paths) -> int:
+        """Record the present content of ``paths`` (the existing regular files among them) as
+        flexvae's: for a folder an earlier version of flexvae wrote without a record (a run
+        directory whose config.toml says it is flexvae's). Returns how many were recorded."""
+        count = 0
+        for path in paths:
+            rel = self.relative(path)
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue
+            import stat as stat_module
+
+            if rel is None or not stat_module.S_ISREG(info.st_mode):
+                continue
+            with self._lock:
+                self._add(rel, sha256_of(path), _stat_key(info))
+            count += 1
+        return count
+
+    def append(self, path, data: bytes, durable: bool = True) -> None:
+        """Append ``data`` to ``path`` (a journal such as -e's manifest; fsync'd unless not
+        ``durable``) and record the grown file; refused like a replacement when ``path`` is foreign."""
         rel = self.relative(path)
         with self._lock:
             running = self._running.get(rel)
@@ -188,7 +208,8 @@ class OutputFolder:
         with open(path, "ab") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
             info = os.fstat(fh.fileno())
         running.update(data)
         if rel is not None:

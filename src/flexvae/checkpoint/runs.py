@@ -65,7 +65,11 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` checkpoints; returns the deleted files."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be at least 1, got {keep_last}")
+    from ..outputs import folder_for
+
     doomed = list_checkpoints(run_dir)[:-keep_last]
+    # in an open run directory, only checkpoints of its record (never a file someone put there)
+    doomed = [p for p in doomed if (folder := folder_for(p)) is None or folder.is_ours(p)]
     for p in doomed:
         p.unlink(missing_ok=True)
     return doomed

@@ -43,7 +43,8 @@ def train(args) -> int:
         raise ConfigError(f"no config found: neither {' nor '.join(common.DEFAULT_CONFIGS)} is in {Path.cwd()}, and "
                           f"the built-in defaults train on {cfg.data.path}, which is not here; start a project with "
                           "`flexvae init DIR` (then train from DIR), or name a config with -c CONFIG")
-    run_training(cfg, config_path, fresh=args.fresh, device=args.device, verbose=args.verbose)
+    run_training(cfg, config_path, fresh=args.fresh, device=args.device, verbose=args.verbose,
+                 overwrite=args.overwrite)
     return 0
 
 
@@ -147,7 +148,8 @@ def import_weights(args) -> int:
     base = load_config(config_path, args.set)
     sets_size = any(s.partition("=")[0].strip() == "data.image_size" for s in args.set)
     output = Path(args.output or DEFAULT_OUTPUT)
-    common.claim_output(args, output.parent if output.suffix == ".safetensors" else output)
+    folder = output.parent if output.suffix == ".safetensors" else output
+    common.claim_output(args, folder.parent if folder.name == "checkpoints" else folder)  # the run folder
     result = run_import(args.import_weights, output, base,
                         image_size=base.data.image_size if sets_size else None)
     for note in result.notes:

@@ -73,7 +73,7 @@ OPTION_MODES = {
     "input2": {"interpolate", "probe", "evaluate", "analyze"},
     "matrix": {"matrix"}, "steps": {"interpolate", "pictures", "analyze"}, "nll_samples": {"evaluate"},
     "nll_sigma": {"evaluate"}, "labels": {"reconstruct", "encode", "evaluate"},
-    "classes": {"interpolate"}, "overwrite": _MODEL_USERS | {"matrix", "import-weights"},
+    "classes": {"interpolate"}, "overwrite": _MODEL_USERS | {"train", "matrix", "import-weights"},
 }
 
 

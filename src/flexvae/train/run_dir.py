@@ -24,16 +24,54 @@ PREVIOUS_DIR = "previous"  # where --fresh moves a previous run
 OLD_TEMP_NAME = re.compile(r"step_\d+\.safetensors\.tmp-\d+")  # written by flexvae 0.1's checkpoints
 
 
-def save_run_config(cfg, run_dir: Path) -> None:
-    """Write ``config.toml``, refusing to replace one that flexvae did not write."""
+def _written_by_flexvae(path: Path) -> bool:
+    """Whether a run's config.toml begins as flexvae writes it."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    # flexvae 0.1 wrote the dump without the header line; it always begins this way
+    return head.startswith(CONFIG_HEADER) or head.startswith("[data]\nsource = ")
+
+
+def adopt_unrecorded_run(folder, run_dir: Path) -> None:
+    """A run directory that an older flexvae wrote has no record of its files (outputs.py): when
+    its config.toml is flexvae's, its checkpoints, sample grids, metrics.csv and config.toml are
+    recorded as they are, so that the run resumes; anything else there stays foreign."""
+    from ..outputs import RECORD
+
+    run_dir = Path(run_dir)
+    if (run_dir / RECORD).exists() or not _written_by_flexvae(run_dir / CONFIG_FILE):
+        return
+    checkpoints = list_checkpoints(run_dir) if (run_dir / CHECKPOINT_DIR).is_dir() else []
+    folder.adopt([run_dir / CONFIG_FILE, run_dir / METRICS_FILE, *filter(_is_checkpoint, checkpoints),
+                  *_ours(run_dir / "samples", SAMPLE_NAME)])
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether a file's safetensors header carries flexvae's checkpoint metadata (the header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return "flexvae" in (fh.metadata() or {})
+    except Exception:  # not a safetensors file at all
+        return False
+
+
+def save_run_config(cfg, run_dir: Path, folder=None) -> None:
+    """Write ``config.toml``, refusing to replace one that flexvae did not write; with the run
+    directory's open output ``folder``, first refuse a metrics.csv or sample grids not of its
+    record (a run would append to or replace them)."""
+    metrics = Path(run_dir) / METRICS_FILE
+    if folder is not None:
+        folder.check([metrics, *_ours(Path(run_dir) / "samples", SAMPLE_NAME)])
+        if folder.replace and metrics.is_file() and not folder.is_ours(metrics):
+            write_text(metrics, "")  # --overwrite: the run starts a metrics.csv of its own in its place
     path = Path(run_dir) / CONFIG_FILE
     if path.exists():
-        try:
-            head = path.read_text(encoding="utf-8", errors="replace")[:4096]
-        except OSError:
-            head = ""
-        # flexvae 0.1 wrote the dump without the header line; it always begins this way
-        ours = head.startswith(CONFIG_HEADER) or head.startswith("[data]\nsource = ")
+        ours = _written_by_flexvae(path)
         if not ours:
             raise TrainingError(
                 f"{path} exists and was not written by flexvae; train.out_dir = {run_dir} would overwrite it. "
@@ -105,6 +143,19 @@ def _step_of(text: str) -> int | None:
         return int(float(text))
     except ValueError:
         return None
+
+
+def resume_lines(run_dir: Path, checkpoint: Path, step: int, stored: dict, config: dict) -> list[str]:
+    """What a resumed run says first: where it goes on from (the weights of --import-weights at
+    step 0), then a note for each setting that differs from the checkpoint's (metadata: untrusted)."""
+    imported = stored.get("imported_from")
+    if step == 0 and isinstance(imported, dict) and isinstance(imported.get("file"), str):
+        layout = imported.get("layout") if isinstance(imported.get("layout"), str) else "unknown"
+        lines = [f"starting from the imported weights in {checkpoint} (from {imported['file'][:200]}, "
+                 f"{layout[:40]} layout)"]
+    else:
+        lines = [f"resuming {run_dir} from step {step} ({checkpoint.name})"]
+    return lines + [f"note: {line}" for line in changed_settings(stored.get("config"), config)]
 
 
 # Settings whose change on resume is expected and says nothing

@@ -22,11 +22,12 @@ from ..errors import Interrupted, Terminated, TrainingError
 from ..files import RunLock
 from ..losses import check_loss_config
 from ..metrics import MetricsLog
+from ..outputs import writing_into
 from .adversarial import make_extras
 from .distributed import barrier, cleanup, from_environment, mean_across, setup
 from .ema import EMA
 from .guard import SpikeGuard
-from .run_dir import changed_settings, save_run_config, set_aside_run_outputs, tidy_resumed_run
+from .run_dir import adopt_unrecorded_run, resume_lines, save_run_config, set_aside_run_outputs, tidy_resumed_run
 from .rng import capture_rng_state, restore_rng_state, seed_everything, set_torch_rng_state, torch_rng_state
 from .runtime import prepare, sample_noise
 from .sampler import StreamSampler
@@ -38,8 +39,8 @@ from .step import StepResult, lr_factor, make_optimizer, random_flip, train_step
 
 class Trainer:
     def __init__(self, cfg, config_path=None, fresh: bool = False, device: str | None = None, quiet: bool = False,
-                 verbose: bool = False):
-        self.cfg = cfg
+                 verbose: bool = False, overwrite: bool = False):
+        self.cfg, self.overwrite = cfg, overwrite  # overwrite: files in the run directory not of its record
         self.verbose = verbose  # print the full layer table at the start
         self.config_path = config_path
         # Under torchrun every process trains; only rank 0 logs, writes samples and checkpoints.
@@ -120,15 +121,8 @@ class Trainer:
         self.stream_position = int(state.get("stream_position", ckpt.step * per_step))
         self.step = ckpt.step
         self.last_saved = found[-1]
-        imported = stored.get("imported_from")
-        if ckpt.step == 0 and isinstance(imported, dict) and isinstance(imported.get("file"), str):
-            layout = imported.get("layout") if isinstance(imported.get("layout"), str) else "unknown"
-            self.log(f"starting from the imported weights in {found[-1]} (from {imported['file'][:200]}, "
-                     f"{layout[:40]} layout)")
-        else:
-            self.log(f"resuming {self.run_dir} from step {self.step} ({found[-1].name})")
-        for line in changed_settings(stored.get("config"), now["config"]):
-            self.log(f"note: {line}")
+        for line in resume_lines(self.run_dir, found[-1], self.step, stored, now["config"]):
+            self.log(line)
         return True
 
     def _apply_config_hyperparameters(self, step: int) -> None:
@@ -265,8 +259,9 @@ class Trainer:
         return result
 
     # ----------------------------------------------------------------- run directory
-    def _take_run_dir(self) -> None:
-        """Lock the run directory for this process (rank 0), apply --fresh, save the config."""
+    def _take_run_dir(self, folder) -> None:
+        """Lock the run directory for this process (rank 0), adopt a run an older flexvae wrote
+        without a record, apply --fresh, save the config."""
         if not self.dist.is_main:
             return
         try:
@@ -275,19 +270,22 @@ class Trainer:
             raise TrainingError(
                 f"{self.run_dir} is in use by another flexvae process (pid {exc.holder}); wait for it to "
                 "finish, or choose another train.out_dir") from None
+        adopt_unrecorded_run(folder, self.run_dir)
         if self.fresh:
             moved = set_aside_run_outputs(self.run_dir)
             if moved:
                 self.log(f"--fresh: moved the previous run's {moved}")
-        save_run_config(self.cfg, self.run_dir)
+        save_run_config(self.cfg, self.run_dir, folder)
 
     # ----------------------------------------------------------------- loop
     def train(self) -> Path | None:
         previous = on_sigterm(raise_terminated)
         try:
-            self._take_run_dir()
-            barrier(self.dist)
-            return self._train()
+            # the run directory is an output folder: only files of its record are replaced (outputs.py)
+            with writing_into(self.run_dir, self.overwrite, flag="train.out_dir") as folder:
+                self._take_run_dir(folder)
+                barrier(self.dist)
+                return self._train()
         finally:
             on_sigterm(previous)
             self.lock.release()
@@ -389,8 +387,8 @@ def _duration(seconds: float) -> str:
 
 
 def train(cfg, config_path=None, fresh: bool = False, device: str | None = None, quiet: bool = False,
-          verbose: bool = False):
-    trainer = Trainer(cfg, config_path, fresh=fresh, device=device, quiet=quiet, verbose=verbose)
+          verbose: bool = False, overwrite: bool = False):
+    trainer = Trainer(cfg, config_path, fresh=fresh, device=device, quiet=quiet, verbose=verbose, overwrite=overwrite)
     try:
         return trainer.train()
     finally:
