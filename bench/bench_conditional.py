@@ -10,7 +10,8 @@ Data: scikit-learn's digits at 16 px grey (scripts/make_digits.py, 25% held out)
 - class accuracy of configs/digits_m2.toml (a mixed latent whose class part is supervised
   on 10% of the training labels, per class, seeded by train.seed) on the held-out digits,
   next to a logistic regression on the pixels of the same 10% of labelled images, and one on
-  all the training labels (the ceiling of the pixel classifier).
+  all the training labels (the ceiling of the pixel classifier); and the same conditional
+  generation score for it (its samples drawn with the class variable set).
 
     python bench/bench_conditional.py [--steps 1500] [--threads 2]
 
@@ -108,6 +109,10 @@ def main() -> int:
         few_x, few_y = pixels(train_dir, fraction, seed)
         rows.append(("digits_m2.toml", f"class accuracy on the held-out digits ({len(few_y)} training labels)",
                      f"{accuracy['accuracy']:.3f}", f"{seconds:.0f}"))
+        m2 = conditional_score(load_run(tmp / "m2"), train_dir, n=100, seed=0, classifier=classifier)
+        worst = min(m2["per_class"], key=m2["per_class"].get)
+        rows.append(("digits_m2.toml", "class-c samples classified as c (mean of 10 classes, 100 each)",
+                     f"{m2['mean']:.3f} (worst: {worst}, {m2['per_class'][worst]:.2f})", ""))
         rows.append(("logistic regression", f"pixels of the same {len(few_y)} labelled images",
                      f"{logistic(few_x, few_y, test_x, test_y):.3f}", ""))
         rows.append(("logistic regression", f"pixels of all {len(train_y)} training images",

@@ -351,3 +351,16 @@ def test_ckpt_naming_a_diffusers_folder_says_to_import_it(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'vae'} looks like a diffusers model folder, not a flexvae run; convert it once with "
         f"`python train.py --import-weights {tmp_path / 'vae'} --output runs/NAME`, then use --ckpt runs/NAME")
+
+
+def test_import_never_replaces_a_file_of_the_users(tmp_path):
+    make_vae(TINY, tmp_path / "vae")
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(b"my own weights")
+    result = run_in_process(["--import-weights", tmp_path / "vae", "--output", mine], cwd=tmp_path)
+    assert result.returncode == 1 and mine.read_bytes() == b"my own weights"
+    assert "1 file would be replaced that is not flexvae's output" in result.stderr
+    again = tmp_path / "run" / "checkpoints" / "step_00000000.safetensors"
+    for _ in range(2):  # its own earlier import it replaces
+        result = run_in_process(["--import-weights", tmp_path / "vae", "--output", again], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr

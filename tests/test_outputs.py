@@ -90,7 +90,7 @@ def test_every_mode_leaves_the_users_files_of_its_own_names_byte_identical(run, 
         (users / rel).write_bytes(f"the user's own file {i}\n".encode())
     before = _files(users)
     line = _one_error(run_in_process([mode, *base, "--output", users]))
-    assert str(users) in line and "not flexvae's outputs" in line and "--overwrite" in line
+    assert str(users) in line and "not flexvae's output" in line and "--overwrite" in line
     if mode != "-e":  # -e checks its manifest first: one not ours is not even read
         assert f"{len(written)} file" in line
     assert _files(users) == before
@@ -262,3 +262,17 @@ def test_a_run_of_an_older_version_without_a_record_resumes(run, tmp_path):
     assert (out / "checkpoints" / "step_00000000.safetensors").read_bytes() == b"a user's file named like a checkpoint"
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,") and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+
+
+def test_matrix_results_never_replace_the_users_files_and_nothing_is_trained(tmp_path):
+    spec = tmp_path / "m.toml"
+    out = tmp_path / "runs"
+    out.mkdir()
+    (out / "results.md").write_text("my notes on the results")
+    spec.write_text(f'base = "{(REPO / "configs" / "tiny_test.toml").as_posix()}"\nout_dir = "{out.as_posix()}"\n'
+                    '[matrix]\n"train.lr" = [1e-3]\n[fixed]\n"train.max_steps" = 1\n"train.device" = "cpu"\n')
+    line = _one_error(run_in_process(["-matrix", "--matrix", spec], cwd=tmp_path))
+    assert line == (f"error: {out}: 1 file would be replaced that is not flexvae's output (flexvae did not write "
+                    f"it, or it changed since): results.md; choose another out_dir in {spec}, or add --overwrite "
+                    "to replace it")
+    assert sorted(p.name for p in out.iterdir()) == ["results.md"]

@@ -148,11 +148,14 @@ class OutputFolder:
     def _refusal(self, conflicts: list[Path]) -> ForeignFiles:
         shown = ", ".join(str(self.relative(p) or p) for p in conflicts[:_SHOWN])
         more = f" and {len(conflicts) - _SHOWN} more" if len(conflicts) > _SHOWN else ""
-        count = f"{len(conflicts)} files" if len(conflicts) != 1 else "1 file"
+        one = len(conflicts) == 1
+        count = "1 file" if one else f"{len(conflicts)} files"
+        them, they = ("it", "it") if one else ("them", "they")
         why = ("its record " + RECORD + " is not flexvae's" if self._foreign_record
-               else "flexvae did not write them, or they changed since")
-        return ForeignFiles(f"{self.root}: {count} would be replaced that are not flexvae's outputs ({why}): "
-                            f"{shown}{more}; choose another {self.flag}, or add --overwrite to replace them")
+               else f"flexvae did not write {them}, or {they} changed since")
+        what = "is not flexvae's output" if one else "are not flexvae's outputs"
+        return ForeignFiles(f"{self.root}: {count} would be replaced that {what} ({why}): "
+                            f"{shown}{more}; choose another {self.flag}, or add --overwrite to replace {them}")
 
     def claim(self, path) -> None:
         """Before writing ``path``: refuse (ForeignFiles) when it would replace a foreign file."""

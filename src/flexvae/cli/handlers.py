@@ -3,7 +3,6 @@ the already parsed arguments and calls library functions with typed values."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 

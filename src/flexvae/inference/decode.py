@@ -13,9 +13,8 @@ from ..data import save_image
 from ..errors import DataError
 from ..hierarchy import ForwardState
 from ..fits import refuse_unless_fits
-from ..outputs import writing_into
 from .latent_files import load_groups, load_latent_file, write_manifest
-from .paths import CODES_SUFFIX, MANIFEST, check_folders, output_names, safe_output_path
+from .paths import CODES_SUFFIX, MANIFEST, in_output_folder, output_names, safe_output_path
 
 
 def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, overwrite: bool = False, **options) -> dict:
@@ -23,16 +22,13 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, overwrite: bool = 
     relative path; ``manifest.jsonl`` in the output accounts for each file. Files in
     ``output_dir`` that flexvae did not write are never replaced (the call stops before writing
     anything), unless ``overwrite`` (outputs.py). ``options``: see ``_decode``."""
-    in_root = Path(input_dir)
-    if not in_root.is_dir():
-        raise DataError(f"latent folder not found: {in_root}")
-    out_root = check_folders(input_dir, output_dir)
-    with writing_into(out_root, overwrite) as folder:
-        return _decode(ctx, in_root, out_root, folder, **options)
+    if not Path(input_dir).is_dir():
+        raise DataError(f"latent folder not found: {input_dir}")
+    return in_output_folder(_decode, ctx, input_dir, output_dir, overwrite, options)
 
 
 @torch.no_grad()
-def _decode(ctx: LoadedModel, in_root: Path, out_root: Path, folder, *, batch_size=32, device="cpu",
+def _decode(ctx: LoadedModel, input_dir, out_root: Path, folder, *, batch_size=32, device="cpu",
             progress=True, tile: int | None = None, overlap: int | None = None) -> dict:
     """The work of ``decode_folder`` inside its opened output folder.
 
@@ -47,6 +43,7 @@ def _decode(ctx: LoadedModel, in_root: Path, out_root: Path, folder, *, batch_si
     """
     from tqdm import tqdm
 
+    in_root = Path(input_dir)
     files = sorted(p for p in in_root.rglob("*") if p.suffix in (".safetensors", ".npy") and p.is_file()
                    and not p.name.startswith(".") and not p.name.endswith(CODES_SUFFIX))
     if not files:

@@ -14,11 +14,10 @@ from ..data import SkipLog, find_images
 from ..errors import DataError, Interrupted
 from ..files import fsync_dir, write_text
 from ..fits import refuse_unless_fits
-from ..outputs import writing_into
 from .latent_files import append_manifest, codes_path, write_manifest, read_manifest, save_latent
 from .pipeline import BackgroundWriter, read_ahead
 from .shard_writer import ShardWriter
-from .paths import (LATENT_SUFFIXES, MANIFEST, check_folders, folder_loader, input_root, output_names,
+from .paths import (LATENT_SUFFIXES, MANIFEST, folder_loader, in_output_folder, input_root, output_names,
                     OutputPaths)
 
 
@@ -26,9 +25,7 @@ def encode_folder(ctx: LoadedModel, input_dir, output_dir, *, overwrite: bool = 
     """Encode every image to a latent file mirroring the tree; a manifest accounts for each input.
     Files in ``output_dir`` that flexvae did not write are never replaced (the call stops before
     writing anything), unless ``overwrite`` (outputs.py). ``options``: see ``_encode``."""
-    out_root = check_folders(input_dir, output_dir)
-    with writing_into(out_root, overwrite) as folder:
-        return _encode(ctx, input_dir, out_root, folder, **options)
+    return in_output_folder(_encode, ctx, input_dir, output_dir, overwrite, options)
 
 
 @torch.no_grad()

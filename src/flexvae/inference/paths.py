@@ -90,6 +90,16 @@ def check_folders(input_dir, output_dir, flag: str = "--output") -> Path:
     return Path(output_dir)
 
 
+def in_output_folder(work, ctx, input_dir, output_dir, overwrite: bool, options: dict):
+    """``work(ctx, input_dir, out_root, folder, **options)`` with the checked output folder
+    opened (outputs.py): only files flexvae wrote there are replaced, unless ``overwrite``."""
+    from ..outputs import writing_into
+
+    out_root = check_folders(input_dir, output_dir)
+    with writing_into(out_root, overwrite) as folder:
+        return work(ctx, input_dir, out_root, folder, **options)
+
+
 def output_names(relpaths, suffix: str) -> dict[str, str]:
     """Relative output path for each input: its suffix replaced by ``suffix``, except where two
     inputs would share that name (``x.png`` and ``x.jpg``): those keep their own suffix and get

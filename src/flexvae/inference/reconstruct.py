@@ -14,17 +14,14 @@ from ..errors import DataError
 from ..files import atomic_open, write_text
 from ..metrics import psnr, ssim
 from ..fits import refuse_unless_fits
-from ..outputs import writing_into
-from .paths import check_folders, folder_loader, input_root, native_batches, output_names, safe_output_path
+from .paths import folder_loader, in_output_folder, input_root, native_batches, output_names, safe_output_path
 
 
 def reconstruct_folder(ctx: LoadedModel, input_dir, output_dir, *, overwrite: bool = False, **options) -> dict:
     """Reconstruct every image; write PNGs with the same relative paths and a metrics CSV.
     Files in ``output_dir`` that flexvae did not write are never replaced (the call stops before
     writing anything), unless ``overwrite`` (outputs.py). ``options``: see ``_reconstruct``."""
-    out_root = check_folders(input_dir, output_dir)
-    with writing_into(out_root, overwrite) as folder:
-        return _reconstruct(ctx, input_dir, out_root, folder, **options)
+    return in_output_folder(_reconstruct, ctx, input_dir, output_dir, overwrite, options)
 
 
 @torch.no_grad()
