@@ -635,3 +635,26 @@ def test_an_image_size_the_structures_cannot_reproduce_blames_the_size(size, wor
     config = ["-c", TINY, *three_downs] if size == 20 else ["-c", REPO / "configs" / "config.toml"]
     line = one_error(run_in_process(["--check", *config, "--set", f"data.image_size={size}"]))
     assert line == f"error: data.image_size = {size} does not fit these structures: they take sizes that are {words}"
+
+
+def test_paths_no_file_can_have_are_the_librarys_errors_in_the_api_and_one_short_line_in_the_cli(trained, tmp_path):
+    import flexvae
+    from flexvae.errors import FlexVAEError
+    from flexvae.inference import decode_folder, encode_folder, reconstruct_folder
+
+    long = str(tmp_path / ("y" * 5000))
+    run = flexvae.load_run(trained["run"])
+    calls = [lambda: flexvae.load_run(long), lambda: flexvae.load_model(long), lambda: flexvae.load_config(long),
+             lambda: reconstruct_folder(run, long, tmp_path / "o", progress=False),
+             lambda: reconstruct_folder(run, trained["images"], long, progress=False),
+             lambda: encode_folder(run, long, tmp_path / "o", progress=False),
+             lambda: decode_folder(run, long, tmp_path / "o", progress=False)]
+    for call in calls:
+        with pytest.raises(FlexVAEError) as caught:
+            call()
+        assert len(str(caught.value)) < 400 and "characters)" in str(caught.value), caught.value
+    for args in (["-i", "--ckpt", trained["run"], "--input", long], ["-t", "-c", long],
+                 ["-i", "--ckpt", long], ["-e", "--ckpt", trained["run"], "--input", trained["images"],
+                                          "--output", long]):
+        line = one_error(run_in_process(args))
+        assert len(line) < 400 and "characters)" in line, line

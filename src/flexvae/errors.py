@@ -58,8 +58,14 @@ class Terminated(Interrupted):
     exit_status = 143
 
 
+def shown_path(path, limit: int = 200) -> str:
+    """A path as an error line shows it: a name of thousands of characters is cut in the middle."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:120]}...({len(text):,} characters)...{text[-40:]}"
+
+
 def describe_os_error(exc: OSError) -> str:
     """'PATH: cause' for a failed file operation (disk full, permission, name too long, ...)."""
     cause = exc.strerror or str(exc) or type(exc).__name__
     paths = [p for p in (exc.filename, exc.filename2) if p is not None]
-    return f"{' -> '.join(map(str, paths))}: {cause}" if paths else cause
+    return f"{' -> '.join(map(shown_path, paths))}: {cause}" if paths else cause

@@ -131,27 +131,30 @@ def write_bytes(path, data: bytes) -> Path:
 def read_small_file(path, limit: int, what: str, error) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes; ``error`` (a FlexVAEError class)
     for a missing, special (FIFO, device), oversized or unreadable file. Never blocks on a FIFO."""
+    from .errors import shown_path
+
+    shown = shown_path(path)
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise error(f"{what} not found: {path}") from None
+        raise error(f"{what} not found: {shown}") from None
     except OSError as exc:
-        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+        raise error(f"cannot read {what} {shown}: {exc.strerror or exc}") from None
     except ValueError:  # a NUL character: no file can have that name
-        raise error(f"{what} {str(path)!r} is not a file name (it holds a NUL character)") from None
+        raise error(f"{what} {shown!r} is not a file name (it holds a NUL character)") from None
     if stat.S_ISDIR(info.st_mode):
-        raise error(f"{what} {path} is a folder, not a file") from None
+        raise error(f"{what} {shown} is a folder, not a file") from None
     if not stat.S_ISREG(info.st_mode):
-        raise error(f"{what} {path} is not a regular file (a FIFO, socket or device?)")
+        raise error(f"{what} {shown} is not a regular file (a FIFO, socket or device?)")
     if info.st_size > limit:
-        raise error(f"{what} {path} is {info.st_size:,} bytes; at most {limit:,} are read")
+        raise error(f"{what} {shown} is {info.st_size:,} bytes; at most {limit:,} are read")
     try:
         with open(path, "rb") as fh:
             data = fh.read(limit + 1)
     except OSError as exc:
-        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+        raise error(f"cannot read {what} {shown}: {exc.strerror or exc}") from None
     if len(data) > limit:
-        raise error(f"{what} {path} is larger than {limit:,} bytes")
+        raise error(f"{what} {shown} is larger than {limit:,} bytes")
     return data
 
 

@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, shown_path
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME_RE = re.compile(r"step_(\d+)\.safetensors")
@@ -46,9 +46,14 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint file itself, or the latest checkpoint of a run directory."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file or run directory")
-    if not path.is_dir():
+    try:
+        exists, folder = path.exists(), path.is_dir()
+    except (OSError, ValueError) as exc:  # a name no file can have
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a usable path"
+        raise CheckpointError(f"{shown_path(path)}: {cause}") from None
+    if not exists:
+        raise CheckpointError(f"{shown_path(path)}: no such checkpoint file or run directory")
+    if not folder:
         return path
     found = list_checkpoints(path)
     if not found and any((folder / "config.json").is_file() for folder in (path, path / "vae")):

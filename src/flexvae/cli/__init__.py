@@ -13,7 +13,7 @@ import os
 import re
 import sys
 
-from ..errors import FlexVAEError, describe_os_error
+from ..errors import FlexVAEError, describe_os_error, shown_path
 from .modes import MODES, check_options, flexvae_parser, handler_for, mode_parser, train_py_parser
 
 __all__ = ["main", "MODES", "flexvae_parser", "train_py_parser"]
@@ -24,10 +24,14 @@ _CONTROL = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}")
             for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]}
 
 
+_LONG_WORD = re.compile(r"\S{300,}")
+
+
 def one_line(message: str) -> str:
     """A message as one printable line: control characters (a newline or carriage return in a
-    user's value) are written as escapes."""
-    return str(message).translate(_CONTROL)
+    user's value) are written as escapes, and a word of thousands of characters (a path or a
+    value pasted by mistake) is cut in the middle."""
+    return _LONG_WORD.sub(lambda m: shown_path(m.group()), str(message).translate(_CONTROL))
 
 
 def _mode_help(argv) -> str | None:

@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoint import LoadedModel
 from ..data import save_image
-from ..errors import DataError
+from ..errors import DataError, shown_path
 from ..hierarchy import ForwardState
 from ..fits import refuse_unless_fits
 from .latent_files import load_groups, load_latent_file, write_manifest
@@ -22,8 +22,12 @@ def decode_folder(ctx: LoadedModel, input_dir, output_dir, *, overwrite: bool = 
     relative path; ``manifest.jsonl`` in the output accounts for each file. Files in
     ``output_dir`` that flexvae did not write are never replaced (the call stops before writing
     anything), unless ``overwrite`` (outputs.py). ``options``: see ``_decode``."""
-    if not Path(input_dir).is_dir():
-        raise DataError(f"latent folder not found: {input_dir}")
+    try:
+        found = Path(input_dir).is_dir()
+    except (OSError, ValueError):  # a name no folder can have
+        found = False
+    if not found:
+        raise DataError(f"latent folder not found: {shown_path(input_dir)}")
     return in_output_folder(_decode, ctx, input_dir, output_dir, overwrite, options)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from ..data import ImageFolder, make_loader
-from ..errors import DataError
+from ..errors import DataError, shown_path
 
 
 LATENT_SUFFIXES = {"safetensors": ".safetensors", "npy": ".npy", "webdataset": ".safetensors"}
@@ -74,7 +74,16 @@ def input_root(input_path) -> tuple[Path, list[Path] | None]:
 def check_folders(input_dir, output_dir, flag: str = "--output") -> Path:
     """The output folder, refused when it would overwrite or re-read the user's files: the
     input folder (or the folder of an input file) itself, a folder inside it (the next run
-    would read its own outputs), a folder holding it, or an existing file."""
+    would read its own outputs), a folder holding it, or an existing file. A path no file can
+    have (a name too long, a NUL character) is a DataError naming it."""
+    try:
+        return _check_folders(input_dir, output_dir, flag)
+    except (OSError, ValueError) as exc:
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a usable path"
+        raise DataError(f"{shown_path(getattr(exc, 'filename', None) or output_dir)}: {cause}") from None
+
+
+def _check_folders(input_dir, output_dir, flag: str) -> Path:
     source, out = input_root(input_dir)[0].resolve(), Path(output_dir).resolve()
     if out.exists() and not out.is_dir():
         raise DataError(f"{flag} {output_dir} is an existing file; name a folder for the outputs")
