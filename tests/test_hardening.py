@@ -513,8 +513,10 @@ def test_a_full_disk_in_every_writing_mode_is_one_line_and_keeps_the_checkpoint(
     assert _temporaries(run) == []
     os.truncate(filler, 0)
     _fill(small_disk)
-    for mode, extra in (("-e", ["--input", trained["images"]]), ("-i", ["--input", trained["images"]])):
-        out = small_disk / f"out{mode}"
+    for mode, extra in (("-e", ["--input", trained["images"]]), ("-i", ["--input", trained["images"]]),
+                        ("-e", ["--input", trained["images"], "--set", "encode.format=webdataset"]),
+                        ("-eval", ["--input", trained["images"], "--nll-samples", "0"])):
+        out = small_disk / f"out{mode}{len(extra)}"
         line = one_error(run_in_process([mode, *args, *extra, "--output", out]))
         assert "No space left on device" in line, (mode, line)
         assert _temporaries(small_disk) == []

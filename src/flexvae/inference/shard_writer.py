@@ -64,8 +64,13 @@ class ShardWriter:
 
     def abandon(self) -> None:
         """An interrupted run: the open shard is removed, its images are encoded again next time."""
-        if self.archive is not None:
-            self.archive.close()
-            self.partial.unlink(missing_ok=True)
+        try:
+            if self.archive is not None:
+                self.archive.close()  # after a failed close, tarfile has closed its file already
+        except OSError:  # the failure that stopped the run (a full disk) may strike again here
+            pass
+        finally:
+            if self.partial is not None:  # also when opening the shard itself failed
+                self.partial.unlink(missing_ok=True)
             self.archive = self.partial = None
             self.entries = []
