@@ -22,7 +22,6 @@ def layers(args) -> int:
 
 def check(args) -> int:
     from ..assemble import plan_from_config
-
     from ..fits import fit_warning
 
     cfg, config_path = common.load_config(args)

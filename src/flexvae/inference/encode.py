@@ -94,9 +94,7 @@ def _encode(ctx: LoadedModel, input_dir, out_root, folder, *, fmt="safetensors",
     entries = dict(previous) if not dist.enabled else {}
     generator = torch.Generator(device=device).manual_seed(seed)
     channels = int(ctx.vae.latent_shape[0])
-    # latent values' sum, sum of squares and count, images encoded, then per channel: sums, sums of
-    # squares, counts (float64, merged over processes by one all-reduce)
-    stats = [0.0, 0.0, 0, 0] + [0.0] * (3 * channels)
+    stats = [0]  # images encoded (summed over processes); the statistics come from the manifest
     started = time.perf_counter()
     skips = SkipLog()
     if dist.is_main:
@@ -113,7 +111,7 @@ def _encode(ctx: LoadedModel, input_dir, out_root, folder, *, fmt="safetensors",
                           f"the remaining {len(todo) - kept}") from None
     finally:
         write_manifest(own_manifest, entries)  # compact: one line per input
-    encoded = sum_across(dist, stats, device)[3]
+    encoded = sum_across(dist, stats, device)[0]
     if dist.enabled:
         barrier(dist)
         if dist.is_main:
@@ -214,7 +212,7 @@ def _encode_batches(ctx, root, out_root, todo, names, entries, skips, fmt, sampl
                     rank: int = 0, shard_size: int = 10000):
     """Encode ``todo`` into latent files (or shards); record each input in ``entries`` and, as
     its file or shard is complete, in the ``journal`` manifest (so an interrupted run keeps what
-    it finished), and add the latents' statistics to ``stats``."""
+    it finished), and count the images encoded in ``stats[0]``."""
     dataset, loader = folder_loader(ctx, root, batch_size, num_workers, device, paths=todo)
     output_path = OutputPaths(out_root)
     encode = ctx.vae.encode_for_files
@@ -252,7 +250,7 @@ def _encode_loop(ctx, loader, output_path, out_root, names, entries, skips, fmt,
                 groups = {name: value.float().cpu() for name, value in (groups or {}).items()}
                 latents = latents.float().cpu()
                 codes = [None] * len(latents) if codes is None else codes.cpu()
-                _add_stats(stats, latents)
+                stats[0] += len(latents)
                 for index, (rel, latent, code) in enumerate(zip(batch.paths, latents, codes)):
                     entry = {"path": rel, "status": "ok", "shape": list(latent.shape), "made_by": made_by,
                              "sums": _latent_sums(latent)}
@@ -293,21 +291,6 @@ def _class_fields(vae, labels, probs, index: int) -> dict:
     if probs is not None:
         fields["class_probs"] = {name: round(float(p), 6) for name, p in zip(vae.class_names, probs[index])}
     return fields
-
-
-def _add_stats(stats: list, latents: torch.Tensor) -> None:
-    """Add a batch of latents (B, C, *spatial) to the running sums (see encode_folder)."""
-    values = latents.double()
-    stats[0] += values.sum().item()
-    stats[1] += values.pow(2).sum().item()
-    stats[2] += values.numel()
-    stats[3] += len(values)
-    channels = values.shape[1]
-    per_channel = values.transpose(0, 1).reshape(channels, -1)
-    for c, (total, squares) in enumerate(zip(per_channel.sum(1).tolist(), per_channel.pow(2).sum(1).tolist())):
-        stats[4 + c] += total
-        stats[4 + channels + c] += squares
-        stats[4 + 2 * channels + c] += per_channel.shape[1]
 
 
 def _finish(writer, pending, entries, journal) -> None:
