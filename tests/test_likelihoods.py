@@ -133,8 +133,39 @@ def test_logistic_mixture_channel_count_and_image():
 def test_bits_per_dim_units():
     dims = 3 * 8 * 8
     assert LogisticMixture(3).bits_per_dim(dims * math.log(2), dims) == pytest.approx(1.0)
-    # a density on [-1, 1] is converted to mass per grey level (width 2/255)
-    assert Gaussian(3).bits_per_dim(-dims * math.log(127.5), dims) == pytest.approx(0.0, abs=1e-12)
+    assert Gaussian(3).bits_per_dim(dims * math.log(2), dims) == pytest.approx(1.0)  # of log_mass: a mass too
+
+
+def _scipy_bin_mass(name, mean, x, scale):
+    """float64 reference: log P(bin of x) from scipy's CDF and survival function."""
+    import numpy as np
+    from scipy import stats
+
+    dist = (stats.norm if name == "gaussian" else stats.laplace)(loc=mean, scale=scale)
+    h = 1 / 255
+    low = np.where(x < -1 + h, -np.inf, x - h)
+    high = np.where(x > 1 - h, np.inf, x + h)
+    right = low > mean  # take the difference where it keeps its precision
+    mass = np.where(right, dist.sf(low) - dist.sf(high), dist.cdf(high) - dist.cdf(low))
+    return np.log(mass).reshape(mean.shape[0], -1).sum(1)
+
+
+@pytest.mark.parametrize("name, cls", [("gaussian", Gaussian), ("laplace", Laplace)])
+@pytest.mark.parametrize("log_scale", [-6.0, -3.0, -1.0, 1.0])
+def test_the_mass_of_each_8bit_bin_matches_scipy_and_bits_per_dim_are_never_negative(name, cls, log_scale):
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 4, 4), generator=g).double() / 127.5 - 1  # 8-bit levels, both ends included
+    x[0, 0, 0, :2] = torch.tensor([-1.0, 1.0])
+    mean = (x + 0.02 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(-1.2, 1.2)
+    likelihood = cls(3, "fixed", math.exp(log_scale)).eval()
+    got = likelihood.log_mass(mean, x)
+    reference = _scipy_bin_mass(name, mean.numpy(), x.numpy(), likelihood.fixed_log_scale.double().exp().item())
+    np.testing.assert_allclose(got.numpy(), reference, rtol=1e-9, atol=1e-9)
+    perfect = likelihood.log_mass(x, x)  # a perfect reconstruction at the sigma floor: every bin's mass near 1
+    bits = likelihood.bits_per_dim(-perfect, x[0].numel())
+    assert (bits >= 0).all() and (perfect <= 0).all()
 
 
 # -------------------------------------------------------------------- objective
@@ -168,8 +199,9 @@ def test_elbo_objective_is_the_negative_elbo_per_dimension():
     torch.testing.assert_close(loss.terms["nll"], nll.mean(), rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(loss.terms["kld"], kl.mean(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(loss.total, (nll + kl).mean() / dims, rtol=1e-5, atol=1e-5)
-    expected_bpd = ((nll + kl).mean() + dims * math.log(127.5)) / (dims * math.log(2))
-    torch.testing.assert_close(loss.terms["bpd"], expected_bpd, rtol=1e-5, atol=1e-4)
+    mass = torch.from_numpy(_scipy_bin_mass("gaussian", out.recon.detach().double().numpy(), x.double().numpy(), 0.1))
+    expected_bpd = (-mass + kl.double()).mean() / (dims * math.log(2))  # of the 8-bit bins' mass
+    torch.testing.assert_close(loss.terms["bpd"].double(), expected_bpd, rtol=1e-5, atol=1e-4)
     beta = vae_loss(x, out, loss_cfg(objective="elbo", kld_weight=4.0), model=_Model(lik))
     torch.testing.assert_close(beta.total, (nll + 4 * kl).mean() / dims, rtol=1e-5, atol=1e-5)
 
@@ -242,3 +274,70 @@ def test_kl_groups_sum_to_the_kl_for_every_latent_type():
     _, out = output()
     assert out.posterior.kl_groups().shape == (4, 2)
     torch.testing.assert_close(out.posterior.kl_groups().sum(1), out.posterior.kl())
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 4), (3, 2, 4, 5), (3, 2, 4, 5, 5)])
+def test_categorical_kl_groups_of_vectors_and_maps_match_a_float64_reference(shape):
+    from flexvae.latents.categorical import CategoricalPosterior
+
+    logits = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    groups = CategoricalPosterior(logits, tau=1.0).kl_groups()
+    q = D.Categorical(logits=logits.double().movedim(2, -1))
+    uniform = D.Categorical(logits=torch.zeros_like(logits.double().movedim(2, -1)))
+    reference = D.kl_divergence(q, uniform)  # (B, G, *spatial)
+    reference = reference.flatten(2).sum(2) if reference.dim() > 2 else reference
+    assert groups.shape == (3, 2)
+    torch.testing.assert_close(groups.double(), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_free_bits_work_on_a_categorical_latent_vector():
+    from flexvae.latents.categorical import CategoricalPosterior
+
+    posterior = CategoricalPosterior(torch.randn(4, 3, 5), tau=1.0)
+    log_q = torch.log_softmax(posterior.logits.double(), dim=2)  # float64, written out: sum_k q log(q K)
+    per_variable = (log_q.exp() * (log_q + math.log(5))).sum(2)  # (B, G)
+    expected = per_variable.mean(0).clamp(min=0.5).sum()
+    torch.testing.assert_close(kl_per_image(posterior, 0.5).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", ["learned", "channel"])
+def test_a_learned_log_scale_below_its_bound_keeps_a_gradient_that_raises_it(scale):
+    from flexvae.likelihoods import LOG_SCALE_MIN
+
+    likelihood = Gaussian(3, scale=scale, scale_value=0.1)
+    with torch.no_grad():
+        likelihood.log_scale.fill_(LOG_SCALE_MIN - 2.0)  # fallen under the bound
+    x = torch.rand(2, 3, 4, 4) * 2 - 1
+    mean = x + 0.3  # errors far above the bound's sigma: the likelihood wants a larger scale
+    (-likelihood.log_prob(mean, x).sum()).backward()
+    grad = likelihood.log_scale.grad
+    assert (grad < 0).all()  # a descent step raises the log scale
+    likelihood.log_scale.grad = None
+    (-likelihood.log_prob(x.clone(), x).sum()).backward()  # a perfect fit wants it lower still: no push down
+    assert (likelihood.log_scale.grad == 0).all()
+    with torch.no_grad():
+        likelihood.log_scale.fill_(-1.0)  # above the bound: the gradient of the plain clamp
+    likelihood.log_scale.grad = None
+    (-likelihood.log_prob(mean, x).sum()).backward()
+    reference = Gaussian(3, scale=scale, scale_value=math.exp(-1.0))
+    (-reference.log_prob(mean, x).sum()).backward()
+    torch.testing.assert_close(likelihood.log_scale.grad, reference.log_scale.grad)
+
+
+def test_the_logistic_mixture_image_is_the_mixture_mean_of_samples_drawn_from_it():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    likelihood = LogisticMixture(3, components=3)
+    params = torch.randn(1, likelihood.param_channels(3), 1, 1, generator=torch.Generator().manual_seed(3)) * 1.5
+    params[:, 3 + 9:3 + 18] = -1.5  # log scales: sampling noise of the mean well under the tolerance
+    logits, means, log_scales, coeffs = (t.double().numpy()[0, ..., 0, 0] for t in likelihood._split(params))
+    weights = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    n = 400_000
+    k = rng.choice(3, size=n, p=weights)  # one component per pixel, for all its channels
+    x = np.zeros((n, 3))
+    for c in range(3):
+        loc = means[c, k] + sum(coeffs[c * (c - 1) // 2 + j, k] * x[:, j] for j in range(c))
+        x[:, c] = rng.logistic(loc, np.exp(log_scales[c, k]))
+    image = likelihood.image(params)[0, :, 0, 0].double().numpy()
+    np.testing.assert_allclose(image, x.mean(0), atol=0.01)

@@ -15,9 +15,12 @@ outputs the likelihood's parameters (``param_channels`` channels per position):
   components, each with a mean and a log scale per channel, channel c's mean shifted by
   tanh coefficients times channels 0..c-1 of x; a probability mass over the 256 levels.
 
-Bits per dimension: a mass (logistic mixture, Bernoulli) gives NLL / (D ln 2); a density
-on [-1, 1] first becomes a mass per grey level, p(x) * (2/255) per dimension, so
-bits/dim = (NLL + D ln 127.5) / (D ln 2).
+Bits per dimension are NLL / (D ln 2) of a probability mass over the 256 levels:
+``log_mass`` is ``log_prob`` for the logistic mixture and Bernoulli; for the Gaussian and
+Laplace it is the mass of each value's bin, [x - 1/255, x + 1/255] (the lowest and highest
+levels take the tails beyond them), computed from the CDF in float64. A density times the bin
+width would overstate a sharp decoder's likelihood (its bits/dim go negative below one grey
+level of noise); a mass never exceeds 1, so bits/dim stay at or above 0.
 """
 
 from __future__ import annotations
@@ -28,12 +31,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LOG_SCALE_MIN = -6.0  # sigma >= 0.0025, a third of a grey level: keeps the density finite
 GREY_LEVELS_PER_UNIT = 127.5  # 8-bit grey levels per unit of x in [-1, 1]
+LOG_SCALE_MIN = -6.0  # sigma >= 0.0025, a third of a grey level: keeps the density finite
 HALF_BIN = 1.0 / 255  # half the distance between two 8-bit levels in [-1, 1]
 RUNNING_MOMENTUM = 0.01
 LIKELIHOODS = ("gaussian", "laplace", "bernoulli", "logistic_mixture")
 SCALES = ("fixed", "learned", "channel", "optimal")
+
+
+class _LowerBound(torch.autograd.Function):
+    """``x.clamp(min=bound)`` whose gradient still reaches ``x`` below the bound when it would
+    raise ``x`` (a descent step moves x by minus the gradient): a learned log scale that fell
+    under the bound can come back, and is never pushed further down."""
+
+    @staticmethod
+    def forward(ctx, x, bound: float):
+        ctx.save_for_backward(x)
+        ctx.bound = bound
+        return x.clamp(min=bound)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.where((x < ctx.bound) & (grad > 0), torch.zeros_like(grad), grad), None
+
+
+def lower_bound(x: torch.Tensor, bound: float) -> torch.Tensor:
+    return _LowerBound.apply(x, bound)
 
 
 class Likelihood(nn.Module):
@@ -56,9 +80,13 @@ class Likelihood(nn.Module):
     def metrics(self) -> dict:
         return {}
 
-    def bits_per_dim(self, nll_nats: float, dims: int) -> float:
-        shift = 0.0 if self.is_mass else dims * math.log(GREY_LEVELS_PER_UNIT)
-        return (nll_nats + shift) / (dims * math.log(2))
+    def log_mass(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log P(x's 8-bit levels | decoder output) per image: ``log_prob`` of a mass likelihood."""
+        return self.log_prob(params, x)
+
+    def bits_per_dim(self, nll_nats, dims: int):
+        """Bits per dimension of an NLL under ``log_mass`` (nats per image)."""
+        return nll_nats / (dims * math.log(2))
 
 
 class _ScaledLikelihood(Likelihood):
@@ -85,20 +113,22 @@ class _ScaledLikelihood(Likelihood):
         """The maximum-likelihood log scale of this batch's errors (x - mean)."""
         raise NotImplementedError
 
-    def current_log_scale(self, error: torch.Tensor) -> torch.Tensor:
-        """Log scale broadcastable to ``error`` (B, C, *spatial)."""
+    def current_log_scale(self, error: torch.Tensor, update: bool = True) -> torch.Tensor:
+        """Log scale broadcastable to ``error`` (B, C, *spatial); ``update``: in training, an
+        optimal scale moves its running average (once per step: the loss's call)."""
         if self.scale == "optimal":
             if self.training:
                 batch = self.batch_log_scale(error.detach()).clamp(min=LOG_SCALE_MIN).view(1)
-                with torch.no_grad():
-                    self.running_log_scale.lerp_(batch, RUNNING_MOMENTUM)
+                if update:
+                    with torch.no_grad():
+                        self.running_log_scale.lerp_(batch, RUNNING_MOMENTUM)
                 value = batch
             else:
                 value = self.running_log_scale
         elif self.scale == "fixed":
             value = self.fixed_log_scale
         else:
-            value = self.log_scale.clamp(min=LOG_SCALE_MIN)
+            value = lower_bound(self.log_scale, LOG_SCALE_MIN)
         if value.numel() > 1:  # one per channel
             return value.view(1, -1, *([1] * (error.dim() - 2)))
         return value.view(*([1] * error.dim()))
@@ -110,6 +140,36 @@ class _ScaledLikelihood(Likelihood):
             return {}
         values = self.log_scale.detach().clamp(min=LOG_SCALE_MIN).exp()
         return {"scale": float(values.mean())}
+
+
+    def log_mass(self, params, x):
+        error = x.float() - params.float()
+        log_scale = self.current_log_scale(error, update=False).detach()
+        return discretized_log_mass(self.name, params, x, log_scale)
+
+
+def _log_cdf(name: str, t: torch.Tensor) -> torch.Tensor:
+    """log CDF of the standard Gaussian or Laplace at ``t`` (float64)."""
+    if name == "gaussian":
+        return torch.special.log_ndtr(t)
+    return torch.where(t < 0, t + math.log(0.5), torch.log1p(-0.5 * torch.exp(-t.clamp(min=0))))
+
+
+def discretized_log_mass(name: str, mean: torch.Tensor, x: torch.Tensor, log_scale) -> torch.Tensor:
+    """Per image, the log probability (float64) that a ``name`` ('gaussian' or 'laplace')
+    distribution of ``mean`` and ``exp(log_scale)`` gives each value's 8-bit bin: [x - 1/255,
+    x + 1/255], the lowest level from minus infinity, the highest to plus infinity."""
+    mean, x = mean.double(), x.double()
+    scale = torch.as_tensor(log_scale, dtype=torch.float64, device=x.device).exp()
+    low = torch.where(x < -1 + HALF_BIN, -math.inf, (x - HALF_BIN - mean) / scale)
+    high = torch.where(x > 1 - HALF_BIN, math.inf, (x + HALF_BIN - mean) / scale)
+    # both distributions are symmetric: a bin right of the centre is measured as its mirror image,
+    # so the CDF differences are always taken in the lower tail, where they keep their precision
+    right = low > 0
+    low, high = torch.where(right, -high, low), torch.where(right, -low, high)
+    log_high, log_low = _log_cdf(name, high), _log_cdf(name, low)
+    log_bin = log_high + torch.log(-torch.expm1((log_low - log_high).clamp(max=0)))
+    return log_bin.flatten(1).sum(1)
 
 
 class Gaussian(_ScaledLikelihood):
@@ -213,16 +273,18 @@ class LogisticMixture(Likelihood):
         return torch.logsumexp(log_components, dim=1).flatten(1).sum(1)
 
     def image(self, params):
-        """The mixture's mean, channel by channel (later channels use earlier channels' means)."""
+        """The mixture's mean. Within component k, channel c is its location plus the k-th
+        coefficients times channels 0..c-1 drawn from the same component, so its mean uses that
+        component's own means of the earlier channels; the components' means are then weighted."""
         logits, means, _, coeffs = self._split(params)
         weights = F.softmax(logits, dim=1)  # (B, K, *S)
-        out = []
+        within = []  # per channel: each component's mean, (B, K, *S)
         for c in range(self.channels):
             mean = means[:, c]
             for j in range(c):
-                mean = mean + coeffs[:, c * (c - 1) // 2 + j] * out[j].unsqueeze(1)
-            out.append((weights * mean).sum(1))
-        return torch.stack(out, dim=1)
+                mean = mean + coeffs[:, c * (c - 1) // 2 + j] * within[j]
+            within.append(mean)
+        return torch.stack([(weights * mean).sum(1) for mean in within], dim=1)
 
 
 def make_likelihood(name: str, channels: int, scale: str = "learned", scale_value: float = 0.1,

@@ -37,7 +37,6 @@ from ..errors import DataError
 from ..latents import DiagonalGaussian
 from ..metrics import ms_ssim, ms_ssim_scales, psnr, ssim, ssim_window
 from .measures import ACTIVE_THRESHOLD, LOG_2PI, _Moments, _per_channel, model_log_likelihood
-GREY_LEVELS_PER_UNIT = 127.5  # 8-bit grey levels per unit of x in [-1, 1]
 MAX_LISTED_ELEMENTS = 65536  # per-element KL goes into the JSON up to this latent size
 
 
@@ -56,9 +55,10 @@ def model_bits_per_dim(vae, nll_nats: float, dims: int) -> float:
 @torch.no_grad()
 def importance_log_weights(vae, x: torch.Tensor, num_samples: int = 100, sigma: float = 0.1,
                            generator: torch.Generator | None = None, max_batch: int = 256,
-                           labels=None) -> torch.Tensor:
+                           labels=None, discrete: bool = True) -> torch.Tensor:
     """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) for K draws z_k ~ q(z|x); shape (K, B).
-    ``labels``: the images' classes, for a conditional model (log p(x | y))."""
+    ``labels``: the images' classes, for a conditional model (log p(x | y)). p(x|z) is the mass
+    of x's 8-bit levels (``discrete=False``: a continuous decoder's density)."""
     posterior = vae.encode(x, labels)
     if not is_gaussian(posterior):
         raise ValueError("the importance-sampled likelihood needs a Gaussian posterior")
@@ -74,7 +74,7 @@ def importance_log_weights(vae, x: torch.Tensor, num_samples: int = 100, sigma: 
         recon = vae.decode(z.reshape(k * batch, *mean.shape[1:]).to(x.dtype),
                            None if labels is None else labels.repeat(k))
         repeated = x.unsqueeze(0).expand(k, *x.shape).reshape(k * batch, *x.shape[1:])
-        log_px_z = model_log_likelihood(vae, recon, repeated, sigma).view(k, batch)
+        log_px_z = model_log_likelihood(vae, recon, repeated, sigma, discrete).view(k, batch)
         log_pz = (-0.5 * z.pow(2) - 0.5 * LOG_2PI).flatten(2).sum(2)
         log_qz = (-0.5 * eps.pow(2) - 0.5 * logvar - 0.5 * LOG_2PI).flatten(2).sum(2)
         out.append(log_px_z + log_pz - log_qz)
@@ -82,16 +82,17 @@ def importance_log_weights(vae, x: torch.Tensor, num_samples: int = 100, sigma: 
 
 
 def importance_nll(vae, x: torch.Tensor, num_samples: int = 100, sigma: float = 0.1,
-                   generator: torch.Generator | None = None, max_batch: int = 256) -> torch.Tensor:
+                   generator: torch.Generator | None = None, max_batch: int = 256,
+                   discrete: bool = True) -> torch.Tensor:
     """-log p(x) per sample in nats, estimated with ``num_samples`` importance samples."""
-    log_w = importance_log_weights(vae, x, num_samples, sigma, generator, max_batch)
+    log_w = importance_log_weights(vae, x, num_samples, sigma, generator, max_batch, discrete=discrete)
     return -(torch.logsumexp(log_w, dim=0) - math.log(num_samples))
 
 
-def bits_per_dim(nll_nats: float, dims: int, output: str) -> float:
-    """NLL per dimension in bits; a Gaussian density is first converted to 8-bit grey-level units."""
-    shift = 0.0 if output == "logits" else dims * math.log(GREY_LEVELS_PER_UNIT)
-    return (nll_nats + shift) / (dims * math.log(2))
+def bits_per_dim(nll_nats: float, dims: int, output: str = "value") -> float:
+    """NLL per dimension in bits; the NLL is of a mass over 8-bit levels (measures.py) for every
+    ``output``, so no unit conversion is needed."""
+    return nll_nats / (dims * math.log(2))
 
 
 def default_nll_samples(data_shape) -> int:

@@ -12,23 +12,30 @@ ACTIVE_THRESHOLD = 0.01
 LOG_2PI = math.log(2 * math.pi)
 
 
-def decoder_log_likelihood(output: str, recon: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """log p(x|z) per sample (nats): Gaussian(sigma) for 'value' output, Bernoulli for 'logits'."""
+def decoder_log_likelihood(output: str, recon: torch.Tensor, x: torch.Tensor, sigma: float,
+                           discrete: bool = True) -> torch.Tensor:
+    """log P(x|z) per sample (nats), a mass over 8-bit levels: each value's bin under a
+    Gaussian(sigma) for 'value' output, Bernoulli for 'logits'. ``discrete=False``: the
+    Gaussian's density instead (for checks against a continuous model's exact likelihood)."""
+    from ..likelihoods import discretized_log_mass
+
     recon, x = recon.double(), x.double()
     if output == "logits":
         target = (x + 1) / 2
-        ll = -F.binary_cross_entropy_with_logits(recon, target, reduction="none")
-    else:
-        ll = -0.5 * ((x - recon) / sigma).pow(2) - math.log(sigma) - 0.5 * LOG_2PI
-    return ll.flatten(1).sum(1)
+        return -F.binary_cross_entropy_with_logits(recon, target, reduction="none").flatten(1).sum(1)
+    if not discrete:
+        return (-0.5 * ((x - recon) / sigma).pow(2) - math.log(sigma) - 0.5 * LOG_2PI).flatten(1).sum(1)
+    return discretized_log_mass("gaussian", recon, x, math.log(sigma))
 
 
-def model_log_likelihood(vae, recon: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """log p(x|z) per sample under the model's own likelihood (an elbo-objective model),
-    else as ``decoder_log_likelihood`` with ``sigma``."""
+def model_log_likelihood(vae, recon: torch.Tensor, x: torch.Tensor, sigma: float,
+                         discrete: bool = True) -> torch.Tensor:
+    """log P(x|z) per sample, a mass over 8-bit levels, under the model's own likelihood (an
+    elbo-objective model), else as ``decoder_log_likelihood`` with ``sigma``."""
     if vae.likelihood is not None:
-        return vae.likelihood.log_prob(recon, x).double()
-    return decoder_log_likelihood(vae.output, recon, x, sigma)
+        likelihood = vae.likelihood.log_mass if discrete else vae.likelihood.log_prob
+        return likelihood(recon, x).double()
+    return decoder_log_likelihood(vae.output, recon, x, sigma, discrete)
 
 
 class _Moments:

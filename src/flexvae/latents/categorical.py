@@ -101,7 +101,8 @@ class CategoricalPosterior(Posterior):
     def kl_groups(self) -> torch.Tensor:
         """KL per sample and group (one categorical variable per position), (B, G)."""
         log_q = F.log_softmax(self.logits.float(), dim=2)
-        return (log_q.exp() * (log_q + math.log(self.categories))).flatten(3).sum(3).sum(2)
+        kl = (log_q.exp() * (log_q + math.log(self.categories))).sum(2)  # (B, G, *spatial)
+        return kl.flatten(2).sum(2) if kl.dim() > 2 else kl  # a latent vector has no positions
 
     def variance(self) -> torch.Tensor:
         """Per-channel variance of the one-hot sample: p (1 - p)."""
