@@ -256,3 +256,48 @@ def test_psnr():
     expected = torch.tensor([10 * math.log10(4 / 0.01), 10 * math.log10(4 / 0.04)])
     assert torch.allclose(psnr(image, target), expected, atol=1e-4)
     assert torch.isfinite(psnr(target, target)).all()
+
+
+# ------------------------------------------------------------------ the global batch
+@pytest.mark.parametrize("settings", [
+    {"free_bits": "straddling"},  # weighted objective
+    {"objective": "elbo", "likelihood": "gaussian", "scale": "optimal"},
+    {"objective": "elbo", "likelihood": "laplace", "scale": "optimal", "free_bits": "straddling"},
+])
+def test_a_step_split_into_micro_batches_is_the_step_of_the_whole_batch(settings):
+    """Free bits and the optimal scale are statistics of the whole batch: one batch of 4 and two
+    micro-batches of 2 give the same loss and the same gradients (float64 reference: the one batch)."""
+    import copy
+    import dataclasses as dc
+
+    from flexvae.build import plan_vae
+    from flexvae.config import load_config
+    from flexvae.likelihoods import make_likelihood
+    from flexvae.train.step import make_optimizer, train_step
+
+    cfg = load_config(None, ["train.lr=1e-12", "train.grad_clip=0", "loss.kld_weight=1", "data.image_size=8"])
+    torch.manual_seed(0)
+    likelihood = make_likelihood(settings["likelihood"], 3, settings["scale"]) if "likelihood" in settings else None
+    model = plan_vae(["C2d_3_8_3_1_1", "SiLU", "C2d_8_4_3_2_1"], ["UpS_2", "C2d_2_3_3_1_1"], (3, 8, 8)).build(
+        likelihood=likelihood)
+    model.train()
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    if settings.get("free_bits") == "straddling":  # just above channel 0's mean KL over the 4 images, so
+        per_image = model.encode(x).kl_groups()[:, 0].detach()  # a micro-batch alone may floor it or not
+        settings = {**settings, "free_bits": float(per_image.mean()) * 1.01}
+        assert (per_image[:2].mean() > settings["free_bits"]) != (per_image[2:].mean() > settings["free_bits"])
+    cfg = dc.replace(cfg, loss=dc.replace(cfg.loss, **settings))
+    noise = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(2))
+    results = []
+    for batches, noises in (([x], [noise]), ([x[:2], x[2:]], [noise[:2], noise[2:]])):
+        copy_ = copy.deepcopy(model)
+        optimizer = make_optimizer(copy_, cfg.train)
+        result = train_step(copy_, batches, optimizer, cfg, 0, noises=noises)
+        results.append((result.loss, {n: p.grad.clone() for n, p in copy_.named_parameters() if p.grad is not None},
+                        {n: b.clone() for n, b in copy_.named_buffers()}))
+    (whole, whole_grads, whole_buffers), (split, split_grads, split_buffers) = results
+    assert split == pytest.approx(whole, rel=1e-5)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(split_grads[name], grad, rtol=1e-4, atol=1e-6)
+    for name, value in whole_buffers.items():  # the running optimal scale moved once, as for one batch
+        torch.testing.assert_close(split_buffers[name], value, rtol=1e-5, atol=1e-6)

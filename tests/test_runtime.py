@@ -268,3 +268,15 @@ def test_encode_splits_the_folder_across_processes(tmp_path, images):
     stats = [json.loads((tmp_path / run / "latent_stats.json").read_text()) for run in ("one", "two")]
     assert stats[0]["encoded"] == stats[1]["encoded"] == 12
     assert stats[0]["latent_std"] == pytest.approx(stats[1]["latent_std"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_share_free_bits_and_the_optimal_scale_of_the_global_batch(tmp_path, images):
+    """Free bits and the calibrated decoder's scale are taken over the global batch: two
+    processes with two micro-batches each train as one process does (global_batch.py)."""
+    from helpers.ddp import assert_two_processes_match_one
+
+    common = [f"data.path={images}", "data.num_workers=0", "train.max_steps=3", "train.save_every=3",
+              "train.grad_accum=2", "train.lr=1e-4", "train.grad_clip=0", "train.log_every=1",
+              "loss.objective=elbo", "loss.scale=optimal", "loss.free_bits=0.2"]
+    assert_two_processes_match_one(tmp_path, common, columns=("loss", "nll", "kld", "scale"))

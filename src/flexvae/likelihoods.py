@@ -25,6 +25,7 @@ level of noise); a mass never exceeds 1, so bits/dim stay at or above 0.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -113,11 +114,30 @@ class _ScaledLikelihood(Likelihood):
         """The maximum-likelihood log scale of this batch's errors (x - mean)."""
         raise NotImplementedError
 
+    global_log_scale = None  # set by ``using_global_scale`` for the micro-batches of a split step
+
+    @contextlib.contextmanager
+    def using_global_scale(self, log_scale: torch.Tensor | None):
+        """The optimal scale of the whole global batch for every micro-batch of one step
+        (train/global_batch.py); its running average moves once, as an unsplit step moves it."""
+        if log_scale is None or self.scale != "optimal":
+            yield
+            return
+        with torch.no_grad():
+            self.running_log_scale.lerp_(log_scale.to(self.running_log_scale), RUNNING_MOMENTUM)
+        self.global_log_scale = log_scale.to(self.running_log_scale)
+        try:
+            yield
+        finally:
+            self.global_log_scale = None
+
     def current_log_scale(self, error: torch.Tensor, update: bool = True) -> torch.Tensor:
         """Log scale broadcastable to ``error`` (B, C, *spatial); ``update``: in training, an
         optimal scale moves its running average (once per step: the loss's call)."""
         if self.scale == "optimal":
-            if self.training:
+            if self.training and self.global_log_scale is not None:  # a micro-batch of a split step
+                value = self.global_log_scale
+            elif self.training:
                 batch = self.batch_log_scale(error.detach()).clamp(min=LOG_SCALE_MIN).view(1)
                 if update:
                     with torch.no_grad():

@@ -91,17 +91,24 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) ->
     raise ValueError(f"unknown reconstruction loss {kind!r}")
 
 
-def kl_per_image(posterior, free_bits: float = 0.0, groups=None) -> torch.Tensor:
+def kl_per_image(posterior, free_bits: float = 0.0, groups=None, kl_means=None) -> torch.Tensor:
     """The KL of a batch as it enters the loss, in nats per image (batch mean): the top latent's
     plus each decoder group's (``groups``: GroupPosteriors by name); with free bits, each sums
-    over its channels max(free_bits, the channel's batch-mean KL)."""
+    over its channels max(free_bits, the channel's batch-mean KL). ``kl_means``: per part, the
+    channels' KL means over the whole global batch when this batch is one micro-batch of it
+    (train/global_batch.py): a channel is floored when the global mean is below free bits, so
+    the micro-batches' terms average to the whole batch's."""
     parts = [posterior, *(groups or {}).values()]
     if free_bits <= 0:
         return sum(part.kl().float().mean() for part in parts)
-    return sum(part.kl_groups().float().mean(0).clamp(min=free_bits).sum() for part in parts)
+    if kl_means is None:
+        return sum(part.kl_groups().float().mean(0).clamp(min=free_bits).sum() for part in parts)
+    return sum(torch.where(means.to(part.kl_groups().device) >= free_bits, part.kl_groups().float().mean(0),
+                           torch.full_like(means, free_bits, dtype=torch.float32)).sum()
+               for part, means in zip(parts, kl_means))
 
 
-def kld_term(posterior, reduction: str, free_bits: float = 0.0, groups=None) -> torch.Tensor:
+def kld_term(posterior, reduction: str, free_bits: float = 0.0, groups=None, kl_means=None) -> torch.Tensor:
     """'mean': mean over every latent element (the original FlexVAE; with decoder groups, their
     elements count too); 'sum': sum over each sample's latent elements, averaged over the batch
     (the ELBO's KL)."""
@@ -109,9 +116,9 @@ def kld_term(posterior, reduction: str, free_bits: float = 0.0, groups=None) -> 
         if free_bits <= 0 and not groups:
             return posterior.kl_elements().float().mean()
         elements = posterior.kl_elements()[0].numel() + sum(g.kl_elements()[0].numel() for g in (groups or {}).values())
-        return kl_per_image(posterior, free_bits, groups) / elements
+        return kl_per_image(posterior, free_bits, groups, kl_means) / elements
     if reduction == "sum":
-        return kl_per_image(posterior, free_bits, groups)
+        return kl_per_image(posterior, free_bits, groups, kl_means)
     raise ValueError(f"unknown KL reduction {reduction!r}")
 
 
@@ -137,11 +144,12 @@ def check_loss_config(cfg, data_shape: tuple[int, ...]) -> None:
 
 
 def vae_loss(x: torch.Tensor, out, cfg, step: int = 0, output: str = "value", model=None,
-             perceptual=None) -> LossOutput:
+             perceptual=None, kl_means=None) -> LossOutput:
     """Total loss and its parts for a batch ``x`` and the model's ``VAEOutput``.
 
     ``model``: the VAE (its likelihood for the elbo objective, its balance when learned);
-    ``perceptual``: an LPIPS module, when loss.perceptual_weight > 0."""
+    ``perceptual``: an LPIPS module, when loss.perceptual_weight > 0; ``kl_means``: free bits'
+    per-channel KL means of the whole global batch (see ``kl_per_image``)."""
     likelihood = getattr(model, "likelihood", None)
     balance = getattr(model, "balance", None)
     kld_weight = kld_weight_at(step, cfg)
@@ -162,11 +170,12 @@ def vae_loss(x: torch.Tensor, out, cfg, step: int = 0, output: str = "value", mo
         terms["nll"], terms["kld"] = nll.mean(), kl.mean()
         with torch.no_grad():  # of the mass of each value's 8-bit bin: never below 0
             terms["bpd"] = likelihood.bits_per_dim(-likelihood.log_mass(out.recon, x).float() + kl.float(), dims).mean()
-        total = (terms["nll"] + kld_weight * kl_per_image(out.posterior, cfg.free_bits, out.groups)) / dims
+        total = (terms["nll"] + kld_weight * kl_per_image(out.posterior, cfg.free_bits, out.groups, kl_means)) / dims
         image = likelihood.image(out.recon)
     else:
         total = add("recon", cfg.alpha, reconstruction_loss(out.recon, x, cfg.recon), 0.0)
-        total = add("kld", kld_weight, kld_term(out.posterior, cfg.kld_reduction, cfg.free_bits, out.groups), total)
+        total = add("kld", kld_weight, kld_term(out.posterior, cfg.kld_reduction, cfg.free_bits, out.groups,
+                                                kl_means), total)
         image = torch.sigmoid(out.recon.float()) * 2 - 1 if output == "logits" else out.recon
     if cfg.ssim:
         total = add("ssim", cfg.beta, 1 - similarity_loss_value(image, x, cfg.ssim_kind), total)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from .schedule import lr_factor
 
 __all__ = ["StepResult", "lr_factor", "make_optimizer", "random_flip", "train_step"]
 from .distributed import DistInfo
+from .global_batch import global_batch, needs_global_batch
 from ..layers.dropout import global_batch_masks
 from .runtime import Runtime, flip_mask, mask_key
 
@@ -61,35 +63,17 @@ def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None
     extras = extras or TrainingExtras()
     adversary = extras.adversary if extras.adversary is not None and extras.adversary.active(step) else None
     optimizer.zero_grad(set_to_none=True)
-    totals: dict[str, float] = {}
-    loss_sum, kld_weight = 0.0, 0.0
     output_kind = runtime.model.output
     pairs = []
-    for index, images in enumerate(batches):
-        noise = noises[index] if noises else None
-        masks = global_batch_masks(mask_key(cfg.train.seed, step, index), runtime.dist.rank, runtime.dist.world_size)
-        with runtime.no_sync(last_micro_batch=index == len(batches) - 1), masks:
-            with runtime.autocast():
-                inputs = {"labels": labels[index]} if labels else {}
-                if group_noises:
-                    inputs["group_noise"] = group_noises[index]
-                out = runtime.step_model(images, step=step, noise=noise, **inputs)
-            losses = vae_loss(images, out, cfg.loss, step, output=output_kind, model=runtime.model,
-                              perceptual=extras.perceptual)
-            if adversary is not None:
-                fake = runtime.model.loss_image(out.recon)
-                with runtime.autocast():
-                    g_adv = adversary.generator_term(fake)
-                weight = adversary.adaptive_weight(losses.total, g_adv, last_layer_weight(runtime.model.decoder))
-                losses.total = losses.total + cfg.adversarial.weight * weight * g_adv
-                losses.terms.update(g_adv=g_adv.detach(), adaptive_weight=weight)
-                pairs.append((images, fake.detach()))
-            loss = losses.total / len(batches)
-            (runtime.scaler.scale(loss) if runtime.scaler is not None else loss).backward()
-        loss_sum += losses.total.item() / len(batches)
-        for name, value in losses.terms.items():
-            totals[name] = totals.get(name, 0.0) + value.item() / len(batches)
-        kld_weight = losses.kld_weight
+    split = None  # a split step's whole-batch statistics (global_batch.py)
+    if needs_global_batch(cfg, len(batches), runtime.dist.world_size):
+        split = global_batch(runtime, batches, cfg, step, noises, labels, group_noises)
+    likelihood = getattr(runtime.model, "likelihood", None)
+    scale = likelihood.using_global_scale(split and split.log_scale) if hasattr(likelihood, "using_global_scale") \
+        else contextlib.nullcontext()
+    with scale:
+        loss_sum, totals, kld_weight = _micro_batches(runtime, batches, cfg, step, noises, labels, group_noises,
+                                                      extras, adversary, output_kind, pairs, split)
     if not math.isfinite(loss_sum):
         raise TrainingError(
             f"the loss became {loss_sum} at step {step + 1} ({', '.join(f'{k}={v:.4g}' for k, v in totals.items())}). "
@@ -115,3 +99,36 @@ def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None
     elif extras.adversary is not None:  # before adversarial.start: the columns exist, empty
         totals.update(dict.fromkeys(extras.adversary.term_names, float("nan")))
     return StepResult(loss_sum, totals, kld_weight, grad_norm)
+
+
+def _micro_batches(runtime, batches, cfg, step, noises, labels, group_noises, extras, adversary, output_kind,
+                   pairs, split):
+    """Forward and backward of every micro-batch; (loss, logged terms, KL weight) of the step."""
+    totals: dict[str, float] = {}
+    loss_sum, kld_weight = 0.0, 0.0
+    for index, images in enumerate(batches):
+        noise = noises[index] if noises else None
+        masks = global_batch_masks(mask_key(cfg.train.seed, step, index), runtime.dist.rank, runtime.dist.world_size)
+        with runtime.no_sync(last_micro_batch=index == len(batches) - 1), masks:
+            with runtime.autocast():
+                inputs = {"labels": labels[index]} if labels else {}
+                if group_noises:
+                    inputs["group_noise"] = group_noises[index]
+                out = runtime.step_model(images, step=step, noise=noise, **inputs)
+            losses = vae_loss(images, out, cfg.loss, step, output=output_kind, model=runtime.model,
+                              perceptual=extras.perceptual, kl_means=split and split.kl_means)
+            if adversary is not None:
+                fake = runtime.model.loss_image(out.recon)
+                with runtime.autocast():
+                    g_adv = adversary.generator_term(fake)
+                weight = adversary.adaptive_weight(losses.total, g_adv, last_layer_weight(runtime.model.decoder))
+                losses.total = losses.total + cfg.adversarial.weight * weight * g_adv
+                losses.terms.update(g_adv=g_adv.detach(), adaptive_weight=weight)
+                pairs.append((images, fake.detach()))
+            loss = losses.total / len(batches)
+            (runtime.scaler.scale(loss) if runtime.scaler is not None else loss).backward()
+        loss_sum += losses.total.item() / len(batches)
+        for name, value in losses.terms.items():
+            totals[name] = totals.get(name, 0.0) + value.item() / len(batches)
+        kld_weight = losses.kld_weight
+    return loss_sum, totals, kld_weight
