@@ -292,21 +292,33 @@ class VAE(nn.Module):
         caller's tensor stays as it was."""
         return self.decode(latents / self.scaling_factor, labels)
 
+    fitted_prior = None  # a fitted_prior.FittedPrior, attached by load_run when the run has one
+
     @torch.no_grad()
     def sample_prior(self, n: int, generator: torch.Generator | None = None, labels=None,
-                     temperature: float | dict = 1.0) -> torch.Tensor:
+                     temperature: float | dict = 1.0, prior: str = "auto") -> torch.Tensor:
         """``n`` images from the prior; ``labels`` (n class indices or (n, K) class weights) make
         them samples of those classes. A conditional model without labels draws classes uniformly.
         ``temperature`` scales the prior's standard deviation of the decoder's latent groups (one
-        value, or one per group name; "top" names a Gaussian top latent)."""
+        value, or one per group name; "top" names a Gaussian top latent). ``prior``: "auto" (the
+        fitted prior when one is attached, else the model's own), "fitted" or "model"."""
+        if prior not in ("auto", "fitted", "model"):
+            raise ValueError(f"prior must be 'auto', 'fitted' or 'model', got {prior!r}")
+        if prior == "fitted" and self.fitted_prior is None:
+            raise ValueError("this model has no fitted prior (fit one: fit-prior, or fitted_prior.fit_prior)")
         device = next(self.parameters()).device
         if labels is not None:
             labels = self.check_labels(labels, n).to(device)
         elif self.takes_labels and self.classes:
             labels = torch.randint(0, self.classes, (n,), generator=generator, device=device)
-        z = self.latent.sample_prior(n, self.latent_shape, generator=generator, device=device)
         state = ForwardState(labels=labels, temperature=temperature, generator=generator)
         top = state.temperature_of("top")
+        if self.fitted_prior is not None and prior != "model":
+            indices = None if labels is None or labels.dim() == 1 else labels.argmax(1)
+            z = self.fitted_prior.sample(n, generator=generator, device=device,
+                                         labels=labels if indices is None else indices, temperature=top)
+            return self.to_image(self.decode(z, state=state))
+        z = self.latent.sample_prior(n, self.latent_shape, generator=generator, device=device)
         if top != 1.0 and self.latent.noise_kind == "normal" and self.latent.class_count is None:
             z = z * top
         if labels is not None:

@@ -55,6 +55,7 @@ class LoadedModel:
     step: int = 0
     label_spec: str = "auto"  # where the inputs' labels come from (--labels): auto, folders, none or a CSV file
     label_note: str | None = None  # the last "labels: ..." note printed
+    prior_note: str | None = None  # which fitted prior load_run attached (or why none)
 
     @property
     def config(self):
@@ -189,8 +190,12 @@ def load_run(path, device="cpu", prefer_ema: bool = True, plugins=()) -> LoadedM
     file = resolve_checkpoint(path)
     ckpt = load_checkpoint(file, with_train_state=False)
     vae, cfg, plan = model_from_checkpoint(ckpt, device=device, prefer_ema=prefer_ema, extra_plugins=plugins)
-    return LoadedModel(vae, tuple(plan.data_shape), cfg.data.resize_filter, cfg.data.pad_to_square,
-                       cfg, plan, file, ckpt.step)
+    loaded = LoadedModel(vae, tuple(plan.data_shape), cfg.data.resize_filter, cfg.data.pad_to_square,
+                         cfg, plan, file, ckpt.step)
+    from ..fitted_prior import attach_saved_prior
+
+    loaded.prior_note = attach_saved_prior(loaded)  # the run's fitted prior, when it has one
+    return loaded
 
 
 def load_model(path, device="cpu", prefer_ema: bool = True, plugins=()):

@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Callable
 
-from . import analysis, handlers
+from . import analysis, handlers, sampling
 from .common import DEFAULT_CONFIG
 
 
@@ -48,6 +48,10 @@ MODES = [
          analysis.probe),
     Mode("-matrix", "matrix", "train and evaluate every combination of an experiment matrix (--matrix FILE)",
          analysis.matrix),
+    Mode("--fit-prior", "fit-prior", "fit a Gaussian mixture prior to the encoded training images (or --input) of "
+                                     "a checkpoint; every sampling path then uses it", sampling.fit_prior),
+    Mode("-sample", "sample", "draw --count images from a run's prior (its fitted prior when it has one) into "
+                              "--output as PNGs", sampling.sample),
     Mode("--import-weights", "import-weights", "convert a Stable Diffusion VAE (diffusers folder or original "
                                                ".safetensors) into a flexvae checkpoint at --output (default "
                                                "runs/sd_vae/checkpoints/step_00000000.safetensors)",
@@ -63,17 +67,20 @@ BY_NAME = {mode.name: mode for mode in MODES}
 VALUED = [mode for mode in MODES if mode.value is not None]
 
 # The modes that read each mode-specific option; any other mode refuses it rather than ignore it.
-_MODEL_USERS = {"reconstruct", "encode", "decode", "evaluate", "interpolate", "pictures", "probe", "analyze"}
+_MODEL_USERS = {"reconstruct", "encode", "decode", "evaluate", "interpolate", "pictures", "probe", "analyze",
+                "fit-prior", "sample"}
 _TILED = {"reconstruct", "encode", "decode"}
 OPTION_MODES = {
-    "ckpt": _MODEL_USERS | {"export"}, "input": _MODEL_USERS, "output": _MODEL_USERS | {"import-weights", "export"},
+    "ckpt": _MODEL_USERS | {"export"}, "input": _MODEL_USERS, "output": (_MODEL_USERS - {"fit-prior"}) | {"import-weights", "export"},
     "no_ema": _MODEL_USERS | {"export"}, "format": {"export"}, "tile": _TILED, "overlap": _TILED,
     "fresh": {"train"}, "verbose": {"train"}, "sample": {"encode"},
     "side_by_side": {"reconstruct"}, "native_size": {"reconstruct"}, "write": {"mem"},
     "input2": {"interpolate", "probe", "evaluate", "analyze"},
     "matrix": {"matrix"}, "steps": {"interpolate", "pictures", "analyze"}, "nll_samples": {"evaluate"},
-    "nll_sigma": {"evaluate"}, "labels": {"reconstruct", "encode", "evaluate"},
-    "classes": {"interpolate"}, "overwrite": _MODEL_USERS | {"train", "matrix", "import-weights"},
+    "nll_sigma": {"evaluate"}, "labels": {"reconstruct", "encode", "evaluate", "fit-prior"},
+    "classes": {"interpolate", "sample"}, "overwrite": _MODEL_USERS | {"train", "matrix", "import-weights"},
+    "count": {"sample"}, "temperature": {"sample"}, "prior": {"sample"},
+    "components": {"fit-prior"}, "covariance": {"fit-prior"},
 }
 
 
@@ -118,7 +125,14 @@ def _add_options(parser: argparse.ArgumentParser, mode: Mode | None = None) -> N
                             "when every image is in a folder named after a class; default), folders, none or a "
                             "CSV file of 'relative path,label' rows")
     option("--classes", help="-inter with a conditional model: two class names A,B; decodes the same styles "
-                             "while the class moves from A to B")
+                             "while the class moves from A to B; -sample: the samples' classes, in turn")
+    option("--count", type=int, help="-sample: how many images (64)")
+    option("--temperature", type=float, help="-sample: scale of the prior's spread (1.0)")
+    option("--prior", choices=["auto", "fitted", "model"], help="-sample: the run's fitted prior when it has one "
+                                                                 "(auto, default), the fitted one, or the model's own")
+    option("--components", type=int, help="--fit-prior: mixture components (10)")
+    option("--covariance", choices=["auto", "full", "diag"], help="--fit-prior: full or diagonal covariances "
+                                                                   "(auto: full when there are enough images)")
     option("--matrix", help="-matrix: the experiment matrix TOML file")
     option("--steps", type=int, help="-inter: images per interpolation (8); -pics, -analyze: traversal and latent "
                                      "steps (9)")
