@@ -174,3 +174,24 @@ def test_a_discrete_latent_has_no_fitted_prior(run, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == ("error: a fitted prior stands in for a continuous latent "
                                                     "(gaussian, deterministic); this model's is vq")
+
+
+def test_a_run_can_fit_its_prior_at_the_end_and_its_last_grid_shows_it(tmp_path):
+    import flexvae
+
+    images = make_images(tmp_path / "images", 8)
+    plain, fitted = tmp_path / "plain", tmp_path / "fitted"
+    assert run_in_process(["-t", *tiny(images, plain, "--set", "train.max_steps=2")]).returncode == 0
+    proc = run_in_process(["-t", *tiny(images, fitted, "--set", "train.max_steps=2", "--set", "train.fit_prior=2")])
+    assert proc.returncode == 0, proc.stderr
+    checkpoint = fitted / "checkpoints" / "step_00000002.safetensors"
+    assert (f"fitted prior: a 2-component diag Gaussian mixture, fitted on 8 images of {images}: "
+            f"{prior_path(checkpoint)}; the last sample grid shows samples from it") in proc.stdout
+    assert flexvae.load_run(fitted).vae.fitted_prior is not None
+    # the same training, so the same first rows (images, reconstructions); the prior row differs
+    from PIL import Image
+
+    a = np.asarray(Image.open(plain / "samples" / "step_00000002.png"))
+    b = np.asarray(Image.open(fitted / "samples" / "step_00000002.png"))
+    rows = a.shape[0] // 3
+    assert np.array_equal(a[:2 * rows], b[:2 * rows]) and not np.array_equal(a[2 * rows:], b[2 * rows:])

@@ -164,13 +164,19 @@ def choose_covariance(covariance: str, images: int, dims: int, components: int) 
     return "full" if images / components >= 10 * dims else "diag"
 
 
-def fit_mixture(latents: torch.Tensor, components: int, covariance: str, seed: int) -> dict:
-    """scikit-learn's GaussianMixture fitted to ``latents`` (N, D): weights, means, factors."""
+def require_sklearn(what: str = "fitting a prior"):
+    """scikit-learn's GaussianMixture, or one error line saying how to install it."""
     try:
         from sklearn.mixture import GaussianMixture
     except ImportError:
-        raise FlexVAEError("fitting a prior needs scikit-learn: pip install 'flexvae[priors]' "
-                           "(or pip install scikit-learn)") from None
+        raise FlexVAEError(f"{what} needs scikit-learn: pip install -e '.[priors]' (or pip install "
+                           "scikit-learn)") from None
+    return GaussianMixture
+
+
+def fit_mixture(latents: torch.Tensor, components: int, covariance: str, seed: int) -> dict:
+    """scikit-learn's GaussianMixture fitted to ``latents`` (N, D): weights, means, factors."""
+    GaussianMixture = require_sklearn()
     data = latents.double().cpu().numpy()
     components = max(1, min(components, len(data)))
     mixture = GaussianMixture(n_components=components, covariance_type=covariance, random_state=seed,
@@ -225,3 +231,15 @@ def fit_prior(loaded, folder=None, components: int = 10, covariance: str = "auto
             "data": str(folder), "images": int(len(latents)), "components": components, "covariance": chosen,
             "seed": seed, "method": "sklearn.mixture.GaussianMixture on posterior means (raw latents)"}
     return FittedPrior(mixtures, vae.latent_shape, meta)
+
+
+def fit_run_prior(loaded, cfg, device="cpu") -> str:
+    """``train.fit_prior`` at the end of a run: the prior of ``loaded``'s checkpoint fitted to the
+    run's training images, saved beside it and attached; a line saying so (or why none was fitted)."""
+    if loaded.vae.latent.kind not in FITTED_LATENTS:
+        return f"note: train.fit_prior: a {loaded.vae.latent.kind} latent has no fitted prior; none fitted"
+    prior = fit_prior(loaded, None, components=cfg.train.fit_prior, seed=cfg.train.seed,
+                      batch_size=cfg.encode.batch_size, device=device)
+    path = prior.save(prior_path(loaded.path))
+    loaded.vae.fitted_prior = prior
+    return f"{prior.describe()}: {path}; the last sample grid shows samples from it"

@@ -143,6 +143,9 @@ class TrainConfig:
     sample_every: int = setting(200, "write reconstruction samples every N steps", POSITIVE)
     log_every: int = setting(10, "log losses every N steps", POSITIVE)
     val_every: int = setting(0, "validate on data.val_path every N steps (and at the end); 0 = off", NON_NEGATIVE)
+    fit_prior: int = setting(
+        0, "at the end of the run, fit a Gaussian mixture of N components to the encoded training images: the prior "
+        "every sampling path then uses (fit-prior; needs scikit-learn); 0 = off", NON_NEGATIVE)
     precision: Literal["fp32", "bf16", "fp16"] = setting(
         "fp32", "fp32, or bf16/fp16 autocast (fp16 adds a gradient scaler); norms and the loss stay fp32")
     channels_last: bool = setting(False, "channels-last memory layout for 2D/3D data (faster convolutions on GPU)")

@@ -144,3 +144,23 @@ def flip_mask(batch: int, seed: int, step: int, micro: int, dist: DistInfo) -> t
     """Which samples of this process's micro-batch are flipped, by the same slicing rule."""
     generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 131 + micro + 65_537)
     return (torch.rand(batch * dist.world_size, generator=generator) < 0.5)[dist.rank::dist.world_size]
+
+
+def latent_noises(latent, latent_shape, micro, seed: int, step: int, dist: DistInfo, device):
+    """The latent's sampling noise per micro-batch, drawn for the global batch (``sample_noise``),
+    or None when the latent needs none."""
+    shape = latent.noise_shape(latent_shape)
+    if shape is None:
+        return None
+    return [sample_noise(shape, m.shape[0], seed, step, i, dist, device, kind=latent.noise_kind)
+            for i, m in enumerate(micro)]
+
+
+def group_noises(groups, micro, seed: int, step: int, dist: DistInfo, device):
+    """Standard normal noise of each decoder latent group per micro-batch, drawn for the global
+    batch like the top latent's; None for a flat model. Micro-batch i of group g has the key
+    65537 * (3 + g) + i (0..2 are the top latent's noise, the flips and the dropout masks)."""
+    if not groups:
+        return None
+    return [{name: sample_noise(shape, m.shape[0], seed, step, 65_537 * (3 + g) + i, dist, device)
+             for g, (name, shape) in enumerate(groups)} for i, m in enumerate(micro)]

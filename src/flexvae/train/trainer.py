@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..assemble import model_from_config, open_training_data
-from ..checkpoint import (checkpoint_metadata, checkpoint_name, list_checkpoints, load_checkpoint,
+from ..checkpoint import (checkpoint_metadata, checkpoint_name, list_checkpoints, load_checkpoint, load_run,
                           prune_checkpoints, save_checkpoint)
 from ..data import SkipLog, make_loader
 from ..data.cache import CachedLoader, fill_cache
@@ -29,7 +29,7 @@ from .ema import EMA
 from .guard import SpikeGuard
 from .run_dir import adopt_unrecorded_run, resume_lines, save_run_config, set_aside_run_outputs, tidy_resumed_run
 from .rng import capture_rng_state, restore_rng_state, seed_everything, set_torch_rng_state, torch_rng_state
-from .runtime import prepare, sample_noise
+from .runtime import group_noises, latent_noises, prepare
 from .sampler import StreamSampler
 from .signals import SigTerm, on_sigterm, raise_terminated
 from .samples import fixed_batch, write_samples
@@ -49,6 +49,10 @@ class Trainer:
         self.quiet = quiet or not self.dist.is_main
         self.run_dir = Path(cfg.train.out_dir)
         self.fresh = fresh
+        if cfg.train.fit_prior:
+            from ..fitted_prior import require_sklearn
+
+            require_sklearn("train.fit_prior")  # said now, not after the run
         self.lock = RunLock(self.run_dir)
         seed_everything(cfg.train.seed)
         # With data.labels the model's classes come from the data, so the data is opened first.
@@ -197,17 +201,6 @@ class Trainer:
         return write_samples(self.model, fixed, labels, self.cfg.train.seed, path)
 
     # ----------------------------------------------------------------- steps
-    def _noises(self, micro: list[torch.Tensor]):
-        """The latent's sampling noise per micro-batch, drawn for the global batch (see
-        runtime.sample_noise), or None when the latent needs none."""
-        latent = self.model.latent
-        shape = latent.noise_shape(self.plan.latent_shape)
-        if shape is None:
-            return None
-        tcfg = self.cfg.train
-        return [sample_noise(shape, m.shape[0], tcfg.seed, self.step, i, self.dist, self.device,
-                             kind=latent.noise_kind) for i, m in enumerate(micro)]
-
     def step_once(self, micro: list[torch.Tensor], labels: list[torch.Tensor] | None = None) -> StepResult:
         """One optimizer step on these micro-batches (images already on the device, with their
         labels when the data has them): flips, sampling noise, forward, backward, update,
@@ -215,7 +208,11 @@ class Trainer:
         if self.cfg.data.flip:
             micro = [random_flip(m, self.cfg.train.seed, self.step, i, self.dist) for i, m in enumerate(micro)]
         try:
-            result = self._train_step(micro, self._noises(micro), labels, self._group_noises(micro))
+            tcfg = self.cfg.train
+            noises = latent_noises(self.model.latent, self.plan.latent_shape, micro, tcfg.seed, self.step, self.dist,
+                                   self.device)
+            groups = group_noises(self.plan.decoder.groups, micro, tcfg.seed, self.step, self.dist, self.device)
+            result = self._train_step(micro, noises, labels, groups)
         except TrainingError as exc:
             kept = (f"the last checkpoint ({self.last_saved.name}) is kept" if self.last_saved is not None
                     else "no checkpoint had been written yet")
@@ -225,18 +222,6 @@ class Trainer:
             self.ema.update(self.model)
         self.step += 1
         return result
-
-    def _group_noises(self, micro: list[torch.Tensor]):
-        """Standard normal noise of each decoder latent group per micro-batch, drawn for the
-        global batch like the top latent's; None for a flat model."""
-        groups = self.plan.decoder.groups
-        if not groups:
-            return None
-        tcfg = self.cfg.train
-        # keys of their own: micro-batch i of group g is 65537 * (3 + g) + i (0..2 are the top
-        # latent's noise, the flips and the dropout masks; see runtime.py)
-        return [{name: sample_noise(shape, m.shape[0], tcfg.seed, self.step, 65_537 * (3 + g) + i, self.dist,
-                                    self.device) for g, (name, shape) in enumerate(groups)} for i, m in enumerate(micro)]
 
     def _train_step(self, micro, noises, labels=None, group_noises=None) -> StepResult:
         """A training step; when the compiled model fails on its first step, say so and
@@ -332,10 +317,23 @@ class Trainer:
                 metrics.close()
             if self.skips.count:
                 self.log(f"warning: {self.skips.summary()} (listed above)")
+        if tcfg.fit_prior and self.dist.is_main and self.step == tcfg.max_steps and self.last_saved is not None:
+            self._fit_prior((fixed, fixed_labels))
         self.log(f"done: step {self.step} in {_duration(time.perf_counter() - started)}; checkpoints in "
                  f"{self.run_dir / 'checkpoints'} (latest {self.last_saved.name if self.last_saved else 'none'}), "
                  f"samples in {self.run_dir / 'samples'}, metrics in {self.run_dir / 'metrics.csv'}")
         return self.last_saved
+
+    def _fit_prior(self, fixed) -> None:
+        """train.fit_prior: the last checkpoint's prior (fitted_prior.py), and its sample grid again."""
+        from ..fitted_prior import fit_run_prior
+
+        loaded = load_run(self.last_saved, device=str(self.device))
+        note = fit_run_prior(loaded, self.cfg, self.device)
+        if loaded.vae.fitted_prior is not None:
+            write_samples(loaded.vae, *fixed, self.cfg.train.seed, self.last_saved.parent.parent / "samples"
+                          / self.last_saved.with_suffix(".png").name)
+        self.log(note)
 
     def _announce(self, dataset) -> None:
         for line in announce(self, dataset):
