@@ -142,6 +142,8 @@ def test_sample_keeps_the_users_files_and_refuses_what_it_cannot_do(run, tmp_pat
     assert bad.returncode == 1 and "this model takes no labels" in bad.stderr
     zero = run_in_process(["-sample", *base, "--count", "0", "--output", tmp_path / "o"])
     assert zero.returncode == 1 and "--count must be at least 1" in zero.stderr
+    ignored = run_in_process(["-sample", *base, "--input", run["images"], "--output", tmp_path / "o"])
+    assert ignored.returncode == 1 and "--input does nothing in -sample (sample)" in ignored.stderr
 
 
 def test_a_prior_fitted_to_another_checkpoint_is_not_used(run, tmp_path):

@@ -71,7 +71,7 @@ _MODEL_USERS = {"reconstruct", "encode", "decode", "evaluate", "interpolate", "p
                 "fit-prior", "sample"}
 _TILED = {"reconstruct", "encode", "decode"}
 OPTION_MODES = {
-    "ckpt": _MODEL_USERS | {"export"}, "input": _MODEL_USERS, "output": (_MODEL_USERS - {"fit-prior"}) | {"import-weights", "export"},
+    "ckpt": _MODEL_USERS | {"export"}, "input": _MODEL_USERS - {"sample"}, "output": (_MODEL_USERS - {"fit-prior"}) | {"import-weights", "export"},
     "no_ema": _MODEL_USERS | {"export"}, "format": {"export"}, "tile": _TILED, "overlap": _TILED,
     "fresh": {"train"}, "verbose": {"train"}, "sample": {"encode"},
     "side_by_side": {"reconstruct"}, "native_size": {"reconstruct"}, "write": {"mem"},
