@@ -121,8 +121,20 @@ def prepare(model, cfg, device: torch.device, dist: DistInfo | None = None) -> R
     return Runtime(model, step_model, device, dtype, scaler, memory_format, dist, compiled, notes, eager, ddp)
 
 
+# The streams of random draws of one micro-batch, each with keys of its own (noise_key): the
+# latent's noise, the flips, the dropout masks, then each latent group g of a hierarchy (3 + g).
+LATENT_NOISE, FLIPS, DROPOUT, FIRST_GROUP = 0, 1, 2, 3
+
+
+def noise_key(seed: int, step: int, micro: int, stream: int = LATENT_NOISE) -> int:
+    """The one formula every random draw of training is seeded by: (train.seed, the step, the
+    micro-batch, the stream). The same key on every process, so draws are made for the global
+    batch and sliced, and a resumed run draws what the uninterrupted one drew."""
+    return (seed * 1_000_003 + step) * 131 + micro + stream * 65_537
+
+
 def sample_noise(noise_shape, batch: int, seed: int, step: int, micro: int, dist: DistInfo, device,
-                 kind: str = "normal") -> torch.Tensor:
+                 kind: str = "normal", stream: int = LATENT_NOISE) -> torch.Tensor:
     """A latent's sampling noise for one micro-batch (``kind``: "normal" or "uniform", per-sample
     shape ``noise_shape``), drawn for the global batch and sliced.
 
@@ -130,19 +142,19 @@ def sample_noise(noise_shape, batch: int, seed: int, step: int, micro: int, dist
     order), so N processes see exactly the noise one process would see: results do not
     depend on how the batch is split.
     """
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 131 + micro)
+    generator = torch.Generator().manual_seed(noise_key(seed, step, micro, stream))
     noise = draw_noise(kind, (batch * dist.world_size, *noise_shape), generator=generator)
     return noise[dist.rank::dist.world_size].to(device, non_blocking=True)
 
 
 def mask_key(seed: int, step: int, micro: int) -> int:
     """The key of one micro-batch's dropout masks (see layers/dropout.py)."""
-    return (seed * 1_000_003 + step) * 131 + micro + 2 * 65_537
+    return noise_key(seed, step, micro, DROPOUT)
 
 
 def flip_mask(batch: int, seed: int, step: int, micro: int, dist: DistInfo) -> torch.Tensor:
     """Which samples of this process's micro-batch are flipped, by the same slicing rule."""
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 131 + micro + 65_537)
+    generator = torch.Generator().manual_seed(noise_key(seed, step, micro, FLIPS))
     return (torch.rand(batch * dist.world_size, generator=generator) < 0.5)[dist.rank::dist.world_size]
 
 
@@ -158,9 +170,8 @@ def latent_noises(latent, latent_shape, micro, seed: int, step: int, dist: DistI
 
 def group_noises(groups, micro, seed: int, step: int, dist: DistInfo, device):
     """Standard normal noise of each decoder latent group per micro-batch, drawn for the global
-    batch like the top latent's; None for a flat model. Micro-batch i of group g has the key
-    65537 * (3 + g) + i (0..2 are the top latent's noise, the flips and the dropout masks)."""
+    batch like the top latent's, group g from stream FIRST_GROUP + g; None for a flat model."""
     if not groups:
         return None
-    return [{name: sample_noise(shape, m.shape[0], seed, step, 65_537 * (3 + g) + i, dist, device)
+    return [{name: sample_noise(shape, m.shape[0], seed, step, i, dist, device, stream=FIRST_GROUP + g)
              for g, (name, shape) in enumerate(groups)} for i, m in enumerate(micro)]
