@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .latents.base import batch_sum
-from .latents.gaussian import LOGVAR_MAX, LOGVAR_MIN
+from .latents.gaussian import LOGVAR_MAX, LOGVAR_MIN, DiagonalGaussian
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -78,24 +78,21 @@ def gaussian_log_density(z, mean, logvar) -> torch.Tensor:
     return batch_sum(-0.5 * ((z - mean).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI))
 
 
-class GroupPosterior:
-    """q(z_i | ...) and p(z_i | ...) of one decoder group; ``kl()`` is KL(q || p) per sample."""
+class GroupPosterior(DiagonalGaussian):
+    """q(z_i | ...) of one decoder group with its prior p(z_i | ...): the Gaussian posterior of
+    the latent protocol, its KL taken to that prior (``kl``, ``kl_groups`` as for every latent)."""
 
     def __init__(self, name: str, q: tuple, p: tuple):
+        super().__init__(*q, prior=DiagonalGaussian(*p, clamp=False), clamp=False)
         self.name = name
-        (self.mean, self.logvar), (self.prior_mean, self.prior_logvar) = q, p
 
-    def kl_elements(self) -> torch.Tensor:
-        return 0.5 * (self.prior_logvar - self.logvar - 1.0
-                      + (self.logvar.exp() + (self.mean - self.prior_mean).pow(2)) * torch.exp(-self.prior_logvar))
+    @property
+    def prior_mean(self) -> torch.Tensor:
+        return self.prior.mean
 
-    def kl(self) -> torch.Tensor:
-        return batch_sum(self.kl_elements())
-
-    def kl_groups(self) -> torch.Tensor:
-        """KL per sample and channel, summed over positions (the unit of free bits)."""
-        kl = self.kl_elements()
-        return kl.flatten(2).sum(2) if kl.dim() > 2 else kl
+    @property
+    def prior_logvar(self) -> torch.Tensor:
+        return self.prior.logvar
 
 
 def group_kls(groups: dict) -> torch.Tensor | None:

@@ -43,6 +43,11 @@ def batch_sum(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).sum(dim=1)
 
 
+def sum_positions(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, *positions) -> (B, C), summed over positions; a latent vector (B, C) as it is."""
+    return t.flatten(2).sum(2) if t.dim() > 2 else t
+
+
 def draw_noise(kind: str, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
     """Noise of ``kind`` ("normal" or "uniform") with the given full shape."""
     if kind == "normal":
@@ -73,8 +78,7 @@ class Posterior:
     def kl_groups(self) -> torch.Tensor:
         """KL per sample and latent channel, summed over positions: (B, channels). The unit
         that free bits floor; a categorical latent's groups are its variables."""
-        kl = self.kl_elements()
-        return kl.flatten(2).sum(2) if kl.dim() > 2 else kl
+        return sum_positions(self.kl_elements())
 
     def variance(self) -> torch.Tensor:
         """Variance of q per latent element (zero for a point code)."""

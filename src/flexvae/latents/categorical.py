@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..fields import AT_LEAST_TWO, NON_NEGATIVE, POSITIVE, setting
 from ..utils import format_shape
-from .base import DiscreteLatent, Posterior, check_code_range
+from .base import DiscreteLatent, Posterior, check_code_range, sum_positions
 from .registry import register_latent
 
 
@@ -101,8 +101,7 @@ class CategoricalPosterior(Posterior):
     def kl_groups(self) -> torch.Tensor:
         """KL per sample and group (one categorical variable per position), (B, G)."""
         log_q = F.log_softmax(self.logits.float(), dim=2)
-        kl = (log_q.exp() * (log_q + math.log(self.categories))).sum(2)  # (B, G, *spatial)
-        return kl.flatten(2).sum(2) if kl.dim() > 2 else kl  # a latent vector has no positions
+        return sum_positions((log_q.exp() * (log_q + math.log(self.categories))).sum(2))  # (B, G, *spatial) -> (B, G)
 
     def variance(self) -> torch.Tensor:
         """Per-channel variance of the one-hot sample: p (1 - p)."""

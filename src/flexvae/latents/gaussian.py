@@ -12,11 +12,15 @@ LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
 class DiagonalGaussian(Posterior):
-    """q(z|x) = N(mean, exp(logvar)); log-variance clamped to [-30, 20] as in the original."""
+    """q(z|x) = N(mean, exp(logvar)), log-variance clamped to [-30, 20] (``clamp=False``: as
+    given). Its KL is to N(0, I), or to ``prior``, another diagonal Gaussian (a hierarchy's
+    learned p(z_i | z_<i)): one formula for both."""
 
-    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor, prior: "DiagonalGaussian | None" = None,
+                 clamp: bool = True):
         self.mean = mean
-        self.logvar = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+        self.logvar = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX) if clamp else logvar
+        self.prior = prior
 
     @property
     def std(self) -> torch.Tensor:
@@ -32,8 +36,11 @@ class DiagonalGaussian(Posterior):
         return self.mean
 
     def kl_elements(self) -> torch.Tensor:
-        """KL(q || N(0, I)) per latent element, same shape as the mean."""
-        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+        """KL(q || p) per latent element, same shape as the mean; p = N(0, I) or ``prior``."""
+        if self.prior is None:
+            return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+        p = self.prior
+        return 0.5 * (p.logvar - self.logvar - 1.0 + (self.logvar.exp() + (self.mean - p.mean).pow(2)) * torch.exp(-p.logvar))
 
     def variance(self) -> torch.Tensor:
         return self.logvar.exp()

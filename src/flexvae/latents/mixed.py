@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..fields import NON_NEGATIVE, POSITIVE, setting
 from ..utils import format_shape
-from .base import Latent, Posterior, batch_sum
+from .base import Latent, Posterior, batch_sum, sum_positions
 from .categorical import gumbel_softmax, temperature
 from .gaussian import DiagonalGaussian
 from .registry import register_latent
@@ -116,9 +116,8 @@ class MixedPosterior(Posterior):
 
     def kl_groups(self) -> torch.Tensor:
         """(B, c + 1): each Gaussian channel, then the class variable."""
-        gaussian = self.gaussian.kl_elements().float()
-        gaussian = gaussian.flatten(2).sum(2) if gaussian.dim() > 2 else gaussian
-        return torch.cat([gaussian, self.class_kl().sum(1, keepdim=True)], dim=1)
+        return torch.cat([sum_positions(self.gaussian.kl_elements().float()), self.class_kl().sum(1, keepdim=True)],
+                         dim=1)
 
     def variance(self) -> torch.Tensor:
         probs = self.probs
