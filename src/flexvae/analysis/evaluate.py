@@ -289,7 +289,8 @@ def format_report(result: dict, top: int = 8) -> str:
         rows.append(("NLL", f"skipped: {nll['skipped']}"))
     gen = result.get("generation")
     if gen:
-        rows.append((f"prior samples classified with p > 0.9 ({gen['samples']}, classifier of {gen['labelled']})",
+        which = {"fitted": "fitted prior", "model": "model's prior"}.get(gen.get("prior"), "prior")
+        rows.append((f"{which} samples classified with p > 0.9 ({gen['samples']}, classifier of {gen['labelled']})",
                      gen["confident"]))
         rows.append(("entropy of the predicted classes (nats)", f"{gen['class_entropy']:.3f} of {gen['max_entropy']:.3f}"))
         if gen["classifier_accuracy"] is not None:

@@ -63,12 +63,14 @@ def score_samples(classifier, samples: np.ndarray) -> dict:
 @torch.no_grad()
 def generation_score(ctx, labelled_root, n: int = 500, seed: int = 0, device="cpu", batch: int = 100,
                      with_classifier: bool = False) -> dict:
-    """The score of ``n`` prior samples of ``ctx.vae`` against the labelled folder's classifier
-    (also the fitted classifier itself, as "fitted", with ``with_classifier``)."""
+    """The score of ``n`` prior samples of ``ctx.vae`` (from its fitted prior when it has one:
+    "prior" says which) against the labelled folder's classifier (also the fitted classifier
+    itself, as "fitted", with ``with_classifier``)."""
     _, pixels, labels = encode_labelled(ctx, labelled_root, device=device)
     classifier, accuracy = fit_classifier(pixels, labels, seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     samples = torch.cat([ctx.vae.sample_prior(min(batch, n - start), generator=generator).flatten(1).double().cpu()
                          for start in range(0, n, batch)]).numpy()
-    result = {"classifier_accuracy": accuracy, "classes": len(np.unique(labels)), **score_samples(classifier, samples)}
+    result = {"classifier_accuracy": accuracy, "classes": len(np.unique(labels)),
+              "prior": "fitted" if ctx.vae.fitted_prior is not None else "model", **score_samples(classifier, samples)}
     return {**result, "fitted": classifier} if with_classifier else result
