@@ -499,3 +499,31 @@ def test_the_m2_preset_samples_the_class_it_is_asked_for(tmp_path):
     score = conditional_score(run, tmp_path / "digits" / "train", n=100, seed=0, classifier=classifier)
     assert accuracy > 0.9
     assert score["mean"] > 0.8, score
+
+
+def test_a_conditional_model_fits_one_prior_per_class_and_samples_the_classes_asked_for(tmp_path):
+    import flexvae
+
+    images = labelled_folder(tmp_path / "images", per_class=4)
+    run = tmp_path / "run"
+    assert run_in_process(["-t", *cond_args(images, run, "--set", "train.max_steps=2")]).returncode == 0
+    fitted = run_in_process(["--fit-prior", *cond_args(images, run, "--ckpt", run, "--components", "1")])
+    assert fitted.returncode == 0, fitted.stderr
+    assert f"one per class ({len(CLASSES)})" in fitted.stdout
+    loaded = flexvae.load_run(run)
+    prior = loaded.vae.fitted_prior
+    assert prior.per_class and sorted(prior.mixtures) == list(range(len(CLASSES)))
+    # a one-component mixture per class is that class's encoded mean and spread: a draw with a tiny
+    # temperature is the mean of its class
+    z = prior.sample(3, generator=torch.Generator().manual_seed(0), labels=torch.tensor([0, 1, 2]),
+                     temperature=1e-6)
+    for c in range(3):
+        torch.testing.assert_close(z[c].flatten(), prior.mixtures[c]["means"][0].float(), rtol=0, atol=1e-5)
+    out = tmp_path / "samples"
+    proc = run_in_process(["-sample", *cond_args(images, run, "--ckpt", run, "--count", "4", "--output", out,
+                                                 "--classes", f"{CLASSES[1]},{CLASSES[2]}")])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "made_by.json").read_text())["classes"] == f"{CLASSES[1]},{CLASSES[2]}"
+    inter = run_in_process(["-inter", *cond_args(images, run, "--ckpt", run, "--classes",
+                                                 f"{CLASSES[0]},{CLASSES[1]}", "--steps", "3")])
+    assert inter.returncode == 0, inter.stderr

@@ -42,10 +42,17 @@ def require_conditional(vae, what: str) -> None:
 @torch.no_grad()
 def class_interpolation(vae, first: int, second: int, steps: int = 8, styles: int = 8, seed: int = 0) -> torch.Tensor:
     """(styles, steps, C, H, W): each row one prior style, decoded while the class weights move
-    linearly from ``first`` to ``second`` (the same style latent in every column)."""
+    linearly from ``first`` to ``second`` (the same style latent in every column). The styles
+    come from the fitted prior when the model has one (its mixture of ``first``, when fitted per
+    class), else from the model's prior."""
     device = next(vae.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    z = vae.latent.sample_prior(styles, vae.latent_shape, generator=generator, device=device)
+    fitted = vae.fitted_prior
+    if fitted is not None and vae.latent.class_count is None:
+        z = fitted.sample(styles, generator=generator, device=device,
+                          labels=torch.full((styles,), first, device=device))
+    else:
+        z = vae.latent.sample_prior(styles, vae.latent_shape, generator=generator, device=device)
     columns = []
     for step in range(steps):
         t = step / (steps - 1)
