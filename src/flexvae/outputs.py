@@ -69,6 +69,7 @@ class OutputFolder:
         self._stats: dict[str, set[tuple]] = {}  # relative path -> recorded (size, mtime_ns, inode)
         self._foreign_record = False
         self._running: dict[str, "hashlib._Hash"] = {}  # files being appended to: their hash so far
+        self._record = None  # the record's file, open for appending
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- reading the record
@@ -220,17 +221,26 @@ class OutputFolder:
                 self._running[rel] = running
                 self._add(rel, running.hexdigest(), _stat_key(info))
 
+    def close(self) -> None:
+        """Close the record's file (``writing_into`` does, when the folder's last user is done)."""
+        with self._lock:
+            if self._record is not None:
+                self._record.close()
+                self._record = None
+
     def _add(self, rel: str, digest: str, stat_key: list[int]) -> None:
         """One line of the record (the lock held)."""
         self._load()
         if self._foreign_record:
             return  # not ours to append to; the files stay unrecorded (foreign) to a later run
-        fresh = not self.record_path.exists()
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.record_path, "a", encoding="utf-8", newline="\n") as fh:
+        if self._record is None:  # opened once for the folder's lifetime (closed by writing_into)
+            fresh = not self.record_path.exists()
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._record = open(self.record_path, "a", encoding="utf-8", newline="\n")
             if fresh:
-                fh.write(json.dumps(HEADER) + "\n")
-            fh.write(json.dumps({"path": rel, "sha256": digest, "stat": stat_key}) + "\n")
+                self._record.write(json.dumps(HEADER) + "\n")
+        self._record.write(json.dumps({"path": rel, "sha256": digest, "stat": stat_key}) + "\n")
+        self._record.flush()
         self._hashes.setdefault(rel, set()).add(digest)
         self._stats.setdefault(rel, set()).add((*stat_key, digest))
 
@@ -259,6 +269,8 @@ def writing_into(root, replace: bool = False, flag: str = "--output"):
         with _ACTIVE_LOCK:
             folder.replace = was
             _ACTIVE.remove(folder)
+            if folder not in _ACTIVE:
+                folder.close()
 
 
 def folder_for(path) -> OutputFolder | None:

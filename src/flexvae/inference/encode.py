@@ -167,10 +167,11 @@ def format_summary(summary: dict, out_root) -> str:
     return line
 
 
-def _latent_sums(latent: torch.Tensor) -> list[list]:
-    """Per channel of one latent (C, *spatial): [sums], [sums of squares], [counts]."""
-    values = latent.double().reshape(latent.shape[0], -1)
-    return [values.sum(1).tolist(), values.pow(2).sum(1).tolist(), [values.shape[1]] * values.shape[0]]
+def _latent_sums(latents: torch.Tensor) -> list[list[list]]:
+    """Per latent of a batch (B, C, *spatial), per channel: [[sums], [sums of squares], [counts]]."""
+    values = latents.double().reshape(latents.shape[0], latents.shape[1], -1)
+    count = [values.shape[2]] * values.shape[1]
+    return [[total, squares, count] for total, squares in zip(values.sum(2).tolist(), values.pow(2).sum(2).tolist())]
 
 
 def _folder_stats(entries: list[dict], out_root: Path, channels: int) -> tuple[int, list[list]]:
@@ -184,7 +185,8 @@ def _folder_stats(entries: list[dict], out_root: Path, channels: int) -> tuple[i
         if not _valid_sums(sums, channels):
             file = entry.get("file")
             try:
-                sums = _latent_sums(load_latent_file(OutputPaths(out_root)(file))[0]) if isinstance(file, str) else None
+                sums = _latent_sums(load_latent_file(OutputPaths(out_root)(file))[0][None])[0] \
+                    if isinstance(file, str) else None
             except (OSError, ValueError, DataError, RuntimeError):  # a file gone or damaged since: left out
                 sums = None
             if sums is None or len(sums[0]) != channels:
@@ -251,9 +253,10 @@ def _encode_loop(ctx, loader, output_path, out_root, names, entries, skips, fmt,
                 latents = latents.float().cpu()
                 codes = [None] * len(latents) if codes is None else codes.cpu()
                 stats[0] += len(latents)
+                sums = _latent_sums(latents)  # the whole batch at once: per image, per channel
                 for index, (rel, latent, code) in enumerate(zip(batch.paths, latents, codes)):
                     entry = {"path": rel, "status": "ok", "shape": list(latent.shape), "made_by": made_by,
-                             "sums": _latent_sums(latent)}
+                             "sums": sums[index]}
                     if code is not None:
                         entry["codes_shape"] = list(code.shape)
                     entry.update(_class_fields(ctx.vae, batch.labels, probs, index))
