@@ -276,3 +276,16 @@ def test_matrix_results_never_replace_the_users_files_and_nothing_is_trained(tmp
                     f"it, or it changed since): results.md; choose another out_dir in {spec}, or add --overwrite "
                     "to replace it")
     assert sorted(p.name for p in out.iterdir()) == ["results.md"]
+
+
+def test_a_record_too_large_to_be_ours_is_foreign_and_not_read(tmp_path, monkeypatch):
+    import flexvae.outputs as outputs
+
+    with writing_into(tmp_path):
+        write_text(tmp_path / "a.txt", "ours")
+    assert OutputFolder(tmp_path).is_ours(tmp_path / "a.txt")
+    monkeypatch.setattr(outputs, "MAX_RECORD_BYTES", 10)
+    folder = OutputFolder(tmp_path)
+    assert not folder.is_ours(tmp_path / "a.txt")
+    with pytest.raises(ForeignFiles, match="its record .flexvae-written.jsonl is not flexvae's"):
+        folder.check([tmp_path / "a.txt"])

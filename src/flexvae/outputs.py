@@ -34,6 +34,7 @@ RECORD = ".flexvae-written.jsonl"
 HEADER = {"flexvae": "files written by flexvae into this folder; a file is flexvae's while its "
                      "SHA-256 is recorded here for its path", "version": 1}
 _SHOWN = 3  # conflicting paths named in the error line
+MAX_RECORD_BYTES = 1 << 30  # about seven million writes
 
 _ACTIVE: list["OutputFolder"] = []  # open folders, innermost last; shared with writer threads
 _ACTIVE_LOCK = threading.Lock()
@@ -82,6 +83,9 @@ class OutputFolder:
             self._foreign_record = True
             return
         try:
+            if os.path.getsize(path) > MAX_RECORD_BYTES:  # not one flexvae wrote: never read whole
+                self._foreign_record = True
+                return
             with open(path, "rb") as fh:
                 lines = fh.read().splitlines()
         except FileNotFoundError:
