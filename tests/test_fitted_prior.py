@@ -46,6 +46,8 @@ def test_a_two_cluster_mixture_samples_both_clusters_in_proportion():
 def test_auto_covariance_is_full_only_with_enough_images(images, covariance):
     assert choose_covariance("auto", images, 256, 10) == covariance
     assert choose_covariance("diag", 10**9, 2, 1) == "diag"
+    with pytest.raises(Exception, match="full covariances take at most 4,096 dimensions"):
+        choose_covariance("full", 10**9, 16384, 1)
 
 
 # ------------------------------------------------------------------ the file: untrusted input
@@ -63,6 +65,8 @@ def _write(path, tensors, meta):
     ({"all.weights": torch.ones(2), "all.means": torch.zeros(2, 4), "all.other": torch.ones(2, 4)},
      {"latent_shape": [4]}, "unexpected tensor 'all.other'"),
     ({"all.weights": torch.ones(2)}, {"no": "shape"}, "no fitted-prior metadata"),
+    ({"all.weights": torch.ones(2), "all.means": torch.zeros(2, 4), "all.factor": torch.ones(2, 5000)},
+     {"latent_shape": [4]}, "tensor 'all.factor' of shape (2, 5000) is not part of a prior for 4 latent dimensions"),
 ])
 def test_a_malformed_prior_file_is_one_error(tmp_path, tensors, meta, words):
     path = tmp_path / "prior.safetensors"

@@ -27,6 +27,7 @@ PRIOR_DIR = "priors"
 COVARIANCES = ("auto", "full", "diag")
 FITTED_LATENTS = ("gaussian", "deterministic")  # continuous latents a mixture can stand in for
 MAX_COMPONENTS = 1024
+MAX_FULL_DIMS = 4096  # a full covariance is D x D per component: beyond this, diagonal ones
 
 
 class FittedPrior:
@@ -94,10 +95,19 @@ class FittedPrior:
         """A saved prior, checked as untrusted input against the model's ``latent_shape``."""
         from safetensors import safe_open
 
+        dims = math.prod(latent_shape)
+        allowed = {1: MAX_COMPONENTS, 2: MAX_COMPONENTS * dims, 3: MAX_COMPONENTS * min(dims, MAX_FULL_DIMS) ** 2}
         try:
             with safe_open(str(path), framework="pt") as fh:
                 header = fh.metadata() or {}
+                for key in fh.keys():  # sizes checked before anything is read: a file never sets them
+                    shape = fh.get_slice(key).get_shape()
+                    if len(shape) not in allowed or math.prod(shape) > allowed[len(shape)]:
+                        raise CheckpointError(f"{path}: tensor {key!r} of shape {tuple(shape)} is not part of a "
+                                              f"prior for {dims} latent dimensions")
                 tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+        except CheckpointError:
+            raise
         except Exception as exc:  # not a safetensors file, truncated, ...
             raise CheckpointError(f"{path}: not a readable fitted prior ({exc})") from None
         try:
@@ -159,9 +169,12 @@ def choose_covariance(covariance: str, images: int, dims: int, components: int) 
     a component's share, else diagonal ones (a full D x D covariance from a few images is singular)."""
     if covariance not in COVARIANCES:
         raise ConfigError(f"the covariance of a fitted prior must be one of {', '.join(COVARIANCES)}, got {covariance!r}")
+    if covariance == "full" and dims > MAX_FULL_DIMS:
+        raise ConfigError(f"a full covariance over {dims:,} latent dimensions is {dims:,} x {dims:,} per component; "
+                          f"full covariances take at most {MAX_FULL_DIMS:,} dimensions: use --covariance diag")
     if covariance != "auto":
         return covariance
-    return "full" if images / components >= 10 * dims else "diag"
+    return "full" if images / components >= 10 * dims and dims <= MAX_FULL_DIMS else "diag"
 
 
 def require_sklearn(what: str = "fitting a prior"):
