@@ -56,6 +56,7 @@ class LoadedModel:
     label_spec: str = "auto"  # where the inputs' labels come from (--labels): auto, folders, none or a CSV file
     label_note: str | None = None  # the last "labels: ..." note printed
     prior_note: str | None = None  # which fitted prior load_run attached (or why none)
+    sha256: str | None = None  # of the checkpoint file, computed by the first provenance()
 
     @property
     def config(self):
@@ -72,8 +73,10 @@ class LoadedModel:
     def provenance(self) -> dict:
         """What produced an output: the checkpoint file (path, step, SHA-256 of its content)
         and the preprocessing; outputs of another checkpoint or other settings are redone."""
+        if self.path is not None and self.sha256 is None:
+            self.sha256 = file_digest(self.path)  # once per loaded model: large checkpoints take a while
         return {"checkpoint": None if self.path is None else str(self.path), "step": self.step,
-                "sha256": None if self.path is None else file_digest(self.path),
+                "sha256": self.sha256,
                 "data_shape": list(self.data_shape), "resize_filter": self.resize_filter,
                 "pad_to_square": self.pad_to_square, "scaling_factor": float(self.vae.scaling_factor),
                 **({"classes": list(self.vae.class_names)} if self.vae.class_names else {})}
