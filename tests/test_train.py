@@ -177,3 +177,28 @@ def test_random_flip_depends_only_on_seed_and_step():
     assert all(torch.equal(a[i], images[i].flip(-1)) for i in range(8) if flipped[i])
     assert not torch.equal(random_flip(images, seed=1, step=6), a) or not torch.equal(
         random_flip(images, seed=2, step=5), a)
+
+
+def test_the_multi_tensor_ema_is_bitwise_the_per_tensor_lerp():
+    """train/ema.py: torch's multi-tensor EMA update gives the weights a lerp_ per tensor gave."""
+    from flexvae.build import build_vae
+    from flexvae.train.ema import EMA
+
+    torch.manual_seed(0)
+    model = build_vae(["C2d_3_8_3_1_1", "BN_?", "C2d_8_4_3_2_1"], ["UpS_2", "C2d_2_3_3_1_1"], (3, 8, 8))
+    ema = EMA(model, 0.9)
+    reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(4, 3, 8, 8))  # BatchNorm's running statistics and its integer step count move
+        ema.update(model)
+        for key, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                reference[key].lerp_(value, 1 - 0.9)
+            else:
+                reference[key].copy_(value)
+    for key, value in reference.items():
+        assert torch.equal(ema.state[key], value), key
+    assert int(ema.state["encoder.1.num_batches_tracked"]) == 5
