@@ -306,3 +306,20 @@ def test_silent_conversions_get_one_note_each(tmp_path):
     assert out.returncode == 0
     assert ("note: --labels folders is ignored: this model takes no labels (no context token, no class latent)"
             in out.stderr)
+
+
+def test_verbose_without_torchinfo_prints_the_structures_table(tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_torchinfo(name, *args, **kwargs):
+        if name == "torchinfo":
+            raise ImportError("No module named 'torchinfo'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchinfo)
+    images = make_images(tmp_path / "images", 4)
+    proc = run_in_process(["-t", *tiny(images, tmp_path / "run", "--set", "train.max_steps=1", "--verbose")])
+    assert proc.returncode == 0, proc.stderr
+    assert "total parameters: 2,620" in proc.stdout and "pip install torchinfo" in proc.stdout

@@ -1,5 +1,5 @@
 """What a run prints at its start: the model, the data, the extra terms (``announce``) and,
-with ``--verbose``, the layer table (torchinfo)."""
+with ``--verbose``, the layer table (torchinfo's, an optional dependency, else the structures')."""
 
 from __future__ import annotations
 
@@ -19,13 +19,18 @@ class _Reconstruction(torch.nn.Module):
         return self.decoder(self._latent[0](self.encoder(x)).mode())
 
 
-def model_summary(model, data_shape, device) -> str:
+def model_summary(model, data_shape, device, plan=None) -> str:
+    """torchinfo's module table when the optional torchinfo is installed, else the structures'
+    own per-layer table (``plan``) with a line on how to get torchinfo's."""
+    try:
+        from torchinfo import summary
+    except ImportError:
+        fallback = f"{plan.table()}\n" if plan is not None else ""
+        return fallback + "(torchinfo adds its per-module table here: pip install torchinfo)"
     # In eval mode, so the summary's forward pass updates no statistics (BatchNorm, VQ codebooks).
     was_training = model.training
     model.eval()
     try:
-        from torchinfo import summary
-
         return str(summary(_Reconstruction(model), input_size=(1, *data_shape), device=device, depth=3,
                            verbose=0, col_names=("output_size", "num_params"), mode="eval"))
     except Exception as exc:  # a summary is a courtesy; never fail a run over it
@@ -42,7 +47,7 @@ def announce(trainer, dataset) -> list[str]:
     """What is about to happen, in a few lines (the layer table with ``verbose``)."""
     cfg, plan, dist = trainer.cfg, trainer.plan, trainer.dist
     tcfg = cfg.train
-    lines = [model_summary(trainer.model, plan.data_shape, trainer.device)] if trainer.verbose else []
+    lines = [model_summary(trainer.model, plan.data_shape, trainer.device, plan)] if trainer.verbose else []
     lines.append(f"model: {plan.encoder.params + plan.decoder.params:,} parameters (encoder {plan.encoder.params:,}, "
                  f"decoder {plan.decoder.params:,}); {trainer.model.latent.kind} latent {_shape(plan.latent_shape)} "
                  f"for data {_shape(plan.data_shape)}; device {trainer.device}, precision {tcfg.precision}")
