@@ -326,3 +326,23 @@ def test_cli_reports_a_missing_second_input(tiny_run, tmp_path):
                             tiny_run["data"], "--steps", "1"], cwd=tmp_path)
     assert steps.returncode == 1 and steps.stderr.strip() == (
         "error: --steps must be at least 2 for an interpolation (both ends included), got 1")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (2, 1, 24, 40), (1, 2, 12, 20, 20), (2, 3, 8, 30)])
+def test_our_ssim_terms_are_the_librarys_ssim(shape):
+    """metrics.ssim_terms (our lines, no private import) against pytorch-msssim's public ssim."""
+    import warnings
+
+    from pytorch_msssim import ssim as library_ssim
+
+    from flexvae.metrics import ssim_terms, ssim_window
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(shape, generator=g)
+    b = (a + 0.2 * torch.randn(shape, generator=g)).clamp(0, 1)
+    window = ssim_window(tuple(shape[2:]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the library warns about axes shorter than the window
+        reference = library_ssim(a, b, data_range=1.0, win_size=window, size_average=False)
+    ours, _ = ssim_terms(a, b, window)
+    torch.testing.assert_close(ours.mean(1), reference, rtol=1e-5, atol=1e-6)

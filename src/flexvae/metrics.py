@@ -87,22 +87,58 @@ def ms_ssim(image: torch.Tensor, target: torch.Tensor, per_image: bool = True) -
     return values if per_image else values.mean()
 
 
-def ms_ssim_over_scales(image: torch.Tensor, target: torch.Tensor, scales: int) -> torch.Tensor:
-    """Per-image MS-SSIM over the first ``scales`` standard scales (weights renormalised),
-    computed with pytorch-msssim's own per-scale kernel."""
-    from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
+def _gaussian_taps(size: int, sigma: float = 1.5) -> torch.Tensor:
+    """A normalised 1-D Gaussian of ``size`` taps around the middle one (SSIM's window)."""
+    offsets = torch.arange(size, dtype=torch.float32) - size // 2
+    taps = torch.exp(-offsets.pow(2) / (2 * sigma * sigma))
+    return taps / taps.sum()
 
+
+def _local_means(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """Gaussian-weighted means of every full window of (B, C, *spatial): one 1-D pass per
+    spatial axis, each channel on its own; an axis shorter than the window is not filtered
+    (pytorch-msssim's convention, so the two agree)."""
+    channels, dims = x.shape[1], x.dim() - 2
+    conv = torch.nn.functional.conv2d if dims == 2 else torch.nn.functional.conv3d
+    for axis in range(dims):
+        if x.shape[2 + axis] < len(taps):
+            continue
+        shape = [1] * dims
+        shape[axis] = len(taps)
+        kernel = taps.to(x).view(1, 1, *shape).repeat(channels, 1, *([1] * dims))
+        x = conv(x, kernel, groups=channels)
+    return x
+
+
+def ssim_terms(a: torch.Tensor, b: torch.Tensor, window: int, data_range: float = 1.0):
+    """SSIM (Wang et al. 2004, constants K1 = 0.01, K2 = 0.03) of images ``a`` and ``b`` with a
+    Gaussian window of ``window`` taps (sigma 1.5): per image and channel, the mean SSIM and the
+    mean contrast-structure term that MS-SSIM multiplies over its coarser scales."""
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    channels = a.shape[1]
+    # the five local means in one filtering pass: of a, b, a^2, b^2 and ab
+    means = _local_means(torch.cat([a, b, a * a, b * b, a * b], dim=1), _gaussian_taps(window))
+    mean_a, mean_b, mean_aa, mean_bb, mean_ab = means.split(channels, dim=1)
+    var_a, var_b = mean_aa - mean_a.pow(2), mean_bb - mean_b.pow(2)
+    covariance = mean_ab - mean_a * mean_b
+    contrast = (2 * covariance + c2) / (var_a + var_b + c2)
+    luminance = (2 * mean_a * mean_b + c1) / (mean_a.pow(2) + mean_b.pow(2) + c1)
+    return (luminance * contrast).flatten(2).mean(-1), contrast.flatten(2).mean(-1)
+
+
+def ms_ssim_over_scales(image: torch.Tensor, target: torch.Tensor, scales: int) -> torch.Tensor:
+    """Per-image MS-SSIM over the first ``scales`` standard scales (weights renormalised); at all
+    five it is pytorch-msssim's ``ms_ssim`` (tested against it)."""
     a, b = _unit(image), _unit(target)
     weights = a.new_tensor(MS_SSIM_WEIGHTS[:scales])
     weights = weights / weights.sum()
     window = ssim_window(tuple(a.shape[2:]))
-    win = _fspecial_gauss_1d(window, 1.5).repeat([a.shape[1]] + [1] * (a.dim() - 1)).to(a.device)
     pool = torch.nn.functional.avg_pool2d if a.dim() == 4 else torch.nn.functional.avg_pool3d
     factors = []
     for level in range(scales):
-        per_channel, cs = _ssim(a, b, data_range=1.0, win=win, size_average=False)
+        per_channel, contrast = ssim_terms(a, b, window)
         if level < scales - 1:
-            factors.append(torch.relu(cs))
+            factors.append(torch.relu(contrast))
             padding = [n % 2 for n in a.shape[2:]]
             a, b = pool(a, kernel_size=2, padding=padding), pool(b, kernel_size=2, padding=padding)
     factors.append(torch.relu(per_channel))
