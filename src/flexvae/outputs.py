@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat as stat_module
 import threading
 from pathlib import Path
 
@@ -44,10 +45,11 @@ class ForeignFiles(DataError):
     """Writing would replace files flexvae did not write (or that were changed since)."""
 
 
-def sha256_of(path) -> str:
+def file_digest(path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's content, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
+        for block in iter(lambda: fh.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
 
@@ -121,8 +123,6 @@ class OutputFolder:
             return False
         if rel is None or rel == RECORD:
             return False
-        import stat as stat_module
-
         if not stat_module.S_ISREG(info.st_mode):
             return False  # a link, a folder, a FIFO: never replaced
         with self._lock:
@@ -136,7 +136,7 @@ class OutputFolder:
             if any(entry[:3] == key and entry[3] in recorded for entry in self._stats.get(rel, ())):
                 return True
         try:
-            return sha256_of(path) in recorded
+            return file_digest(path) in recorded
         except OSError:
             return False
 
@@ -174,7 +174,7 @@ class OutputFolder:
         rel = self.relative(path)
         if rel is None:
             return
-        digest = sha256_of(written)
+        digest = file_digest(written)
         stat_key = _stat_key(os.stat(written))  # a rename keeps the inode and the modification time
         with self._lock:
             self._running.pop(rel, None)
@@ -191,12 +191,10 @@ class OutputFolder:
                 info = os.lstat(path)
             except OSError:
                 continue
-            import stat as stat_module
-
             if rel is None or not stat_module.S_ISREG(info.st_mode):
                 continue
             with self._lock:
-                self._add(rel, sha256_of(path), _stat_key(info))
+                self._add(rel, file_digest(path), _stat_key(info))
             count += 1
         return count
 

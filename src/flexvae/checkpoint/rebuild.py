@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError, StructureError
+from ..outputs import file_digest
 from .format import FORMAT_VERSION, Checkpoint, load_checkpoint
 from .runs import resolve_checkpoint
 from ..model import OUTPUTS
@@ -80,17 +81,6 @@ class LoadedModel:
                 "data_shape": list(self.data_shape), "resize_filter": self.resize_filter,
                 "pad_to_square": self.pad_to_square, "scaling_factor": float(self.vae.scaling_factor),
                 **({"classes": list(self.vae.class_names)} if self.vae.class_names else {})}
-
-
-def file_digest(path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's content, read in chunks."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_metadata(path, meta: dict) -> None:
