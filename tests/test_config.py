@@ -27,6 +27,7 @@ from flexvae.config import (  # noqa: E402
 from flexvae.device import DeviceError, resolve_device  # noqa: E402
 from flexvae.errors import ConfigError  # noqa: E402
 from flexvae.latents import LATENTS  # noqa: E402
+from flexvae.config.schema import StageConfig  # noqa: E402
 
 CONFIGS = ROOT / "configs"
 
@@ -73,7 +74,8 @@ def test_shipped_default_config_writes_every_key_with_a_comment():
     for key, default, _doc in describe_fields():
         name = key.split(".")[1]
         line = f"{name} = {DEFAULT_CONFIG_CHANGES.get(key, default)}"
-        if key.startswith("latent."):  # only the chosen latent's keys may be set: shown commented out
+        if key.startswith(("latent.", "stage.")):  # only the chosen latent's keys may be set, and stages are
+            # optional tables: shown commented out
             line = f"# {line}"
         assert line in lines, line
         assert lines[lines.index(line) - 1].startswith("#"), f"no comment above {line}"
@@ -105,6 +107,7 @@ def test_describe_fields_covers_every_key():
     assert all(doc and "\n" not in doc for _, _, doc in rows)
     flat = {f"{s}.{k}" for s, table in config_to_dict(Config()).items() for k in table}
     flat |= {f"latent.{k}" for latent_type in LATENTS for k in latent_type.keys}  # every latent type's keys
+    flat |= {f"stage.{f.name}" for f in dataclasses.fields(StageConfig)}  # the keys of a [[stage]] table
     assert set(keys) == flat
 
 

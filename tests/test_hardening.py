@@ -402,10 +402,10 @@ def test_ctrl_c_exits_130_after_saving(trained, tmp_path, monkeypatch):
 
     real = trainer_module.train_step
 
-    def interrupt(runtime, batches, optimizer, cfg, step, noises=None, extras=None, *args, **kwargs):
+    def interrupt(runtime, batches, optimizer, cfg, step, *args, **kwargs):
         if step == 2:
             raise KeyboardInterrupt
-        return real(runtime, batches, optimizer, cfg, step, noises, extras, *args, **kwargs)
+        return real(runtime, batches, optimizer, cfg, step, *args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "train_step", interrupt)
     run = tmp_path / "run"

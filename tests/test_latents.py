@@ -21,7 +21,7 @@ from flexvae.latents import (LATENTS, CategoricalLatent, DeterministicLatent, FS
 from flexvae.latents.categorical import temperature
 from flexvae.latents.fsq import FiniteScalarQuantizer
 from flexvae.assemble import make_latent
-from flexvae.losses import vae_loss
+from flexvae.objective import vae_loss
 from flexvae.train.step import make_optimizer, train_step
 
 DATA = (3, 16, 16)

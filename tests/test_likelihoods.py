@@ -10,8 +10,8 @@ import torch.distributions as D
 from flexvae.config import LossConfig
 from flexvae.errors import ConfigError
 from flexvae.latents import DiagonalGaussian
-from flexvae.likelihoods import Bernoulli, Gaussian, Laplace, LogisticMixture, make_likelihood
-from flexvae.losses import LossBalance, check_loss_config, kl_per_image, kld_term, vae_loss
+from flexvae.objective.likelihoods import Bernoulli, Gaussian, Laplace, LogisticMixture, make_likelihood
+from flexvae.objective import LossBalance, check_loss_config, kl_per_image, kld_term, vae_loss
 from flexvae.model import VAEOutput
 
 
@@ -302,7 +302,7 @@ def test_free_bits_work_on_a_categorical_latent_vector():
 
 @pytest.mark.parametrize("scale", ["learned", "channel"])
 def test_a_learned_log_scale_below_its_bound_keeps_a_gradient_that_raises_it(scale):
-    from flexvae.likelihoods import LOG_SCALE_MIN
+    from flexvae.objective.likelihoods import LOG_SCALE_MIN
 
     likelihood = Gaussian(3, scale=scale, scale_value=0.1)
     with torch.no_grad():

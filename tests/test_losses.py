@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from flexvae.config import LossConfig
 from flexvae.errors import ConfigError
 from flexvae.latents import DiagonalGaussian, PointPosterior
-from flexvae.losses import (
+from flexvae.objective import (
     check_loss_config,
     kld_term,
     kld_weight_at,
@@ -272,8 +272,8 @@ def test_a_step_split_into_micro_batches_is_the_step_of_the_whole_batch(settings
 
     from flexvae.build import plan_vae
     from flexvae.config import load_config
-    from flexvae.likelihoods import make_likelihood
-    from flexvae.train.step import make_optimizer, train_step
+    from flexvae.objective.likelihoods import make_likelihood
+    from flexvae.train.step import MicroBatch, make_optimizer, train_step
 
     cfg = load_config(None, ["train.lr=1e-12", "train.grad_clip=0", "loss.kld_weight=1", "data.image_size=8"])
     torch.manual_seed(0)
@@ -292,7 +292,7 @@ def test_a_step_split_into_micro_batches_is_the_step_of_the_whole_batch(settings
     for batches, noises in (([x], [noise]), ([x[:2], x[2:]], [noise[:2], noise[2:]])):
         copy_ = copy.deepcopy(model)
         optimizer = make_optimizer(copy_, cfg.train)
-        result = train_step(copy_, batches, optimizer, cfg, 0, noises=noises)
+        result = train_step(copy_, [MicroBatch(b, noise=n) for b, n in zip(batches, noises)], optimizer, cfg, 0)
         results.append((result.loss, {n: p.grad.clone() for n, p in copy_.named_parameters() if p.grad is not None},
                         {n: b.clone() for n, b in copy_.named_buffers()}))
     (whole, whole_grads, whole_buffers), (split, split_grads, split_buffers) = results

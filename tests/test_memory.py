@@ -278,7 +278,7 @@ def test_mem_steps_include_the_discriminator_from_the_first_step(one_thread):
     cfg = apply_overrides(tiny_config(), ["adversarial.discriminator=structures/small_discriminator.json",
                                           "adversarial.start=1000"])
     runner = StepRunner(cfg, TINY, "cpu")
-    adversary = runner.extras.adversary
+    adversary = runner.objective.adversary
     before = [p.detach().clone() for p in adversary.model.parameters()]
     runner.step(2)
     assert any(not torch.equal(a, p) for a, p in zip(before, adversary.model.parameters()))

@@ -14,7 +14,7 @@ from flexvae.checkpoint import list_checkpoints, load_run
 from flexvae.config import load_config
 from flexvae.errors import ConfigError, StructureError
 from flexvae.perceptual import backbone_state, load_perceptual
-from flexvae.train.adversarial import Adversary, plan_discriminator
+from flexvae.objective.adversarial import Adversary, plan_discriminator
 from flexvae.train.distributed import DistInfo
 from flexvae.train.trainer import Trainer
 
@@ -253,5 +253,5 @@ def test_the_photos_gan_recipe_trains(photos, tmp_path):
     trainer.train()
     header, *rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     values = dict(zip(header.split(","), rows[-1].split(",")))
-    assert trainer.extras.perceptual is not None and float(values["perceptual"]) > 0
+    assert trainer.objective.term("LPIPS").distance is not None and float(values["perceptual"]) > 0
     assert float(values["d_loss"]) > 0 and float(values["adaptive_weight"]) > 0

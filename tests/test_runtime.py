@@ -22,7 +22,7 @@ from flexvae.assemble import model_from_config
 from flexvae.train import runtime as runtime_module
 from flexvae.train.distributed import DistInfo
 from flexvae.train.runtime import flip_mask, prepare, sample_noise
-from flexvae.train.step import make_optimizer, train_step
+from flexvae.train.step import MicroBatch, make_optimizer, train_step
 from flexvae.train.trainer import Trainer
 from helpers.ddp import train_two_and_one
 
@@ -52,7 +52,7 @@ def one_step(cfg, seed=0):
     optimizer = make_optimizer(model, cfg.train)
     x = torch.rand((4, *plan.data_shape), generator=torch.Generator().manual_seed(1)) * 2 - 1
     noise = sample_noise(plan.latent_shape, 4, 0, 0, 0, DistInfo(), "cpu")
-    result = train_step(runtime, [runtime.to_input(x)], optimizer, cfg, 0, [noise])
+    result = train_step(runtime, [MicroBatch(runtime.to_input(x), noise=noise)], optimizer, cfg, 0)
     return result, model, runtime
 
 

@@ -107,11 +107,11 @@ def test_keyboard_interrupt_saves_and_resumes_exactly(images, tmp_path, monkeypa
 
     real_step = trainer_module.train_step
 
-    def interrupted(runtime, batches, optimizer, cfg, step, noises=None, extras=None, *args, **kwargs):
+    def interrupted(runtime, batches, optimizer, cfg, step, *args, **kwargs):
         if step == 3:
-            runtime.model(batches[0])  # draws from the global RNG
+            runtime.model(batches[0].images)  # draws from the global RNG
             raise KeyboardInterrupt
-        return real_step(runtime, batches, optimizer, cfg, step, noises, extras, *args, **kwargs)
+        return real_step(runtime, batches, optimizer, cfg, step, *args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "train_step", interrupted)
     with pytest.raises(TrainingError, match="interrupted at step 3"):

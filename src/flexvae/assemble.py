@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import likelihoods
+from .objective import likelihoods
 from .build import VAEPlan, as_specs, plan_vae
 from .errors import ConfigError, StructureError
 from .latents import LATENTS
@@ -197,12 +197,14 @@ def plan_from_config(cfg, config_path=None, classes=None) -> VAEPlan:
 def output_kind(cfg) -> str:
     if cfg.loss.objective == "elbo":
         return {"bernoulli": "logits", "logistic_mixture": "mixture"}.get(cfg.loss.likelihood, "value")
-    return "logits" if cfg.loss.recon == "bce" else "value"
+    from .objective.legacy import reconstruction_kind
+
+    return "logits" if reconstruction_kind(cfg) == "bce" else "value"
 
 
 def build_model(plan: VAEPlan, cfg, device=None, scaling_factor: float | None = None):
     """A VAE from a plan and its config: output kind and likelihood come from ``cfg.loss``."""
-    from .losses import LossBalance
+    from .objective.balance import LossBalance
 
     factor = cfg.model.scaling_factor if scaling_factor is None else scaling_factor
     model = plan.build(device, scaling_factor=factor, output=output_kind(cfg),
@@ -216,7 +218,7 @@ def build_model(plan: VAEPlan, cfg, device=None, scaling_factor: float | None = 
 def objective_state(cfg, channels: int) -> dict:
     """Fresh state of the objective's parameters inside a VAE (``likelihood.*``, ``balance.*``):
     what a model built from ``cfg`` starts with, for weights that come from elsewhere."""
-    from .losses import LossBalance
+    from .objective.balance import LossBalance
 
     state = {}
     likelihood = make_likelihood(cfg, channels)

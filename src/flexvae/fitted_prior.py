@@ -196,8 +196,9 @@ def fit_mixture(latents: torch.Tensor, components: int, covariance: str, seed: i
                               reg_covar=1e-6, max_iter=200).fit(data)
     factor = torch.from_numpy(mixture.covariances_)
     factor = torch.linalg.cholesky(factor) if covariance == "full" else factor.sqrt()
-    return {"weights": torch.from_numpy(mixture.weights_), "means": torch.from_numpy(mixture.means_),
-            "factor": factor}
+    # contiguous: scikit-learn's arrays and a batched Cholesky factor may be column-major
+    return {"weights": torch.from_numpy(mixture.weights_).contiguous(),
+            "means": torch.from_numpy(mixture.means_).contiguous(), "factor": factor.contiguous()}
 
 
 @torch.no_grad()

@@ -23,8 +23,8 @@ def main() -> None:
         trainer.train()
     finally:
         state = {k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}
-        if trainer.extras.adversary is not None:
-            disc = trainer.extras.adversary.model.state_dict()
+        if trainer.objective.adversary is not None:
+            disc = trainer.objective.adversary.model.state_dict()
             state.update({f"discriminator.{k}": v.detach().cpu().contiguous() for k, v in disc.items()})
         save_file(state, str(out_dir / f"rank{os.environ.get('RANK', '0')}.safetensors"))
         from flexvae.train.distributed import cleanup

@@ -17,7 +17,7 @@ def decoder_log_likelihood(output: str, recon: torch.Tensor, x: torch.Tensor, si
     """log P(x|z) per sample (nats), a mass over 8-bit levels: each value's bin under a
     Gaussian(sigma) for 'value' output, Bernoulli for 'logits'. ``discrete=False``: the
     Gaussian's density instead (for checks against a continuous model's exact likelihood)."""
-    from ..likelihoods import discretized_log_mass
+    from ..objective.likelihoods import discretized_log_mass
 
     recon, x = recon.double(), x.double()
     if output == "logits":

@@ -13,9 +13,9 @@ except ModuleNotFoundError:  # Python 3.10
 
 from ..errors import ConfigError
 from ..files import read_small_file
-from .schema import SECTIONS, Config, ModelConfig
-from .validate import (fields_of, key_suggestion, latent_key_error, section_fields, unknown_key,
-                       unknown_section, validate_value, matches)
+from .schema import SECTIONS, Config, ModelConfig, StageConfig
+from .validate import (did_you_mean, fields_of, key_suggestion, latent_key_error, matches, matching,
+                       section_fields, unknown_key, unknown_section, validate_value)
 
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -52,6 +52,9 @@ def config_from_dict(raw: dict, source: str = "<config>", *, stored: bool = Fals
         raise ConfigError(f"{source}: a config must be a table of sections, got {type(raw).__name__}")
     sections, latent_table = {}, {}
     for name, table in raw.items():
+        if name == "stage":
+            sections["stage"] = stage_tables(table, source)
+            continue
         if name not in SECTIONS and name != "latent":
             if isinstance(table, dict):
                 raise unknown_section(name, source)
@@ -72,6 +75,26 @@ def config_from_dict(raw: dict, source: str = "<config>", *, stored: bool = Fals
     model = sections.get("model", ModelConfig())
     sections["latent"] = latent_params(_latent_type(model.latent), latent_table, source, stored)
     return Config(**sections)
+
+
+def stage_tables(tables, source: str) -> tuple:
+    """The ``[[stage]]`` tables, each checked like a section; errors name the stage by number."""
+    if isinstance(tables, dict):
+        raise ConfigError(f"{source}: stages are written [[stage]] (a list of tables, one per stage), not [stage]")
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{source}: 'stage' must be [[stage]] tables, got {type(tables).__name__}")
+    stages = []
+    for number, table in enumerate(tables, start=1):
+        where = f"{source}: [[stage]] {number}"
+        known = fields_of(StageConfig)
+        values = {}
+        for key, value in table.items():
+            if key not in known:
+                hint = did_you_mean(matching(key, list(known)))
+                raise ConfigError(f"{where}: unknown key 'stage.{key}'.{hint} Keys of a stage: {', '.join(known)}.")
+            values[key] = validate_value(StageConfig, "stage", key, value, where)
+        stages.append(StageConfig(**values))
+    return tuple(stages)
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
@@ -158,6 +181,9 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
         if section == "latent":
             latent_items.append((key, text))
             continue
+        if section == "stage":
+            raise ConfigError(f"--set {section}.{key}: stages are [[stage]] tables of a config file and cannot be "
+                              "set from the command line")
         if section not in SECTIONS:
             raise unknown_section(section, "--set")
         fields = section_fields(section)

@@ -59,6 +59,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
+    terms: list[str] = setting(
+        [], "the loss as term tokens, e.g. [\"NLL\", \"KL_weight=1e-4_warmup=1000\", \"LPIPS_weight=0.1\"] (python "
+        "train.py --terms lists them); empty = the terms the keys below declare")
     objective: Literal["weighted", "elbo"] = setting(
         "weighted", "weighted: alpha * recon + kld_weight * KL, per-element means (the original FlexVAE); "
         "elbo: the likelihood's NLL + kld_weight * KL, summed per image (kld_weight = 1 is the ELBO)")
@@ -154,6 +157,26 @@ class TrainConfig:
         "off", "recompute activations in backward: off, marked ('@' tokens and spans), blocks (every VAERB/VAEA too)")
 
 
+STAGE_PARTS = ("all", "encoder", "latent", "decoder", "discriminator")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One ``[[stage]]`` table: from ``start`` on, until the next stage's start."""
+
+    start: int = setting(0, "optimizer step this stage begins at (stages in increasing order)", NON_NEGATIVE)
+    name: str = setting("", "the stage's name in the log")
+    train: list[str] = setting(
+        ["all"], "what trains; everything else is frozen: all, encoder, latent, decoder, discriminator, or "
+        "positions of a structure, e.g. decoder:20-24 or encoder:1 (1-based, as structure errors count)")
+    lr: float = setting(0.0, "peak learning rate in this stage, under train's warm-up and schedule; 0 = train.lr",
+                        NON_NEGATIVE)
+    image_size: int = setting(0, "images are resized to this side length in this stage; 0 = data.image_size",
+                              NON_NEGATIVE)
+    terms: list[str] = setting([], "the loss terms on in this stage, by name (NLL, KL, LPIPS, Adv ...); "
+                                   "empty = every term")
+
+
 @dataclass(frozen=True)
 class EncodeConfig:
     format: Literal["safetensors", "npy", "webdataset"] = setting(
@@ -181,8 +204,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     mem: MemConfig = field(default_factory=MemConfig)
+    # Training stages ([[stage]] tables), in order of their start step; empty = one stage, all of the run.
+    stage: tuple = ()
 
 
-# Sections with a fixed schema; [latent] depends on model.latent.
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "latent"}
-SECTION_ORDER = [f.name for f in dataclasses.fields(Config)]
+# Sections with a fixed schema; [latent] depends on model.latent; [[stage]] is a list of tables.
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("latent", "stage")}
+SECTION_ORDER = [f.name for f in dataclasses.fields(Config) if f.name != "stage"]

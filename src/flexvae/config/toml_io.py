@@ -16,13 +16,17 @@ except ModuleNotFoundError:  # Python 3.10
 
 from ..errors import ConfigError
 from ..files import write_bytes, write_text
-from .schema import SECTION_ORDER, Config
+from .schema import SECTION_ORDER, Config, StageConfig
 from .validate import fields_of
 
 
 def config_to_dict(cfg: Config) -> dict:
-    """Plain nested dict of TOML-able values, sections in order."""
-    return {s: dataclasses.asdict(getattr(cfg, s)) for s in SECTION_ORDER}
+    """Plain nested dict of TOML-able values, sections in order; ``stage`` (a list of tables)
+    only when the config has stages."""
+    found = {s: dataclasses.asdict(getattr(cfg, s)) for s in SECTION_ORDER}
+    if cfg.stage:
+        found["stage"] = [dataclasses.asdict(stage) for stage in cfg.stage]
+    return found
 
 
 def _toml_string(s: str) -> str:
@@ -60,9 +64,10 @@ def dump_toml(cfg: Config) -> str:
     """The config as TOML text that load_config reads back to an equal Config."""
     lines = []
     for section, table in config_to_dict(cfg).items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
-        lines.append("")
+        for one in table if isinstance(table, list) else [table]:
+            lines.append(f"[[{section}]]" if isinstance(table, list) else f"[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in one.items()]
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -90,6 +95,9 @@ def describe_fields() -> list[tuple[str, str, str]]:
             continue
         for key, (f, _) in fields_of(type(getattr(Config(), section))).items():
             rows.append((f"{section}.{key}", _toml_value(defaults[section][key]), f.metadata["doc"]))
+    for key, (f, _) in fields_of(StageConfig).items():
+        rows.append((f"stage.{key}", _toml_value(f.default if f.default is not dataclasses.MISSING
+                                                 else f.default_factory()), f.metadata["doc"]))
     return rows
 
 

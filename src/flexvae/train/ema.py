@@ -18,9 +18,11 @@ class EMA:
         self._average = get_ema_multi_avg_fn(decay)
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, skip=()) -> None:
+        """One step towards the current weights; ``skip``: names of frozen parameters, whose
+        average stays as it is (a training stage that does not train them)."""
         current = model.state_dict()
-        floats = [key for key, value in current.items() if value.dtype.is_floating_point]
+        floats = [key for key, value in current.items() if value.dtype.is_floating_point and key not in skip]
         if floats:
             self._average([self.state[key] for key in floats], [current[key] for key in floats], None)
         for key, value in current.items():

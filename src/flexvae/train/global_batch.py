@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layers.dropout import global_batch_masks
-from ..likelihoods import LOG_SCALE_MIN
+from ..objective.likelihoods import LOG_SCALE_MIN
 from .distributed import sum_across
 from .runtime import mask_key
 
@@ -40,28 +40,34 @@ def optimal_scale(cfg) -> str | None:
     return None
 
 
-def needs_global_batch(cfg, micro_batches: int, world_size: int) -> bool:
-    return (micro_batches > 1 or world_size > 1) and (cfg.loss.free_bits > 0 or optimal_scale(cfg) is not None)
+def free_bits(objective) -> float:
+    """The KL term's free bits (0 without a KL term)."""
+    term = objective.term("KL")
+    return 0.0 if term is None else term.free_bits
+
+
+def needs_global_batch(objective, cfg, micro_batches: int, world_size: int) -> bool:
+    return (micro_batches > 1 or world_size > 1) and (free_bits(objective) > 0 or optimal_scale(cfg) is not None)
 
 
 @torch.no_grad()
-def global_batch(runtime, batches, cfg, step: int, noises=None, labels=None, group_noises=None) -> GlobalBatch:
-    """The global batch's per-channel KL means and optimal log scale (see the module's doc)."""
+def global_batch(runtime, batches, objective, cfg, step: int) -> GlobalBatch:
+    """The global batch's per-channel KL means and optimal log scale (see the module's doc);
+    ``batches``: the step's MicroBatch objects."""
     model = runtime.model
+    floor = free_bits(objective)
     buffers = {name: value.clone() for name, value in model.named_buffers()}
     rng = torch.get_rng_state()
     kl_sums, error_sum, values, images_seen = None, 0.0, 0, 0
     kind = optimal_scale(cfg)
     try:
-        for index, images in enumerate(batches):
+        for index, micro in enumerate(batches):
+            images = micro.images
             masks = global_batch_masks(mask_key(cfg.train.seed, step, index), runtime.dist.rank,
                                        runtime.dist.world_size)
-            inputs = {"labels": labels[index]} if labels else {}
-            if group_noises:
-                inputs["group_noise"] = group_noises[index]
             with masks, runtime.autocast():
-                out = model(images, step=step, noise=noises[index] if noises else None, **inputs)
-            if cfg.loss.free_bits > 0:
+                out = model(images, step=step, **micro.inputs())
+            if floor > 0:
                 parts = [out.posterior, *(out.groups or {}).values()]
                 sums = [part.kl_groups().double().sum(0) for part in parts]
                 kl_sums = sums if kl_sums is None else [a + b for a, b in zip(kl_sums, sums)]

@@ -22,9 +22,8 @@ import torch
 from ..config import config_from_dict, config_to_dict
 from ..errors import FlexVAEError
 from ..assemble import model_from_config
-from ..losses import check_loss_config
+from ..objective import Objective, check_loss_config
 from .runtime import prepare
-from .adversarial import make_extras
 from .step import make_optimizer, train_step
 
 
@@ -83,14 +82,16 @@ class StepRunner:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.model, self.plan = model_from_config(self.cfg, config_path, device=self.device)
-        check_loss_config(self.cfg.loss, self.plan.data_shape)
+        check_loss_config(self.cfg, self.plan.data_shape)
         self.model.train()
         # Precision, channels_last, grad checkpointing and compile as the trainer applies them.
         self.runtime = prepare(self.model, self.cfg, self.device)
         self.optimizer = make_optimizer(self.model, self.cfg.train)
         # LPIPS and the discriminator (from step 0) count towards a step's memory too.
-        extras_cfg = dataclasses.replace(self.cfg, adversarial=dataclasses.replace(self.cfg.adversarial, start=0))
-        self.extras = make_extras(extras_cfg, config_path, self.plan.data_shape, self.device)
+        probe_cfg = dataclasses.replace(self.cfg, adversarial=dataclasses.replace(self.cfg.adversarial, start=0))
+        self.objective = Objective.from_config(probe_cfg, self.plan.data_shape, config_path, self.device)
+        # every term on from the first step: the heaviest step of the run
+        self.objective.schedules = [dataclasses.replace(s, start=0, stop=0) for s in self.objective.schedules]
         self.steps = 0
         self.reserved_peak = 0  # CUDA: the caching allocator's peak in the last measured step
 
@@ -98,7 +99,7 @@ class StepRunner:
         images = torch.empty((batch_size, *self.plan.data_shape), device=self.device).uniform_(-1, 1)
         self.steps += 1
         train_step(self.runtime, [self.runtime.to_input(images)], self.optimizer, self.cfg, self.steps,
-                   extras=self.extras)
+                   objective=self.objective)
 
     def measure(self, batch_size: int) -> tuple[int, float]:
         cuda = self.device.type == "cuda"

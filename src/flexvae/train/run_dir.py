@@ -186,3 +186,19 @@ def changed_settings(stored, current: dict, limit: int = 12) -> list[str]:
 def _short(value) -> str:
     text = repr(value) if isinstance(value, str) else str(value)
     return text if len(text) <= 60 else text[:50] + "..."
+
+
+def check_resumable(run_dir: Path, checkpoint: Path, stored: dict, now: dict) -> None:
+    """A run directory's last checkpoint (metadata ``stored``) must be of the model the config
+    builds now (``now``): the same classes, structures and data shape."""
+    if stored.get("classes") != now.get("classes"):
+        raise TrainingError(
+            f"{run_dir} holds a run trained on {len(stored.get('classes') or [])} label classes "
+            f"({checkpoint.name}), but data.labels now gives {len(now.get('classes') or [])}"
+            + (f" ({', '.join(now['classes'][:10])})" if now.get("classes") else "")
+            + "; use --fresh to start over or choose another train.out_dir")
+    for key in ("encoder", "decoder", "data_shape"):
+        if stored.get(key) != now[key]:
+            raise TrainingError(
+                f"{run_dir} holds a run with a different {key.replace('_', ' ')} "
+                f"({checkpoint.name}); use --fresh to start over or choose another train.out_dir")

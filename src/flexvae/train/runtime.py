@@ -124,6 +124,7 @@ def prepare(model, cfg, device: torch.device, dist: DistInfo | None = None) -> R
 # The streams of random draws of one micro-batch, each with keys of its own (noise_key): the
 # latent's noise, the flips, the dropout masks, then each latent group g of a hierarchy (3 + g).
 LATENT_NOISE, FLIPS, DROPOUT, FIRST_GROUP = 0, 1, 2, 3
+TERM_STREAM = 100_000  # + a term's own number: the draws of loss terms (augmented views), after every group's
 
 
 def noise_key(seed: int, step: int, micro: int, stream: int = LATENT_NOISE) -> int:

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
 from ..errors import TrainingError
-from ..losses import vae_loss
-from .adversarial import TrainingExtras, last_layer_weight
-from .schedule import lr_factor
-
-__all__ = ["StepResult", "lr_factor", "make_optimizer", "random_flip", "train_step"]
+from ..layers.dropout import global_batch_masks
+from ..objective import Objective, TermInputs, image_of
 from .distributed import DistInfo
 from .global_batch import global_batch, needs_global_batch
-from ..layers.dropout import global_batch_masks
 from .runtime import Runtime, flip_mask, mask_key
+from .schedule import lr_factor
+
+__all__ = ["MicroBatch", "StepResult", "lr_factor", "make_optimizer", "random_flip", "train_step"]
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -37,48 +37,91 @@ def random_flip(images: torch.Tensor, seed: int, step: int, micro: int = 0, dist
 
 
 @dataclass
+class MicroBatch:
+    """One micro-batch of a step: the images on the device, and what the step draws for them.
+
+    ``labels``: class indices (-1 = unlabelled) when the data has labels; ``noise``: the
+    latent's sampling noise (runtime.latent_noises); ``group_noise``: a hierarchical decoder's
+    latent groups' noise by name (runtime.group_noises). Drawn for the global batch, so a step
+    trains the same however it is split."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    group_noise: dict | None = None
+
+    def inputs(self) -> dict:
+        """The model's keyword arguments for this micro-batch."""
+        found = {"noise": self.noise}
+        if self.labels is not None:
+            found["labels"] = self.labels
+        if self.group_noise:
+            found["group_noise"] = self.group_noise
+        return found
+
+
+@dataclass
 class StepResult:
+    """A step's loss (a float: checked for being finite), its logged terms, the KL weight and the
+    gradient norm. The terms stay on the device until read: one transfer when they are logged."""
+
     loss: float
-    terms: dict
+    raw_terms: dict
     kld_weight: float
     grad_norm: float
+    extra: dict = field(default_factory=dict)  # floats already on the CPU (the discriminator's terms)
+
+    @cached_property
+    def terms(self) -> dict[str, float]:
+        names = list(self.raw_terms)
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().cpu().reshape(())
+                              if not torch.is_tensor(v) or v.device.type == "cpu" else
+                              v.detach().double().reshape(()).cpu() for v in self.raw_terms.values()]) \
+            if names else torch.zeros(0)
+        return {**dict(zip(names, values.tolist())), **self.extra}
 
 
-def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None,
-               extras: TrainingExtras | None = None, labels=None, group_noises=None, guard=None) -> StepResult:
+def _as_micro(batches) -> list[MicroBatch]:
+    return [b if isinstance(b, MicroBatch) else MicroBatch(b) for b in batches]
+
+
+def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, objective: Objective | None = None,
+               guard=None, stage=None) -> StepResult:
     """One optimizer step over ``len(batches)`` micro-batches (gradient accumulation).
 
-    The forward pass runs under the runtime's autocast; the loss is computed in float32
-    outside it. ``noises``: per micro-batch sampling noise of the latent (see
-    runtime.sample_noise); dropout masks are drawn for the global batch too (layers/dropout.py).
-    ``extras``: the perceptual and adversarial terms (train/adversarial.py); with a
-    discriminator, it takes its own step after the VAE's, on the same images. ``labels``: per
-    micro-batch class labels (-1 = unlabelled), when the data has them; ``group_noises``: per
-    micro-batch noise of a hierarchical decoder's latent groups, by name; ``guard``: a
-    guard.SpikeGuard that may leave the update out (the step still counts).
+    ``batches``: MicroBatch objects (or image tensors alone). The forward pass runs under the
+    runtime's autocast; the loss (``objective``; built from ``cfg`` when not given) is computed
+    in float32 outside it. Dropout masks are drawn for the global batch (layers/dropout.py).
+    With a discriminator, it takes its own step after the VAE's, on the same images.
+    ``guard``: a guard.SpikeGuard that may leave the update out (the step still counts);
+    ``stage``: the training stage (stages.py): which terms are on and which weights are frozen.
     A plain model stands for an fp32, single-process runtime.
     """
     if isinstance(runtime, torch.nn.Module):
         runtime = Runtime.plain(runtime)
-    extras = extras or TrainingExtras()
-    adversary = extras.adversary if extras.adversary is not None and extras.adversary.active(step) else None
+    batches = _as_micro(batches)
+    if objective is None:
+        objective = Objective.from_config(cfg, tuple(batches[0].images.shape[1:]), device=batches[0].images.device)
+    on = None if stage is None else stage.terms
+    adversarial = objective.adversarial_active(step, on)
     optimizer.zero_grad(set_to_none=True)
-    output_kind = runtime.model.output
-    pairs = []
     split = None  # a split step's whole-batch statistics (global_batch.py)
-    if needs_global_batch(cfg, len(batches), runtime.dist.world_size):
-        split = global_batch(runtime, batches, cfg, step, noises, labels, group_noises)
+    if needs_global_batch(objective, cfg, len(batches), runtime.dist.world_size):
+        split = global_batch(runtime, batches, objective, cfg, step)
     likelihood = getattr(runtime.model, "likelihood", None)
     scale = likelihood.using_global_scale(split and split.log_scale) if hasattr(likelihood, "using_global_scale") \
         else contextlib.nullcontext()
     with scale:
-        loss_sum, totals, kld_weight = _micro_batches(runtime, batches, cfg, step, noises, labels, group_noises,
-                                                      extras, adversary, output_kind, pairs, split)
-    if not math.isfinite(loss_sum):
+        loss_sum, totals, kld_weight = _micro_batches(runtime, batches, cfg, step, objective, on, split)
+    loss_value = float(loss_sum)  # the step's one wait for the device: a non-finite loss stops here
+    if not math.isfinite(loss_value):
+        shown = StepResult(loss_value, totals, kld_weight, float("nan")).terms
         raise TrainingError(
-            f"the loss became {loss_sum} at step {step + 1} ({', '.join(f'{k}={v:.4g}' for k, v in totals.items())}). "
+            f"the loss became {loss_value} at step {step + 1} ({', '.join(f'{k}={v:.4g}' for k, v in shown.items())}). "
             "Lower train.lr, raise train.grad_clip or check the data"
         )
+    if stage is not None:
+        stage.drop_frozen_gradients()
     if runtime.scaler is not None:
         runtime.scaler.unscale_(optimizer)
     grad_norm = float("nan")
@@ -94,41 +137,38 @@ def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, noises=None
         runtime.scaler.update()
     elif not skipped:
         optimizer.step()
-    if adversary is not None:
-        totals.update(adversary.discriminator_step(pairs, runtime.autocast, step))
-    elif extras.adversary is not None:  # before adversarial.start: the columns exist, empty
-        totals.update(dict.fromkeys(extras.adversary.term_names, float("nan")))
-    return StepResult(loss_sum, totals, kld_weight, grad_norm)
+    extra = {}
+    if adversarial and (stage is None or stage.trains_discriminator):
+        extra = objective.discriminator_step(runtime.autocast, step)
+    else:
+        if adversarial:
+            objective.term("Adv").pairs.clear()
+        extra = dict.fromkeys(objective.discriminator_names()[2:], float("nan"))
+    return StepResult(loss_value, totals, kld_weight, grad_norm, extra)
 
 
-def _micro_batches(runtime, batches, cfg, step, noises, labels, group_noises, extras, adversary, output_kind,
-                   pairs, split):
-    """Forward and backward of every micro-batch; (loss, logged terms, KL weight) of the step."""
-    totals: dict[str, float] = {}
+def _micro_batches(runtime, batches, cfg, step, objective, on, split):
+    """Forward and backward of every micro-batch; (loss, logged terms, KL weight) of the step,
+    the loss and terms as tensors on the device."""
+    totals: dict = {}
     loss_sum, kld_weight = 0.0, 0.0
-    for index, images in enumerate(batches):
-        noise = noises[index] if noises else None
+    model = runtime.model
+    for index, micro in enumerate(batches):
+        images = micro.images
         masks = global_batch_masks(mask_key(cfg.train.seed, step, index), runtime.dist.rank, runtime.dist.world_size)
         with runtime.no_sync(last_micro_batch=index == len(batches) - 1), masks:
             with runtime.autocast():
-                inputs = {"labels": labels[index]} if labels else {}
-                if group_noises:
-                    inputs["group_noise"] = group_noises[index]
-                out = runtime.step_model(images, step=step, noise=noise, **inputs)
-            losses = vae_loss(images, out, cfg.loss, step, output=output_kind, model=runtime.model,
-                              perceptual=extras.perceptual, kl_means=split and split.kl_means)
-            if adversary is not None:
-                fake = runtime.model.loss_image(out.recon)
-                with runtime.autocast():
-                    g_adv = adversary.generator_term(fake)
-                weight = adversary.adaptive_weight(losses.total, g_adv, last_layer_weight(runtime.model.decoder))
-                losses.total = losses.total + cfg.adversarial.weight * weight * g_adv
-                losses.terms.update(g_adv=g_adv.detach(), adaptive_weight=weight)
-                pairs.append((images, fake.detach()))
+                out = runtime.step_model(images, step=step, **micro.inputs())
+            inputs = TermInputs(images, out, image_of(out.recon, model, model.output), model, step,
+                                labels=micro.labels, kl_means=split and split.kl_means, seed=cfg.train.seed,
+                                micro=index, rank=runtime.dist.rank, world_size=runtime.dist.world_size,
+                                autocast=runtime.autocast)
+            losses = objective(inputs, on)
             loss = losses.total / len(batches)
             (runtime.scaler.scale(loss) if runtime.scaler is not None else loss).backward()
-        loss_sum += losses.total.item() / len(batches)
+        loss_sum = loss_sum + losses.total.detach().double() / len(batches)
         for name, value in losses.terms.items():
-            totals[name] = totals.get(name, 0.0) + value.item() / len(batches)
+            value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+            totals[name] = totals.get(name, 0.0) + value / len(batches)
         kld_weight = losses.kld_weight
     return loss_sum, totals, kld_weight

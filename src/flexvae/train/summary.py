@@ -64,14 +64,14 @@ def announce(trainer, dataset) -> list[str]:
             use += (" and " if use else "") + "the class latent"
         lines.append(f"labels ({cfg.data.labels}): {dataset.labels.describe()}; used by "
                      + (use or "nothing: the model has no context token and no class latent"))
-    extras = trainer.extras
-    if extras.perceptual is not None or extras.adversary is not None:
-        parts = [f"LPIPS ({cfg.loss.perceptual_net}) x {cfg.loss.perceptual_weight:g}"] if extras.perceptual else []
-        if extras.adversary is not None:
-            acfg = cfg.adversarial
-            parts.append(f"{acfg.loss} discriminator of {extras.adversary.params:,} parameters from step {acfg.start}"
-                         + (" with the adaptive weight" if acfg.adaptive else ""))
-        lines.append("extra terms: " + "; ".join(parts))
+    objective = trainer.objective
+    line = f"objective ({cfg.loss.objective}): {objective.describe()}"
+    if objective.adversary is not None:
+        acfg = cfg.adversarial
+        line += (f"; {acfg.loss} discriminator of {objective.adversary.params:,} parameters"
+                 + (" with the adaptive weight" if acfg.adaptive else ""))
+    lines.append(line)
+    lines += trainer.stages.describe()
     lines += [f"note: {note}" for note in data_notes(dataset, cfg.data, per_step)]
     lines += [f"note: {note}" for note in trainer.runtime.notes]
     return lines

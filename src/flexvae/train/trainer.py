@@ -20,22 +20,22 @@ from ..data.cache import CachedLoader, fill_cache
 from ..device import resolve_device
 from ..errors import Interrupted, Terminated, TrainingError
 from ..files import RunLock
-from ..losses import check_loss_config
 from ..metrics import MetricsLog
+from ..objective import Objective, check_loss_config
 from ..outputs import writing_into
-from .adversarial import make_extras
 from .distributed import barrier, cleanup, from_environment, mean_across, setup
 from .ema import EMA
 from .guard import SpikeGuard
-from .run_dir import adopt_unrecorded_run, resume_lines, save_run_config, set_aside_run_outputs, tidy_resumed_run
+from .run_dir import adopt_unrecorded_run, check_resumable, resume_lines, save_run_config, set_aside_run_outputs, tidy_resumed_run
 from .rng import capture_rng_state, restore_rng_state, seed_everything, set_torch_rng_state, torch_rng_state
 from .runtime import group_noises, latent_noises, prepare
 from .sampler import StreamSampler
 from .signals import SigTerm, on_sigterm, raise_terminated
 from .samples import fixed_batch, write_samples
 from .summary import announce
+from .stages import Stages, set_peak_lr
 from .validation import validate, validation_batches
-from .step import StepResult, lr_factor, make_optimizer, random_flip, train_step
+from .step import MicroBatch, StepResult, lr_factor, make_optimizer, random_flip, train_step
 
 class Trainer:
     def __init__(self, cfg, config_path=None, fresh: bool = False, device: str | None = None, quiet: bool = False,
@@ -60,9 +60,12 @@ class Trainer:
         classes = None if self._dataset is None else self._dataset.labels.classes
         self.model, self.plan = model_from_config(cfg, config_path, device=self.device, classes=classes,
                                                   training_batch=cfg.train.batch_size)
-        check_loss_config(cfg.loss, self.plan.data_shape)
+        check_loss_config(cfg, self.plan.data_shape)
         self.runtime = prepare(self.model, cfg, self.device, self.dist)
-        self.extras = make_extras(cfg, config_path, self.plan.data_shape, self.device, self.dist)
+        # every loss term, the discriminator among them (objective/)
+        self.objective = Objective.from_config(cfg, self.plan.data_shape, config_path, self.device, self.dist)
+        self.stages = Stages(cfg, self.model, self.plan, self.objective, str(config_path or "config"), config_path)
+        self.stage = None  # the stage the last step ran in (stages.py)
         self.optimizer = make_optimizer(self.model, cfg.train)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.train))
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema else None
@@ -89,18 +92,7 @@ class Trainer:
         ckpt = load_checkpoint(found[-1])
         stored = ckpt.metadata
         now = checkpoint_metadata(self.cfg, self.plan, 0, self.cfg.model.scaling_factor)
-        if stored.get("classes") != now.get("classes"):
-            raise TrainingError(
-                f"{self.run_dir} holds a run trained on {len(stored.get('classes') or [])} label classes "
-                f"({found[-1].name}), but data.labels now gives {len(now.get('classes') or [])}"
-                + (f" ({', '.join(now['classes'][:10])})" if now.get("classes") else "")
-                + "; use --fresh to start over or choose another train.out_dir")
-        for key in ("encoder", "decoder", "data_shape"):
-            if stored.get(key) != now[key]:
-                raise TrainingError(
-                    f"{self.run_dir} holds a run with a different {key.replace('_', ' ')} "
-                    f"({found[-1].name}); use --fresh to start over or choose another train.out_dir"
-                )
+        check_resumable(self.run_dir, found[-1], stored, now)
         self.model.load_state_dict(ckpt.model_state)
         state = ckpt.train_state or {}
         if "optimizer" in state:
@@ -116,8 +108,8 @@ class Trainer:
                 self.guard.load_state_dict(state["guard"])
             except (TypeError, ValueError) as exc:
                 raise TrainingError(f"{found[-1]}: corrupt training state: {exc}") from None
-        if self.extras.adversary is not None and "adversarial" in state:
-            self.extras.adversary.load_state_dict(state["adversarial"], found[-1])
+        if self.objective.adversary is not None and "adversarial" in state:
+            self.objective.adversary.load_state_dict(state["adversarial"], found[-1])
         # Restored just before the first step (train()): building the loader and the summary
         # draw from the global RNG, which an uninterrupted run did before its first step.
         self._rng_state = state.get("rng")
@@ -133,11 +125,9 @@ class Trainer:
         """Loading the optimizer and scheduler states brings back the stored lr, betas and weight
         decay; the current config (saved as config.toml) is what the resumed run must use."""
         tcfg = self.cfg.train
-        lr = tcfg.lr * lr_factor(step, tcfg)
         for group, decay in zip(self.optimizer.param_groups, (tcfg.weight_decay, 0.0)):
-            group.update(lr=lr, initial_lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=decay)
-        self.scheduler.base_lrs = [tcfg.lr] * len(self.optimizer.param_groups)
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            group.update(betas=tuple(tcfg.betas), weight_decay=decay)
+        set_peak_lr(self.optimizer, self.scheduler, tcfg.lr, step, tcfg)
 
     def save(self) -> Path:
         meta = checkpoint_metadata(self.cfg, self.plan, self.step, self.model.scaling_factor)
@@ -149,8 +139,8 @@ class Trainer:
         }
         if self.runtime.scaler is not None:
             train_state["scaler"] = self.runtime.scaler.state_dict()
-        if self.extras.adversary is not None:
-            train_state["adversarial"] = self.extras.adversary.state_dict()
+        if self.objective.adversary is not None:
+            train_state["adversarial"] = self.objective.adversary.state_dict()
         if self.guard is not None:
             train_state["guard"] = self.guard.state_dict()
         path = save_checkpoint(
@@ -162,9 +152,12 @@ class Trainer:
         return path
 
     # ----------------------------------------------------------------- data
-    def _loader(self):
+    def _loader(self, image_size: int = 0):
+        """(dataset, loader) from the stream position on; ``image_size``: a stage's size (0 = data.image_size)."""
         data = self.cfg.data
         dataset = self._dataset if self._dataset is not None else open_training_data(self.cfg, self.config_path)
+        if image_size and image_size != data.image_size:
+            dataset = open_training_data(self.stages.sized(self.cfg, image_size), self.config_path, self.plan.classes)
         workers = data.num_workers
         note = dataset.enable_cache(data.cache, processes=self.dist.world_size)
         if note:
@@ -207,28 +200,37 @@ class Trainer:
         schedule and EMA; ``self.step`` advances."""
         if self.cfg.data.flip:
             micro = [random_flip(m, self.cfg.train.seed, self.step, i, self.dist) for i, m in enumerate(micro)]
+        if self.stages.at(self.step) is not self.stage:
+            self._enter_stage(self.stages.at(self.step))
         try:
-            tcfg = self.cfg.train
-            noises = latent_noises(self.model.latent, self.plan.latent_shape, micro, tcfg.seed, self.step, self.dist,
+            tcfg, plan = self.cfg.train, self.stages.plan_for(self.stage, self.plan)
+            noises = latent_noises(self.model.latent, plan.latent_shape, micro, tcfg.seed, self.step, self.dist,
                                    self.device)
-            groups = group_noises(self.plan.decoder.groups, micro, tcfg.seed, self.step, self.dist, self.device)
-            result = self._train_step(micro, noises, labels, groups)
+            groups = group_noises(plan.decoder.groups, micro, tcfg.seed, self.step, self.dist, self.device)
+            result = self._train_step([MicroBatch(images, labels[i] if labels else None, noises[i] if noises else None,
+                                                  groups[i] if groups else None) for i, images in enumerate(micro)])
         except TrainingError as exc:
             kept = (f"the last checkpoint ({self.last_saved.name}) is kept" if self.last_saved is not None
                     else "no checkpoint had been written yet")
             raise TrainingError(f"{exc}; {kept}") from None
         self.scheduler.step()
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.model, skip=self.stage.frozen_names() if self.stage is not None else ())
         self.step += 1
         return result
 
-    def _train_step(self, micro, noises, labels=None, group_noises=None) -> StepResult:
+    def _enter_stage(self, stage) -> None:
+        """Freeze what the stage does not train, set its learning rate, say so."""
+        self.stage = stage
+        self.stages.enter(stage, self.model, self.optimizer, self.scheduler, self.cfg.train, self.step, self.dist)
+        self.log(stage.title())
+
+    def _train_step(self, micro) -> StepResult:
         """A training step; when the compiled model fails on its first step, say so and
         train the same model without compilation."""
         def run():
-            return train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, noises, self.extras, labels,
-                              group_noises=group_noises, guard=self.guard)
+            return train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, self.objective,
+                              guard=self.guard, stage=self.stage)
 
         if not self.runtime.compiled or self._compile_verified:
             return run()
@@ -285,7 +287,7 @@ class Trainer:
         dataset, loader = self._loader()  # a missing data folder fails before the summary is printed
         self._announce(dataset)
         started = time.perf_counter()
-        batches = iter(loader)
+        batches, loader_size = iter(loader), 0
         fixed, fixed_labels = fixed_batch(dataset, self.cfg.train.seed, self.device, self.cfg.data.path)
         validation = validation_batches(self.cfg, self.skips, self.plan.classes)
         metrics = MetricsLog(self.run_dir) if self.dist.is_main else None
@@ -300,13 +302,17 @@ class Trainer:
         try:
             while self.step < tcfg.max_steps:
                 step_rng = torch_rng_state()  # what a Ctrl-C before this step completes saves
+                size = self.stages.image_size_at(self.step, self.cfg.data.image_size)
+                if size != (loader_size or self.cfg.data.image_size):  # a stage trains at another size
+                    batches, loader_size = iter(self._loader(size)[1]), size
                 pairs = [self._next_batch(batches) for _ in range(tcfg.grad_accum)]
                 micro, labels = [p[0] for p in pairs], [p[1] for p in pairs]
                 result = self.step_once(micro, labels if self._dataset is not None else None)
                 self.stream_position, step_rng = self._read_position, None
                 self._images_seen += sum(m.shape[0] for m in micro)
                 progress.update(1)
-                progress.set_postfix({k: f"{v:.4g}" for k, v in {"loss": result.loss, **result.terms}.items()})
+                if self.step % tcfg.log_every == 0:  # the terms leave the device once per logging step
+                    progress.set_postfix({k: f"{v:.4g}" for k, v in {"loss": result.loss, **result.terms}.items()})
                 self._after_step(result, metrics, (fixed, fixed_labels), validation)
         except (KeyboardInterrupt, SigTerm) as exc:
             progress.close()
@@ -357,7 +363,7 @@ class Trainer:
                 **self.model.metrics(),  # quantizer diagnostics (codebook usage...), not losses
             }
             if validation and tcfg.val_every and (self.step % tcfg.val_every == 0 or last):
-                row.update(validate(self.model, self.runtime, validation, self.cfg.loss))
+                row.update(validate(self.model, self.runtime, validation, self.objective))
             if metrics is not None:
                 metrics.write(row)
             self._tick, self._images_seen = time.perf_counter(), 0

@@ -6,7 +6,6 @@ import torch
 
 from ..data import make_loader, open_dataset
 from ..data.labels import read_labels
-from ..losses import reconstruction_loss
 from ..metrics import psnr
 
 
@@ -32,23 +31,22 @@ def validation_batches(cfg, skips, classes=None):
 
 
 @torch.no_grad()
-def validate(model, runtime, batches, loss_cfg) -> dict:
+def validate(model, runtime, batches, objective) -> dict:
     """Mean MSE and PSNR of the posterior means' reconstructions on the validation images, and
-    the reconstruction loss (weighted objective) or the NLL in nats per image (elbo objective)."""
+    the reconstruction loss (weighted objective) or the NLL in nats per image (elbo objective),
+    as the run's ``objective`` computes it."""
     model.eval()
     recon_loss, mse, psnr_sum, count = 0.0, 0.0, 0.0, 0
+    name = "val_recon"
     for images, labels in batches:
         images = runtime.to_input(images)
         out = model(images, sample=False, labels=None if labels is None else labels.to(images.device))
         n = images.shape[0]
-        if model.likelihood is not None:
-            recon_loss += -model.likelihood.log_prob(out.recon, images).sum().item()
-        else:
-            recon_loss += reconstruction_loss(out.recon, images, loss_cfg.recon).item() * n
+        name, value = objective.reconstruction(model, out.recon, images)
+        recon_loss += value.item()
         image = model.to_image(out.recon)
         mse += (image.float() - images.float()).pow(2).flatten(1).mean(1).sum().item()
         psnr_sum += psnr(image, images).sum().item()
         count += n
     model.train()
-    name = "val_nll" if model.likelihood is not None else "val_recon"
     return {name: recon_loss / count, "val_mse": mse / count, "val_psnr": psnr_sum / count}

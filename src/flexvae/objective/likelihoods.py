@@ -36,8 +36,20 @@ GREY_LEVELS_PER_UNIT = 127.5  # 8-bit grey levels per unit of x in [-1, 1]
 LOG_SCALE_MIN = -6.0  # sigma >= 0.0025, a third of a grey level: keeps the density finite
 HALF_BIN = 1.0 / 255  # half the distance between two 8-bit levels in [-1, 1]
 RUNNING_MOMENTUM = 0.01
-LIKELIHOODS = ("gaussian", "laplace", "bernoulli", "logistic_mixture")
 SCALES = ("fixed", "learned", "channel", "optimal")
+# name -> Likelihood class; each class registers itself with @register_likelihood beside its code.
+LIKELIHOODS: dict[str, type] = {}
+
+
+def register_likelihood(name: str):
+    """Class decorator: ``loss.likelihood = name`` builds this class with ``from_settings``."""
+    def decorator(cls):
+        if name in LIKELIHOODS and LIKELIHOODS[name] is not cls:
+            raise ValueError(f"likelihood {name!r} is already registered by {LIKELIHOODS[name].__module__}")
+        cls.name = name
+        LIKELIHOODS[name] = cls
+        return cls
+    return decorator
 
 
 class _LowerBound(torch.autograd.Function):
@@ -67,6 +79,11 @@ class Likelihood(nn.Module):
     name = ""
     output = "value"  # what the decoder outputs: 'value', 'logits' or 'mixture'
     is_mass = False  # a probability mass over 8-bit levels rather than a density
+
+    @classmethod
+    def from_settings(cls, channels: int, loss) -> "Likelihood":
+        """Built from the [loss] settings (``loss.scale``, ``loss.scale_value`` ...)."""
+        return cls()
 
     def param_channels(self, channels: int) -> int:
         return channels
@@ -109,6 +126,10 @@ class _ScaledLikelihood(Likelihood):
             self.register_buffer("running_log_scale", torch.full((1,), start))
         else:
             self.register_buffer("fixed_log_scale", torch.full((1,), start))
+
+    @classmethod
+    def from_settings(cls, channels, loss):
+        return cls(channels, loss.scale, loss.scale_value)
 
     def batch_log_scale(self, error: torch.Tensor) -> torch.Tensor:
         """The maximum-likelihood log scale of this batch's errors (x - mean)."""
@@ -192,8 +213,8 @@ def discretized_log_mass(name: str, mean: torch.Tensor, x: torch.Tensor, log_sca
     return log_bin.flatten(1).sum(1)
 
 
+@register_likelihood("gaussian")
 class Gaussian(_ScaledLikelihood):
-    name = "gaussian"
 
     def batch_log_scale(self, error):
         return 0.5 * error.float().pow(2).mean().clamp(min=1e-12).log()
@@ -205,8 +226,8 @@ class Gaussian(_ScaledLikelihood):
         return ll.flatten(1).sum(1)
 
 
+@register_likelihood("laplace")
 class Laplace(_ScaledLikelihood):
-    name = "laplace"
 
     def batch_log_scale(self, error):
         return error.float().abs().mean().clamp(min=1e-12).log()
@@ -218,8 +239,8 @@ class Laplace(_ScaledLikelihood):
         return ll.flatten(1).sum(1)
 
 
+@register_likelihood("bernoulli")
 class Bernoulli(Likelihood):
-    name = "bernoulli"
     output = "logits"
     is_mass = True
 
@@ -231,6 +252,7 @@ class Bernoulli(Likelihood):
         return torch.sigmoid(params) * 2 - 1
 
 
+@register_likelihood("logistic_mixture")
 class LogisticMixture(Likelihood):
     """Discretized mixture of logistics over 256 levels (see the module docstring).
 
@@ -238,7 +260,6 @@ class LogisticMixture(Likelihood):
     C(C-1)/2*K coefficients (pairs (1,0), (2,0), (2,1), ...), each block laid out (C, K).
     """
 
-    name = "logistic_mixture"
     output = "mixture"
     is_mass = True
 
@@ -248,6 +269,10 @@ class LogisticMixture(Likelihood):
             raise ValueError(f"components must be at least 1, got {components}")
         self.channels, self.components = channels, components
         self.pairs = channels * (channels - 1) // 2
+
+    @classmethod
+    def from_settings(cls, channels, loss):
+        return cls(channels, loss.mixture_components)
 
     def param_channels(self, channels: int) -> int:
         return self.components * (1 + 2 * channels + channels * (channels - 1) // 2)
@@ -309,12 +334,10 @@ class LogisticMixture(Likelihood):
 
 def make_likelihood(name: str, channels: int, scale: str = "learned", scale_value: float = 0.1,
                     components: int = 10) -> Likelihood:
-    if name == "gaussian":
-        return Gaussian(channels, scale, scale_value)
-    if name == "laplace":
-        return Laplace(channels, scale, scale_value)
-    if name == "bernoulli":
-        return Bernoulli()
-    if name == "logistic_mixture":
-        return LogisticMixture(channels, components)
-    raise ValueError(f"unknown likelihood {name!r}; expected one of {', '.join(LIKELIHOODS)}")
+    """The registered likelihood ``name`` for images of ``channels`` channels."""
+    from types import SimpleNamespace
+
+    if name not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {name!r}; expected one of {', '.join(LIKELIHOODS)}")
+    settings = SimpleNamespace(scale=scale, scale_value=scale_value, mixture_components=components)
+    return LIKELIHOODS[name].from_settings(channels, settings)

@@ -1,6 +1,6 @@
-"""The terms beyond the VAE's own loss: LPIPS and a patch discriminator (the latent-diffusion recipe).
+"""The adversarial term and its discriminator (the latent-diffusion recipe).
 
-Each optimizer step, from ``adversarial.start`` on:
+Each optimizer step, from the term's start (``adversarial.start``) on:
 
 1. the generator (the VAE) adds ``weight * lambda * g_adv`` to its loss, g_adv = -mean D(x_hat)
    (hinge) or softplus(-D(x_hat)) (non-saturating); with ``adaptive``, lambda = |grad of the
@@ -22,29 +22,54 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .distributed import DistInfo
-from .schedule import lr_factor
+from ..train.distributed import DistInfo
+from ..train.schedule import lr_factor
+from .term import Term, register_term
 
 ADAPTIVE_EPS = 1e-4
 
 
-class TrainingExtras:
-    """What a training step adds to the VAE's loss: ``perceptual`` (an LPIPS module) and
-    ``adversary`` (an Adversary); either may be None."""
+@register_term("Adv", doc="the generator's adversarial term against the [adversarial] discriminator, times "
+                          "the adaptive weight (weight and start default to adversarial.weight and .start)")
+class Adv(Term):
+    """g_adv of the reconstruction, times the adaptive weight; the discriminator (``adversary``,
+    built in ``setup``) takes its own step after the VAE's (Objective.discriminator_step)."""
 
-    def __init__(self, perceptual=None, adversary=None):
-        self.perceptual, self.adversary = perceptual, adversary
+    log_name = "g_adv"
+    needs_rest = True
 
+    def __init__(self, settings=None):
+        super().__init__()
+        self.adversary = None
+        self.pairs = []  # this step's (real, detached fake) micro-batches, for the discriminator's step
 
-def make_extras(cfg, config_path, data_shape, device, dist: DistInfo | None = None) -> TrainingExtras:
-    perceptual = adversary = None
-    if cfg.loss.perceptual_weight > 0:
-        from ..perceptual import load_perceptual
+    def logged(self):
+        return ("g_adv", "adaptive_weight")
 
-        perceptual = load_perceptual(cfg.loss.perceptual_net, cfg.loss.perceptual_weights, device)
-    if cfg.adversarial.discriminator:
-        adversary = Adversary(cfg, config_path, data_shape, device, dist or DistInfo())
-    return TrainingExtras(perceptual, adversary)
+    def check(self, data_shape, objective):
+        pass  # the discriminator is traced against the data in setup (StructureError on mismatch)
+
+    def setup(self, device, cfg=None, config_path=None, data_shape=None, dist=None, **context):
+        if not cfg.adversarial.discriminator:
+            raise ConfigError("the Adv term needs a discriminator: set adversarial.discriminator "
+                              "(e.g. \"structures/small_discriminator.json\")")
+        self.__dict__["adversary"] = Adversary(cfg, config_path, data_shape, device, dist or DistInfo())
+
+    def forward(self, batch):
+        fake = batch.model.loss_image(batch.out.recon)
+        with batch.autocast():
+            g_adv = self.adversary.generator_term(fake)
+        weight = self.adversary.adaptive_weight(batch.rest, g_adv, last_layer_weight(batch.model.decoder))
+        batch.extra["adaptive_weight"] = weight
+        self.pairs.append((batch.x, fake.detach()))
+        return g_adv
+
+    def contribution(self, weight, value, batch):
+        return weight * batch.extra["adaptive_weight"] * value
+
+    def discriminator_step(self, autocast, step: int) -> dict:
+        pairs, self.pairs = self.pairs, []
+        return self.adversary.discriminator_step(pairs, autocast, step)
 
 
 def plan_discriminator(value, data_shape, config_path=None):
