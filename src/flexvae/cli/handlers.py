@@ -20,6 +20,19 @@ def layers(args) -> int:
     return 0
 
 
+def terms(args) -> int:
+    from ..assemble import load_plugins
+    from ..objective import TERMS
+    from ..objective.schedule import __doc__ as schedules
+
+    cfg, config_path = common.load_config(args)
+    load_plugins(cfg.model.plugins, config_path)  # a plugin may register terms too
+    print(TERMS.table())
+    print("\nEvery term also takes" + schedules.split("Every term token takes these keywords beside its own "
+                                                   "arguments:", 1)[1].split('``"KL', 1)[0].rstrip())
+    return 0
+
+
 def check(args) -> int:
     from ..assemble import plan_from_config
     from ..fits import fit_warning

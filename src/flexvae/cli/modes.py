@@ -30,6 +30,8 @@ MODES = [
     Mode("-mem", "mem", "find the largest training batch size that fits on the device", handlers.mem),
     Mode("--check", "check", "build and check the structures; print the per-layer table", handlers.check),
     Mode("--layers", "layers", "list every layer token with its arguments", handlers.layers),
+    Mode("--terms", "terms", "list every loss term token (loss.terms) with its arguments and the schedule keywords",
+         handlers.terms),
     Mode("-eval", "evaluate", "evaluate a checkpoint on a folder: MSE, PSNR, SSIM, MS-SSIM, KL per channel, "
                               "active units, importance-sampled NLL under the model's likelihood, and with "
                               "--input2 LABELLED the generation score of prior samples (conditional models: of "

@@ -106,14 +106,16 @@ def _word_message(name: str, word: str) -> str:
     )
 
 
-def parse_token(text: str, source: str | None = None, position: int | None = None) -> TokenSpec:
-    """Parse one token; raise StructureError naming the file, position and token."""
+def parse_token(text: str, source: str | None = None, position: int | None = None, what: str = "layer") -> TokenSpec:
+    """Parse one token; raise StructureError naming the file, position and token. ``what``: what
+    the token names, for the messages ('layer', or 'term' for loss terms)."""
 
     def fail(message: str) -> StructureError:
         return StructureError(message, source=source, position=position, token=text)
 
     if not isinstance(text, str):
-        raise fail(f"expected a token string such as \"C2d_3_64_3_1_1\", found {type(text).__name__}")
+        example = "C2d_3_64_3_1_1" if what == "layer" else "KL_weight=1e-4"
+        raise fail(f"expected a token string such as \"{example}\", found {type(text).__name__}")
     body = text.strip()
     checkpoint = None
     if body.startswith("@"):
@@ -137,7 +139,7 @@ def parse_token(text: str, source: str | None = None, position: int | None = Non
 
     name, *pieces = body.split("_")
     if not _NAME.match(name):
-        raise fail(f"layer name {name!r} must start with a letter and hold only letters and digits")
+        raise fail(f"{what} name {name!r} must start with a letter and hold only letters and digits")
 
     args: list = []
     kwargs: dict = {}

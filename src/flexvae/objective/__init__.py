@@ -52,6 +52,9 @@ def check_loss_config(cfg, data_shape) -> None:
     if cfg.loss.balance == "learned" and cfg.loss.objective != "weighted":
         raise ConfigError("loss.balance = 'learned' applies to the weighted objective; with loss.objective = "
                           "'elbo' the likelihood's learned scale (loss.scale = 'learned') balances the terms")
+    from .legacy import check_term_keys
+
+    check_term_keys(cfg)
     Objective.from_config(cfg, data_shape, setup=False)
 
 

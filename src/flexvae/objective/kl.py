@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .term import Arg, Term, register_term
+from .term import FROM_CONFIG, Arg, Term, register_term
 
 
 def kl_per_image(posterior, free_bits: float = 0.0, groups=None, kl_means=None) -> torch.Tensor:
@@ -42,19 +42,22 @@ def kld_term(posterior, reduction: str, free_bits: float = 0.0, groups=None, kl_
     raise ValueError(f"unknown KL reduction {reduction!r}")
 
 
-@register_term("KL", Arg("reduction", str, "", "weighted objective: mean (per latent element) or sum (per "
-                                                "image); default loss.kld_reduction", choices=("", "mean", "sum")),
-               Arg("free_bits", float, -1.0, "KL floor in nats per latent channel; default loss.free_bits"),
+@register_term("KL", Arg("reduction", str, FROM_CONFIG, "weighted objective: mean (per latent element) or sum "
+                                                         "(per image); default loss.kld_reduction",
+                         choices=("mean", "sum")),
+               Arg("free_bits", float, FROM_CONFIG, "KL floor in nats per latent channel; default loss.free_bits"),
                doc="KL(q(z|x) || p(z)) of the latent and every latent group (elbo: nats per image)")
 class KL(Term):
     log_name = "kld"
 
-    def __init__(self, reduction: str = "", free_bits: float = -1.0, settings=None, objective: str = "weighted"):
+    def __init__(self, reduction=FROM_CONFIG, free_bits=FROM_CONFIG, settings=None, objective: str = "weighted"):
         super().__init__()
+        if free_bits is not FROM_CONFIG and free_bits < 0:
+            raise ValueError(f"free_bits must be at least 0, found {free_bits}")
         self.elbo = objective == "elbo"
         self.per_image = self.elbo
-        self.reduction = reduction or (settings.kld_reduction if settings is not None else "mean")
-        self.free_bits = free_bits if free_bits >= 0 else (settings.free_bits if settings is not None else 0.0)
+        self.reduction = reduction if reduction is not FROM_CONFIG else getattr(settings, "kld_reduction", "mean")
+        self.free_bits = free_bits if free_bits is not FROM_CONFIG else getattr(settings, "free_bits", 0.0)
 
     def logged(self):
         return ("kld",)

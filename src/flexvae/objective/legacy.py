@@ -69,7 +69,7 @@ def reconstruction_kind(cfg) -> str:
     from ..dsl.grammar import parse_token
 
     for position, text in enumerate(cfg.loss.terms, start=1):
-        spec = parse_token(text, source="loss.terms", position=position)
+        spec = parse_token(text, source="loss.terms", position=position, what="term")
         if spec.name == "Recon":
             return spec.kwargs.get("kind", spec.args[0] if spec.args else "mse")
     return cfg.loss.recon

@@ -79,13 +79,16 @@ class Objective(nn.Module):
         tokens = list(cfg.loss.terms) or legacy_term_tokens(cfg)
         terms, schedules, names = [], [], []
         for position, text in enumerate(tokens, start=1):
-            spec = parse_token(text, source=source, position=position)
+            spec = parse_token(text, source=source, position=position, what="term")
             kind, kwargs = _bind(spec, tuple(data_shape))
             defaults = {}
             if spec.name == "Adv":  # its weight and start default to the [adversarial] keys
                 defaults = {"weight": cfg.adversarial.weight, "start": cfg.adversarial.start}
             schedule = Schedule.from_spec(spec, defaults)
-            term = kind.factory(**kwargs, **_context_arguments(kind.factory, cfg))
+            try:
+                term = kind.factory(**kwargs, **_context_arguments(kind.factory, cfg))
+            except ValueError as exc:  # an argument out of its range
+                raise spec.error(str(exc)) from None
             try:
                 term.check(tuple(data_shape), cfg.loss.objective)
             except ConfigError as exc:

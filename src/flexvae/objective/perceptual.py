@@ -7,21 +7,21 @@ VGG16 or AlexNet backbone); ``loss.perceptual_weights`` says where the backbone'
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .term import Arg, Term, register_term
+from .term import FROM_CONFIG, Arg, Term, register_term
 
 # The smallest image each LPIPS backbone's pooling stages leave at least one position of.
 PERCEPTUAL_MIN_SIZE = {"vgg": 16, "alex": 31}
 
 
-@register_term("LPIPS", Arg("net", str, "", "vgg (VGG16) or alex (AlexNet); default loss.perceptual_net",
-                            choices=("", "vgg", "alex")),
+@register_term("LPIPS", Arg("net", str, FROM_CONFIG, "vgg (VGG16) or alex (AlexNet); default loss.perceptual_net",
+                            choices=("vgg", "alex")),
                doc="LPIPS perceptual distance of the reconstruction (needs the lpips extra)")
 class LPIPS(Term):
     log_name = "perceptual"
 
-    def __init__(self, net: str = "", settings=None):
+    def __init__(self, net=FROM_CONFIG, settings=None):
         super().__init__()
-        self.net = net or (settings.perceptual_net if settings is not None else "vgg")
+        self.net = net if net is not FROM_CONFIG else getattr(settings, "perceptual_net", "vgg")
         self.weights = settings.perceptual_weights if settings is not None else ""
         self.distance = None
 

@@ -27,7 +27,19 @@ import torch.nn as nn
 from ..registry import Arg, Registry
 from ..utils import did_you_mean
 
-__all__ = ["Arg", "TERMS", "Term", "TermInputs", "register_term"]
+__all__ = ["Arg", "FROM_CONFIG", "TERMS", "Term", "TermInputs", "register_term"]
+
+
+class _FromConfig:
+    """The default of a term argument whose value comes from the [loss] section's key."""
+
+    def __str__(self) -> str:
+        return "[loss]"
+
+    __repr__ = __str__
+
+
+FROM_CONFIG = _FromConfig()
 
 
 @dataclass

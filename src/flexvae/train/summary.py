@@ -62,8 +62,10 @@ def announce(trainer, dataset) -> list[str]:
         use = ("context tokens" if trainer.model.encoder.takes_labels or trainer.model.decoder.takes_labels else "")
         if trainer.model.latent.class_count is not None:
             use += (" and " if use else "") + "the class latent"
+        if trainer.objective.term("Align") is not None:
+            use += (" and " if use else "") + "the Align term"
         lines.append(f"labels ({cfg.data.labels}): {dataset.labels.describe()}; used by "
-                     + (use or "nothing: the model has no context token and no class latent"))
+                     + (use or "nothing: the model has no context token, no class latent and no Align term"))
     objective = trainer.objective
     line = f"objective ({cfg.loss.objective}): {objective.describe()}"
     if objective.adversary is not None:

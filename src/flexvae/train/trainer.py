@@ -223,7 +223,7 @@ class Trainer:
         """Freeze what the stage does not train, set its learning rate, say so."""
         self.stage = stage
         self.stages.enter(stage, self.model, self.optimizer, self.scheduler, self.cfg.train, self.step, self.dist)
-        self.log(stage.title())
+        self.log(f"step {self.step}: {stage.title()}")
 
     def _train_step(self, micro) -> StepResult:
         """A training step; when the compiled model fails on its first step, say so and
@@ -356,7 +356,7 @@ class Trainer:
             row = {
                 "step": self.step, **values,
                 "kld_weight": result.kld_weight, "lr": self.scheduler.get_last_lr()[0],
-                "grad_norm": result.grad_norm,
+                "grad_norm": result.grad_norm, **({"stage": self.stage.number} if self.stage is not None else {}),
                 **({} if self.guard is None else {"skipped": self.guard.skipped,
                                                    "skip_threshold": self.guard.threshold()}),
                 "images_per_s": self._images_seen * self.dist.world_size / max(elapsed, 1e-9),
