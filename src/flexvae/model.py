@@ -58,27 +58,31 @@ class Stack(nn.Sequential):
         return out
 
     def forward_aux(self, x, context=None):
-        from torch.utils.checkpoint import checkpoint
-
         aux = {}
         recompute_allowed = self.grad_checkpointing != "off" and self.training and torch.is_grad_enabled()
-        for start, end, recompute in self.segments(self.grad_checkpointing if recompute_allowed else "off"):
+        mode = self.grad_checkpointing if recompute_allowed else "off"
+        if mode == "off":  # one run of every layer (no segments to work out)
+            return self._run(x, 0, len(self), context, aux), aux
+        from torch.utils.checkpoint import checkpoint
+
+        for start, end, recompute in self.segments(mode):
             if recompute:
                 x = checkpoint(self._run, x, start, end, context, use_reentrant=False)
-                continue
-            for index in range(start, end):
-                if self.aux_flags[index]:
-                    x, losses = self[index](x)
-                    aux.update({f"{name}_{index}": value for name, value in losses.items()})
-                elif self.context_flags[index]:
-                    x = self[index](x, context)
-                else:
-                    x = self[index](x)
+            else:
+                x = self._run(x, start, end, context, aux)
         return x, aux
 
-    def _run(self, x, start: int, end: int, context=None):
+    def _run(self, x, start: int, end: int, context=None, aux: dict | None = None):
+        """Layers start..end-1; the auxiliary losses of aux layers go into ``aux`` (never recomputed)."""
+        layers = list(self._modules.values())  # (indexing a Sequential walks it: O(n) a layer)
         for index in range(start, end):
-            x = self[index](x, context) if self.context_flags[index] else self[index](x)
+            if self.aux_flags[index]:
+                x, losses = layers[index](x)
+                aux.update({f"{name}_{index}": value for name, value in losses.items()})
+            elif self.context_flags[index]:
+                x = layers[index](x, context)
+            else:
+                x = layers[index](x)
         return x
 
     def forward(self, x, context=None):

@@ -65,6 +65,8 @@ class KL(Term):
     def forward(self, batch):
         out = batch.out
         if self.elbo:  # logged: the true KL; in the loss: with free bits
-            batch.extra["kld"] = out.kl().mean()
-            return kl_per_image(out.posterior, self.free_bits, out.groups, batch.kl_means)
+            value = kl_per_image(out.posterior, self.free_bits, out.groups, batch.kl_means)
+            if self.free_bits > 0 or out.groups:  # else the same number
+                batch.extra["kld"] = out.kl().mean()
+            return value
         return kld_term(out.posterior, self.reduction, self.free_bits, out.groups, batch.kl_means)

@@ -179,6 +179,8 @@ class Objective(nn.Module):
         return self.term("Adv").discriminator_step(autocast, step)
 
     def discriminator_names(self) -> tuple[str, ...]:
+        if "Adv" not in self.names:
+            return ()
         adversary = self.adversary
         return () if adversary is None else adversary.term_names
 

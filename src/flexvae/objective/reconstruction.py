@@ -40,10 +40,11 @@ class NLL(Term):
     def forward(self, batch):
         likelihood = batch.model.likelihood
         nll = -likelihood.log_prob(batch.out.recon, batch.x)
-        with torch.no_grad():  # bits/dim of the mass of each value's 8-bit bin: never below 0
-            kl = batch.out.kl()
-            batch.extra["bpd"] = likelihood.bits_per_dim(
-                -likelihood.log_mass(batch.out.recon, batch.x).float() + kl.float(), batch.x[0].numel()).mean()
+        if batch.log:
+            with torch.no_grad():  # bits/dim of the mass of each value's 8-bit bin: never below 0
+                kl = batch.out.kl()
+                batch.extra["bpd"] = likelihood.bits_per_dim(
+                    -likelihood.log_mass(batch.out.recon, batch.x).float() + kl.float(), batch.x[0].numel()).mean()
         return nll.mean()
 
 

@@ -64,6 +64,7 @@ class TermInputs:
     kl_means: list | None = None
     seed: int = 0
     micro: int = 0
+    log: bool = True  # this step's values are logged: terms compute what they only log (bits/dim) then
     rank: int = 0  # this process, of world_size: per-image draws are made for the global batch and sliced
     world_size: int = 1
     rest: torch.Tensor | None = None

@@ -86,7 +86,7 @@ def _as_micro(batches) -> list[MicroBatch]:
 
 
 def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, objective: Objective | None = None,
-               guard=None, stage=None) -> StepResult:
+               guard=None, stage=None, log: bool = True) -> StepResult:
     """One optimizer step over ``len(batches)`` micro-batches (gradient accumulation).
 
     ``batches``: MicroBatch objects (or image tensors alone). The forward pass runs under the
@@ -94,7 +94,8 @@ def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, objective: 
     in float32 outside it. Dropout masks are drawn for the global batch (layers/dropout.py).
     With a discriminator, it takes its own step after the VAE's, on the same images.
     ``guard``: a guard.SpikeGuard that may leave the update out (the step still counts);
-    ``stage``: the training stage (stages.py): which terms are on and which weights are frozen.
+    ``stage``: the training stage (stages.py): which terms are on and which weights are frozen;
+    ``log``: whether this step is logged (False: terms skip what they only log, such as bits/dim).
     A plain model stands for an fp32, single-process runtime.
     """
     if isinstance(runtime, torch.nn.Module):
@@ -112,7 +113,7 @@ def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, objective: 
     scale = likelihood.using_global_scale(split and split.log_scale) if hasattr(likelihood, "using_global_scale") \
         else contextlib.nullcontext()
     with scale:
-        loss_sum, totals, kld_weight = _micro_batches(runtime, batches, cfg, step, objective, on, split)
+        loss_sum, totals, kld_weight = _micro_batches(runtime, batches, cfg, step, objective, on, split, log)
     loss_value = float(loss_sum)  # the step's one wait for the device: a non-finite loss stops here
     if not math.isfinite(loss_value):
         shown = StepResult(loss_value, totals, kld_weight, float("nan")).terms
@@ -147,7 +148,7 @@ def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, objective: 
     return StepResult(loss_value, totals, kld_weight, grad_norm, extra)
 
 
-def _micro_batches(runtime, batches, cfg, step, objective, on, split):
+def _micro_batches(runtime, batches, cfg, step, objective, on, split, log=True):
     """Forward and backward of every micro-batch; (loss, logged terms, KL weight) of the step,
     the loss and terms as tensors on the device."""
     totals: dict = {}
@@ -162,7 +163,7 @@ def _micro_batches(runtime, batches, cfg, step, objective, on, split):
             inputs = TermInputs(images, out, image_of(out.recon, model, model.output), model, step,
                                 labels=micro.labels, kl_means=split and split.kl_means, seed=cfg.train.seed,
                                 micro=index, rank=runtime.dist.rank, world_size=runtime.dist.world_size,
-                                autocast=runtime.autocast)
+                                autocast=runtime.autocast, log=log)
             losses = objective(inputs, on)
             loss = losses.total / len(batches)
             (runtime.scaler.scale(loss) if runtime.scaler is not None else loss).backward()

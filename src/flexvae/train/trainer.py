@@ -229,8 +229,9 @@ class Trainer:
         """A training step; when the compiled model fails on its first step, say so and
         train the same model without compilation."""
         def run():
-            return train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, self.objective,
-                              guard=self.guard, stage=self.stage)
+            done = self.step + 1
+            return train_step(self.runtime, micro, self.optimizer, self.cfg, self.step, self.objective, guard=self.guard,
+                              stage=self.stage, log=done % self.cfg.train.log_every == 0 or done == self.cfg.train.max_steps)
 
         if not self.runtime.compiled or self._compile_verified:
             return run()
