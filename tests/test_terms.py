@@ -244,7 +244,7 @@ def test_second_view_is_seeded_and_split_like_the_flips():
 
 def _nt_xent_reference(a, b, temperature):
     """Symmetric InfoNCE by loops in float64."""
-    a, b = F.normalize(a.double(), dim=1), F.normalize(b.double(), dim=1)
+    a, b = F.normalize(a.detach().double(), dim=1), F.normalize(b.detach().double(), dim=1)
     n, total = len(a), 0.0
     for first, second in ((a, b), (b, a)):
         for i in range(n):
@@ -290,3 +290,24 @@ def test_align_term_against_a_reference():
 def test_align_needs_labels(tmp_path):
     with pytest.raises(ConfigError, match="Align term needs class labels"):
         _train(tmp_path, "align", 'loss.terms=["Recon", "Align"]')
+
+
+@pytest.mark.slow
+def test_shipped_presets_train_the_weights_they_trained_before_the_objective_module(tmp_path):
+    """The default, digits, VQ and GAN presets, 3 steps each: every tensor's sum as the code before
+    objective/ existed gave it (tests/data/preset_sums.json; equal to the bit on the machine that
+    wrote it, within float tolerance on another CPU)."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers.preset_sums import PRESETS, REPO, preset_sums
+
+    reference = json.loads((REPO / "tests" / "data" / "preset_sums.json").read_text())
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_digits.py"), str(tmp_path / "digits"),
+                    "--holdout", "0.25"], check=True, capture_output=True)
+    for name in PRESETS:
+        now = preset_sums(name, tmp_path / name, tmp_path / "digits" / "train")
+        assert set(now) == set(reference[name]), name
+        for key, value in reference[name].items():
+            assert now[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (name, key)
