@@ -137,8 +137,13 @@ def make_likelihood(cfg, channels: int):
     loss = cfg.loss
     if loss.objective != "elbo":
         return None
-    return likelihoods.make_likelihood(loss.likelihood, channels, loss.scale, loss.scale_value,
-                                       loss.mixture_components)
+    if loss.likelihood not in likelihoods.LIKELIHOODS:
+        from .utils import did_you_mean
+
+        names = list(likelihoods.LIKELIHOODS)
+        raise ConfigError(f"loss.likelihood = {loss.likelihood!r} is not a likelihood.{did_you_mean(loss.likelihood, names)}"
+                          f" Choose one of {', '.join(names)} (or register one in a model.plugins module)")
+    return likelihoods.LIKELIHOODS[loss.likelihood].from_settings(channels, loss)
 
 
 def plan_specs(encoder, decoder, shape, cfg, classes=None) -> VAEPlan:
@@ -196,7 +201,8 @@ def plan_from_config(cfg, config_path=None, classes=None) -> VAEPlan:
 
 def output_kind(cfg) -> str:
     if cfg.loss.objective == "elbo":
-        return {"bernoulli": "logits", "logistic_mixture": "mixture"}.get(cfg.loss.likelihood, "value")
+        kind = likelihoods.LIKELIHOODS.get(cfg.loss.likelihood)
+        return "value" if kind is None else kind.output
     from .objective.legacy import reconstruction_kind
 
     return "logits" if reconstruction_kind(cfg) == "bce" else "value"

@@ -65,8 +65,9 @@ class LossConfig:
     objective: Literal["weighted", "elbo"] = setting(
         "weighted", "weighted: alpha * recon + kld_weight * KL, per-element means (the original FlexVAE); "
         "elbo: the likelihood's NLL + kld_weight * KL, summed per image (kld_weight = 1 is the ELBO)")
-    likelihood: Literal["gaussian", "laplace", "bernoulli", "logistic_mixture"] = setting(
-        "gaussian", "elbo: decoder likelihood: gaussian, laplace, bernoulli or logistic_mixture (8-bit images)")
+    likelihood: str = setting(
+        "gaussian", "elbo: decoder likelihood: gaussian, laplace, bernoulli, logistic_mixture (8-bit images) or one "
+        "a plugin registers (objective.register_likelihood)")
     scale: Literal["fixed", "learned", "channel", "optimal"] = setting(
         "learned", "elbo, gaussian/laplace: the scale is fixed (scale_value), learned (one value), channel "
         "(learned per channel) or optimal (the batch's maximum-likelihood value)")
