@@ -18,8 +18,8 @@ OUTPUTS = ("value", "logits", "mixture")
 class Stack(nn.Sequential):
     """A built token list. ``forward`` returns the output; ``forward_aux`` also returns the
     auxiliary losses of layers registered with ``aux=True`` (quantizers), by name. Both take
-    ``context``: the pass's hierarchy.ForwardState (labels, kept activations, latent groups),
-    or labels alone, for the layers that read it (None: unlabelled, no hierarchy).
+    ``context``: the pass's hierarchy.ForwardState (labels, kept activations, latent groups)
+    for the layers that read it; labels alone (or None) are wrapped in one.
 
     Gradient checkpointing (recompute activations in the backward pass instead of storing
     them) applies to segments: ``"marked"`` uses the structure's '@' tokens and
@@ -58,6 +58,8 @@ class Stack(nn.Sequential):
         return out
 
     def forward_aux(self, x, context=None):
+        if not isinstance(context, ForwardState):  # labels alone (or none): the pass's state is one object
+            context = ForwardState(labels=context)
         aux = {}
         recompute_allowed = self.grad_checkpointing != "off" and self.training and torch.is_grad_enabled()
         mode = self.grad_checkpointing if recompute_allowed else "off"
