@@ -280,3 +280,32 @@ def test_two_processes_share_free_bits_and_the_optimal_scale_of_the_global_batch
               "train.grad_accum=2", "train.lr=1e-4", "train.grad_clip=0", "train.log_every=1",
               "loss.objective=elbo", "loss.scale=optimal", "loss.free_bits=0.2"]
     assert_two_processes_match_one(tmp_path, common, columns=("loss", "nll", "kld", "scale"))
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_stage_with_the_two_view_and_equivariance_terms(tmp_path, images):
+    """Under DDP a frozen encoder stays bitwise its initial self (its gradients are reduced, then
+    dropped), the replicas stay identical, and the terms that encode or decode a second time
+    (Contrast, Equiv) train with the wrapped model."""
+    config = tmp_path / "stage.toml"
+    config.write_text((ROOT / "configs" / "tiny_test.toml").read_text().replace(
+        '"structures/', f'"{ROOT}/structures/') + '\n[[stage]]\n[[stage]]\nstart = 1\ntrain = ["decoder"]\n')
+    common = [str(config), f"data.path={images}", "data.num_workers=0", "train.max_steps=3", "train.save_every=1",
+              "train.batch_size=2", "train.log_every=1",
+              'loss.terms=["Recon", "KL_weight=0.0001", "Contrast_weight=0.1", "Equiv_weight=0.5"]']
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = str(ROOT / "tests" / "helpers" / "ddp_train.py")
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script,
+         str(tmp_path / "two"), *common],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rank0, rank1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    after_stage_start = load_file(str(tmp_path / "two" / "checkpoints" / "step_00000001.safetensors"))
+    encoder = [k for k in rank0 if k.startswith("encoder.") and rank0[k].dtype.is_floating_point]
+    assert encoder and all(torch.equal(rank0[k], after_stage_start[f"model.{k}"]) for k in encoder)
+    assert any(not torch.equal(rank0[k], after_stage_start[f"model.{k}"]) for k in rank0 if k.startswith("decoder."))
+    header = (tmp_path / "two" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"contrast", "equiv", "stage"} <= set(header)

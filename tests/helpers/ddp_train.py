@@ -1,6 +1,6 @@
 """Run by tests/test_runtime.py under torchrun: train, then save this process's weights.
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/helpers/ddp_train.py OUT_DIR KEY=VALUE...
+    python -m torch.distributed.run --nproc_per_node=2 tests/helpers/ddp_train.py OUT_DIR [CONFIG.toml] KEY=VALUE...
 """
 
 import os
@@ -17,8 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def main() -> None:
     out_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
-    cfg = load_config(ROOT / "configs" / "tiny_test.toml", [f"train.out_dir={out_dir}", *overrides])
-    trainer = Trainer(cfg, quiet=True)
+    config = ROOT / "configs" / "tiny_test.toml"
+    if overrides and overrides[0].endswith(".toml"):
+        config, overrides = Path(overrides[0]), overrides[1:]
+    cfg = load_config(config, [f"train.out_dir={out_dir}", *overrides])
+    trainer = Trainer(cfg, config, quiet=True)
     try:
         trainer.train()
     finally:
