@@ -27,7 +27,7 @@ from ..files import atomic_open, write_text
 from . import require
 
 # Not plotted as loss terms; the class diagnostics have their own plot (conditional.py).
-NOT_LOSS_TERMS = ("step", "kld_weight", "lr", "grad_norm", "images_per_s",
+NOT_LOSS_TERMS = ("step", "kld_weight", "lr", "grad_norm", "images_per_s", "stage", "skipped", "skip_threshold",
                   "kld_style", "kld_class", "tau", "label_acc", "label_purity")
 
 
