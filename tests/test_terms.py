@@ -350,3 +350,22 @@ def test_a_likelihood_from_a_plugin_file_is_one_class_and_one_decorator(tmp_path
     assert float(nll.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     with pytest.raises(ConfigError, match=r"loss.likelihood = 'gausian' is not a likelihood\. Did you mean 'gaussian'"):
         _train(tmp_path, "typo", "loss.objective=elbo", "loss.likelihood=gausian")
+
+
+@pytest.mark.parametrize("recon, output", [("mse", "value"), ("l1", "value"), ("bce", "logits")])
+def test_a_weighted_model_has_its_criterion_as_likelihood(recon, output):
+    model, _ = _model(objective="weighted", recon=recon)
+    assert model.likelihood.name == recon and not model.likelihood.proper and model.output == output
+    assert not [k for k in model.state_dict() if k.startswith("likelihood.")]  # nothing new in checkpoints
+    x = torch.rand(2, *SHAPE) * 2 - 1
+    params = torch.randn(2, *SHAPE)
+    expected = {"mse": F.mse_loss(params, x), "l1": F.l1_loss(params, x),
+                "bce": F.binary_cross_entropy_with_logits(params, (x + 1) / 2)}[recon]
+    torch.testing.assert_close(model.likelihood.loss(params, x), expected)
+    image = torch.sigmoid(params) * 2 - 1 if recon == "bce" else params
+    torch.testing.assert_close(model.loss_image(params), image)
+
+
+def test_the_elbo_objective_refuses_a_criterion_as_its_likelihood():
+    with pytest.raises(ConfigError, match="'mse' is a criterion of the weighted objective, not a likelihood"):
+        _model(objective="elbo", likelihood="mse")

@@ -133,14 +133,21 @@ def data_shape(cfg) -> tuple[int, ...]:
 
 
 def make_likelihood(cfg, channels: int):
-    """The decoder likelihood of the elbo objective (None for the weighted objective)."""
+    """The decoder likelihood (objective/likelihoods.py): loss.likelihood under the elbo objective;
+    the weighted objective's criterion (mse, l1 or bce) otherwise, so a model always has one."""
     loss = cfg.loss
     if loss.objective != "elbo":
-        return None
+        from .objective.legacy import reconstruction_kind
+
+        return likelihoods.LIKELIHOODS[reconstruction_kind(cfg)]()
+    if loss.likelihood in likelihoods.LIKELIHOODS and not likelihoods.LIKELIHOODS[loss.likelihood].proper:
+        raise ConfigError(f"loss.likelihood = {loss.likelihood!r} is a criterion of the weighted objective, not a "
+                          "likelihood; with loss.objective = 'elbo' choose gaussian, laplace, bernoulli or "
+                          f"logistic_mixture, or set loss.objective = 'weighted' and the Recon term's kind")
     if loss.likelihood not in likelihoods.LIKELIHOODS:
         from .utils import did_you_mean
 
-        names = list(likelihoods.LIKELIHOODS)
+        names = [name for name, kind in likelihoods.LIKELIHOODS.items() if kind.proper]
         raise ConfigError(f"loss.likelihood = {loss.likelihood!r} is not a likelihood.{did_you_mean(loss.likelihood, names)}"
                           f" Choose one of {', '.join(names)} (or register one in a model.plugins module)")
     return likelihoods.LIKELIHOODS[loss.likelihood].from_settings(channels, loss)
@@ -150,8 +157,9 @@ def plan_specs(encoder, decoder, shape, cfg, classes=None) -> VAEPlan:
     """Plan token lists for ``shape`` with the config's latent and the decoder output its likelihood
     needs; ``classes``: the labels' class names (context tokens and class latents use their count)."""
     likelihood = make_likelihood(cfg, shape[0])
-    channels = None if likelihood is None else likelihood.param_channels(shape[0])
-    reason = "" if likelihood is None else (
+    proper = likelihood is not None and likelihood.proper
+    channels = likelihood.param_channels(shape[0]) if proper else None
+    reason = "" if not proper else (
         f"loss.likelihood = {cfg.loss.likelihood!r}"
         + (f" with {cfg.loss.mixture_components} components" if cfg.loss.likelihood == "logistic_mixture" else ""))
     def plan_at(size_shape):

@@ -36,7 +36,7 @@ import torch
 from ..errors import DataError
 from ..latents import DiagonalGaussian
 from ..metrics import ms_ssim, ms_ssim_scales, psnr, ssim, ssim_window
-from .measures import ACTIVE_THRESHOLD, LOG_2PI, _Moments, _per_channel, model_log_likelihood
+from .measures import ACTIVE_THRESHOLD, LOG_2PI, _Moments, _per_channel, has_likelihood, model_log_likelihood
 MAX_LISTED_ELEMENTS = 65536  # per-element KL goes into the JSON up to this latent size
 
 
@@ -47,7 +47,7 @@ def is_gaussian(posterior) -> bool:
 
 
 def model_bits_per_dim(vae, nll_nats: float, dims: int) -> float:
-    if vae.likelihood is not None:
+    if has_likelihood(vae):
         return vae.likelihood.bits_per_dim(nll_nats, dims)
     return bits_per_dim(nll_nats, dims, vae.output)
 
@@ -206,7 +206,7 @@ def _nll(vae, batches, samples, sigma, limit, raw_mse, data_shape, device, seed,
     probe = next((_images(b) for b in batches if _images(b) is not None), None)
     if not is_gaussian(vae.encode(probe[:1].to(device))):
         return {"skipped": "the importance-sampled likelihood needs a Gaussian posterior"}
-    if vae.likelihood is not None:
+    if has_likelihood(vae):
         scale = vae.likelihood.metrics().get("scale")
         likelihood, sigma = f"the model's own: {vae.likelihood.name}", scale
     elif vae.output == "logits":

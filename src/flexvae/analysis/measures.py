@@ -28,11 +28,17 @@ def decoder_log_likelihood(output: str, recon: torch.Tensor, x: torch.Tensor, si
     return discretized_log_mass("gaussian", recon, x, math.log(sigma))
 
 
+def has_likelihood(vae) -> bool:
+    """Whether the model's likelihood is a normalised one (the elbo objective's), not the weighted
+    objective's criterion (mse, l1, bce), which -eval replaces by a discretized Gaussian or Bernoulli."""
+    return vae.likelihood is not None and vae.likelihood.proper
+
+
 def model_log_likelihood(vae, recon: torch.Tensor, x: torch.Tensor, sigma: float,
                          discrete: bool = True) -> torch.Tensor:
     """log P(x|z) per sample, a mass over 8-bit levels, under the model's own likelihood (an
     elbo-objective model), else as ``decoder_log_likelihood`` with ``sigma``."""
-    if vae.likelihood is not None:
+    if has_likelihood(vae):
         likelihood = vae.likelihood.log_mass if discrete else vae.likelihood.log_prob
         return likelihood(recon, x).double()
     return decoder_log_likelihood(vae.output, recon, x, sigma, discrete)

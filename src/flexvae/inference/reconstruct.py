@@ -108,7 +108,7 @@ def _accepted_size(ctx, h: int, w: int) -> tuple[int, int]:
 
     channels, reason = ctx.data_shape[0], None
     likelihood = ctx.vae.likelihood
-    out_channels = None if likelihood is None else likelihood.param_channels(channels)
+    out_channels = likelihood.param_channels(channels) if likelihood is not None and likelihood.proper else None
 
     def fits(size) -> bool:
         try:

@@ -141,7 +141,8 @@ def prepare_tiling(ctx, tile: int, overlap: int | None) -> tuple[int, int, int]:
     likelihood = ctx.vae.likelihood
     try:
         plan_vae(ctx.plan.encoder.specs, ctx.plan.decoder.specs, (ctx.data_shape[0], tile, tile), ctx.vae.latent,
-                 output_channels=None if likelihood is None else likelihood.param_channels(ctx.data_shape[0]),
+                 output_channels=(likelihood.param_channels(ctx.data_shape[0])
+                                  if likelihood is not None and likelihood.proper else None),
                  output_reason="the model's likelihood")
     except StructureError as exc:
         raise DataError(f"--tile {tile}: this model cannot take {tile} x {tile} px tiles: {exc}") from None

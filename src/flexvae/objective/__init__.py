@@ -72,7 +72,7 @@ def vae_loss(x, out, loss_cfg, step: int = 0, output: str = "value", model=None,
     lpips = objective.term("LPIPS")
     if lpips is not None:
         lpips.__dict__["distance"] = perceptual
-    if loss_cfg.objective == "elbo" and getattr(model, "likelihood", None) is None:
+    if loss_cfg.objective == "elbo" and not getattr(getattr(model, "likelihood", None), "proper", False):
         raise ValueError("the elbo objective needs the model's likelihood (pass model=)")
     batch = TermInputs(x, out, image_of(out.recon, model, output), model, step, kl_means=kl_means)
     return objective(batch)

@@ -79,6 +79,7 @@ class Likelihood(nn.Module):
     name = ""
     output = "value"  # what the decoder outputs: 'value', 'logits' or 'mixture'
     is_mass = False  # a probability mass over 8-bit levels rather than a density
+    proper = True  # a normalised likelihood; False: a criterion of the weighted objective (mse, l1, bce)
 
     @classmethod
     def from_settings(cls, channels: int, loss) -> "Likelihood":
@@ -341,3 +342,44 @@ def make_likelihood(name: str, channels: int, scale: str = "learned", scale_valu
         raise ValueError(f"unknown likelihood {name!r}; expected one of {', '.join(LIKELIHOODS)}")
     settings = SimpleNamespace(scale=scale, scale_value=scale_value, mixture_components=components)
     return LIKELIHOODS[name].from_settings(channels, settings)
+
+
+# ------------------------------------------------------------------ the weighted objective's criteria
+class Criterion(Likelihood):
+    """A reconstruction loss of the weighted objective in the likelihood interface: it says what the
+    decoder outputs and how that becomes an image, and ``loss`` is its per-element mean. Not a
+    normalised likelihood (``proper = False``): -eval scores such a model with a discretized
+    Gaussian of --nll-sigma (or a Bernoulli for logits), and the elbo objective refuses it."""
+
+    proper = False
+
+    def loss(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_prob(self, params, x):
+        raise TypeError(f"{self.name} is a criterion of the weighted objective, not a likelihood")
+
+
+@register_likelihood("mse")
+class MeanSquaredError(Criterion):
+    def loss(self, params, x):
+        return F.mse_loss(params.float(), x.float())
+
+
+@register_likelihood("l1")
+class MeanAbsoluteError(Criterion):
+    def loss(self, params, x):
+        return F.l1_loss(params.float(), x.float())
+
+
+@register_likelihood("bce")
+class BinaryCrossEntropy(Criterion):
+    """Binary cross-entropy of pixel values (x + 1) / 2 in [0, 1] against logits."""
+
+    output = "logits"
+
+    def loss(self, params, x):
+        return F.binary_cross_entropy_with_logits(params.float(), (x.float() + 1) / 2)
+
+    def image(self, params):
+        return torch.sigmoid(params.float()) * 2 - 1

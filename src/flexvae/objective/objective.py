@@ -188,7 +188,7 @@ class Objective(nn.Module):
     def reconstruction(self, model, recon: torch.Tensor, x: torch.Tensor) -> tuple[str, torch.Tensor]:
         """('val_nll', NLL in nats per image) under the model's likelihood, or ('val_recon', the
         reconstruction term's per-element mean) for the weighted objective, summed over the batch."""
-        if model.likelihood is not None:
+        if model.likelihood is not None and model.likelihood.proper:
             return "val_nll", -model.likelihood.log_prob(recon, x).sum()
         term = self.term("Recon")
         from .reconstruction import reconstruction_loss

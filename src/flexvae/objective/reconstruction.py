@@ -4,23 +4,20 @@ the weighted objective (mse, l1, bce)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
 from ..errors import ConfigError
+from .likelihoods import LIKELIHOODS
 from .term import Arg, Term, register_term
 
 RECON_KINDS = ("mse", "l1", "bce")
 
 
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-element mean. bce treats ``recon`` as logits of pixel values in [0, 1]."""
-    if kind == "mse":
-        return F.mse_loss(recon.float(), target.float())
-    if kind == "l1":
-        return F.l1_loss(recon.float(), target.float())
-    if kind == "bce":
-        return F.binary_cross_entropy_with_logits(recon.float(), (target.float() + 1) / 2)
-    raise ValueError(f"unknown reconstruction loss {kind!r}")
+    """Per-element mean of the criterion ``kind`` (likelihoods.py: mse, l1, bce; bce treats
+    ``recon`` as logits of pixel values in [0, 1])."""
+    criterion = LIKELIHOODS.get(kind)
+    if criterion is None or criterion.proper:
+        raise ValueError(f"unknown reconstruction loss {kind!r}")
+    return criterion().loss(recon, target)
 
 
 @register_term("NLL", doc="-log p(x|z) under the model's likelihood (loss.likelihood), nats per image; "
