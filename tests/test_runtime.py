@@ -215,6 +215,22 @@ def test_two_processes_with_gloo_match_one_process(tmp_path, images, latent):
     assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == ["step_00000004.safetensors"]
 
 
+def _two_identical_replicas(out_dir, arguments) -> dict:
+    """Train with tests/helpers/ddp_train.py under torchrun (2 processes); both processes' weights
+    must be identical. Returns rank 0's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = str(ROOT / "tests" / "helpers" / "ddp_train.py")
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script,
+         str(out_dir), *arguments],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rank0, rank1 = (load_file(str(out_dir / f"rank{r}.safetensors")) for r in (0, 1))
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    return rank0
+
+
 @pytest.mark.slow
 def test_two_processes_train_an_elbo_model_with_a_discriminator(tmp_path, images):
     """A learned per-channel scale and a DDP-wrapped discriminator: both replicas of both
@@ -223,17 +239,8 @@ def test_two_processes_train_an_elbo_model_with_a_discriminator(tmp_path, images
     common = [f"data.path={images}", "data.num_workers=0", "train.max_steps=3", "train.save_every=3",
               "train.batch_size=2", "train.log_every=1", "loss.objective=elbo", "loss.scale=channel",
               "adversarial.discriminator=structures/small_discriminator.json", "adversarial.start=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    script = str(ROOT / "tests" / "helpers" / "ddp_train.py")
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script,
-         str(tmp_path / "two"), *common],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    rank0, rank1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
+    rank0 = _two_identical_replicas(tmp_path / "two", common)
     assert "likelihood.log_scale" in rank0 and any(k.startswith("discriminator.") for k in rank0)
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), key
     header = (tmp_path / "two" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"d_loss", "g_adv", "adaptive_weight"} <= set(header)
 
@@ -293,16 +300,7 @@ def test_two_processes_train_a_stage_with_the_two_view_and_equivariance_terms(tm
     common = [str(config), f"data.path={images}", "data.num_workers=0", "train.max_steps=3", "train.save_every=1",
               "train.batch_size=2", "train.log_every=1",
               'loss.terms=["Recon", "KL_weight=0.0001", "Contrast_weight=0.1", "Equiv_weight=0.5"]']
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    script = str(ROOT / "tests" / "helpers" / "ddp_train.py")
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script,
-         str(tmp_path / "two"), *common],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    rank0, rank1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), key
+    rank0 = _two_identical_replicas(tmp_path / "two", common)
     after_stage_start = load_file(str(tmp_path / "two" / "checkpoints" / "step_00000001.safetensors"))
     encoder = [k for k in rank0 if k.startswith("encoder.") and rank0[k].dtype.is_floating_point]
     assert encoder and all(torch.equal(rank0[k], after_stage_start[f"model.{k}"]) for k in encoder)

@@ -45,7 +45,7 @@ def legacy_term_tokens(cfg) -> list[str]:
     return tokens
 
 
-def check_term_keys(cfg, source: str = "config") -> None:
+def check_term_keys(cfg) -> None:
     """With ``loss.terms``, a term key of [loss] set as well is a contradiction: say which."""
     if not cfg.loss.terms:
         return
@@ -53,14 +53,14 @@ def check_term_keys(cfg, source: str = "config") -> None:
     for key in TERM_KEYS:
         if getattr(cfg.loss, key) != getattr(defaults, key):
             raise ConfigError(
-                f"{source}: loss.{key} is set, and so is loss.terms, which replaces it; write it in the terms "
+                f"loss.{key} is set, and so is loss.terms, which replaces it; write it in the terms "
                 f"instead (e.g. \"KL_weight=1e-4_warmup=1000\", \"SSIM_weight=0.5\") or remove loss.terms")
-    if cfg.adversarial.discriminator and not any(t.strip().startswith("Adv") for t in cfg.loss.terms):
-        raise ConfigError(f"{source}: adversarial.discriminator is set but loss.terms has no Adv term; add "
+    from ..dsl.grammar import parse_token
+
+    names = [parse_token(t, "loss.terms", i, what="term").name for i, t in enumerate(cfg.loss.terms, start=1)]
+    if cfg.adversarial.discriminator and "Adv" not in names:
+        raise ConfigError(f"adversarial.discriminator is set but loss.terms has no Adv term; add "
                           "\"Adv\" (its weight and start default to adversarial.weight and adversarial.start)")
-
-
-__all__ = ["TERM_KEYS", "check_term_keys", "legacy_term_tokens"]
 
 
 def reconstruction_kind(cfg) -> str:

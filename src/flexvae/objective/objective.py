@@ -21,6 +21,7 @@ The terms come from ``loss.terms`` (tokens, see term.py) or, when that is empty,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -47,10 +48,9 @@ class ObjectiveOutput:
 def _bind(spec, data_shape):
     """(term class, its keyword arguments) of a term token; the schedule keywords set aside."""
     kind = TERMS.get(spec)
-    own = type(spec)(spec.name, spec.args, {k: v for k, v in spec.kwargs.items() if k not in SCHEDULE_KEYS},
-                     spec.repeat, spec.text, spec.source, spec.position, spec.checkpoint)
     if spec.repeat != 1 or spec.checkpoint is not None:
         raise spec.error("a loss term takes no N* repeat or '@' mark")
+    own = dataclasses.replace(spec, kwargs={k: v for k, v in spec.kwargs.items() if k not in SCHEDULE_KEYS})
     return kind, kind.bind(own, data_shape)
 
 

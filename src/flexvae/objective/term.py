@@ -114,8 +114,6 @@ class TermRegistry(Registry):
             raise spec.error(f"unknown loss term {spec.name!r}.{hint} Known terms: "
                              f"{', '.join(sorted(self.layers))} (python train.py --terms)") from None
 
-    def table(self) -> str:
-        return super().table()
 
 
 TERMS = TermRegistry()

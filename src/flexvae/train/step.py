@@ -73,12 +73,15 @@ class StepResult:
 
     @cached_property
     def terms(self) -> dict[str, float]:
-        names = list(self.raw_terms)
-        values = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().cpu().reshape(())
-                              if not torch.is_tensor(v) or v.device.type == "cpu" else
-                              v.detach().double().reshape(()).cpu() for v in self.raw_terms.values()]) \
-            if names else torch.zeros(0)
-        return {**dict(zip(names, values.tolist())), **self.extra}
+        on_device = {k: v for k, v in self.raw_terms.items() if torch.is_tensor(v) and v.device.type != "cpu"}
+        values = {}
+        if on_device:  # one transfer for all of them
+            stacked = torch.stack([v.detach().double().reshape(()) for v in on_device.values()]).tolist()
+            values.update(zip(on_device, stacked))
+        for name, value in self.raw_terms.items():
+            if name not in values:
+                values[name] = float(value.detach()) if torch.is_tensor(value) else float(value)
+        return {**{name: values[name] for name in self.raw_terms}, **self.extra}
 
 
 def _as_micro(batches) -> list[MicroBatch]:
