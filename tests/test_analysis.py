@@ -165,6 +165,30 @@ def test_evaluate_tiny_checkpoint(tiny_run, tiny_model):
     assert "active units" in format_report(result)
 
 
+def test_evaluate_reports_the_runs_own_loss_terms(tiny_model):
+    """-eval asks the run's Objective: its loss and terms over the folder, one seeded latent sample
+    per image, equal to the terms written out on the same samples."""
+    import torch.nn.functional as F
+
+    from flexvae.objective import Objective
+
+    dataset = image_dataset(tiny_model, cfg=tiny_model.cfg)
+    objective = Objective.from_config(tiny_model.cfg, tiny_model.data_shape, setup=False)
+    result = evaluate_model(tiny_model.vae, image_loader(dataset, 8), nll_samples=0, objective=objective, seed=3)
+    terms = result["objective"]
+    assert terms["terms"] == ["Recon_kind=mse_weight=1.0", "KL_weight=0.0001"] and terms["images"] == 24
+    generator = torch.Generator().manual_seed(3)
+    recon = kld = 0.0
+    with torch.no_grad():
+        for batch in image_loader(dataset, 8):
+            out = tiny_model.vae(batch.images, sample=True, generator=generator)
+            recon += float(F.mse_loss(out.recon, batch.images)) * len(batch.images) / 24
+            kld += float(out.posterior.kl_elements().mean()) * len(batch.images) / 24
+    assert terms["recon"] == pytest.approx(recon, rel=1e-6) and terms["kld"] == pytest.approx(kld, rel=1e-6)
+    assert terms["loss"] == pytest.approx(recon + 1e-4 * kld, rel=1e-6)
+    assert "the run's loss" in format_report(result)
+
+
 def test_interpolation_endpoints_are_the_reconstructions(tiny_model):
     vae = tiny_model.vae
     images = sample_images(image_dataset(tiny_model, cfg=tiny_model.cfg), 4)

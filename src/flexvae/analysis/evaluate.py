@@ -113,11 +113,13 @@ def _labels(batch, device):
 
 @torch.no_grad()
 def evaluate_model(vae, batches, *, nll_samples: int | None = None, nll_sigma="auto", nll_images: int = 512,
-                   device="cpu", seed: int = 0, progress: bool = False) -> dict:
+                   device="cpu", seed: int = 0, progress: bool = False, objective=None, step: int = 0) -> dict:
     """Evaluate on ``batches``: a re-iterable of image tensors or loader ``Batch``es.
 
     ``nll_samples`` = 0 skips the likelihood; None picks :func:`default_nll_samples`.
-    The likelihood is estimated on the first ``nll_images`` images.
+    The likelihood is estimated on the first ``nll_images`` images. ``objective``: the run's
+    objective.Objective, whose loss and terms are averaged over the images (objective_terms) with
+    the weights of ``step`` (the checkpoint's).
     """
     from tqdm import tqdm
 
@@ -193,11 +195,49 @@ def evaluate_model(vae, batches, *, nll_samples: int | None = None, nll_sigma="a
         "channel_activity": [float(v) for v in channel_activity],
     }
 
+    if objective is not None:
+        result["objective"] = objective_terms(vae, objective, batches, device, seed, step)
     samples = default_nll_samples(data_shape) if nll_samples is None else int(nll_samples)
     if samples > 0:
         result["nll"] = _nll(vae, batches, samples, nll_sigma, nll_images, sums["raw_se"] / values,
                              data_shape, device, seed, progress)
     return result
+
+
+@torch.no_grad()
+def objective_terms(vae, objective, batches, device, seed: int = 0, step: int = 0) -> dict:
+    """The run's loss and each of its terms, averaged over the images as training computes them
+    (one latent sample per image, seeded; the model in evaluation mode, so a calibrated decoder
+    uses its running scale). Terms that need a network loaded for training (LPIPS, Adv) are left
+    out and listed."""
+    from ..objective import TermInputs, image_of
+
+    needs_network = {"LPIPS", "Adv"}
+    on = {name for name in objective.names if name not in needs_network}
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sums, count = {}, 0
+    for batch in batches:
+        x = _images(batch)
+        if x is None:
+            continue
+        x, labels = x.to(device), _labels(batch, device)
+        out = vae(x, sample=True, generator=generator, labels=labels)
+        losses = objective(TermInputs(x, out, image_of(out.recon, vae, vae.output), vae, step=step, labels=labels,
+                                      seed=seed), on)
+        values = {"loss": losses.total, **{k: v for k, v in losses.terms.items() if k in _logged(objective, on)}}
+        for name, value in values.items():
+            sums[name] = sums.get(name, 0.0) + float(value) * x.shape[0]
+        count += x.shape[0]
+    result = {"terms": [t for n, t in zip(objective.names, objective.texts) if n in on], "images": count,
+              **{name: total / max(count, 1) for name, total in sums.items()}}
+    left_out = [t for n, t in zip(objective.names, objective.texts) if n not in on]
+    if left_out:
+        result["left_out"] = left_out
+    return result
+
+
+def _logged(objective, on) -> set:
+    return {column for name, term in zip(objective.names, objective.terms) if name in on for column in term.logged()}
 
 
 def _nll(vae, batches, samples, sigma, limit, raw_mse, data_shape, device, seed, progress) -> dict:
@@ -287,6 +327,13 @@ def format_report(result: dict, top: int = 8) -> str:
         rows.append(("decoder likelihood", nll["likelihood"] + (f" = {nll['sigma']:.4g}" if nll["sigma"] else "")))
     elif nll:
         rows.append(("NLL", f"skipped: {nll['skipped']}"))
+    terms = result.get("objective")
+    if terms:
+        rows.append((f"the run's loss ({', '.join(terms['terms'])}; one latent sample per image)", terms["loss"]))
+        rows += [(f"  {name}", value) for name, value in terms.items()
+                 if name not in ("loss", "terms", "images", "left_out")]
+        if terms.get("left_out"):
+            rows.append(("  left out (networks of training)", ", ".join(terms["left_out"])))
     gen = result.get("generation")
     if gen:
         which = {"fitted": "fitted prior", "model": "model's prior"}.get(gen.get("prior"), "prior")

@@ -40,8 +40,12 @@ def evaluate(args) -> int:
             raise DataError(f"--nll-sigma must be a positive number or 'auto', got {args.nll_sigma!r}") from None
         if not sigma > 0:
             raise DataError(f"--nll-sigma must be positive, got {args.nll_sigma!r}")
+    from ..objective import Objective
+
+    objective = Objective.from_config(model.cfg, model.data_shape, setup=False)  # the run's own terms
     result = evaluate_model(model.vae, loader, nll_samples=nll_samples, nll_sigma=sigma,
-                            device=device, seed=cfg.train.seed, progress=True)
+                            device=device, seed=cfg.train.seed, progress=True, objective=objective,
+                            step=model.step)
     data = args.input or model.cfg.data.val_path or f"{model.cfg.data.path} ({model.cfg.data.source})"
     result = {"checkpoint": str(model.path), "step": model.step, "data": str(data),
               "nll_samples": nll_samples, **result}

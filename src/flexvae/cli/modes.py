@@ -33,7 +33,7 @@ MODES = [
     Mode("--terms", "terms", "list every loss term token (loss.terms) with its arguments and the schedule keywords",
          handlers.terms),
     Mode("-eval", "evaluate", "evaluate a checkpoint on a folder: MSE, PSNR, SSIM, MS-SSIM, KL per channel, "
-                              "active units, importance-sampled NLL under the model's likelihood, and with "
+                              "active units, the run's own loss terms, importance-sampled NLL under the model's likelihood, and with "
                               "--input2 LABELLED the generation score of prior samples (conditional models: of "
                               "each class; class latents: their accuracy); JSON and a table",
          analysis.evaluate),
