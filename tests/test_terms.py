@@ -369,3 +369,13 @@ def test_a_weighted_model_has_its_criterion_as_likelihood(recon, output):
 def test_the_elbo_objective_refuses_a_criterion_as_its_likelihood():
     with pytest.raises(ConfigError, match="'mse' is a criterion of the weighted objective, not a likelihood"):
         _model(objective="elbo", likelihood="mse")
+
+
+def test_equivariance_needs_a_latent_grid(tmp_path):
+    images = make_images(tmp_path / "images", 4)
+    cfg = load_config(TINY, [f"train.out_dir={tmp_path / 'run'}", f"data.path={images}", "train.device=cpu",
+                             'model.encoder=["Flat", "Lin_768_8"]', 'model.decoder=["Lin_4_768", "Reshape_3_16_16"]',
+                             'loss.terms=["Recon", "KL", "Equiv"]'])
+    with pytest.raises(ConfigError, match=r"loss.terms: Equiv: the Equiv term scales and rotates a latent grid .*"
+                                          r"this model's latent is 4$"):
+        Trainer(cfg, TINY, quiet=True)

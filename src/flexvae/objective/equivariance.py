@@ -45,6 +45,11 @@ class Equiv(Term):
         if len(data_shape) != 3:
             raise ConfigError(f"the Equiv term needs 2D images; this data has shape {tuple(data_shape)}")
 
+    def check_latent(self, latent_shape):
+        if len(latent_shape) != 3:
+            raise ConfigError(f"the Equiv term scales and rotates a latent grid (channels x height x width); this "
+                              f"model's latent is {' x '.join(map(str, latent_shape))}")
+
     def transform(self, seed: int, step: int, micro: int) -> tuple[int, float]:
         """(quarter turns, latent scale) of one micro-batch."""
         generator = torch.Generator().manual_seed(noise_key(seed, step, micro, EQUIVARIANCE_STREAM))

@@ -104,6 +104,14 @@ class Objective(nn.Module):
                 term.setup(device, cfg=cfg, config_path=config_path, data_shape=tuple(data_shape), dist=dist)
         return objective
 
+    def check_latent(self, latent_shape) -> None:
+        """Each term against the model's latent (per-sample shape); one line naming the term."""
+        for text, term in zip(self.texts, self.terms):
+            try:
+                term.check_latent(tuple(latent_shape))
+            except ConfigError as exc:
+                raise ConfigError(f"loss.terms: {text}: {exc}") from None
+
     # ------------------------------------------------------------------ the loss
     def term(self, name: str) -> Term | None:
         return next((t for n, t in zip(self.names, self.terms) if n == name), None)

@@ -90,6 +90,9 @@ class Term(nn.Module):
     def check(self, data_shape: tuple[int, ...], objective: str) -> None:
         """Raise ConfigError for data or an objective this term cannot work with."""
 
+    def check_latent(self, latent_shape: tuple[int, ...]) -> None:
+        """Raise ConfigError for a latent (per-sample shape) this term cannot work with."""
+
     def setup(self, device, **context) -> None:
         """Load what the term needs to run (a network's weights), after every check passed.
         ``context``: cfg, config_path, data_shape, dist."""

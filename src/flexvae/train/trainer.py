@@ -62,8 +62,8 @@ class Trainer:
                                                   training_batch=cfg.train.batch_size)
         check_loss_config(cfg, self.plan.data_shape)
         self.runtime = prepare(self.model, cfg, self.device, self.dist)
-        # every loss term, the discriminator among them (objective/)
         self.objective = Objective.from_config(cfg, self.plan.data_shape, config_path, self.device, self.dist)
+        self.objective.check_latent(self.plan.latent_shape)  # every loss term, the discriminator among them
         self.stages = Stages(cfg, self.model, self.plan, self.objective, str(config_path or "config"), config_path)
         self.stage = None  # the stage the last step ran in (stages.py)
         self.optimizer = make_optimizer(self.model, cfg.train)
