@@ -379,3 +379,10 @@ def test_equivariance_needs_a_latent_grid(tmp_path):
     with pytest.raises(ConfigError, match=r"loss.terms: Equiv: the Equiv term scales and rotates a latent grid .*"
                                           r"this model's latent is 4$"):
         Trainer(cfg, TINY, quiet=True)
+
+
+def test_an_adaptive_adversarial_term_alone_is_refused():
+    cfg = dataclasses.replace(_cfg(terms=["Adv"]), adversarial=dataclasses.replace(
+        Config().adversarial, discriminator="structures/small_discriminator.json"))
+    with pytest.raises(ConfigError, match="adaptive weight compares its gradient with the other terms'"):
+        Objective.from_config(cfg, SHAPE, setup=False)

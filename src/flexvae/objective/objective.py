@@ -99,6 +99,10 @@ class Objective(nn.Module):
             schedules.append(schedule)
             names.append(spec.name)
         objective = cls(terms, schedules, tokens, cfg.loss.objective, names)
+        if names == ["Adv"] and cfg.adversarial.adaptive:
+            raise ConfigError(f"{source}: the Adv term's adaptive weight compares its gradient with the other terms', "
+                              "and there are none; add a reconstruction term (e.g. \"Recon\") or set "
+                              "adversarial.adaptive = false")
         if setup:
             for term in objective.terms:
                 term.setup(device, cfg=cfg, config_path=config_path, data_shape=tuple(data_shape), dist=dist)

@@ -141,7 +141,6 @@ def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, objective: 
         runtime.scaler.update()
     elif not skipped:
         optimizer.step()
-    extra = {}
     if adversarial and (stage is None or stage.trains_discriminator):
         extra = objective.discriminator_step(runtime.autocast, step)
     else:
