@@ -217,14 +217,19 @@ def output_kind(cfg) -> str:
 
 
 def build_model(plan: VAEPlan, cfg, device=None, scaling_factor: float | None = None):
-    """A VAE from a plan and its config: output kind and likelihood come from ``cfg.loss``."""
+    """A VAE from a plan and its config: output kind and likelihood come from ``cfg.loss``, the
+    prior of the top latent from ``cfg.model.prior``."""
     from .objective.balance import LossBalance
+    from .priors import build_prior
 
     factor = cfg.model.scaling_factor if scaling_factor is None else scaling_factor
     model = plan.build(device, scaling_factor=factor, output=output_kind(cfg),
                        likelihood=make_likelihood(cfg, plan.data_shape[0]))
     if cfg.loss.balance == "learned" and cfg.loss.objective == "weighted":
         model.balance = LossBalance().to(device or "cpu")
+    prior = build_prior(cfg.model.prior, model.latent_shape, plan.data_shape, model.latent.kind)
+    if prior is not None:
+        model.prior = prior.to(device or "cpu")
     model.class_names = plan.classes
     return model
 
@@ -241,6 +246,14 @@ def objective_state(cfg, channels: int) -> dict:
     if cfg.loss.balance == "learned" and cfg.loss.objective == "weighted":
         state.update({f"balance.{k}": v for k, v in LossBalance().state_dict().items()})
     return state
+
+
+def prior_state(cfg, latent_shape, data_shape, latent_kind: str = "gaussian") -> dict:
+    """Fresh state of the learned prior ``cfg.model.prior`` declares (``prior.*``; empty for N(0, I))."""
+    from .priors import build_prior
+
+    prior = build_prior(cfg.model.prior, latent_shape, data_shape, latent_kind)
+    return {} if prior is None else {f"prior.{k}": v for k, v in prior.state_dict().items()}
 
 
 def model_from_config(cfg, config_path=None, device=None, classes=None, training_batch: int | None = None):

@@ -113,7 +113,8 @@ class VAE(nn.Module):
 
     Scaled latents (what ``-e`` writes and what a diffusion model would see) are
     ``scaling_factor * raw``; ``encode_latents``/``decode_latents`` convert. The prior of
-    the KL term is N(0, I) on raw latents, so ``sample_prior`` decodes raw N(0, I) draws
+    the KL term is N(0, I) on raw latents, or the learned prior ``prior`` (priors/: a mixture, a
+    VampPrior, a flow; its KL the Monte Carlo estimate), and ``sample_prior`` decodes its draws
     (discrete latents: codes drawn uniformly, see ``latent.sample_prior``).
 
     A conditional model (context tokens in a stack, or a latent with a class part such as
@@ -140,6 +141,7 @@ class VAE(nn.Module):
         self.likelihood = likelihood
         self.balance = None  # learned loss weights (losses.LossBalance), set by assemble.build_model
         self.class_names: tuple[str, ...] | None = None  # the labels' classes, set by assemble.build_model
+        self.prior = None  # a learned prior of the top latent (priors/), set by assemble.build_model; None: N(0, I)
 
     @property
     def classes(self) -> int | None:
@@ -186,6 +188,8 @@ class VAE(nn.Module):
         if labels is not None:
             posterior.observe(labels)
         z = posterior.sample(generator=generator, noise=noise) if sample else posterior.mode()
+        if self.prior is not None:  # its KL: the Monte Carlo estimate at this z
+            posterior = self.prior.posterior(posterior, z, self)
         recon, decoder_aux = self.decoder.forward_aux(z, state)
         # Quantizer tokens' losses are named <loss>_<layer index>; the prefix keeps the
         # encoder's and the decoder's apart.
@@ -307,7 +311,8 @@ class VAE(nn.Module):
         them samples of those classes. A conditional model without labels draws classes uniformly.
         ``temperature`` scales the prior's standard deviation of the decoder's latent groups (one
         value, or one per group name; "top" names a Gaussian top latent). ``prior``: "auto" (the
-        fitted prior when one is attached, else the model's own), "fitted" or "model"."""
+        fitted prior when one is attached, else the model's own: N(0, I) or its learned prior,
+        ``model.prior``), "fitted" or "model"."""
         if prior not in ("auto", "fitted", "model"):
             raise ValueError(f"prior must be 'auto', 'fitted' or 'model', got {prior!r}")
         if prior == "fitted" and self.fitted_prior is None:
@@ -323,6 +328,9 @@ class VAE(nn.Module):
             indices = None if labels is None or labels.dim() == 1 else labels.argmax(1)
             z = self.fitted_prior.sample(n, generator=generator, device=device,
                                          labels=labels if indices is None else indices, temperature=top)
+            return self.to_image(self.decode(z, state=state))
+        if self.prior is not None:
+            z = self.prior.sample(n, self, generator=generator, device=device, temperature=top)
             return self.to_image(self.decode(z, state=state))
         z = self.latent.sample_prior(n, self.latent_shape, generator=generator, device=device)
         if top != 1.0 and self.latent.noise_kind == "normal" and self.latent.class_count is None:

@@ -33,6 +33,17 @@ def terms(args) -> int:
     return 0
 
 
+def priors(args) -> int:
+    from ..assemble import load_plugins
+    from ..priors import PRIORS
+
+    cfg, config_path = common.load_config(args)
+    load_plugins(cfg.model.plugins, config_path)  # a plugin may register priors too
+    print("Normal()\n    N(0, I), the default: closed-form KL, no parameters")
+    print(PRIORS.table())
+    return 0
+
+
 def check(args) -> int:
     from ..assemble import plan_from_config
     from ..fits import fit_warning

@@ -32,6 +32,7 @@ MODES = [
     Mode("--layers", "layers", "list every layer token with its arguments", handlers.layers),
     Mode("--terms", "terms", "list every loss term token (loss.terms) with its arguments and the schedule keywords",
          handlers.terms),
+    Mode("--priors", "priors", "list every prior token (model.prior) with its arguments", handlers.priors),
     Mode("-eval", "evaluate", "evaluate a checkpoint on a folder: MSE, PSNR, SSIM, MS-SSIM, KL per channel, "
                               "active units, the run's own loss terms, importance-sampled NLL under the model's likelihood, and with "
                               "--input2 LABELLED the generation score of prior samples (conditional models: of "

@@ -55,6 +55,10 @@ class ModelConfig:
     scaling_factor: float = setting(
         1.0, "latents are multiplied by this when encoded, divided by it before decoding", POSITIVE)
     plugins: list[str] = setting([], "Python modules or .py files that register extra layer tokens")
+    prior: str = setting(
+        "Normal", "the prior of a gaussian top latent: Normal (N(0, I), closed-form KL), MoG_components=10 (learned "
+        "mixture), Vamp_components=50 (VampPrior) or Flow_layers=4_hidden=128 (RealNVP flow); a learned prior's KL is "
+        "the Monte Carlo estimate (python train.py --priors lists them)")
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,7 @@ class TrainConfig:
         "off", "recompute activations in backward: off, marked ('@' tokens and spans), blocks (every VAERB/VAEA too)")
 
 
-STAGE_PARTS = ("all", "encoder", "latent", "decoder", "discriminator")
+STAGE_PARTS = ("all", "encoder", "latent", "decoder", "prior", "discriminator")
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,7 @@ class StageConfig:
     start: int = setting(0, "optimizer step this stage begins at (stages in increasing order)", NON_NEGATIVE)
     name: str = setting("", "the stage's name in the log")
     train: list[str] = setting(
-        ["all"], "what trains; everything else is frozen: all, encoder, latent, decoder, discriminator, or "
+        ["all"], "what trains; everything else is frozen: all, encoder, latent, decoder, prior, discriminator, or "
         "positions of a structure, e.g. decoder:20-24 or encoder:1 (1-based, as structure errors count)")
     lr: float = setting(0.0, "peak learning rate in this stage, under train's warm-up and schedule; 0 = train.lr",
                         NON_NEGATIVE)

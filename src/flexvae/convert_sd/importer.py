@@ -142,7 +142,7 @@ def load_sd_vae(src, base=None, image_size: int | None = None, config: dict | No
 
     ``config`` overrides architecture values (e.g. norm_num_groups of an original file).
     """
-    from ..assemble import build_model, objective_state, plan_from_config
+    from ..assemble import build_model, objective_state, plan_from_config, prior_state
 
     source = read_source(src)
     arch = sd_config({**source.config, **(config or {})})
@@ -152,6 +152,7 @@ def load_sd_vae(src, base=None, image_size: int | None = None, config: dict | No
     state = convert_state(source.tensors, arch, source.layout, model, str(source.path))
     # The objective's own parameters (a learned likelihood scale, a learned balance) start fresh.
     state.update(objective_state(cfg, plan.data_shape[0]))
+    state.update(prior_state(cfg, plan.latent_shape, plan.data_shape, plan.latent.kind))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval(), cfg, plan, source
 

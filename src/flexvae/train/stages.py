@@ -63,16 +63,16 @@ def _parts(model, plans, item: str, where: str):
     names = dict(model.named_parameters())
     if item == "all":
         return set(names)
-    if item in ("encoder", "latent", "decoder"):
+    if item in ("encoder", "latent", "decoder", "prior"):
         prefixes = (f"{item}.",) + (("likelihood.",) if item == "decoder" else ())
         return {n for n in names if n.startswith(prefixes)}
     if item == "discriminator":
         return set()
     match = _SPAN.match(item)
     if not match:
-        hint = did_you_mean(item, ["all", "encoder", "latent", "decoder", "discriminator"])
+        hint = did_you_mean(item, ["all", "encoder", "latent", "decoder", "prior", "discriminator"])
         raise ConfigError(f"{where}: train entry {item!r} is not a part.{hint} Write all, encoder, latent, decoder, "
-                          "discriminator, or structure positions such as decoder:20-24")
+                          "prior (a learned prior's parameters), discriminator, or structure positions such as decoder:20-24")
     stack, first, last = match.group(1), int(match.group(2)), int(match.group(3) or match.group(2))
     specs = plans[stack].specs
     positions = sorted({s.position for s in specs if s.position is not None})

@@ -72,6 +72,10 @@ def announce(trainer, dataset) -> list[str]:
         acfg = cfg.adversarial
         line += (f"; {acfg.loss} discriminator of {objective.adversary.params:,} parameters"
                  + (" with the adaptive weight" if acfg.adaptive else ""))
+    prior = trainer.model.prior
+    if prior is not None:
+        line += (f"; prior {cfg.model.prior} ({sum(p.numel() for p in prior.parameters()):,} parameters), its KL the "
+                 "one-sample Monte Carlo estimate")
     lines.append(line)
     lines += trainer.stages.describe()
     lines += [f"note: {note}" for note in data_notes(dataset, cfg.data, per_step)]
