@@ -94,7 +94,7 @@ def main() -> int:
         train_dir, test_dir = make_digits(tmp / "digits")
         train_x, train_y = pixels(train_dir)
         test_x, test_y = pixels(test_dir)
-        classifier, classifier_accuracy = fit_classifier(train_x, train_y, seed=0)
+        classifier, classifier_accuracy = fit_classifier(train_x, train_y, seed=0, data_shape=(1, 16, 16))
 
         seconds = train("digits_cond.toml", train_dir, tmp / "cond", args.steps)
         cond = conditional_score(load_run(tmp / "cond"), train_dir, n=100, seed=0, classifier=classifier)

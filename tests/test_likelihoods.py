@@ -260,6 +260,7 @@ def test_generation_score_counts_confident_samples_and_the_class_entropy():
     assert score["confident"] == pytest.approx(0.75)  # three of four above 0.9
     # predicted classes a, a, b, a: histogram (3/4, 1/4)
     assert score["class_entropy"] == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert score["class_entropy_bits"] == pytest.approx(-(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)))
     assert score["max_entropy"] == pytest.approx(math.log(2))
     assert score["predicted_classes"] == {"a": 0.75, "b": 0.25}
 

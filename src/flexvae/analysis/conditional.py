@@ -2,9 +2,8 @@
 interpolation, the conditional generation score, the class latent's accuracy, and the
 training-history plot of the class diagnostics.
 
-- conditional generation score: the classifier of the generation score (standardised pixels
-  -> logistic regression, fitted on a labelled folder's real images) classifies ``n`` samples
-  drawn for each class c; the score of c is the fraction classified as c, and the mean over
+- conditional generation score: the judge of the generation score (judge.py: a small CNN
+  trained on a labelled folder's real images) classifies ``n`` samples drawn for each class c; the score of c is the fraction classified as c, and the mean over
   the classes is reported beside the classifier's own held-out accuracy.
 - class accuracy: the most likely class of a class latent's q(y|x) against the labels of a
   labelled folder; also the purity (each predicted class scored by its most common label),
@@ -82,7 +81,7 @@ def _safe(name: str) -> str:
 @torch.no_grad()
 def conditional_score(ctx, labelled_root, n: int = 100, seed: int = 0, device="cpu", classifier=None) -> dict:
     """Per class c of the model: the fraction of ``n`` samples drawn for c that the labelled
-    folder's pixel classifier assigns to c (classes the folder lacks are left out)."""
+    folder's judge (judge.py) assigns to c (classes the folder lacks are left out)."""
     from .generation import fit_classifier
     from .probe import encode_labelled
 
@@ -91,7 +90,7 @@ def conditional_score(ctx, labelled_root, n: int = 100, seed: int = 0, device="c
     accuracy = None
     if classifier is None:
         _, pixels, labels = encode_labelled(ctx, labelled_root, device=device)
-        classifier, accuracy = fit_classifier(pixels, labels, seed)
+        classifier, accuracy = fit_classifier(pixels, labels, seed, ctx.data_shape)
     known = {str(c) for c in classifier.classes_}
     per_class = {}
     generator = torch.Generator(device=device).manual_seed(seed)

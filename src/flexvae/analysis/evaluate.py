@@ -337,11 +337,30 @@ def format_report(result: dict, top: int = 8) -> str:
     gen = result.get("generation")
     if gen:
         which = {"fitted": "fitted prior", "model": "model's prior"}.get(gen.get("prior"), "prior")
-        rows.append((f"{which} samples classified with p > 0.9 ({gen['samples']}, classifier of {gen['labelled']})",
-                     gen["confident"]))
-        rows.append(("entropy of the predicted classes (nats)", f"{gen['class_entropy']:.3f} of {gen['max_entropy']:.3f}"))
+        noise = gen.get("noise", {})
+
+        def beside(key, text):
+            return f"{text} (uniform noise: {noise[key]:.4g})" if key in noise else text
+
+        rows.append((f"{which} samples: Frechet distance in the judge's features ({gen['samples']} samples against "
+                     f"{gen['real_images']} images of {gen['labelled']})", beside("frechet", f"{gen['frechet']:.4g}")))
+        pair = f"{gen['precision']:.3f} / {gen['recall']:.3f}"
+        if noise:
+            pair += f" (uniform noise: {noise['precision']:.3f} / {noise['recall']:.3f})"
+        rows.append(("  precision / recall (k-NN manifolds, k = 3)", pair))
+        rows.append(("  classified with p > 0.9", beside("confident", f"{gen['confident']:.3f}")))
+        rows.append(("  entropy of the predicted classes (bits)", beside(
+            "class_entropy_bits", f"{gen['class_entropy_bits']:.3f} of {gen['max_entropy_bits']:.3f}")))
         if gen["classifier_accuracy"] is not None:
-            rows.append(("that classifier's held-out accuracy on real images", gen["classifier_accuracy"]))
+            rows.append(("  the judge's held-out accuracy on real images", gen["classifier_accuracy"]))
+    two = result.get("two_sample")
+    if two:
+        rows.append((f"prior samples told from reconstructions ({two['images']} a side; 0.5: indistinguishable)",
+                     two["accuracy"]))
+    fid = result.get("fid")
+    if fid:
+        rows.append((f"FID of {fid['prior']} prior samples ({fid['protocol']['images']} images)", fid["samples"]))
+        rows.append(("reconstruction FID (posterior means)", fid["reconstructions"]))
     cond = result.get("conditional_generation")
     if cond:
         rows.append((f"class-c samples classified as c (mean over {len(cond['per_class'])} classes, "

@@ -49,7 +49,16 @@ def evaluate(args) -> int:
     data = args.input or model.cfg.data.val_path or f"{model.cfg.data.path} ({model.cfg.data.source})"
     result = {"checkpoint": str(model.path), "step": model.step, "data": str(data),
               "nll_samples": nll_samples, **result}
-    if args.input2:  # a labelled folder: score the prior samples with a classifier of its images
+    if model.vae.latent.kind in ("gaussian", "deterministic") and not model.vae.takes_labels:
+        from ..analysis.sample_checks import sample_checks
+
+        loader = image_loader(dataset, cfg.encode.batch_size, device, cfg.data.num_workers)
+        result.update(sample_checks(model.vae, loader, device, seed=cfg.train.seed, fid=args.fid,
+                                    inception=args.inception))
+    elif args.fid:
+        raise DataError(f"--fid scores prior samples of a continuous unconditional latent; this model's latent is "
+                        f"{model.vae.latent.kind}{' and takes labels' if model.vae.takes_labels else ''}")
+    if args.input2:  # a labelled folder: score the prior samples with a judge trained on its images
         from ..analysis.conditional import class_accuracy, conditional_score
         from ..analysis.generation import generation_score
 

@@ -34,9 +34,12 @@ MODES = [
          handlers.terms),
     Mode("--priors", "priors", "list every prior token (model.prior) with its arguments", handlers.priors),
     Mode("-eval", "evaluate", "evaluate a checkpoint on a folder: MSE, PSNR, SSIM, MS-SSIM, KL per channel, "
-                              "active units, the run's own loss terms, importance-sampled NLL under the model's likelihood, and with "
-                              "--input2 LABELLED the generation score of prior samples (conditional models: of "
-                              "each class; class latents: their accuracy); JSON and a table",
+                              "active units, the run's own loss terms, importance-sampled NLL under the model's "
+                              "likelihood, a two-sample test of prior samples against reconstructions, with --fid "
+                              "FID and reconstruction FID, and with --input2 LABELLED the generation score of prior "
+                              "samples (a judge CNN's Frechet distance, precision, recall, confident share and class "
+                              "entropy, beside uniform noise's; conditional models: of each class; class latents: "
+                              "their accuracy); JSON and a table",
          analysis.evaluate),
     Mode("-inter", "interpolate", "interpolate between --input and --input2 (images or folders) in latent space: "
                                   "linear and spherical PNG strips; with --classes A,B between two classes of a "
@@ -80,7 +83,7 @@ OPTION_MODES = {
     "side_by_side": {"reconstruct"}, "native_size": {"reconstruct"}, "write": {"mem"},
     "input2": {"interpolate", "probe", "evaluate", "analyze"},
     "matrix": {"matrix"}, "steps": {"interpolate", "pictures", "analyze"}, "nll_samples": {"evaluate"},
-    "nll_sigma": {"evaluate"}, "labels": {"reconstruct", "encode", "evaluate", "fit-prior"},
+    "nll_sigma": {"evaluate"}, "fid": {"evaluate"}, "inception": {"evaluate"}, "labels": {"reconstruct", "encode", "evaluate", "fit-prior"},
     "classes": {"interpolate", "sample"}, "overwrite": _MODEL_USERS | {"train", "matrix", "import-weights"},
     "count": {"sample"}, "temperature": {"sample"}, "prior": {"sample"},
     "components": {"fit-prior"}, "covariance": {"fit-prior"},
@@ -143,6 +146,9 @@ def _add_options(parser: argparse.ArgumentParser, mode: Mode | None = None) -> N
                                                         "(default 100, fewer above 64x64 px; 0 = skip)")
     option("--nll-sigma", help="-eval: decoder sigma of the Gaussian likelihood, or 'auto' "
                                             "(sqrt of the reconstruction MSE; default)")
+    option("--fid", action="store_true", help="-eval: FID of prior samples and of reconstructions against the folder "
+                                              "(torch-fidelity's Inception-v3; pip install -e '.[fid]')")
+    option("--inception", help="-eval --fid: the Inception-v3 weights file (default: torch's hub cache)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
 
