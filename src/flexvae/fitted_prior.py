@@ -1,5 +1,5 @@
-"""A prior fitted after training: a Gaussian mixture over the posterior means of the training
-images (ex-post density estimation, as in the RAE paper and the two-stage VAE).
+"""A prior fitted after training: a Gaussian mixture (or a RealNVP flow) over the posterior means
+of the training images (ex-post density estimation, as in the RAE paper and the two-stage VAE).
 
 A VAE's decoder is trained on what the encoder produces, not on N(0, I): where the aggregate
 posterior leaves holes in the prior, samples from N(0, I) decode to images that look like
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, ConfigError, FlexVAEError
+from .priors.flow import MAX_HIDDEN, MAX_LAYERS, FlowNetwork
 
 PRIOR_DIR = "priors"
 COVARIANCES = ("auto", "full", "diag")
@@ -42,11 +43,16 @@ class FittedPrior:
     def per_class(self) -> bool:
         return set(self.mixtures) != {None}
 
+    @property
+    def density(self) -> str:
+        return self.meta.get("density", "mixture")
+
     def describe(self) -> str:
         m = self.meta
         part = f", one per class ({len(self.mixtures)})" if self.per_class else ""
-        return (f"fitted prior: a {m['components']}-component {m['covariance']} Gaussian mixture{part}, "
-                f"fitted on {m['images']} images of {m['data']}")
+        what = (f"a RealNVP flow of {m['layers']} couplings ({m['hidden']} hidden units)" if self.density == "flow"
+                else f"a {m['components']}-component {m['covariance']} Gaussian mixture")
+        return f"fitted prior: {what}{part}, fitted on {m['images']} images of {m['data']}"
 
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int, generator=None, device=None, labels=None, temperature: float = 1.0) -> torch.Tensor:
@@ -67,7 +73,9 @@ class FittedPrior:
         return out.view(n, *self.latent_shape)
 
     @staticmethod
-    def _draw(mixture: dict, n: int, generator, device, temperature: float) -> torch.Tensor:
+    def _draw(mixture, n: int, generator, device, temperature: float) -> torch.Tensor:
+        if isinstance(mixture, FlowNetwork):
+            return mixture.to(device).sample(n, generator, device, temperature)
         weights, means, factor = (mixture[k].to(device, torch.float32) for k in ("weights", "means", "factor"))
         component = torch.multinomial(weights, n, replacement=True, generator=generator)
         noise = torch.randn((n, means.shape[1]), generator=generator, device=device) * temperature
@@ -84,6 +92,8 @@ class FittedPrior:
         tensors = {}
         for label, mixture in self.mixtures.items():
             prefix = "all." if label is None else f"class.{label}."
+            if isinstance(mixture, FlowNetwork):
+                prefix, mixture = prefix + "flow.", mixture.state_dict()
             tensors.update({prefix + k: v.float().cpu().clone() for k, v in mixture.items()})
         header = {"flexvae_prior": json.dumps({**self.meta, "latent_shape": list(self.latent_shape)})}
         with atomic_path(path) as tmp:
@@ -96,10 +106,16 @@ class FittedPrior:
         from safetensors import safe_open
 
         dims = math.prod(latent_shape)
-        allowed = {1: MAX_COMPONENTS, 2: MAX_COMPONENTS * dims, 3: MAX_COMPONENTS * min(dims, MAX_FULL_DIMS) ** 2}
         try:
             with safe_open(str(path), framework="pt") as fh:
                 header = fh.metadata() or {}
+                meta, stored_shape = _read_meta(path, header)
+                if stored_shape != tuple(latent_shape):
+                    raise CheckpointError(f"{path}: a prior for latents of shape {stored_shape}, the model's are "
+                                          f"{tuple(latent_shape)}")
+                flow = _flow_size(path, meta) if meta.get("density", "mixture") == "flow" else None
+                allowed = ({1: MAX_COMPONENTS, 2: MAX_COMPONENTS * dims, 3: MAX_COMPONENTS * min(dims, MAX_FULL_DIMS) ** 2}
+                           if flow is None else {1: max(2 * dims, flow[1]), 2: max(dims, flow[1]) * max(2 * dims, flow[1])})
                 for key in fh.keys():  # sizes checked before anything is read: a file never sets them
                     shape = fh.get_slice(key).get_shape()
                     if len(shape) not in allowed or math.prod(shape) > allowed[len(shape)]:
@@ -110,34 +126,72 @@ class FittedPrior:
             raise
         except Exception as exc:  # not a safetensors file, truncated, ...
             raise CheckpointError(f"{path}: not a readable fitted prior ({exc})") from None
-        try:
-            meta = json.loads(header["flexvae_prior"])
-            stored_shape = tuple(int(v) for v in meta["latent_shape"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: no fitted-prior metadata") from None
-        if stored_shape != tuple(latent_shape):
-            raise CheckpointError(f"{path}: a prior for latents of shape {stored_shape}, the model's are "
-                                  f"{tuple(latent_shape)}")
-        dims = math.prod(stored_shape)
-        mixtures = {}
+        groups = {}
         for key, value in tensors.items():
-            head, _, name = key.rpartition(".")
-            label = None if head == "all" else int(head.split(".")[1]) if head.startswith("class.") else "bad"
-            if label == "bad" or name not in ("weights", "means", "factor"):
+            head, _, rest = key.partition(".")
+            if head == "class":
+                index, _, rest = rest.partition(".")
+                label = int(index) if index.isdigit() else "bad"
+            else:
+                label = None if head == "all" else "bad"
+            if label == "bad":
                 raise CheckpointError(f"{path}: unexpected tensor {key!r}")
-            mixtures.setdefault(label, {})[name] = value.float()
-        for label, mixture in mixtures.items():
-            weights, means, factor = (mixture.get(k) for k in ("weights", "means", "factor"))
-            k = None if weights is None else weights.shape[0]
-            ok = (weights is not None and means is not None and factor is not None and weights.dim() == 1
-                  and 0 < k <= MAX_COMPONENTS and tuple(means.shape) == (k, dims)
-                  and tuple(factor.shape) in ((k, dims), (k, dims, dims))
-                  and bool(torch.isfinite(weights).all()) and bool((weights >= 0).all()) and float(weights.sum()) > 0)
-            if not ok:
-                raise CheckpointError(f"{path}: mixture {label if label is not None else 'all'} is malformed")
-        if not mixtures or (None in mixtures and len(mixtures) > 1):
-            raise CheckpointError(f"{path}: no mixture, or both a shared and per-class mixtures")
+            groups.setdefault(label, {})[rest] = value.float()
+        if not groups or (None in groups and len(groups) > 1):
+            raise CheckpointError(f"{path}: no density, or both a shared and per-class ones")
+        if flow is not None:
+            mixtures = {label: _load_flow(path, label, part, dims, *flow) for label, part in groups.items()}
+        else:
+            mixtures = {label: _check_mixture(path, label, part, dims) for label, part in groups.items()}
         return cls(mixtures, stored_shape, meta)
+
+
+def _read_meta(path, header: dict):
+    try:
+        meta = json.loads(header["flexvae_prior"])
+        return meta, tuple(int(v) for v in meta["latent_shape"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: no fitted-prior metadata") from None
+
+
+def _flow_size(path, meta: dict) -> tuple[int, int]:
+    layers, hidden = meta.get("layers"), meta.get("hidden")
+    if not (isinstance(layers, int) and isinstance(hidden, int) and 1 <= layers <= MAX_LAYERS
+            and 1 <= hidden <= MAX_HIDDEN):
+        raise CheckpointError(f"{path}: a fitted flow's layers and hidden units must be whole numbers in [1, "
+                              f"{MAX_LAYERS}] and [1, {MAX_HIDDEN}], found {layers!r} and {hidden!r}")
+    return layers, hidden
+
+
+def _load_flow(path, label, part: dict, dims: int, layers: int, hidden: int) -> FlowNetwork:
+    flow = FlowNetwork(dims, layers, hidden)
+    if any(not k.startswith("flow.") for k in part):
+        raise CheckpointError(f"{path}: a fitted flow holds flow.* tensors only")
+    state = {k[len("flow."):]: v for k, v in part.items()}
+    try:
+        flow.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise CheckpointError(f"{path}: flow {label if label is not None else 'all'} does not have the tensors of "
+                              f"{layers} couplings of {hidden} units over {dims} values") from None
+    if not all(bool(torch.isfinite(v).all()) for v in state.values()):
+        raise CheckpointError(f"{path}: flow {label if label is not None else 'all'} holds values that are not finite")
+    return flow.eval()
+
+
+def _check_mixture(path, label, mixture: dict, dims: int) -> dict:
+    for name in mixture:
+        if name not in ("weights", "means", "factor"):
+            prefix = "all." if label is None else f"class.{label}."
+            raise CheckpointError(f"{path}: unexpected tensor {prefix + name!r}")
+    weights, means, factor = (mixture.get(k) for k in ("weights", "means", "factor"))
+    k = None if weights is None else weights.shape[0]
+    ok = (set(mixture) == {"weights", "means", "factor"} and weights.dim() == 1
+          and 0 < k <= MAX_COMPONENTS and tuple(means.shape) == (k, dims)
+          and tuple(factor.shape) in ((k, dims), (k, dims, dims))
+          and bool(torch.isfinite(weights).all()) and bool((weights >= 0).all()) and float(weights.sum()) > 0)
+    if not ok:
+        raise CheckpointError(f"{path}: mixture {label if label is not None else 'all'} is malformed")
+    return mixture
 
 
 # ---------------------------------------------------------------------- where it lives
@@ -201,12 +255,40 @@ def fit_mixture(latents: torch.Tensor, components: int, covariance: str, seed: i
             "means": torch.from_numpy(mixture.means_).contiguous(), "factor": factor.contiguous()}
 
 
+FLOW_LAYERS, FLOW_HIDDEN, FLOW_STEPS = 4, 128, 2000
+DENSITIES = ("mixture", "flow")
+
+
+@torch.enable_grad()
+def fit_flow(latents: torch.Tensor, seed: int, layers: int = FLOW_LAYERS, hidden: int = FLOW_HIDDEN,
+             steps: int = FLOW_STEPS) -> FlowNetwork:
+    """A RealNVP flow (priors/flow.py) fitted to ``latents`` (N, D) by maximum likelihood: AdamW,
+    batches of 256, a cosine schedule, seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    data = latents.float().cpu()
+    flow = FlowNetwork(data.shape[1], layers, hidden)
+    optimizer = torch.optim.AdamW(flow.parameters(), lr=1e-3, weight_decay=1e-5)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for _ in range(steps):
+        rows = torch.randint(0, len(data), (min(256, len(data)),), generator=generator)
+        loss = -flow.log_prob(data[rows]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(flow.parameters(), 10.0)
+        optimizer.step()
+        schedule.step()
+    return flow.eval()
+
+
 @torch.no_grad()
 def fit_prior(loaded, folder=None, components: int = 10, covariance: str = "auto", seed: int = 0, batch_size: int = 64,
-              device="cpu", progress: bool = False) -> FittedPrior:
+              device="cpu", progress: bool = False, density: str = "mixture") -> FittedPrior:
     """Encode the images of ``folder`` (default: the run's training data) with ``loaded``'s model
-    (posterior means, raw) and fit a mixture to them: one per class when the model takes labels
-    (from the folder's sub-folders)."""
+    (posterior means, raw) and fit a density to them (``density``: a Gaussian mixture, or a
+    RealNVP flow): one per class when the model takes labels (from the folder's sub-folders)."""
+    if density not in DENSITIES:
+        raise ConfigError(f"a fitted prior's density is one of {', '.join(DENSITIES)}, got {density!r}")
     from .analysis.common import image_dataset, image_loader
 
     vae = loaded.vae
@@ -239,11 +321,17 @@ def fit_prior(loaded, folder=None, components: int = 10, covariance: str = "auto
             raise FlexVAEError(f"{folder}: a conditional model's prior is fitted per class, and no image has a label")
     else:
         groups = {None: latents}
-    chosen = choose_covariance(covariance, min(len(g) for g in groups.values()), dims, components)
-    mixtures = {label: fit_mixture(group, components, chosen, seed) for label, group in groups.items()}
     meta = {"checkpoint": str(loaded.path), "checkpoint_sha256": loaded.provenance()["sha256"], "step": loaded.step,
-            "data": str(folder), "images": int(len(latents)), "components": components, "covariance": chosen,
-            "seed": seed, "method": "sklearn.mixture.GaussianMixture on posterior means (raw latents)"}
+            "data": str(folder), "images": int(len(latents)), "seed": seed, "density": density}
+    if density == "flow":
+        mixtures = {label: fit_flow(group, seed) for label, group in groups.items()}
+        meta.update(layers=FLOW_LAYERS, hidden=FLOW_HIDDEN, steps=FLOW_STEPS,
+                    method="RealNVP flow (priors/flow.py) fitted by maximum likelihood to posterior means (raw latents)")
+    else:
+        chosen = choose_covariance(covariance, min(len(g) for g in groups.values()), dims, components)
+        mixtures = {label: fit_mixture(group, components, chosen, seed) for label, group in groups.items()}
+        meta.update(components=components, covariance=chosen,
+                    method="sklearn.mixture.GaussianMixture on posterior means (raw latents)")
     return FittedPrior(mixtures, vae.latent_shape, meta)
 
 
@@ -253,7 +341,7 @@ def fit_run_prior(loaded, cfg, device="cpu") -> str:
     if loaded.vae.latent.kind not in FITTED_LATENTS:
         return f"note: train.fit_prior: a {loaded.vae.latent.kind} latent has no fitted prior; none fitted"
     prior = fit_prior(loaded, None, components=cfg.train.fit_prior, seed=cfg.train.seed,
-                      batch_size=cfg.encode.batch_size, device=device)
+                      batch_size=cfg.encode.batch_size, device=device, density=cfg.train.fit_prior_density)
     path = prior.save(prior_path(loaded.path))
     loaded.vae.fitted_prior = prior
     return f"{prior.describe()}: {path}; the last sample grid shows samples from it"

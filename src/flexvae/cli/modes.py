@@ -54,7 +54,7 @@ MODES = [
          analysis.probe),
     Mode("-matrix", "matrix", "train and evaluate every combination of an experiment matrix (--matrix FILE)",
          analysis.matrix),
-    Mode("--fit-prior", "fit-prior", "fit a Gaussian mixture prior to the encoded training images (or --input) of "
+    Mode("--fit-prior", "fit-prior", "fit a Gaussian mixture (or --density flow: a RealNVP flow) prior to the encoded training images (or --input) of "
                                      "a checkpoint; every sampling path then uses it", sampling.fit_prior),
     Mode("-sample", "sample", "draw --count images from a run's prior (its fitted prior when it has one) into "
                               "--output as PNGs", sampling.sample),
@@ -86,7 +86,7 @@ OPTION_MODES = {
     "nll_sigma": {"evaluate"}, "fid": {"evaluate"}, "inception": {"evaluate"}, "labels": {"reconstruct", "encode", "evaluate", "fit-prior"},
     "classes": {"interpolate", "sample"}, "overwrite": _MODEL_USERS | {"train", "matrix", "import-weights"},
     "count": {"sample"}, "temperature": {"sample"}, "prior": {"sample"},
-    "components": {"fit-prior"}, "covariance": {"fit-prior"},
+    "components": {"fit-prior"}, "covariance": {"fit-prior"}, "density": {"fit-prior"},
 }
 
 
@@ -137,6 +137,7 @@ def _add_options(parser: argparse.ArgumentParser, mode: Mode | None = None) -> N
     option("--prior", choices=["auto", "fitted", "model"], help="-sample: the run's fitted prior when it has one "
                                                                  "(auto, default), the fitted one, or the model's own")
     option("--components", type=int, help="--fit-prior: mixture components (10)")
+    option("--density", choices=["mixture", "flow"], help="--fit-prior: a Gaussian mixture (default) or a RealNVP flow")
     option("--covariance", choices=["auto", "full", "diag"], help="--fit-prior: full or diagonal covariances "
                                                                    "(auto: full when there are enough images)")
     option("--matrix", help="-matrix: the experiment matrix TOML file")

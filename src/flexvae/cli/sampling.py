@@ -9,7 +9,7 @@ from . import common
 
 
 def fit_prior(args) -> int:
-    """Fit a Gaussian mixture to the encoded training images (or --input) of --ckpt's checkpoint
+    """Fit a Gaussian mixture (or, with --density flow, a RealNVP flow) to the encoded training images (or --input) of --ckpt's checkpoint
     and store it in <run>/priors/, where load_run and every sampling path find it."""
     from ..fitted_prior import fit_prior as fit, prior_path
 
@@ -20,7 +20,7 @@ def fit_prior(args) -> int:
     path = prior_path(model.path)
     common.claim_output(args, path.parent).check([path])
     prior = fit(model, args.input, components=components, covariance=args.covariance or "auto",
-                seed=cfg.train.seed, batch_size=cfg.encode.batch_size, device=device)
+                seed=cfg.train.seed, batch_size=cfg.encode.batch_size, device=device, density=args.density or "mixture")
     prior.save(path)
     print(f"{prior.describe()}: {path}")
     return 0

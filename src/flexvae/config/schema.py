@@ -154,6 +154,9 @@ class TrainConfig:
     fit_prior: int = setting(
         0, "at the end of the run, fit a Gaussian mixture of N components to the encoded training images: the prior "
         "every sampling path then uses (fit-prior; needs scikit-learn); 0 = off", NON_NEGATIVE)
+    fit_prior_density: Literal["mixture", "flow"] = setting(
+        "mixture", "train.fit_prior's density: a Gaussian mixture (N components), or a RealNVP flow (4 couplings of "
+        "128 units, fitted by maximum likelihood)")
     precision: Literal["fp32", "bf16", "fp16"] = setting(
         "fp32", "fp32, or bf16/fp16 autocast (fp16 adds a gradient scaler); norms and the loss stay fp32")
     channels_last: bool = setting(False, "channels-last memory layout for 2D/3D data (faster convolutions on GPU)")
