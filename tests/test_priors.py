@@ -235,3 +235,56 @@ def test_two_processes_train_a_vampprior_with_free_bits_as_one_process(tmp_path)
               "train.grad_accum=2", "train.lr=1e-4", "train.grad_clip=0", "train.log_every=1",
               "loss.objective=elbo", "loss.scale=optimal", "loss.free_bits=0.2", "model.prior=Vamp_components=3"]
     assert_two_processes_match_one(tmp_path, common, columns=("loss", "nll", "kld"))
+
+
+LAPLACE_PRIOR = '''
+import torch
+from flexvae.priors import Arg, Prior, register_prior
+
+
+@register_prior("Laplace", Arg("scale", float, 1.0, "the scale b"), doc="i.i.d. Laplace(0, b)")
+class LaplacePrior(Prior):
+    def __init__(self, scale=1.0, latent_shape=(), data_shape=()):
+        super().__init__(latent_shape, data_shape)
+        self.log_scale = torch.nn.Parameter(torch.tensor(float(scale)).log())
+
+    def log_prob(self, z, vae=None):
+        b = self.log_scale.exp()
+        return (-z.flatten(1).abs() / b - torch.log(2 * b)).sum(1)
+
+    def sample(self, n, vae=None, generator=None, device=None, temperature=1.0):
+        u = torch.rand((n, self.dims), generator=generator, device=device) - 0.5
+        return (-self.log_scale.exp() * temperature * u.sign() * torch.log1p(-2 * u.abs())).view(n, *self.latent_shape)
+'''
+
+
+def test_a_prior_from_a_plugin_file_is_one_class_and_one_decorator(tmp_path):
+    """Nothing in flexvae edited: the plugin's prior trains, its KL is the Monte Carlo estimate
+    against torch.distributions.Laplace, and --priors lists it."""
+    from flexvae.assemble import model_from_config
+    from flexvae.config import load_config
+
+    plugin = tmp_path / "laplace_prior.py"
+    plugin.write_text(LAPLACE_PRIOR)
+    result, run = _train(tmp_path, "laplace", "--set", f"model.plugins={plugin}", "--set",
+                         "model.prior=Laplace_scale=0.5")
+    assert result.returncode == 0, result.stderr
+    assert any(k.startswith("model.prior.log_scale") for k in load_file(str(sorted((run / "checkpoints").glob("*.safetensors"))[-1])))
+    cfg = load_config(REPO / "configs" / "tiny_test.toml", [f"model.plugins={plugin}", "model.prior=Laplace_scale=0.5"])
+    model, plan = model_from_config(cfg, REPO / "configs" / "tiny_test.toml")
+    x = torch.rand(2, *plan.data_shape) * 2 - 1
+    out = model(x, generator=torch.Generator().manual_seed(0))
+    reference = torch.distributions.Laplace(0.0, 0.5).log_prob(out.z.flatten(1).double()).sum(1)
+    entropy = 0.5 * (1 + math.log(2 * math.pi) + out.posterior.logvar.double()).flatten(1).sum(1)
+    torch.testing.assert_close(out.kl().double(), -entropy - reference, rtol=1e-5, atol=1e-3)
+    listed = run_in_process(["--priors", "-c", str(REPO / "configs" / "tiny_test.toml"), "--set",
+                             f"model.plugins={plugin}"])
+    assert "Laplace(scale=1.0)" in listed.stdout
+
+
+def test_prior_fitted_without_a_fitted_prior_is_one_line_for_every_sampling_mode(tmp_path):
+    _, run = _train(tmp_path, "run")
+    for mode in ("-pics", "-eval", "-sample"):
+        result = run_in_process([mode, "--ckpt", str(run), "--prior", "fitted", "--output", str(tmp_path / mode)])
+        assert result.returncode != 0 and "Traceback" not in result.stderr, (mode, result.stderr)
+        assert "has no fitted prior; fit one first: fit-prior --ckpt" in result.stderr.strip().splitlines()[-1]

@@ -69,7 +69,21 @@ def load_run(args, cfg, device: str):
               file=sys.stderr)
     print(f"model: {model.path} (step {model.step})"
           + (f"; conditional on {len(model.vae.class_names)} classes" if model.vae.takes_labels else ""))
+    choose_prior(args, model)
     return model
+
+
+def choose_prior(args, model) -> None:
+    """``--prior``: auto (the run's fitted prior when it has one, else the model's own), fitted
+    (an error when there is none) or model (the fitted one set aside for this command)."""
+    from ..errors import DataError
+
+    prior = getattr(args, "prior", None) or "auto"
+    if prior == "fitted" and model.vae.fitted_prior is None:
+        raise DataError(f"--prior fitted: {model.path} has no fitted prior; fit one first: fit-prior --ckpt {model.path}"
+                        + (f" ({model.prior_note})" if model.prior_note else ""))
+    if prior == "model":
+        model.vae.fitted_prior = None
 
 
 def output_dir(args, run: Path, name: str, writes=()) -> Path:

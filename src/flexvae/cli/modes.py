@@ -85,7 +85,7 @@ OPTION_MODES = {
     "matrix": {"matrix"}, "steps": {"interpolate", "pictures", "analyze"}, "nll_samples": {"evaluate"},
     "nll_sigma": {"evaluate"}, "fid": {"evaluate"}, "inception": {"evaluate"}, "labels": {"reconstruct", "encode", "evaluate", "fit-prior"},
     "classes": {"interpolate", "sample"}, "overwrite": _MODEL_USERS | {"train", "matrix", "import-weights"},
-    "count": {"sample"}, "temperature": {"sample"}, "prior": {"sample"},
+    "count": {"sample"}, "temperature": {"sample"}, "prior": {"sample", "pictures", "interpolate", "evaluate"},
     "components": {"fit-prior"}, "covariance": {"fit-prior"}, "density": {"fit-prior"},
 }
 
@@ -134,8 +134,9 @@ def _add_options(parser: argparse.ArgumentParser, mode: Mode | None = None) -> N
                              "while the class moves from A to B; -sample: the samples' classes, in turn")
     option("--count", type=int, help="-sample: how many images (64)")
     option("--temperature", type=float, help="-sample: scale of the prior's spread (1.0)")
-    option("--prior", choices=["auto", "fitted", "model"], help="-sample: the run's fitted prior when it has one "
-                                                                 "(auto, default), the fitted one, or the model's own")
+    option("--prior", choices=["auto", "fitted", "model"], help="-sample, -pics, -inter, -eval: the run's fitted "
+                                                                 "prior when it has one (auto, default), the fitted one, "
+                                                                 "or the model's own (N(0, I) or its model.prior)")
     option("--components", type=int, help="--fit-prior: mixture components (10)")
     option("--density", choices=["mixture", "flow"], help="--fit-prior: a Gaussian mixture (default) or a RealNVP flow")
     option("--covariance", choices=["auto", "full", "diag"], help="--fit-prior: full or diagonal covariances "
