@@ -320,13 +320,16 @@ def test_cli_modes(tiny_run, tmp_path):
     run, data = tiny_run["run"], tiny_run["data"]
     out = cli("-eval", "--ckpt", run, "--nll-samples", "4", "--output", tmp_path / "ev", "--input2", data,
               cwd=tmp_path)
-    assert "PSNR" in out and "prior samples classified with p > 0.9" in out
+    assert "PSNR" in out and "Frechet distance in the judge's features" in out and "classified with p > 0.9" in out
     stored = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert stored["images"] == 24 and stored["nll"]["samples"] == 4
     generation = stored["generation"]
     assert generation["samples"] == 500 and 0 <= generation["confident"] <= 1
     assert generation["classes"] == len([p for p in data.iterdir() if p.is_dir()])
     assert sum(generation["predicted_classes"].values()) == pytest.approx(1.0)
+    assert generation["frechet"] < generation["noise"]["frechet"]  # uniform noise is scored beside the samples
+    assert 0 <= generation["precision"] <= 1 and 0 <= generation["recall"] <= 1
+    assert 0 <= stored["two_sample"]["accuracy"] <= 1 and stored["two_sample"]["images"] == 24
 
     cli("-inter", "--ckpt", run, "--input", data / "horizontal" / "000.png", "--input2",
         data / "vertical" / "000.png", "--steps", "4", cwd=tmp_path)

@@ -59,10 +59,11 @@ def test_empty_file_is_defaults(tmp_path):
 # Where the shipped default config departs from the built-in defaults: the default model is a
 # real VAE (the calibrated ELBO), while the built-in defaults keep the original's formula so
 # that the original's configs (and stored checkpoints' configs) mean what they meant.
-DEFAULT_CONFIG_CHANGES = {"loss.objective": '"elbo"', "loss.scale": '"optimal"', "loss.kld_weight": "1.0"}
+DEFAULT_CONFIG_CHANGES = {"loss.objective": '"elbo"', "loss.scale": '"optimal"', "loss.kld_weight": "1.0",
+                          "train.fit_prior": "10"}
 
 
-def test_shipped_default_config_equals_defaults_but_for_the_elbo():
+def test_shipped_default_config_equals_defaults_but_for_the_elbo_and_the_fitted_prior():
     overrides = [f"{k}={v.strip(chr(34))}" for k, v in DEFAULT_CONFIG_CHANGES.items()]
     assert load_config(CONFIGS / "config.toml") == load_config(None, overrides)
     assert load_config(CONFIGS / "config.toml") != Config()

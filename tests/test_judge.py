@@ -132,7 +132,7 @@ def test_a_weights_file_that_is_a_pickle_of_code_is_refused_unread(tmp_path):
             return (open, (str(tmp_path / "pwned"), "w"))
 
     path = tmp_path / "evil.pth"
-    path.write_bytes(pickle.dumps({"x": Payload()}))
+    path.write_bytes(pickle.dumps({"x": Payload()}, protocol=2))
     with pytest.raises(FlexVAEError, match="not a weights file of tensors"):
         Inception(path)
     assert not (tmp_path / "pwned").exists()
