@@ -495,7 +495,7 @@ def test_the_m2_preset_samples_the_class_it_is_asked_for(tmp_path):
     Trainer(cfg, config, quiet=True).train()
     run = load_run(tmp_path / "m2")
     _, pixels, labels = encode_labelled(run, tmp_path / "digits" / "train")
-    classifier, accuracy = fit_classifier(pixels, labels, 0)
+    classifier, accuracy = fit_classifier(pixels, labels, 0, run.data_shape)
     score = conditional_score(run, tmp_path / "digits" / "train", n=100, seed=0, classifier=classifier)
     assert accuracy > 0.9
     assert score["mean"] > 0.8, score

@@ -159,3 +159,30 @@ def test_fid_of_a_set_with_itself_is_zero_and_noise_scores_worse_than_real_image
     noise = torch.rand(36, 3, 64, 64, generator=generator) * 2 - 1
     assert fid(fa, net.features(noise)) > fid(fa, fb)
     assert net.protocol(36, (3, 64, 64))["weights_sha256"] == net.sha256
+
+
+@pytest.mark.slow
+def test_eval_fid_writes_both_fids_with_their_protocol(tmp_path, monkeypatch):
+    import json
+
+    from flexvae.analysis.fid import INCEPTION_FILE
+    from helpers.inprocess import run_in_process
+    from helpers.runs import make_images, tiny
+
+    weights = _random_inception(tmp_path / "weights" / INCEPTION_FILE)
+    images = make_images(tmp_path / "images", 8)
+    run = tmp_path / "run"
+    trained = run_in_process(["-t", *tiny(images, run, "--set", "train.max_steps=2", "--set", "train.save_every=2")])
+    assert trained.returncode == 0, trained.stderr
+    result = run_in_process(["-eval", "--ckpt", str(run), "--input", str(images), "--nll-samples", "0", "--fid",
+                             "--inception", str(weights), "--output", str(tmp_path / "ev")])
+    assert result.returncode == 0, result.stderr
+    fid = json.loads((tmp_path / "ev" / "evaluation.json").read_text())["fid"]
+    assert fid["samples"] > 0 and fid["reconstructions"] > 0 and fid["prior"] == "model's"
+    assert fid["protocol"]["images"] == 8 and fid["protocol"]["image_size"] == [3, 16, 16]
+    assert fid["protocol"]["rounding"] == "8-bit" and len(fid["protocol"]["weights_sha256"]) == 64
+    assert "reconstruction FID" in result.stdout
+    missing = run_in_process(["-eval", "--ckpt", str(run), "--input", str(images), "--nll-samples", "0", "--fid",
+                              "--inception", str(tmp_path / "nowhere.pth"), "--output", str(tmp_path / "ev2")])
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert f"FID needs the Inception-v3 weights file {INCEPTION_FILE}" in missing.stderr.strip().splitlines()[-1]

@@ -288,3 +288,32 @@ def test_prior_fitted_without_a_fitted_prior_is_one_line_for_every_sampling_mode
         result = run_in_process([mode, "--ckpt", str(run), "--prior", "fitted", "--output", str(tmp_path / mode)])
         assert result.returncode != 0 and "Traceback" not in result.stderr, (mode, result.stderr)
         assert "has no fitted prior; fit one first: fit-prior --ckpt" in result.stderr.strip().splitlines()[-1]
+
+
+def test_the_importance_sampled_likelihood_and_evaluations_kl_use_the_learned_prior():
+    from flexvae.analysis.evaluate import evaluate_model, importance_log_weights
+    from flexvae.assemble import model_from_config
+    from flexvae.config import load_config
+
+    cfg = load_config(REPO / "configs" / "tiny_test.toml", ["model.prior=MoG_components=1"])
+    model, plan = model_from_config(cfg, REPO / "configs" / "tiny_test.toml")
+    model.eval()
+    with torch.no_grad():  # the one component is N(0, I): the same weights as the model without a prior
+        model.prior.means.zero_()
+        model.prior.logvars.zero_()
+    x = torch.rand(3, *plan.data_shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def weights():
+        with torch.no_grad():
+            return importance_log_weights(model, x, 4, generator=torch.Generator().manual_seed(1))
+
+    learned = weights()
+    prior, model.prior = model.prior, None
+    normal = weights()
+    model.prior = prior
+    torch.testing.assert_close(learned, normal, rtol=1e-5, atol=1e-3)
+    with torch.no_grad():
+        model.prior.means.fill_(0.7)
+    assert not torch.allclose(weights(), normal, atol=1e-2)
+    result = evaluate_model(model, [x], nll_samples=0)
+    assert "Monte Carlo" in result["kl"]["prior"]

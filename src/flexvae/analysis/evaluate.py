@@ -56,7 +56,8 @@ def model_bits_per_dim(vae, nll_nats: float, dims: int) -> float:
 def importance_log_weights(vae, x: torch.Tensor, num_samples: int = 100, sigma: float = 0.1,
                            generator: torch.Generator | None = None, max_batch: int = 256,
                            labels=None, discrete: bool = True) -> torch.Tensor:
-    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) for K draws z_k ~ q(z|x); shape (K, B).
+    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) for K draws z_k ~ q(z|x); shape (K, B);
+    p(z) is N(0, I) or the model's learned prior.
     ``labels``: the images' classes, for a conditional model (log p(x | y)). p(x|z) is the mass
     of x's 8-bit levels (``discrete=False``: a continuous decoder's density)."""
     posterior = vae.encode(x, labels)
@@ -75,7 +76,10 @@ def importance_log_weights(vae, x: torch.Tensor, num_samples: int = 100, sigma: 
                            None if labels is None else labels.repeat(k))
         repeated = x.unsqueeze(0).expand(k, *x.shape).reshape(k * batch, *x.shape[1:])
         log_px_z = model_log_likelihood(vae, recon, repeated, sigma, discrete).view(k, batch)
-        log_pz = (-0.5 * z.pow(2) - 0.5 * LOG_2PI).flatten(2).sum(2)
+        if vae.prior is not None:  # a learned prior's density (priors/)
+            log_pz = vae.prior.log_prob(z.reshape(k * batch, *mean.shape[1:]), vae).double().view(k, batch)
+        else:
+            log_pz = (-0.5 * z.pow(2) - 0.5 * LOG_2PI).flatten(2).sum(2)
         log_qz = (-0.5 * eps.pow(2) - 0.5 * logvar - 0.5 * LOG_2PI).flatten(2).sum(2)
         out.append(log_px_z + log_pz - log_qz)
     return torch.cat(out, dim=0)
@@ -129,6 +133,8 @@ def evaluate_model(vae, batches, *, nll_samples: int | None = None, nll_sigma="a
     kl, means = _Moments(), _Moments()
     ssim_info = None
     groups = None
+    # a learned prior's KL has no closed form: its one-sample Monte Carlo estimate, seeded
+    kl_draws = torch.Generator(device=device).manual_seed(seed) if vae.prior is not None else None
     if vae.groups:
         from .hierarchy import GroupStatistics
 
@@ -154,7 +160,10 @@ def evaluate_model(vae, batches, *, nll_samples: int | None = None, nll_sigma="a
             if ms is not None:
                 sums["ms_ssim"] += ms.sum().item()
             ssim_info = (window, ms_ssim_scales(min(x.shape[2:]), window), ms is not None)
-        kl.add(posterior.kl_elements())
+        if kl_draws is not None:
+            kl.add(vae.prior.posterior(posterior, posterior.sample(generator=kl_draws), vae).kl_elements())
+        else:
+            kl.add(posterior.kl_elements())
         means.add(posterior.mode())
         count += x.shape[0]
         values += x[0].numel() * x.shape[0]
@@ -180,6 +189,8 @@ def evaluate_model(vae, batches, *, nll_samples: int | None = None, nll_sigma="a
             "per_channel": [float(v) for v in _per_channel(kl_mean, "sum")],
             "per_element_max": float(kl_mean.max()),
             "per_element_mean": float(kl_mean.mean()),
+            **({"prior": "learned (model.prior): one-sample Monte Carlo estimate; per element, the negative "
+                         "entropy minus an equal share of log p(z)"} if kl_draws is not None else {}),
         }
         if kl_mean.numel() <= MAX_LISTED_ELEMENTS:
             result["kl"]["per_element"] = kl_mean.float().tolist()  # nested like the latent shape
@@ -312,7 +323,8 @@ def format_report(result: dict, top: int = 8) -> str:
     else:
         rows.append(("MS-SSIM", "n/a (image too small for 2 scales)"))
     if "kl" in result:
-        rows.append(("KL (nats per image)" + (", top latent" if "groups" in result else ""),
+        rows.append(("KL (nats per image)" + (", top latent" if "groups" in result else "")
+                     + ("; to the learned prior, Monte Carlo" if "prior" in result["kl"] else ""),
                      result["kl"]["total_nats"]))
     if "groups" in result:
         rows.append(("KL of the whole hierarchy (nats per image)", sum(g["kl_nats"] for g in result["groups"].values())))
