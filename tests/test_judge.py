@@ -186,3 +186,17 @@ def test_eval_fid_writes_both_fids_with_their_protocol(tmp_path, monkeypatch):
                               "--inception", str(tmp_path / "nowhere.pth"), "--output", str(tmp_path / "ev2")])
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     assert f"FID needs the Inception-v3 weights file {INCEPTION_FILE}" in missing.stderr.strip().splitlines()[-1]
+
+
+def test_images_larger_than_64_px_are_shrunk_before_the_judge_sees_them():
+    from flexvae.analysis.judge import shrink
+
+    big = torch.rand(4, 3, 200, 100)
+    assert shrink(big).shape == (4, 3, 64, 32) and shrink(torch.rand(2, 1, 48, 40)).shape == (2, 1, 48, 40)
+    torch.testing.assert_close(shrink(torch.full((1, 1, 128, 128), 0.3)), torch.full((1, 1, 64, 64), 0.3))
+    rng = np.random.default_rng(0)
+    dark, light = rng.uniform(-1, -0.5, (12, 1, 128, 128)), rng.uniform(0.5, 1, (12, 1, 128, 128))
+    judge = train_judge(np.concatenate([dark, light]).astype(np.float32), ["dark"] * 12 + ["light"] * 12,
+                        seed=0, epochs=5)
+    assert judge.accuracy == 1.0 and judge.features(light[:3]).shape == (3, 128)
+    assert list(judge.predict(light[:3].reshape(3, -1))) == ["light"] * 3  # flattened pixels of the data shape too

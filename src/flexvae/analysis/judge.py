@@ -2,7 +2,8 @@
 labelled folder, and distances in its features.
 
 - ``train_judge``: a small CNN trained to classify the labelled images (a stratified fifth held
-  out; its accuracy there is reported beside every score, so a weak judge shows as one);
+  out; its accuracy there is reported beside every score, so a weak judge shows as one); images
+  larger than 64 px a side are shrunk to 64 first, here and in the two-sample test;
 - ``class_scores``: the share of images the judge classifies with p > 0.9 and the entropy (bits)
   of its class histogram (log2 K when the classes are covered evenly);
 - ``frechet_distance``: the Frechet distance between Gaussians fitted to two feature sets (the
@@ -29,6 +30,16 @@ import torch.nn.functional as F
 
 CONFIDENCE = 0.9
 FEATURES = 128
+MAX_SIDE = 64  # larger images are shrunk (area-averaged) to this side first: a CPU trains the judge in seconds
+
+
+def shrink(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) with the longer side at most MAX_SIDE (antialiased), the aspect kept."""
+    side = max(images.shape[-2:])
+    if side <= MAX_SIDE:
+        return images
+    size = tuple(max(1, round(d * MAX_SIDE / side)) for d in images.shape[-2:])
+    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 class JudgeNet(nn.Module):
@@ -57,7 +68,7 @@ class Judge:
 
     def _images(self, images) -> torch.Tensor:
         images = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images).float()
-        return images.reshape(-1, *self.data_shape)
+        return shrink(images.reshape(-1, *self.data_shape))
 
     @torch.no_grad()
     def _run(self, images, what):
@@ -123,6 +134,8 @@ def train_judge(images, labels, seed: int = 0, epochs: int = 30, held_out: float
     if len(classes) < 2:
         raise ValueError(f"the judge needs at least two classes of labelled images, found {len(classes)}")
     targets = torch.as_tensor(np.searchsorted(classes, labels))
+    data_shape = images.shape[1:]
+    images = shrink(images)
     torch.manual_seed(seed)
     train, held = _split(labels, held_out, seed)
     net = JudgeNet(images.shape[1], len(classes))
@@ -131,7 +144,7 @@ def train_judge(images, labels, seed: int = 0, epochs: int = 30, held_out: float
     if len(held):
         with torch.no_grad():
             accuracy = float((net(images[held]).argmax(1) == targets[held]).float().mean())
-    return Judge(net, classes, accuracy, images.shape[1:], held)
+    return Judge(net, classes, accuracy, data_shape, held)
 
 
 def class_scores(probs: np.ndarray, classes) -> dict:
@@ -180,7 +193,7 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
 def two_sample_test(a, b, seed: int = 0, epochs: int = 20) -> float:
     """Held-out accuracy of a CNN trained to tell image sets ``a`` and ``b`` apart (equal sizes
     are used: the larger set is cut), trained on half of each, tested on the other half."""
-    a, b = torch.as_tensor(np.asarray(a)).float(), torch.as_tensor(np.asarray(b)).float()
+    a, b = (shrink(torch.as_tensor(np.asarray(t)).float()) for t in (a, b))
     n = min(len(a), len(b))
     if n < 4:
         raise ValueError(f"a two-sample test needs at least 4 images a side, got {n}")
