@@ -240,3 +240,17 @@ def test_a_malformed_fitted_flow_is_one_error(tmp_path, meta, tensors, message):
     save_file(state, str(path), metadata={"flexvae_prior": json.dumps({"density": "flow", "latent_shape": [2], **meta})})
     with pytest.raises(CheckpointError, match=message):
         FittedPrior.load(path, (2,))
+
+
+def test_a_class_with_one_image_gets_one_component_at_it_with_the_pooled_variance():
+    rng = np.random.default_rng(0)
+    pooled = torch.from_numpy(rng.normal(0, 2.0, (500, 3)))
+    one = pooled[:1]
+    for covariance in ("diag", "full"):
+        mixture = fit_mixture(one, 10, covariance, seed=0, pooled=pooled)
+        assert mixture["weights"].tolist() == [1.0] and torch.equal(mixture["means"], one)
+        factor = mixture["factor"][0]
+        variance = factor.pow(2) if covariance == "diag" else torch.diagonal(factor @ factor.T)
+        torch.testing.assert_close(variance, pooled.var(0) + 1e-6, rtol=1e-6, atol=1e-6)
+    alone = fit_mixture(one, 10, "diag", seed=0)  # nothing to pool: unit variances
+    torch.testing.assert_close(alone["factor"][0], torch.full((3,), (1 + 1e-6) ** 0.5, dtype=torch.float64))

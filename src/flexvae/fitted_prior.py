@@ -241,8 +241,21 @@ def require_sklearn(what: str = "fitting a prior"):
     return GaussianMixture
 
 
-def fit_mixture(latents: torch.Tensor, components: int, covariance: str, seed: int) -> dict:
-    """scikit-learn's GaussianMixture fitted to ``latents`` (N, D): weights, means, factors."""
+def fit_mixture(latents: torch.Tensor, components: int, covariance: str, seed: int, pooled=None) -> dict:
+    """scikit-learn's GaussianMixture fitted to ``latents`` (N, D): weights, means, factors. A
+    single latent (a class with one image) is one component at it, with the ``pooled`` latents'
+    covariance (unit variances when there are not two of them either)."""
+    if len(latents) < 2:
+        pooled = pooled if pooled is not None and len(pooled) >= 2 else None
+        dims = latents.shape[1]
+        if covariance == "full":
+            cov = torch.eye(dims, dtype=torch.float64) if pooled is None else torch.cov(pooled.double().T).reshape(dims, dims)
+            factor = torch.linalg.cholesky(cov + 1e-6 * torch.eye(dims, dtype=torch.float64)).unsqueeze(0)
+        else:
+            var = torch.ones(dims, dtype=torch.float64) if pooled is None else pooled.double().var(0)
+            factor = (var + 1e-6).sqrt().unsqueeze(0)
+        return {"weights": torch.ones(1, dtype=torch.float64), "means": latents.double().cpu()[:1].contiguous(),
+                "factor": factor.contiguous()}
     GaussianMixture = require_sklearn()
     data = latents.double().cpu().numpy()
     components = max(1, min(components, len(data)))
@@ -329,7 +342,8 @@ def fit_prior(loaded, folder=None, components: int = 10, covariance: str = "auto
                     method="RealNVP flow (priors/flow.py) fitted by maximum likelihood to posterior means (raw latents)")
     else:
         chosen = choose_covariance(covariance, min(len(g) for g in groups.values()), dims, components)
-        mixtures = {label: fit_mixture(group, components, chosen, seed) for label, group in groups.items()}
+        mixtures = {label: fit_mixture(group, components, chosen, seed, pooled=latents)
+                    for label, group in groups.items()}
         meta.update(components=components, covariance=chosen,
                     method="sklearn.mixture.GaussianMixture on posterior means (raw latents)")
     return FittedPrior(mixtures, vae.latent_shape, meta)

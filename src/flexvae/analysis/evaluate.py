@@ -56,8 +56,8 @@ def model_bits_per_dim(vae, nll_nats: float, dims: int) -> float:
 def importance_log_weights(vae, x: torch.Tensor, num_samples: int = 100, sigma: float = 0.1,
                            generator: torch.Generator | None = None, max_batch: int = 256,
                            labels=None, discrete: bool = True) -> torch.Tensor:
-    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) for K draws z_k ~ q(z|x); shape (K, B);
-    p(z) is N(0, I) or the model's learned prior.
+    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) for K draws z_k ~ q(z|x), (K, B); p(z):
+    N(0, I) or the model's learned prior.
     ``labels``: the images' classes, for a conditional model (log p(x | y)). p(x|z) is the mass
     of x's 8-bit levels (``discrete=False``: a continuous decoder's density)."""
     posterior = vae.encode(x, labels)
@@ -133,7 +133,7 @@ def evaluate_model(vae, batches, *, nll_samples: int | None = None, nll_sigma="a
     kl, means = _Moments(), _Moments()
     ssim_info = None
     groups = None
-    # a learned prior's KL has no closed form: its one-sample Monte Carlo estimate, seeded
+    # a learned prior's KL: its one-sample Monte Carlo estimate, seeded
     kl_draws = torch.Generator(device=device).manual_seed(seed) if vae.prior is not None else None
     if vae.groups:
         from .hierarchy import GroupStatistics
@@ -365,14 +365,9 @@ def format_report(result: dict, top: int = 8) -> str:
             "class_entropy_bits", f"{gen['class_entropy_bits']:.3f} of {gen['max_entropy_bits']:.3f}")))
         if gen["classifier_accuracy"] is not None:
             rows.append(("  the judge's held-out accuracy on real images", gen["classifier_accuracy"]))
-    two = result.get("two_sample")
-    if two:
-        rows.append((f"prior samples told from reconstructions ({two['images']} a side; 0.5: indistinguishable)",
-                     two["accuracy"]))
-    fid = result.get("fid")
-    if fid:
-        rows.append((f"FID of {fid['prior']} prior samples ({fid['protocol']['images']} images)", fid["samples"]))
-        rows.append(("reconstruction FID (posterior means)", fid["reconstructions"]))
+    from .sample_checks import report_rows
+
+    rows += report_rows(result)
     cond = result.get("conditional_generation")
     if cond:
         rows.append((f"class-c samples classified as c (mean over {len(cond['per_class'])} classes, "

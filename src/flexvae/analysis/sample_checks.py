@@ -59,3 +59,17 @@ def sample_checks(vae, batches, device, seed: int = 0, fid: bool = False, incept
                          "reconstructions": distance(real, net.features(recons)),
                          "protocol": net.protocol(len(images), images.shape[1:], "posterior means (reconstructions)")}
     return result
+
+
+def report_rows(result: dict) -> list:
+    """The -eval table's rows of ``sample_checks``'s results."""
+    rows = []
+    two = result.get("two_sample")
+    if two:
+        rows.append((f"{two['prior']} prior samples told from reconstructions ({two['images']} a side; 0.5: "
+                     "indistinguishable)", two["accuracy"]))
+    fid = result.get("fid")
+    if fid:
+        rows.append((f"FID of {fid['prior']} prior samples ({fid['protocol']['images']} images)", fid["samples"]))
+        rows.append(("reconstruction FID (posterior means)", fid["reconstructions"]))
+    return rows
