@@ -297,3 +297,21 @@ def test_cpu_recommendation_keeps_a_step_under_ten_seconds(monkeypatch):
     assert result.recommended == 1000
     assert ("recommendation capped at 1,000: a training step of a larger batch takes over ~10 s on this CPU "
             f"(memory alone allows {result.predicted:,}") in result.format()
+
+
+@pytest.mark.slow
+def test_a_child_probe_reports_its_own_peak_not_its_large_parents():
+    """Linux carries a process's peak resident memory across fork and exec into ru_maxrss: a
+    child of a large process (a test run that loaded Inception, a notebook) would report at
+    least its parent's peak, and every probe the same. The child reports its own VmHWM."""
+    import os
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("no /proc: the child's peak comes from wait4 alone")
+    from flexvae.train.memory_probe import ChildRunner, proc_status_bytes
+
+    ballast = torch.ones(2**30 // 4)  # 1 GiB, touched
+    parent_peak = proc_status_bytes("VmHWM")
+    peak, _ = ChildRunner(small_config()).measure(2)
+    del ballast
+    assert peak < parent_peak - 2**29, (peak, parent_peak)

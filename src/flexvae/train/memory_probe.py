@@ -128,8 +128,9 @@ class StepRunner:
 
 
 class ChildRunner:
-    """CPU probes without /proc: each measurement runs in a fresh child process (warm-up step,
-    then the measured step) whose own peak resident memory ``os.wait4`` reports."""
+    """CPU probes without a resettable peak: each measurement runs in a fresh child process
+    (warm-up step, then the measured step) whose own peak resident memory it reports (VmHWM where
+    /proc exists, else what ``os.wait4`` says)."""
 
     def __init__(self, cfg, config_path=None):
         self.request = {"config": config_to_dict(cfg),
@@ -154,8 +155,11 @@ class ChildRunner:
         if child.returncode != 0:
             raise FlexVAEError(f"the probe at batch size {batch_size} failed in its child process:\n"
                                f"{errors.strip()[-2000:]}")
+        result = json.loads(text)
         peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024  # bytes vs KiB
-        return peak, json.loads(text)["seconds"]
+        # Linux carries a process's peak across fork and exec: a child of a large process reports at
+        # least its parent's peak in ru_maxrss. Its own VmHWM (a fresh address space's) does not.
+        return result.get("peak") or peak, result["seconds"]
 
 
 def _child_main() -> None:
@@ -164,4 +168,6 @@ def _child_main() -> None:
     runner.step(request["batch_size"])  # warm-up: AdamW's state is allocated here
     start = time.perf_counter()
     runner.step(request["batch_size"])
-    print(json.dumps({"seconds": time.perf_counter() - start}))
+    seconds = time.perf_counter() - start
+    peak = proc_status_bytes("VmHWM") if os.path.exists("/proc/self/status") else None
+    print(json.dumps({"seconds": seconds, "peak": peak}))
