@@ -527,3 +527,27 @@ def test_a_conditional_model_fits_one_prior_per_class_and_samples_the_classes_as
     inter = run_in_process(["-inter", *cond_args(images, run, "--ckpt", run, "--classes",
                                                  f"{CLASSES[0]},{CLASSES[1]}", "--steps", "3")])
     assert inter.returncode == 0, inter.stderr
+
+
+@pytest.mark.slow
+def test_a_conditional_model_fits_one_flow_per_class(tmp_path):
+    import flexvae
+    from flexvae.priors.flow import FlowNetwork
+
+    images = labelled_folder(tmp_path / "images", per_class=4)
+    run = tmp_path / "run"
+    assert run_in_process(["-t", *cond_args(images, run, "--set", "train.max_steps=2")]).returncode == 0
+    fitted = run_in_process(["--fit-prior", *cond_args(images, run, "--ckpt", run, "--density", "flow")])
+    assert fitted.returncode == 0, fitted.stderr
+    assert "a RealNVP flow of 4 couplings" in fitted.stdout and f"one per class ({len(CLASSES)})" in fitted.stdout
+    prior = flexvae.load_run(run).vae.fitted_prior
+    assert prior.density == "flow" and all(isinstance(f, FlowNetwork) for f in prior.mixtures.values())
+    labels = torch.tensor([0, 1, 2, 0])
+    a, b = (prior.sample(4, generator=torch.Generator().manual_seed(0), labels=labels) for _ in range(2))
+    assert torch.equal(a, b)
+    # each class's rows are drawn from that class's flow, classes in order from one generator
+    generator = torch.Generator().manual_seed(0)
+    expected = {c: prior.mixtures[c].sample(n, generator) for c, n in ((0, 2), (1, 1), (2, 1))}
+    torch.testing.assert_close(a.flatten(1)[[0, 3]], expected[0])
+    torch.testing.assert_close(a.flatten(1)[1:2], expected[1])
+    torch.testing.assert_close(a.flatten(1)[2:3], expected[2])
