@@ -230,5 +230,34 @@ class Registry:
         return "\n".join(lines)
 
 
+@dataclass
+class ClassRegistry(Registry):
+    """Classes named by tokens outside the structures (loss terms, priors): ``what`` and
+    ``known`` word them in errors ("loss term", "Known terms"), ``listing`` is the command that
+    lists them, ``builtin`` names that are known without a registered class (the Normal prior)."""
+
+    what: str = "token"
+    known: str = "Known"
+    listing: str = ""
+    builtin: tuple = ()
+
+    def get(self, spec):
+        try:
+            return self.layers[spec.name]
+        except KeyError:
+            known = [*self.builtin, *sorted(self.layers)]
+            raise spec.error(f"unknown {self.what} {spec.name!r}.{did_you_mean(spec.name, known)} {self.known}: "
+                             f"{', '.join(known)} ({self.listing})") from None
+
+    def register_class(self, name: str, *args: Arg, doc: str):
+        """Class decorator: ``cls`` registered under ``name`` with its typed arguments; ``cls.token = name``."""
+        register = self.register(name, *args, doc=doc)
+
+        def decorator(cls):
+            cls.token = name
+            return register(cls)
+        return decorator
+
+
 LAYERS = Registry()
 register = LAYERS.register

@@ -1,6 +1,7 @@
 """What -eval says of a model's prior samples on an unlabelled folder: a classifier two-sample
 test of prior samples against reconstructions of the folder (judge.two_sample_test), and with
-``--fid`` the FID of prior samples and of reconstructions against the folder's images (fid.py)."""
+``--fid`` (an Inception loaded before any work) the FID of prior samples and of reconstructions
+against the folder's images (fid.py)."""
 
 from __future__ import annotations
 
@@ -39,8 +40,14 @@ def prior_samples(vae, n: int, seed: int, device, batch: int = 100) -> torch.Ten
     return torch.cat([vae.sample_prior(min(batch, n - s), generator=generator).float().cpu() for s in range(0, n, batch)])
 
 
-def sample_checks(vae, batches, device, seed: int = 0, fid: bool = False, inception=None) -> dict:
-    """{"two_sample": ..., "fid": ...} for the folder's images (each where it applies)."""
+def checks_apply(vae) -> bool:
+    """Whether the checks apply: a continuous latent, no labels."""
+    return vae.latent.kind in ("gaussian", "deterministic") and not vae.takes_labels
+
+
+def sample_checks(vae, batches, device, seed: int = 0, inception=None) -> dict:
+    """{"two_sample": ..., "fid": ...} for the folder's images (each where it applies; the FIDs
+    with ``inception``, a fid.Inception)."""
     images, recons = gather(vae, batches, device)
     if images is None:
         return {}
@@ -50,14 +57,14 @@ def sample_checks(vae, batches, device, seed: int = 0, fid: bool = False, incept
     if images.dim() == 4 and len(images) >= MIN_TWO_SAMPLE:
         result["two_sample"] = {"images": len(images), "prior": prior,
                                 "accuracy": two_sample_test(samples, recons, seed=seed)}
-    if fid:
-        from .fid import Inception, fid as distance
+    if inception is not None:
+        from .fid import fid as distance
 
-        net = Inception(inception, device)
-        real = net.features(images)
-        result["fid"] = {"prior": prior, "samples": distance(real, net.features(samples)),
-                         "reconstructions": distance(real, net.features(recons)),
-                         "protocol": net.protocol(len(images), images.shape[1:], "posterior means (reconstructions)")}
+        real = inception.features(images)
+        result["fid"] = {"prior": prior, "samples": distance(real, inception.features(samples)),
+                         "reconstructions": distance(real, inception.features(recons)),
+                         "protocol": inception.protocol(len(images), images.shape[1:],
+                                                        "posterior means (reconstructions)")}
     return result
 
 

@@ -29,6 +29,16 @@ def evaluate(args) -> int:
     from ..analysis.evaluate import evaluate_model, format_report
 
     model = common.load_run(args, cfg, device)
+    from ..analysis.sample_checks import checks_apply, sample_checks
+
+    inception = None
+    if args.fid:  # refused, or its weights loaded, before any work
+        if not checks_apply(model.vae):
+            raise DataError(f"--fid scores prior samples of a continuous unconditional latent; this model's latent is "
+                            f"{model.vae.latent.kind}{' and takes labels' if model.vae.takes_labels else ''}")
+        from ..analysis.fid import Inception
+
+        inception = Inception(args.inception, device)
     out = common.output_dir(args, run_dir, "evaluation", ("evaluation.json", "evaluation.md"))
     dataset = image_dataset(model, args.input, model.cfg)
     loader = image_loader(dataset, cfg.encode.batch_size, device, cfg.data.num_workers)
@@ -49,15 +59,9 @@ def evaluate(args) -> int:
     data = args.input or model.cfg.data.val_path or f"{model.cfg.data.path} ({model.cfg.data.source})"
     result = {"checkpoint": str(model.path), "step": model.step, "data": str(data),
               "nll_samples": nll_samples, **result}
-    if model.vae.latent.kind in ("gaussian", "deterministic") and not model.vae.takes_labels:
-        from ..analysis.sample_checks import sample_checks
-
+    if checks_apply(model.vae):
         loader = image_loader(dataset, cfg.encode.batch_size, device, cfg.data.num_workers)
-        result.update(sample_checks(model.vae, loader, device, seed=cfg.train.seed, fid=args.fid,
-                                    inception=args.inception))
-    elif args.fid:
-        raise DataError(f"--fid scores prior samples of a continuous unconditional latent; this model's latent is "
-                        f"{model.vae.latent.kind}{' and takes labels' if model.vae.takes_labels else ''}")
+        result.update(sample_checks(model.vae, loader, device, seed=cfg.train.seed, inception=inception))
     if args.input2:  # a labelled folder: score the prior samples with a judge trained on its images
         from ..analysis.conditional import class_accuracy, conditional_score
         from ..analysis.generation import generation_score

@@ -24,8 +24,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..registry import Arg, Registry
-from ..utils import did_you_mean
+from ..registry import Arg, ClassRegistry
 
 __all__ = ["Arg", "FROM_CONFIG", "TERMS", "Term", "TermInputs", "register_term"]
 
@@ -106,27 +105,9 @@ class Term(nn.Module):
         return (self.log_name,)
 
 
-class TermRegistry(Registry):
-    """Term name -> registered class; lookups of unknown names suggest close ones."""
-
-    def get(self, spec):
-        try:
-            return self.layers[spec.name]
-        except KeyError:
-            hint = did_you_mean(spec.name, self.layers)
-            raise spec.error(f"unknown loss term {spec.name!r}.{hint} Known terms: "
-                             f"{', '.join(sorted(self.layers))} (python train.py --terms)") from None
-
-
-
-TERMS = TermRegistry()
+TERMS = ClassRegistry(what="loss term", known="Known terms", listing="python train.py --terms")
 
 
 def register_term(name: str, *args: Arg, doc: str):
     """Class decorator registering a Term under ``name`` with its typed arguments."""
-    register = TERMS.register(name, *args, doc=doc)
-
-    def decorator(cls):
-        cls.token = name
-        return register(cls)
-    return decorator
+    return TERMS.register_class(name, *args, doc=doc)

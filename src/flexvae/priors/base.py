@@ -31,11 +31,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from ..registry import Arg, Registry
-from ..utils import did_you_mean
+from ..registry import Arg, ClassRegistry
 from ..latents.base import Posterior
 
-__all__ = ["Arg", "PRIORS", "Prior", "PriorKL", "register_prior", "DEFAULT_PRIOR"]
+__all__ = ["Arg", "DEFAULT_PRIOR", "PRIORS", "Prior", "PriorKL", "register_prior"]
 
 DEFAULT_PRIOR = "Normal"
 LOG_2PI = math.log(2 * math.pi)
@@ -112,26 +111,10 @@ class PriorKL(Posterior):
         return self.kl().unsqueeze(1)
 
 
-class PriorRegistry(Registry):
-    """Prior name -> registered class; unknown names get close matches."""
-
-    def get(self, spec):
-        try:
-            return self.layers[spec.name]
-        except KeyError:
-            known = [DEFAULT_PRIOR, *sorted(self.layers)]
-            raise spec.error(f"unknown prior {spec.name!r}.{did_you_mean(spec.name, known)} Known priors: "
-                             f"{', '.join(known)}") from None
-
-
-PRIORS = PriorRegistry()
+PRIORS = ClassRegistry(what="prior", known="Known priors", listing="python train.py --priors",
+                       builtin=(DEFAULT_PRIOR,))
 
 
 def register_prior(name: str, *args: Arg, doc: str):
     """Class decorator registering a Prior under ``name`` with its typed arguments."""
-    register = PRIORS.register(name, *args, doc=doc)
-
-    def decorator(cls):
-        cls.token = name
-        return register(cls)
-    return decorator
+    return PRIORS.register_class(name, *args, doc=doc)
