@@ -41,9 +41,7 @@ def sample(args) -> int:
     if not temperature > 0:
         raise DataError(f"--temperature must be positive, got {args.temperature}")
     model = common.load_run(args, cfg, device)
-    vae, prior = model.vae, args.prior or "auto"
-    if prior == "fitted" and vae.fitted_prior is None:
-        raise DataError(f"{model.path} has no fitted prior; fit one first: fit-prior --ckpt {model.path}")
+    vae, prior = model.vae, args.prior or "auto"  # --prior fitted without one: refused by common.load_run
     labels = _labels(vae, args.classes, count, device)
     names = [f"sample_{i:05d}.png" for i in range(count)]
     out = common.output_dir(args, common.run_dir(args, cfg), "prior_samples", [*names, "made_by.json"])
