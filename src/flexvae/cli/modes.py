@@ -116,9 +116,10 @@ def _add_options(parser: argparse.ArgumentParser, mode: Mode | None = None) -> N
                                                       "(fully convolutional models)")
     option("--format", choices=["diffusers"], help="--export: the format to write (default and only: diffusers)")
     option("--tile", type=int, help="-i/-e/-d: process each image at its own size in tiles of this many pixels "
-                                    "(a multiple of the model's downsampling), blended across overlaps")
-    option("--overlap", type=int, help="-i/-e/-d with --tile: pixels by which tiles overlap (default: a quarter "
-                                       "of the tile)")
+                                    "(a multiple of the model's downsampling); exact (equal to the untiled output) for a "
+                                    "model without attention, else cross-faded")
+    option("--overlap", type=int, help="-i/-e/-d with --tile: pixels by which tiles overlap (default: what the "
+                                       "model's receptive field needs for exact tiling)")
     option("--write", action="store_true", help="-mem: store the batch size found in the config file")
     option("--overwrite", action="store_true", help="replace files in the output folder that flexvae did not write "
                                                     "(or that changed since); without it such files are never "

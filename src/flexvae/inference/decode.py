@@ -58,17 +58,17 @@ def _decode(ctx: LoadedModel, input_dir, out_root: Path, folder, *, batch_size=3
     expected = tuple(ctx.vae.latent_shape)
     factor = None
     if tile is not None:
-        from .tiling import check_tiling, default_overlap, downsampling_factor, refuse_whole_image_models
+        from .tiling import prepare_tiling, tiled_decoder
 
-        refuse_whole_image_models(ctx.vae)
-        factor = downsampling_factor(ctx.vae, ctx.data_shape)
-        overlap = default_overlap(tile, factor) if overlap is None else overlap
-        check_tiling(tile, overlap, factor)
+        tiling = prepare_tiling(ctx, tile, overlap, parts=("decode",))
+        factor = tiling.factor
+        decode_one = tiled_decoder(ctx.vae, tiling.tile, tiling.overlap, factor, tiling.exact["decode"])
         expected = (expected[0], None)  # any spatial size
-    from .tiling import FallBackToTiles, decode_tiled
+    from .tiling import FallBackToTiles, tiled_decoder
 
     whole = FallBackToTiles(ctx, lambda z, labels=None: ctx.vae.to_image(ctx.vae.decode(z, labels)),
-                            "a batch of latents", make_tiled=lambda t, o, f: (lambda z: decode_tiled(ctx.vae, z, t, o, f)))
+                            "a batch of latents", make_tiled=lambda t, o, f: tiled_decoder(ctx.vae, t, o, f),
+                            parts=("decode",))
     discrete = ctx.vae.latent if ctx.vae.is_discrete else None
     expected_codes = tuple(discrete.code_shape(expected)) if discrete is not None else None
     _refuse_latents_of_another_model(ctx, in_root, files[0], discrete, expected, expected_codes, device)
@@ -97,7 +97,7 @@ def _decode(ctx: LoadedModel, input_dir, out_root: Path, folder, *, batch_size=3
         if not tensors:
             continue
         if factor is not None:
-            images = [decode_tiled(ctx.vae, t[None].to(device), tile, overlap, factor)[0] for t in tensors]
+            images = [decode_one(t[None].to(device))[0] for t in tensors]
         else:
             labels = None
             if file_labels is not None:

@@ -65,9 +65,10 @@ def _encode(ctx: LoadedModel, input_dir, out_root, folder, *, fmt="safetensors",
 
         if sample:
             raise DataError("--sample with --tile: tiles blend posterior means; encode without --sample")
-        tiling = prepare_tiling(ctx, tile, overlap)
+        tiling = prepare_tiling(ctx, tile, overlap, parts=("encode",))
     made_by = _comparable({**ctx.provenance(), "format": fmt, "sample": bool(sample), "seed": seed if sample else None,
-                           **({"tile": tiling[0], "overlap": tiling[1]} if tiling else {})})
+                           **({"tile": tiling.tile, "overlap": tiling.overlap, "tiles_exact": tiling.exact["encode"]}
+                              if tiling else {})})
     names = output_names([path.relative_to(root).as_posix() for path in images], suffix)
     output_path = OutputPaths(out_root)
     todo, stale = [], 0
@@ -221,7 +222,8 @@ def _encode_batches(ctx, root, out_root, todo, names, entries, skips, fmt, sampl
     if tiling is not None:
         from .tiling import tiled_batches, tiled_encoder
 
-        loader, encode = tiled_batches(ctx, dataset, tiling[2]), tiled_encoder(ctx.vae, *tiling)
+        loader = tiled_batches(ctx, dataset, tiling.factor)
+        encode = tiled_encoder(ctx.vae, tiling.tile, tiling.overlap, tiling.factor, tiling.exact["encode"])
     shards = ShardWriter(out_root, rank, shard_size) if fmt == "webdataset" else None
     try:
         _encode_loop(ctx, loader, output_path, out_root, names, entries, skips, fmt, sample, device, generator,

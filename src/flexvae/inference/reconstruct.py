@@ -50,8 +50,9 @@ def _reconstruct(ctx: LoadedModel, input_dir, out_root, folder, *, batch_size=16
     if tile is not None:
         from .tiling import prepare_tiling, tiled_batches, tiled_reconstructor
 
-        tile, overlap, factor = prepare_tiling(ctx, tile, overlap)
-        batches, run = tiled_batches(ctx, dataset, factor), tiled_reconstructor(ctx.vae, tile, overlap, factor)
+        tiling = prepare_tiling(ctx, tile, overlap)
+        batches = tiled_batches(ctx, dataset, tiling.factor)
+        run = tiled_reconstructor(ctx.vae, tiling.tile, tiling.overlap, tiling.factor, tiling.exact)
     else:
         from .tiling import FallBackToTiles
 

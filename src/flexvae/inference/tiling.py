@@ -1,32 +1,42 @@
 """Tiled encoding and decoding of images larger than the model comfortably takes at once.
 
-An image is cut into ``tile`` x ``tile`` pixel tiles that overlap by ``overlap`` pixels
-(the last tile of a row or column is moved back to end at the border). Each tile is encoded
-on its own and the latents are blended into one latent map; decoding cuts that map into the
-matching latent tiles and blends the decoded pixels. Blending weights ramp linearly across
-each overlap (from 1/(n+1) to n/(n+1)) and are 1 elsewhere, so neighbouring tiles cross-fade
-instead of meeting at a seam; every output position is the weighted mean of the tiles that
-cover it. Tile size and overlap must be multiples of the model's downsampling factor, so
-pixel tiles and latent tiles line up.
+An image is cut into ``tile``-sided tiles (``tile`` x ``tile`` pixels; cubes for volumes) that
+overlap by ``overlap`` pixels (the last tile along an axis is moved back to end at the border).
+
+Exact tiling (the default where the model allows it): the overlap is chosen from the
+model's receptive field (receptive.py) and each position is taken from the one tile that
+owns it, so the output equals the untiled one, GroupNorm included (exact_tiles.py). A model
+with layers that see every position (attention, position embeddings, a linear layer over the
+whole map) cannot be tiled exactly; for it, and where ``--overlap`` is less than the model
+needs, tiles are cross-faded: blending weights ramp linearly across each overlap (from
+1/(n+1) to n/(n+1)), so every output position is the weighted mean of the tiles covering it.
+Tile size and overlap must be multiples of the model's downsampling factor, so pixel tiles
+and latent tiles line up.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
+import weakref
+from typing import NamedTuple
 
 import torch
 
 from ..errors import DataError
+from .exact_tiles import tile_starts
 
 TILES_PER_CALL = 16
 
 
 def downsampling_factor(vae, data_shape) -> int:
     """Pixels per latent position along each side (8 for the SD autoencoder)."""
-    side, latent_side = int(data_shape[-1]), int(vae.latent_shape[-1])
-    if side % latent_side:
-        raise DataError(f"--tile: the model maps {side} px to {latent_side} latent positions, not a whole factor")
-    return side // latent_side
+    sides, latent_sides = tuple(int(s) for s in data_shape[1:]), tuple(int(s) for s in vae.latent_shape[1:])
+    if len(sides) != len(latent_sides) or any(s % l for s, l in zip(sides, latent_sides)) or len(
+            {s // l for s, l in zip(sides, latent_sides)}) != 1:
+        raise DataError(f"--tile: the model maps {sides} px to latent positions {latent_sides}, not one whole "
+                        "factor on every side")
+    return sides[-1] // latent_sides[-1]
 
 
 def check_tiling(tile: int, overlap: int, factor: int) -> None:
@@ -37,19 +47,8 @@ def check_tiling(tile: int, overlap: int, factor: int) -> None:
 
 
 def default_overlap(tile: int, factor: int) -> int:
-    """A quarter of the tile, rounded down to the factor."""
+    """A quarter of the tile, rounded down to the factor (the blended tiling's default)."""
     return tile // 4 // factor * factor
-
-
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Where the tiles along one side start; the last one ends at the border."""
-    if length <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, length - tile + 1, stride))
-    if starts[-1] + tile < length:
-        starts.append(length - tile)
-    return starts
 
 
 def _ramp(size: int, overlap: int, lead: bool, trail: bool) -> torch.Tensor:
@@ -64,33 +63,139 @@ def _ramp(size: int, overlap: int, lead: bool, trail: bool) -> torch.Tensor:
 
 
 def tiled_apply(fn, x: torch.Tensor, tile: int, overlap: int, num: int = 1, den: int = 1) -> torch.Tensor:
-    """``fn`` applied tile by tile over ``x`` (B, C, H, W) and blended; ``fn`` maps a tile of
+    """``fn`` applied tile by tile over ``x`` (B, C, *spatial) and blended; ``fn`` maps a tile of
     side t to one of side t * num / den (the encoder: den = factor; the decoder: num = factor)."""
-    height, width = x.shape[-2:]
-    if height < tile and width < tile:
+    sizes = tuple(int(s) for s in x.shape[2:])
+    if all(s <= tile for s in sizes):
         return fn(x)
-    tops, lefts = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
-    places = [(top, left) for top in tops for left in lefts]
+    places = list(itertools.product(*(tile_starts(n, tile, overlap) for n in sizes)))
     batch = x.shape[0]
     outputs = []
     for start in range(0, len(places), TILES_PER_CALL):  # tiles of every image go through fn together
         chunk = places[start:start + TILES_PER_CALL]
-        pieces = torch.cat([x[..., top:top + tile, left:left + tile] for top, left in chunk])
+        pieces = torch.cat([x[(..., *(slice(s, s + tile) for s in place))] for place in chunk])
         outputs += list(fn(pieces).split(batch))
     out = weight_sum = None
-    for (top, left), y in zip(places, outputs):
+    for place, y in zip(places, outputs):
         if out is None:
-            out = torch.zeros((*y.shape[:2], height * num // den, width * num // den), dtype=torch.float64,
-                              device=y.device)
-            weight_sum = torch.zeros(out.shape[-2:], dtype=torch.float64, device=y.device)
-        rows, cols = y.shape[-2:]
-        ramp_rows = _ramp(rows, overlap * num // den, top > 0, top + tile < height)
-        ramp_cols = _ramp(cols, overlap * num // den, left > 0, left + tile < width)
-        weights = (ramp_rows[:, None] * ramp_cols[None, :]).to(y.device)
-        r0, c0 = top * num // den, left * num // den
-        out[..., r0:r0 + rows, c0:c0 + cols] += y.double() * weights
-        weight_sum[r0:r0 + rows, c0:c0 + cols] += weights
+            out = torch.zeros((*y.shape[:2], *(n * num // den for n in sizes)), dtype=torch.float64, device=y.device)
+            weight_sum = torch.zeros(out.shape[2:], dtype=torch.float64, device=y.device)
+        weights = torch.ones((), dtype=torch.float64)
+        for axis, (s, n, size) in enumerate(zip(place, sizes, y.shape[2:])):
+            ramp = _ramp(size, overlap * num // den, s > 0, s + tile < n)
+            weights = weights[..., None] * ramp.view(*([1] * axis), -1) if axis else ramp
+        weights = weights.to(y.device)
+        region = tuple(slice(s * num // den, s * num // den + size) for s, size in zip(place, y.shape[2:]))
+        out[(slice(None), slice(None), *region)] += y.double() * weights
+        weight_sum[region] += weights
     return (out / weight_sum).to(x.dtype if x.is_floating_point() else torch.float32)
+
+
+# --- exact tiling: what the model's receptive field allows ---------------------------------
+
+_FOOTPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _encode_fn(vae):
+    return lambda t: vae.encode(t).mode()
+
+
+def _decode_fn(vae):
+    return lambda t: vae.to_image(vae.decode(t))
+
+
+@torch.no_grad()
+def model_footprint(vae, part: str, side: int, channels: int, dims: int):
+    """The receptive footprint of the encoder ("encode": pixels -> posterior means) or the
+    decoder ("decode": latents -> images) on inputs of ``side`` units, cached per model."""
+    from .receptive import footprint, layer_names
+
+    key = (part, side, channels, dims)
+    cache = _FOOTPRINTS.setdefault(vae, {})
+    if key not in cache:
+        param = next(vae.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        example = torch.zeros((1, channels, *(side,) * dims), device=device, dtype=dtype)
+        if part == "encode":
+            names = layer_names(vae.encoder, "encoder")
+            cache[key] = footprint(_encode_fn(vae), [vae.encoder, vae.latent], example, names)
+        else:
+            cache[key] = footprint(_decode_fn(vae), [vae.decoder], example, layer_names(vae.decoder, "decoder"))
+    return cache[key]
+
+
+class Tiling(NamedTuple):
+    """How images are tiled: sizes in pixels; ``exact``: per part, whether the output is exact."""
+
+    tile: int
+    overlap: int
+    factor: int
+    exact: dict
+    note: str | None = None
+
+
+def _exact_in(footprint, tile: int, overlap: int) -> bool:
+    return (footprint.exact and overlap >= footprint.needed_overlap()
+            and all(tile % a == 0 and (tile - overlap) % a == 0 for a in footprint.align))
+
+
+def resolve_tiling(vae, data_shape, tile: int, overlap: int | None, parts=("encode", "decode"),
+                   explicit: bool = True) -> Tiling:
+    """Choose the overlap (exact where the model allows) and say in one note what is approximate.
+    ``explicit``: the user asked for these tiles (a tile too small for exact tiling is an error
+    then; otherwise tiling goes on approximate)."""
+    factor = downsampling_factor(vae, data_shape)
+    dims, channels = len(data_shape) - 1, int(data_shape[0])
+    check_tiling(tile, overlap if overlap is not None else 0, factor)
+    prints = {}
+    if "encode" in parts:
+        prints["encode"] = (model_footprint(vae, "encode", tile, channels, dims), 1)
+    if "decode" in parts:
+        prints["decode"] = (model_footprint(vae, "decode", tile // factor, int(vae.latent_shape[0]), dims), factor)
+    global_layers = [name for fp, _ in prints.values() for name in fp.global_layers]
+    needed = max((fp.needed_overlap() * unit for fp, unit in prints.values()), default=0)
+    needed = -(-needed // factor) * factor
+    note = None
+    if global_layers:  # the local parts are still exact where the overlap allows
+        if overlap is None:
+            overlap = needed if needed < tile else default_overlap(tile, factor)
+        note = (f"note: tiling is approximate for this model (layers that see every position: "
+                f"{', '.join(dict.fromkeys(global_layers))}); its tiles are cross-faded")
+    elif overlap is None:
+        if needed >= tile:
+            message = (f"--tile {tile}: exact tiling of this model needs tiles overlapping by {needed} px (its "
+                       f"receptive field), so a tile of at least {needed + factor} px")
+            if explicit:
+                raise DataError(f"{message}; give a larger --tile, or --overlap (less than {tile}) for "
+                                "approximate, cross-faded tiles")
+            overlap = default_overlap(tile, factor)
+            note = f"note: {message}; these tiles overlap by {overlap} px and are cross-faded (approximate)"
+        else:
+            overlap = needed
+    elif overlap < needed:
+        note = (f"note: --overlap {overlap} is less than the {needed} px this model's receptive field needs for "
+                "exact tiling; tiles are cross-faded, and the output is approximate near tile borders")
+    check_tiling(tile, overlap, factor)
+    exact = {part: _exact_in(fp, tile // unit, overlap // unit) for part, (fp, unit) in prints.items()}
+    return Tiling(tile, overlap, factor, exact, note)
+
+
+def _apply(vae, part: str, x: torch.Tensor, tile: int, overlap: int, factor: int, exact: bool | None):
+    fn = _encode_fn(vae) if part == "encode" else _decode_fn(vae)
+    unit = 1 if part == "encode" else factor
+    dims = x.dim() - 2
+    if exact is None:
+        fp = model_footprint(vae, part, tile // unit, int(x.shape[1]), dims)
+        exact = _exact_in(fp, tile // unit, overlap // unit)
+    if exact:
+        from .exact_tiles import exact_tiled_apply  # noqa: PLC0415
+
+        fp = model_footprint(vae, part, tile // unit, int(x.shape[1]), dims)
+        return exact_tiled_apply(fn, x, tile // unit, overlap // unit, fp)
+    if part == "encode":
+        return tiled_apply(fn, x, tile, overlap, 1, factor)
+    return tiled_apply(fn, x, tile // factor, overlap // factor, factor, 1)
 
 
 def _refuse_discrete(vae) -> None:
@@ -111,42 +216,78 @@ def refuse_whole_image_models(vae) -> None:
 
 
 @torch.no_grad()
-def encode_tiled(vae, x: torch.Tensor, tile: int, overlap: int, factor: int) -> torch.Tensor:
-    """Raw latents (posterior means) of ``x``, encoded tile by tile."""
+def encode_tiled(vae, x: torch.Tensor, tile: int, overlap: int, factor: int, exact: bool | None = None) -> torch.Tensor:
+    """Raw latents (posterior means) of ``x``, encoded tile by tile; ``exact``: None = exact
+    where the model and the overlap allow it, False = cross-faded tiles."""
     _refuse_discrete(vae)
-    return tiled_apply(lambda t: vae.encode(t).mode(), x, tile, overlap, 1, factor)
+    return _apply(vae, "encode", x, tile, overlap, factor, exact)
 
 
 @torch.no_grad()
-def decode_tiled(vae, z: torch.Tensor, tile: int, overlap: int, factor: int) -> torch.Tensor:
+def decode_tiled(vae, z: torch.Tensor, tile: int, overlap: int, factor: int, exact: bool | None = None) -> torch.Tensor:
     """Images in [-1, 1] from raw latents ``z``, decoded in latent tiles of ``tile / factor``."""
-    return tiled_apply(lambda t: vae.to_image(vae.decode(t)), z, tile // factor, overlap // factor, factor, 1)
+    return _apply(vae, "decode", z, tile, overlap, factor, exact)
 
 
 @torch.no_grad()
-def reconstruct_tiled(vae, x: torch.Tensor, tile: int, overlap: int, factor: int) -> torch.Tensor:
-    return decode_tiled(vae, encode_tiled(vae, x, tile, overlap, factor), tile, overlap, factor)
+def reconstruct_tiled(vae, x: torch.Tensor, tile: int, overlap: int, factor: int, exact: bool | None = None):
+    return decode_tiled(vae, encode_tiled(vae, x, tile, overlap, factor, exact), tile, overlap, factor, exact)
 
 
-def prepare_tiling(ctx, tile: int, overlap: int | None) -> tuple[int, int, int]:
-    """(tile, overlap, factor) checked against the model: the tile size must be one its
-    structures take (traced on the meta device)."""
+def prepare_tiling(ctx, tile: int, overlap: int | None, parts=("encode", "decode"), log=None) -> Tiling:
+    """The tiling of ``ctx``'s model for ``parts`` ("encode", "decode"), checked against it: the
+    tile size must be one its structures take (traced on the meta device); the overlap is what
+    exact tiling needs unless given. A note on approximate tiling goes to ``log`` (stderr)."""
     from ..build import plan_vae
     from ..errors import StructureError
 
     factor = downsampling_factor(ctx.vae, ctx.data_shape)
-    overlap = default_overlap(tile, factor) if overlap is None else overlap
-    check_tiling(tile, overlap, factor)
-    _refuse_discrete(ctx.vae)
+    check_tiling(tile, overlap if overlap is not None else 0, factor)
+    if "encode" in parts:
+        _refuse_discrete(ctx.vae)
+    else:
+        refuse_whole_image_models(ctx.vae)
     likelihood = ctx.vae.likelihood
+    shape = (ctx.data_shape[0], *(tile,) * (len(ctx.data_shape) - 1))
     try:
-        plan_vae(ctx.plan.encoder.specs, ctx.plan.decoder.specs, (ctx.data_shape[0], tile, tile), ctx.vae.latent,
+        plan_vae(ctx.plan.encoder.specs, ctx.plan.decoder.specs, shape, ctx.vae.latent,
                  output_channels=(likelihood.param_channels(ctx.data_shape[0])
                                   if likelihood is not None and likelihood.proper else None),
                  output_reason="the model's likelihood")
     except StructureError as exc:
         raise DataError(f"--tile {tile}: this model cannot take {tile} x {tile} px tiles: {exc}") from None
-    return tile, overlap, factor
+    tiling = resolve_tiling(ctx.vae, ctx.data_shape, tile, overlap, parts)
+    if tiling.note:
+        (log or (lambda text: print(text, file=sys.stderr)))(tiling.note)
+    return tiling
+
+
+class MeasureOnce:
+    """Wraps a tiled function of approximate tiling: on its first call it also runs the model
+    on the whole input and says by how much the tiled output differs (once)."""
+
+    def __init__(self, tiled, whole, what: str, log=None):
+        from tqdm import tqdm
+
+        self.tiled, self.whole, self.what, self.done = tiled, whole, what, False
+        self.log = log or (lambda text: tqdm.write(text, file=sys.stderr))  # its own line under a progress bar
+
+    def __call__(self, x, *args, **kwargs):
+        out = self.tiled(x, *args, **kwargs)
+        if not self.done:
+            self.done = True
+            try:
+                with torch.no_grad():
+                    reference = self.whole(x)
+                diff = (out[0] if isinstance(out, tuple) else out).double() - reference.double()
+                self.log(f"note: on the first image the tiled {self.what} differ from the untiled ones by "
+                         f"{diff.abs().mean():.4g} on average and {diff.abs().max():.4g} at most")
+            except Exception as exc:  # out of memory, most likely: the measure is only a courtesy
+                if not is_out_of_memory(exc):
+                    raise
+                self.log(f"note: the untiled {self.what} of the first image do not fit in memory; tiling's "
+                         "error was not measured")
+        return out
 
 
 def tiled_batches(ctx, dataset, factor: int):
@@ -161,16 +302,37 @@ def tiled_batches(ctx, dataset, factor: int):
     return native_batches(ctx, dataset, multiple)
 
 
-def tiled_reconstructor(vae, tile: int, overlap: int, factor: int):
-    """images -> reconstructions, tile by tile (what ``VAE.reconstruct`` does whole)."""
-    return lambda images: reconstruct_tiled(vae, images, tile, overlap, factor)
+def tiled_reconstructor(vae, tile: int, overlap: int, factor: int, exact: dict | bool | None = None, log=None):
+    """images -> reconstructions, tile by tile (what ``VAE.reconstruct`` does whole); ``exact``:
+    per part ("encode", "decode") or for both; approximate tiling measures itself on the first image."""
+    parts = exact if isinstance(exact, dict) else {"encode": exact, "decode": exact}
+
+    def tiled(images):
+        latents = encode_tiled(vae, images, tile, overlap, factor, parts.get("encode"))
+        return decode_tiled(vae, latents, tile, overlap, factor, parts.get("decode"))
+
+    if False in parts.values():
+        return MeasureOnce(tiled, vae.reconstruct, "reconstructions (in [-1, 1])", log)
+    return tiled
 
 
-def tiled_encoder(vae, tile: int, overlap: int, factor: int):
+def tiled_encoder(vae, tile: int, overlap: int, factor: int, exact: bool | None = None, log=None):
     """The tiled counterpart of ``VAE.encode_with_codes``: (scaled latents, no codes)."""
+    tiled = lambda images: encode_tiled(vae, images, tile, overlap, factor, exact)  # noqa: E731
+    if exact is False:
+        tiled = MeasureOnce(tiled, lambda images: vae.encode(images).mode(), "latents", log)
+
     def encode(images, sample=False, generator=None):
-        return encode_tiled(vae, images, tile, overlap, factor) * vae.scaling_factor, None
+        return tiled(images) * vae.scaling_factor, None
     return encode
+
+
+def tiled_decoder(vae, tile: int, overlap: int, factor: int, exact: bool | None = None, log=None):
+    """Raw latents -> images in [-1, 1], tile by tile."""
+    tiled = lambda z: decode_tiled(vae, z, tile, overlap, factor, exact)  # noqa: E731
+    if exact is False:
+        return MeasureOnce(tiled, lambda z: vae.to_image(vae.decode(z)), "images (in [-1, 1])", log)
+    return tiled
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -184,8 +346,8 @@ class FallBackToTiles:
     """Run ``whole`` on a batch; when the device runs out of memory, run the same images one at
     a time in tiles of the model's training size instead, saying so once."""
 
-    def __init__(self, ctx, whole, what: str, log=None, make_tiled=None):
-        self.ctx, self.whole, self.what = ctx, whole, what
+    def __init__(self, ctx, whole, what: str, log=None, make_tiled=None, parts=("encode", "decode")):
+        self.ctx, self.whole, self.what, self.parts = ctx, whole, what, parts
         self.log = log or (lambda text: print(text, file=sys.stderr))
         # (tile, overlap, factor) -> the tiled counterpart of ``whole`` for one image
         self.make_tiled = make_tiled or (lambda tile, overlap, factor: tiled_reconstructor(ctx.vae, tile, overlap,
@@ -209,9 +371,9 @@ class FallBackToTiles:
     def _switch(self, images) -> None:
         if images.device.type == "cuda":
             torch.cuda.empty_cache()
-        factor = downsampling_factor(self.ctx.vae, self.ctx.data_shape)
         tile = int(self.ctx.data_shape[-1])
-        overlap = default_overlap(tile, factor)
-        self.tiled = self.make_tiled(tile, overlap, factor)
+        tiling = resolve_tiling(self.ctx.vae, self.ctx.data_shape, tile, None, self.parts, explicit=False)
+        self.tiled = self.make_tiled(tiling.tile, tiling.overlap, tiling.factor)
+        how = "exact: equal to the untiled output" if all(tiling.exact.values()) else "approximate"
         self.log(f"note: {self.what} of size {tuple(images.shape[-2:])} did not fit in the device's memory; going on "
-                 f"one at a time in tiles of {tile} px overlapping by {overlap} (as --tile {tile} --overlap {overlap})")
+                 f"one at a time in tiles of {tile} px overlapping by {tiling.overlap} ({how}; as --tile {tile})")

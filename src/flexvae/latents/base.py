@@ -114,6 +114,9 @@ class PointPosterior(Posterior):
 class Latent(nn.Module):
     """Base of every latent type; ``kind`` and ``Params`` are set by ``@register_latent``."""
 
+    # Each position's channels become that position's latent (tiling: receptive.py).
+    receptive_margin = 0
+
     kind: ClassVar[str] = "latent"
     Params: ClassVar[type]
     noise_kind: ClassVar[str | None] = None

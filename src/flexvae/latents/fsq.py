@@ -30,6 +30,8 @@ class FiniteScalarQuantizer(nn.Module):
     """Quantizes channel-first maps (B, len(levels), *spatial); ``forward`` returns
     ``(z_q, codes, {})`` with z_q in [-1, 1] and codes (B, *spatial) in [0, prod(levels))."""
 
+    receptive_margin = 0  # each position quantized on its own (tiling: receptive.py)
+
     def __init__(self, levels):
         super().__init__()
         levels = tuple(int(level) for level in levels)

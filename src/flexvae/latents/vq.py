@@ -66,6 +66,8 @@ class VectorQuantizer(nn.Module):
     integer codes (B, *spatial) and the loss terms by name.
     """
 
+    receptive_margin = 0  # each position quantized on its own (tiling: receptive.py)
+
     def __init__(self, codebook_size: int, dim: int, commitment: float = 0.25, decay: float = 0.99,
                  dead_threshold: float = 0.0, kmeans_init: bool = False, kmeans_iters: int = 10,
                  usage_window: int = 100, eps: float = 1e-5):

@@ -61,6 +61,9 @@ def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
     pass_dims=True,
 )
 class Downsample(nn.Module):
+    # Output o reads inputs 2o-1..2o+1 (sym) or 2o..2o+2 (asym): one beyond its own pair [2o, 2o+1].
+    receptive_margin = 1
+
     def __init__(self, in_channels: int, out_channels: int, pad: str = "sym", dims: int = 2):
         super().__init__()
         self.asymmetric = pad == "asym"

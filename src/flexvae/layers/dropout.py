@@ -48,6 +48,8 @@ def global_batch_masks(key: int, rank: int = 0, world_size: int = 1):
 class BatchDropout(nn.Module):
     """``nn.Dropout`` with masks drawn for the global batch inside ``global_batch_masks``."""
 
+    receptive_margin = 0  # an elementwise mask (tiling: receptive.py)
+
     def __init__(self, p: float = 0.5):
         super().__init__()
         if not 0 <= p < 1:
