@@ -88,6 +88,13 @@ def trace(specs: list[TokenSpec], in_shape, *, registry: Registry = LAYERS,
     shape = in_shape
     seen: dict = {}
     for index, spec in enumerate(expand(specs)):
+        if spec.is_residual:
+            layer, kwargs, shape, params = _trace_residual(spec, shape, registry, _describe_input(index, input_name),
+                                                           classes, kept)
+            plan.layers.append((layer, kwargs))
+            plan.rows.append(LayerRow(spec.position, _short(spec.text), shape, params))
+            plan.specs.append(spec)
+            continue
         layer = registry.get(spec)
         spatial = len(shape) - 1
         if layer.dims is not None and spatial not in layer.dims:
@@ -110,6 +117,42 @@ def trace(specs: list[TokenSpec], in_shape, *, registry: Registry = LAYERS,
         plan.specs.append(spec)
     plan.out_shape = shape
     return plan
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _build_residual(body: StackPlan, shortcut: StackPlan | None):
+    from .layers.residual import ResidualSpan
+
+    return ResidualSpan(body.build(), None if shortcut is None else shortcut.build())
+
+
+RESIDUAL = LayerType("Res", _build_residual, (), "residual span: shortcut(x) + body(x)")
+
+
+def _trace_residual(spec: TokenSpec, shape, registry, input_desc: str, classes, kept):
+    """A residual span: its body and shortcut traced as stacks of their own; both must give the same shape."""
+    body = trace(list(spec.body), shape, registry=registry, input_name=input_desc, classes=classes, kept=kept)
+    shortcut = None
+    if spec.shortcut is not None:
+        shortcut = trace([spec.shortcut], shape, registry=registry, input_name=input_desc, classes=classes, kept=kept)
+    for inner in (body, shortcut):
+        if inner is None:
+            continue
+        for (layer, _), inner_spec in zip(inner.layers, inner.specs):
+            if layer.aux or layer.context is not None:
+                raise inner_spec.error(f"{layer.name} cannot be inside a residual span (it returns losses or reads "
+                                       "the pass's labels or latent groups); put it outside the span")
+    through = shortcut.out_shape if shortcut is not None else tuple(shape)
+    if body.out_shape != through:
+        what = f"its shortcut {spec.shortcut.text!r} gives" if shortcut is not None else "the identity shortcut keeps"
+        raise spec.error(f"the residual span's body gives {format_shape(body.out_shape)}, but {what} "
+                         f"{format_shape(through)}; both must match (name a shortcut token that maps "
+                         f"{format_shape(shape)} to {format_shape(body.out_shape)}, e.g. a 1x1 convolution or S2C/C2S)")
+    params = body.params + (shortcut.params if shortcut is not None else 0)
+    return RESIDUAL, {"body": body, "shortcut": shortcut}, body.out_shape, params
 
 
 def _bind_context(layer: LayerType, spec: TokenSpec, kwargs: dict, shape, plan: StackPlan, classes, kept) -> None:

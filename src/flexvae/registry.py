@@ -114,6 +114,9 @@ class LayerType:
         kwargs = {}
         for arg in self.args:
             if arg.name not in values:
+                if arg.default is INFER:  # left out: taken from the input, as '?' would
+                    kwargs[arg.name] = self._resolve(spec, arg, INFER, in_shape, usage, input_name)
+                    continue
                 if arg.required:
                     raise spec.error(f"missing argument {arg.name!r} ({usage})")
                 kwargs[arg.name] = arg.default

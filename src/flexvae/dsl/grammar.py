@@ -70,6 +70,15 @@ class TokenSpec:
     # Gradient checkpointing: None, "token" (an '@' token: each repeat on its own), or the
     # number of the "@begin" ... "@end" span the token belongs to (one segment per span).
     checkpoint: str | int | None = None
+    # A residual span ({"residual": [...], "shortcut": "...", "repeat": N} in a structure file):
+    # the body's specs, the shortcut's spec (None: the identity) and the JSON object itself.
+    body: tuple = ()
+    shortcut: "TokenSpec | None" = None
+    raw: object = None
+
+    @property
+    def is_residual(self) -> bool:
+        return bool(self.body)
 
     def error(self, message: str) -> StructureError:
         return StructureError(message, source=self.source, position=self.position, token=self.text)
@@ -115,7 +124,8 @@ def parse_token(text: str, source: str | None = None, position: int | None = Non
 
     if not isinstance(text, str):
         example = "C2d_3_64_3_1_1" if what == "layer" else "KL_weight=1e-4"
-        raise fail(f"expected a token string such as \"{example}\", found {type(text).__name__}")
+        also = " or a residual span {\"residual\": [...]}" if what == "layer" else ""
+        raise fail(f"expected a token string such as \"{example}\"{also}, found {type(text).__name__}")
     body = text.strip()
     checkpoint = None
     if body.startswith("@"):

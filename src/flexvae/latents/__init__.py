@@ -10,6 +10,7 @@ from .base import DiscreteLatent, Latent, PointPosterior, Posterior  # isort: sk
 from .gaussian import DeterministicLatent, DiagonalGaussian, GaussianLatent  # isort: skip
 from .vq import VectorQuantizer, VQLatent, VQParams  # isort: skip
 from .fsq import FiniteScalarQuantizer, FSQLatent, FSQParams  # isort: skip
+from .binary import BinaryQuantizer, BSQLatent, BSQParams, LFQLatent, LFQParams  # isort: skip
 from .categorical import CategoricalLatent, CategoricalParams, CategoricalPosterior  # isort: skip
 from .mixed import MixedLatent, MixedParams, MixedPosterior  # isort: skip
 from .quantized import QuantizedPosterior
@@ -21,6 +22,7 @@ __all__ = [
     "DiagonalGaussian", "GaussianLatent", "DeterministicLatent",
     "QuantizedPosterior", "VectorQuantizer", "VQLatent", "VQParams",
     "FiniteScalarQuantizer", "FSQLatent", "FSQParams",
+    "BinaryQuantizer", "LFQLatent", "LFQParams", "BSQLatent", "BSQParams",
     "CategoricalPosterior", "CategoricalLatent", "CategoricalParams",
     "MixedPosterior", "MixedLatent", "MixedParams",
 ]

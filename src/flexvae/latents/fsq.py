@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..fields import AT_LEAST_TWO, setting
-from .quantized import QuantizedLatent
+from .quantized import CodeUsage, QuantizedLatent
 from .registry import register_latent
 
 BOUND_EPS = 1e-3  # keeps the squashed value strictly inside the outermost rounding cell
@@ -44,6 +44,7 @@ class FiniteScalarQuantizer(nn.Module):
         basis = [math.prod(levels[:i]) for i in range(len(levels))]  # channel 0 is the lowest digit
         self.register_buffer("_levels", torch.tensor(levels, dtype=torch.float32), persistent=False)
         self.register_buffer("_basis", torch.tensor(basis, dtype=torch.long), persistent=False)
+        self.usage = CodeUsage(self.num_codes)
 
     @property
     def dim(self) -> int:
@@ -53,7 +54,7 @@ class FiniteScalarQuantizer(nn.Module):
         return f"levels={list(self.levels)}"
 
     def metrics(self) -> dict:
-        return {}  # no codebook to monitor
+        return self.usage.metrics("fsq")
 
     def _per_channel(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         """A (C,) vector shaped to broadcast over (B, C, *spatial)."""
@@ -80,7 +81,10 @@ class FiniteScalarQuantizer(nn.Module):
         bounded = self.bound(z.float())
         rounded = bounded + (torch.round(bounded) - bounded).detach()  # straight-through rounding
         z_q = (rounded / self._half_width(z.dim())).to(z.dtype)
-        return z_q, self.codes_to_indices(z_q), {}
+        codes = self.codes_to_indices(z_q)
+        if self.training:
+            self.usage.update(codes)
+        return z_q, codes, {}
 
     # --------------------------------------------------------- index <-> code
     def codes_to_indices(self, z_q: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ bookkeeping that turns codes into decoder inputs and back."""
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 from ..utils import format_shape
 from .base import DiscreteLatent, PointPosterior, check_code_range
@@ -67,3 +68,29 @@ class QuantizedLatent(DiscreteLatent):
 
     def metrics(self) -> dict:
         return self.quantizer.metrics()
+
+
+class CodeUsage(nn.Module):
+    """Codebook usage and perplexity of a quantizer without a codebook table (fsq, lfq, bsq):
+    the distinct codes of the last ``window`` training batches over the number of codes, and
+    exp of the entropy of the last batch's code histogram. Not saved (a diagnostic)."""
+
+    def __init__(self, num_codes: int, window: int = 100, max_codes: int = 1 << 20):
+        super().__init__()
+        self.num_codes, self.window, self.max_codes = int(num_codes), int(window), int(max_codes)
+        self.recent: list = []
+        self.register_buffer("perplexity", torch.zeros(()), persistent=False)
+
+    @torch.no_grad()
+    def update(self, codes: torch.Tensor) -> None:
+        flat = codes.detach().reshape(-1)
+        values, counts = torch.unique(flat, return_counts=True)
+        probs = counts.double() / counts.sum()
+        self.perplexity.copy_(torch.exp(-(probs * probs.log()).sum()).to(self.perplexity.dtype))
+        self.recent.append(values.cpu())
+        while len(self.recent) > self.window or sum(len(v) for v in self.recent) > self.max_codes:
+            self.recent.pop(0)
+
+    def metrics(self, prefix: str) -> dict:
+        used = len(torch.unique(torch.cat(self.recent))) if self.recent else 0
+        return {f"{prefix}_usage": used / self.num_codes, f"{prefix}_perplexity": float(self.perplexity)}

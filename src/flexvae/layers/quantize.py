@@ -4,6 +4,8 @@
     "VQ_512_64_beta=0.5"        commitment weight 0.5
     "VQ_512_?_decay=0_dead=0"   codebook learned by gradient, no dead-code restart
     "FSQ_8_5_5_5"               4 channels quantized to 8, 5, 5 and 5 levels
+    "LFQ_?"                     lookup-free: every channel to its sign (2^channels codes)
+    "BSQ_?_entropy=0.05"        binary spherical: signs of the unit-sphere projection
 
 Each quantizes every position's channel vector of a (C, *spatial) map (or a (C,) vector);
 the output has the input's shape. Their losses (``vq_commit``, and ``vq_codebook`` without
@@ -14,6 +16,7 @@ unrolling repeats). A VQ token's codebook usage and perplexity are logged the sa
 
 from __future__ import annotations
 
+from ..latents.binary import BinaryQuantizer
 from ..latents.fsq import FiniteScalarQuantizer
 from ..latents.vq import VectorQuantizer
 from ..registry import Arg, register
@@ -50,3 +53,33 @@ class FSQLayer(FiniteScalarQuantizer):
     def forward(self, x):
         z_q, _, losses = super().forward(x)
         return z_q, losses
+
+
+def _binary_token(name: str, spherical: bool):
+    @register(
+        name,
+        Arg("bits", infer="channels", doc="bits = the input's channels"),
+        Arg("commit", float, 0.25, doc="commitment loss weight"),
+        Arg("entropy", float, 0.1, doc="entropy loss weight (0 = none)"),
+        Arg("diversity", float, 1.0, doc="weight of the codebook entropy inside the entropy loss"),
+        Arg("temperature", float, 0.01, doc="temperature of the soft code assignment"),
+        doc=("binary spherical quantization (BSQ): signs of the unit-sphere projection, scaled by 1/sqrt(bits)"
+             if spherical else "lookup-free quantization (LFQ): each channel to its sign, 2^bits codes")
+        + f"; aux losses {name.lower()}_commit, {name.lower()}_entropy",
+        aux=True,
+    )
+    class BinaryLayer(BinaryQuantizer):
+        def __init__(self, bits: int, commit: float = 0.25, entropy: float = 0.1, diversity: float = 1.0,
+                     temperature: float = 0.01):
+            super().__init__(bits, spherical, commit, entropy, diversity, temperature)
+
+        def forward(self, x):
+            q, _, losses = super().forward(x)
+            return q, losses
+
+    BinaryLayer.__name__ = BinaryLayer.__qualname__ = f"{name}Layer"
+    return BinaryLayer
+
+
+LFQLayer = _binary_token("LFQ", spherical=False)
+BSQLayer = _binary_token("BSQ", spherical=True)
