@@ -14,8 +14,10 @@ from flexvae.latents import DeterministicLatent
 STRUCTURES = Path(__file__).resolve().parents[1] / "structures"
 # Preset name -> image side it is traced at. Large presets are only traced on the meta device.
 PRESET_SIZES = {"original": 256, "fixed256": 256, "small": 32, "tiny": 16, "sd_vae": 256, "digits_hvae": 16,
-                "photos_hvae": 32}
+                "photos_hvae": 32, "dcae_f32": 64, "vit_ae": 64, "lfq_tokenizer": 64}
 PRESET_CHANNELS = {"digits_hvae": 1}  # grey; the others take RGB
+# Presets made for another latent than the Gaussian: (latent type, its [latent] settings)
+PRESET_LATENTS = {"dcae_f32": ("deterministic", {}), "lfq_tokenizer": ("lfq", {"bits": 10})}
 BUILT_FOR_REAL = {"small", "tiny"}
 PRESETS = sorted({p.name.rsplit("_", 1)[0] for p in STRUCTURES.glob("*_encoder.json")})
 
@@ -30,11 +32,15 @@ def test_every_structure_file_parses(path):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_traces(preset):
     assert preset in PRESET_SIZES, f"structures/{preset}_*.json: add its image size to PRESET_SIZES"
+    from flexvae.latents import LATENTS
+
     size, channels = PRESET_SIZES[preset], PRESET_CHANNELS.get(preset, 3)
+    kind, settings = PRESET_LATENTS.get(preset, ("gaussian", {}))
+    latent = LATENTS.get(kind).build(LATENTS.get(kind).params(**settings))
     plan = plan_vae(STRUCTURES / f"{preset}_encoder.json", STRUCTURES / f"{preset}_decoder.json",
-                    (channels, size, size))
+                    (channels, size, size), latent)
     assert plan.decoder.out_shape == (channels, size, size)
-    assert plan.latent_shape[0] * 2 == plan.encoder.out_shape[0]
+    assert plan.latent_shape[0] * (2 if kind == "gaussian" else 1) == plan.encoder.out_shape[0]
     assert plan.decoder.in_shape == plan.latent_shape
     assert plan.encoder.params > 0 and plan.decoder.params > 0
     assert "total parameters" in plan.table()

@@ -96,8 +96,8 @@ def _check_metadata(path, meta: dict) -> None:
         raise bad("config", "a table")
     for key in ("encoder", "decoder"):
         value = meta.get(key)
-        if not isinstance(value, list) or not value or not all(isinstance(t, str) and len(t) < 1000 for t in value):
-            raise bad(key, "a list of token strings")
+        if not _token_list(value):
+            raise bad(key, "a list of token strings and residual spans")
     shape = meta.get("data_shape")
     if (not isinstance(shape, list) or not 2 <= len(shape) <= 4
             or not all(type(n) is int and 1 <= n <= 65536 for n in shape)):
@@ -176,6 +176,23 @@ def model_from_checkpoint(ckpt: Checkpoint, device=None, prefer_ema: bool = True
     model.eval()
     plan = plan_real
     return model, cfg, plan
+
+
+def _token_list(value, depth: int = 0) -> bool:
+    """A structure as stored: token strings, and residual span objects whose parts are the same."""
+    from ..dsl.structure import MAX_NESTING, RESIDUAL_KEYS
+
+    if not isinstance(value, list) or not value or len(value) > 4096 or depth > MAX_NESTING:
+        return False
+    for item in value:
+        if isinstance(item, dict):
+            if (set(item) - set(RESIDUAL_KEYS) or not _token_list(item.get("residual"), depth + 1)
+                    or not isinstance(item.get("shortcut", ""), str) or len(item.get("shortcut", "")) >= 1000
+                    or type(item.get("repeat", 1)) is not int):
+                return False
+        elif not (isinstance(item, str) and len(item) < 1000):
+            return False
+    return True
 
 
 def load_run(path, device="cpu", prefer_ema: bool = True, plugins=()) -> LoadedModel:
