@@ -135,3 +135,73 @@ def test_encode_into_shards_resumes_and_never_rewrites_a_shard(tmp_path, monkeyp
     assert again.returncode == 0 and "5 already done" in again.stdout and "encoded 1 images" in again.stdout
     assert all(p.stat().st_mtime_ns == stamp[p.name] for p in out.glob("*.tar") if p.name in stamp)
     assert (out / "latents-r00-000003.tar").is_file()
+
+
+# --- flexvae shard: a folder into shards ----------------------------------------------------------
+
+def _labelled_folder(root: Path, count: int = 11) -> Path:
+    rng = np.random.default_rng(2)
+    for i in range(count):
+        folder = root / ("cat" if i % 3 else "dog")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (18, 22, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    (root / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def test_shard_command_round_trips_a_labelled_folder_resumes_and_refuses_other_folders(tmp_path):
+    import json
+
+    from helpers.inprocess import run_in_process
+
+    images = _labelled_folder(tmp_path / "images")
+    out = tmp_path / "shards"
+    args = ["--shard", "--input", str(images), "--output", str(out), "--shard-size", "4", "--workers", "2",
+            "--labels", "folders"]
+    result = run_in_process(args)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["file"] for e in manifest["shards"]] == [f"shard-00000{i}.tar" for i in range(3)]
+    assert [e["count"] for e in manifest["shards"]] == [3, 4, 4]  # broken.png (sorted first) is left out
+    assert manifest["shards"][0]["failed"][0]["path"] == "broken.png"
+    assert all(e["bytes"] == (out / e["file"]).stat().st_size for e in manifest["shards"])
+    assert manifest["classes"] == ["cat", "dog"] and manifest["images"] == 12
+    assert "11 images in 3 shard(s)" in result.stdout and "1 left out (first: broken.png" in result.stdout
+    # the shards read back as the folder's images, with their labels
+    from_shards = open_dataset("webdataset", out, train=False, channels=3, image_size=16)
+    from_folder = open_dataset("folder", images / "cat", train=False, channels=3, image_size=16)
+    by_source = {}
+    for shard in sorted(out.glob("shard-*.tar")):
+        with tarfile.open(shard) as archive:
+            for member in archive.getmembers():
+                if member.name.endswith(".src"):
+                    by_source[archive.extractfile(member).read().decode()] = member.name[:-4]
+    assert len(by_source) == 11 and by_source["cat/001.png"] == "000000001"
+    for i, rel in enumerate(from_shards.relpaths):
+        key = rel.split("/")[-1].split(".")[0]
+        source = next(s for s, k in by_source.items() if k == key)
+        assert from_shards[i]["label"] == (0 if source.startswith("cat") else 1)
+        if source.startswith("cat"):
+            j = from_folder.relpaths.index(source.split("/", 1)[1])
+            assert torch.equal(from_shards[i]["image"], from_folder[j]["image"])
+    # resume: a lost shard is written again, the others are kept as they are
+    (out / "shard-000001.tar").unlink()
+    kept = (out / "shard-000002.tar").stat().st_mtime_ns
+    again = run_in_process(args)
+    assert again.returncode == 0, again.stderr
+    assert "resuming: 2 shard(s) already written, 1 to write" in again.stdout
+    assert (out / "shard-000001.tar").exists() and (out / "shard-000002.tar").stat().st_mtime_ns == kept
+    # same command, same bytes (no clock, no order of the workers in the files)
+    first = (out / "shard-000001.tar").read_bytes()
+    (out / "shard-000001.tar").unlink()
+    assert run_in_process(args).returncode == 0 and (out / "shard-000001.tar").read_bytes() == first
+    # another shard size into the same folder: refused, nothing written
+    other = run_in_process(args[:5] + ["--shard-size", "5", "--labels", "folders"])
+    assert other.returncode != 0 and "made with another shard_size (was 4, now 5)" in other.stderr
+    # a user's file where a shard would go is never replaced
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "shard-000000.tar").write_text("my notes")
+    refused = run_in_process(["--shard", "--input", str(images), "--output", str(user)])
+    assert refused.returncode != 0 and refused.stderr.startswith("error: ") and "--overwrite" in refused.stderr
+    assert (user / "shard-000000.tar").read_text() == "my notes"

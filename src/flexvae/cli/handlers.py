@@ -206,3 +206,18 @@ def init(args) -> int:
     print(f"next: put your images in {folder / 'images'} (any depth), then run, from {folder}:")
     print("  flexvae train        (or: python train.py -t -c config.toml from a clone)")
     return 0
+
+
+def shard(args) -> int:
+    from ..data.make_shards import describe, make_shards
+    from ..errors import DataError
+
+    if not args.input or not args.output:
+        raise DataError("--shard needs --input FOLDER (the images) and --output FOLDER (the shards)")
+    shard_size = common.count_option(args, "shard_size", 1, 10000, "images per shard")
+    workers = common.count_option(args, "workers", 1, 2, "shards written at once")
+    common.claim_output(args, Path(args.output))
+    manifest = make_shards(args.input, args.output, shard_size, workers, args.labels)
+    print(f"{args.output}: {describe(manifest)}; manifest.json lists them (data.source = 'webdataset', "
+          f"data.path = '{args.output}')")
+    return 0

@@ -65,6 +65,9 @@ MODES = [
     Mode("--export", "export", "write a model as another library's format into --output: --format diffusers "
                                "makes a folder that diffusers' AutoencoderKL.from_pretrained loads (SD-structured "
                                "models)", handlers.export),
+    Mode("--shard", "shard", "turn a folder of images (--input) into webdataset tar shards (--output) for "
+                             "data.source = 'webdataset': parallel (--workers), resumable, a manifest with counts and "
+                             "sizes, labels kept (--labels folders or a CSV file)", handlers.shard),
     Mode("--init", "init", "write a starter project into DIR: a commented config and its structures, "
                            "ready to train on the images you put in DIR/images", handlers.init,
          ("init_dir", "DIR", "the project folder to create (or an empty existing one)")),
@@ -87,7 +90,10 @@ OPTION_MODES = {
     "classes": {"interpolate", "sample"}, "overwrite": _MODEL_USERS | {"train", "matrix", "import-weights"},
     "count": {"sample"}, "temperature": {"sample"}, "prior": {"sample", "pictures", "interpolate", "evaluate"},
     "components": {"fit-prior"}, "covariance": {"fit-prior"}, "density": {"fit-prior"},
+    "shard_size": {"shard"}, "workers": {"shard"},
 }
+for _name in ("input", "output", "labels", "overwrite"):
+    OPTION_MODES[_name] = OPTION_MODES[_name] | {"shard"}
 
 
 def _add_options(parser: argparse.ArgumentParser, mode: Mode | None = None) -> None:
@@ -134,6 +140,8 @@ def _add_options(parser: argparse.ArgumentParser, mode: Mode | None = None) -> N
     option("--classes", help="-inter with a conditional model: two class names A,B; decodes the same styles "
                              "while the class moves from A to B; -sample: the samples' classes, in turn")
     option("--count", type=int, help="-sample: how many images (64)")
+    option("--shard-size", type=int, help="--shard: images per shard (10000)")
+    option("--workers", type=int, help="--shard: shards written at once, one process each (2)")
     option("--temperature", type=float, help="-sample: scale of the prior's spread (1.0)")
     option("--prior", choices=["auto", "fitted", "model"], help="-sample, -pics, -inter, -eval: the run's fitted "
                                                                  "prior when it has one (auto, default), the fitted one, "
