@@ -166,8 +166,9 @@ def test_evaluate_tiny_checkpoint(tiny_run, tiny_model):
 
 
 def test_evaluate_reports_the_runs_own_loss_terms(tiny_model):
-    """-eval asks the run's Objective: its loss and terms over the folder, one seeded latent sample
-    per image, equal to the terms written out on the same samples."""
+    """-eval asks the run's Objective: its loss and terms over the folder, one latent sample per
+    image from a generator seeded by the seed and the batch's index (so torchrun's processes
+    draw what one process draws), equal to the terms written out on the same samples."""
     import torch.nn.functional as F
 
     from flexvae.objective import Objective
@@ -177,11 +178,12 @@ def test_evaluate_reports_the_runs_own_loss_terms(tiny_model):
     result = evaluate_model(tiny_model.vae, image_loader(dataset, 8), nll_samples=0, objective=objective, seed=3)
     terms = result["objective"]
     assert terms["terms"] == ["Recon_kind=mse_weight=1.0", "KL_weight=0.0001"] and terms["images"] == 24
-    generator = torch.Generator().manual_seed(3)
+    from flexvae.analysis.split import batch_generator
+
     recon = kld = 0.0
     with torch.no_grad():
-        for batch in image_loader(dataset, 8):
-            out = tiny_model.vae(batch.images, sample=True, generator=generator)
+        for index, batch in enumerate(image_loader(dataset, 8)):
+            out = tiny_model.vae(batch.images, sample=True, generator=batch_generator("cpu", 3, index))
             recon += float(F.mse_loss(out.recon, batch.images)) * len(batch.images) / 24
             kld += float(out.posterior.kl_elements().mean()) * len(batch.images) / 24
     assert terms["recon"] == pytest.approx(recon, rel=1e-6) and terms["kld"] == pytest.approx(kld, rel=1e-6)

@@ -307,3 +307,56 @@ def test_two_processes_train_a_stage_with_the_two_view_and_equivariance_terms(tm
     assert any(not torch.equal(rank0[k], after_stage_start[f"model.{k}"]) for k in rank0 if k.startswith("decoder."))
     header = (tmp_path / "two" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"contrast", "equiv", "stage"} <= set(header)
+
+
+@pytest.mark.slow
+def test_two_nodes_with_a_c10d_rendezvous_train_as_one_process(tmp_path, images):
+    """Two torchrun agents as two nodes (one process each) meeting at a c10d rendezvous on
+    localhost, as two machines would at the first one's address: the replicas are identical and
+    equal one process with the same global batch (to Adam's rounding, as for one node)."""
+    import subprocess as sp
+
+    from helpers.ddp import SCRIPT, train_two_nodes
+
+    common = [f"data.path={images}", "data.num_workers=0", "train.max_steps=3", "train.save_every=3",
+              "train.lr=1e-4", "train.grad_clip=0", "train.log_every=1"]
+    rank0, rank1 = train_two_nodes(tmp_path, common, batch=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = sp.run([sys.executable, SCRIPT, str(tmp_path / "one"), *common, "train.batch_size=4"],
+                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], single[key], rtol=0, atol=5e-5)
+    assert _losses(tmp_path / "nodes") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_evaluation_split_across_two_processes_reports_what_one_process_does(tmp_path, images):
+    """torchrun -eval: each process evaluates every other batch (with the batch's own seeded draws);
+    rank 0 adds the sums up and writes the report, which equals one process's (float order aside)."""
+    from flexvae.checkpoint import checkpoint_metadata, checkpoint_name, save_checkpoint
+
+    cfg = tiny_cfg(tmp_path, images)
+    torch.manual_seed(0)
+    model, plan = model_from_config(cfg)
+    ckpt = save_checkpoint(tmp_path / "run" / "checkpoints" / checkpoint_name(1), model.state_dict(),
+                           checkpoint_metadata(cfg, plan, 1, 1.0))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-eval", "-c", str(TINY), "--ckpt", str(ckpt), "--input", str(images), "--set", "encode.batch_size=3",
+            "--nll-samples", "4"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          "train.py", *args, "--output", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "train.py", *args, "--output", str(tmp_path / "one")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (json.loads((tmp_path / run / "evaluation.json").read_text()) for run in ("two", "one"))
+    assert a.pop("processes") == 2 and a["images"] == b["images"] == 12
+    for section in ("reconstruction", "kl", "nll", "objective"):
+        for key, value in b[section].items():
+            if isinstance(value, float):
+                assert a[section][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (section, key)
+    assert a["active_units"]["channel_activity"] == pytest.approx(b["active_units"]["channel_activity"], rel=1e-5)

@@ -49,3 +49,29 @@ def assert_two_processes_match_one(tmp_path: Path, common: list, columns=("loss"
 
     assert np.allclose(logged(tmp_path / "two"), logged(tmp_path / "one"), rtol=1e-5, atol=1e-6), \
         (logged(tmp_path / "two"), logged(tmp_path / "one"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_two_nodes(tmp_path: Path, common: list, batch: int = 2):
+    """Two torchrun agents on this machine as two nodes of one process each, meeting through a
+    c10d rendezvous on localhost (what several machines do with the first one's address); the
+    weights of rank 0 and rank 1."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    endpoint = f"127.0.0.1:{free_port()}"
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                                "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=flexvae-test",
+                                f"--node_rank={node}", SCRIPT, str(tmp_path / "nodes"), *common,
+                                f"train.batch_size={batch}"],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for node in range(2)]
+    for agent in agents:
+        _, err = agent.communicate(timeout=300)
+        assert agent.returncode == 0, err[-3000:]
+    return tuple(load_file(str(tmp_path / "nodes" / f"rank{r}.safetensors")) for r in (0, 1))

@@ -34,75 +34,12 @@ import math
 import torch
 
 from ..errors import DataError
-from ..latents import DiagonalGaussian
 from ..metrics import ms_ssim, ms_ssim_scales, psnr, ssim, ssim_window
-from .measures import ACTIVE_THRESHOLD, LOG_2PI, _Moments, _per_channel, has_likelihood, model_log_likelihood
+from .likelihood import (bits_per_dim, default_nll_samples, importance_log_weights, importance_nll,  # noqa: F401
+                         is_gaussian, likelihood_estimate, model_bits_per_dim)
+from .measures import ACTIVE_THRESHOLD, _Moments, _per_channel
+from .split import batch_generator, gather, indexed, merge_moments
 MAX_LISTED_ELEMENTS = 65536  # per-element KL goes into the JSON up to this latent size
-
-
-# ---------------------------------------------------------------- likelihood
-def is_gaussian(posterior) -> bool:
-    """The importance-sampled likelihood is implemented for diagonal Gaussian posteriors."""
-    return isinstance(posterior, DiagonalGaussian)
-
-
-def model_bits_per_dim(vae, nll_nats: float, dims: int) -> float:
-    if has_likelihood(vae):
-        return vae.likelihood.bits_per_dim(nll_nats, dims)
-    return bits_per_dim(nll_nats, dims, vae.output)
-
-
-@torch.no_grad()
-def importance_log_weights(vae, x: torch.Tensor, num_samples: int = 100, sigma: float = 0.1,
-                           generator: torch.Generator | None = None, max_batch: int = 256,
-                           labels=None, discrete: bool = True) -> torch.Tensor:
-    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) for K draws z_k ~ q(z|x), (K, B); p(z):
-    N(0, I) or the model's learned prior.
-    ``labels``: the images' classes, for a conditional model (log p(x | y)). p(x|z) is the mass
-    of x's 8-bit levels (``discrete=False``: a continuous decoder's density)."""
-    posterior = vae.encode(x, labels)
-    if not is_gaussian(posterior):
-        raise ValueError("the importance-sampled likelihood needs a Gaussian posterior")
-    mean, logvar = posterior.mean.double(), posterior.logvar.double()
-    std = torch.exp(0.5 * logvar)
-    batch = x.shape[0]
-    chunk = max(1, min(num_samples, max_batch // max(1, batch)))
-    out = []
-    for start in range(0, num_samples, chunk):
-        k = min(chunk, num_samples - start)
-        eps = torch.randn((k, *mean.shape), generator=generator, device=mean.device, dtype=torch.float32).double()
-        z = mean + std * eps
-        recon = vae.decode(z.reshape(k * batch, *mean.shape[1:]).to(x.dtype),
-                           None if labels is None else labels.repeat(k))
-        repeated = x.unsqueeze(0).expand(k, *x.shape).reshape(k * batch, *x.shape[1:])
-        log_px_z = model_log_likelihood(vae, recon, repeated, sigma, discrete).view(k, batch)
-        if vae.prior is not None:  # a learned prior's density (priors/)
-            log_pz = vae.prior.log_prob(z.reshape(k * batch, *mean.shape[1:]), vae).double().view(k, batch)
-        else:
-            log_pz = (-0.5 * z.pow(2) - 0.5 * LOG_2PI).flatten(2).sum(2)
-        log_qz = (-0.5 * eps.pow(2) - 0.5 * logvar - 0.5 * LOG_2PI).flatten(2).sum(2)
-        out.append(log_px_z + log_pz - log_qz)
-    return torch.cat(out, dim=0)
-
-
-def importance_nll(vae, x: torch.Tensor, num_samples: int = 100, sigma: float = 0.1,
-                   generator: torch.Generator | None = None, max_batch: int = 256,
-                   discrete: bool = True) -> torch.Tensor:
-    """-log p(x) per sample in nats, estimated with ``num_samples`` importance samples."""
-    log_w = importance_log_weights(vae, x, num_samples, sigma, generator, max_batch, discrete=discrete)
-    return -(torch.logsumexp(log_w, dim=0) - math.log(num_samples))
-
-
-def bits_per_dim(nll_nats: float, dims: int, output: str = "value") -> float:
-    """NLL per dimension in bits; the NLL is of a mass over 8-bit levels (measures.py) for every
-    ``output``, so no unit conversion is needed."""
-    return nll_nats / (dims * math.log(2))
-
-
-def default_nll_samples(data_shape) -> int:
-    """100 importance samples up to 64x64 pixels, fewer for larger images (at least 8)."""
-    pixels = math.prod(data_shape[1:])
-    return 100 if pixels <= 64 * 64 else max(8, 100 * 64 * 64 // pixels)
 
 
 # ------------------------------------------------------------------ evaluation
@@ -133,16 +70,18 @@ def evaluate_model(vae, batches, *, nll_samples: int | None = None, nll_sigma="a
     kl, means = _Moments(), _Moments()
     ssim_info = None
     groups = None
-    # a learned prior's KL: its one-sample Monte Carlo estimate, seeded
-    kl_draws = torch.Generator(device=device).manual_seed(seed) if vae.prior is not None else None
+    learned_prior = vae.prior is not None  # its KL: the one-sample Monte Carlo estimate, seeded per batch
     if vae.groups:
         from .hierarchy import GroupStatistics
 
         groups = GroupStatistics()
-    for batch in tqdm(batches, disable=not progress, desc="evaluate"):
+    data_shape = None
+    for index, batch in tqdm(indexed(batches), disable=not progress, desc="evaluate",
+                             total=len(batches) if hasattr(batches, "__len__") else None):
         x = _images(batch)
         if x is None:
             continue
+        data_shape = tuple(x.shape[1:])
         x, labels = x.to(device), _labels(batch, device)
         raw, posterior, state = vae.reconstruct_raw(x, labels)
         if groups is not None:
@@ -160,17 +99,26 @@ def evaluate_model(vae, batches, *, nll_samples: int | None = None, nll_sigma="a
             if ms is not None:
                 sums["ms_ssim"] += ms.sum().item()
             ssim_info = (window, ms_ssim_scales(min(x.shape[2:]), window), ms is not None)
-        if kl_draws is not None:
-            kl.add(vae.prior.posterior(posterior, posterior.sample(generator=kl_draws), vae).kl_elements())
+        if learned_prior:
+            draws = batch_generator(device, seed, index)
+            kl.add(vae.prior.posterior(posterior, posterior.sample(generator=draws), vae).kl_elements())
         else:
             kl.add(posterior.kl_elements())
         means.add(posterior.mode())
         count += x.shape[0]
         values += x[0].numel() * x.shape[0]
+    parts = gather(batches, (sums, count, values, kl, means, groups, ssim_info, data_shape))
+    if len(parts) > 1:  # torchrun: every process's share, added up (split.py)
+        sums = {key: sum(part[0][key] for part in parts) for key in sums}
+        count, values = sum(part[1] for part in parts), sum(part[2] for part in parts)
+        kl, means = merge_moments(part[3] for part in parts), merge_moments(part[4] for part in parts)
+        if groups is not None:
+            groups.merge([part[5] for part in parts])
+        ssim_info = next((part[6] for part in parts if part[6] is not None), None)
+        data_shape = next((part[7] for part in parts if part[7] is not None), None)
     if count == 0:
         raise DataError("no readable image to evaluate")
 
-    data_shape = tuple(x.shape[1:])
     result = {"images": count, "data_shape": list(data_shape), "latent_shape": list(vae.latent_shape)}
     recon = {"mse": sums["mse"] / count, "psnr": sums["psnr"] / count, "ssim": None, "ms_ssim": None}
     if ssim_info is not None:
@@ -190,7 +138,7 @@ def evaluate_model(vae, batches, *, nll_samples: int | None = None, nll_sigma="a
             "per_element_max": float(kl_mean.max()),
             "per_element_mean": float(kl_mean.mean()),
             **({"prior": "learned (model.prior): one-sample Monte Carlo estimate; per element, the negative "
-                         "entropy minus an equal share of log p(z)"} if kl_draws is not None else {}),
+                         "entropy minus an equal share of log p(z)"} if learned_prior else {}),
         }
         if kl_mean.numel() <= MAX_LISTED_ELEMENTS:
             result["kl"]["per_element"] = kl_mean.float().tolist()  # nested like the latent shape
@@ -210,7 +158,7 @@ def evaluate_model(vae, batches, *, nll_samples: int | None = None, nll_sigma="a
         result["objective"] = objective_terms(vae, objective, batches, device, seed, step)
     samples = default_nll_samples(data_shape) if nll_samples is None else int(nll_samples)
     if samples > 0:
-        result["nll"] = _nll(vae, batches, samples, nll_sigma, nll_images, sums["raw_se"] / values,
+        result["nll"] = likelihood_estimate(vae, batches, samples, nll_sigma, nll_images, sums["raw_se"] / values,
                              data_shape, device, seed, progress)
     return result
 
@@ -225,20 +173,22 @@ def objective_terms(vae, objective, batches, device, seed: int = 0, step: int = 
 
     needs_network = {"LPIPS", "Adv"}
     on = {name for name in objective.names if name not in needs_network}
-    generator = torch.Generator(device=device).manual_seed(seed)
     sums, count = {}, 0
-    for batch in batches:
+    for index, batch in indexed(batches):
         x = _images(batch)
         if x is None:
             continue
         x, labels = x.to(device), _labels(batch, device)
-        out = vae(x, sample=True, generator=generator, labels=labels)
+        out = vae(x, sample=True, generator=batch_generator(device, seed, index), labels=labels)
         losses = objective(TermInputs(x, out, image_of(out.recon, vae, vae.output), vae, step=step, labels=labels,
                                       seed=seed), on)
         values = {"loss": losses.total, **{k: v for k, v in losses.terms.items() if k in _logged(objective, on)}}
         for name, value in values.items():
             sums[name] = sums.get(name, 0.0) + float(value) * x.shape[0]
         count += x.shape[0]
+    parts = gather(batches, (sums, count))
+    sums = {name: sum(part[0].get(name, 0.0) for part in parts) for name in parts[0][0]}
+    count = sum(part[1] for part in parts)
     result = {"terms": [t for n, t in zip(objective.names, objective.texts) if n in on], "images": count,
               **{name: total / max(count, 1) for name, total in sums.items()}}
     left_out = [t for n, t in zip(objective.names, objective.texts) if n not in on]
@@ -249,63 +199,6 @@ def objective_terms(vae, objective, batches, device, seed: int = 0, step: int = 
 
 def _logged(objective, on) -> set:
     return {column for name, term in zip(objective.names, objective.terms) if name in on for column in term.logged()}
-
-
-def _nll(vae, batches, samples, sigma, limit, raw_mse, data_shape, device, seed, progress) -> dict:
-    from tqdm import tqdm
-
-    probe = next((_images(b) for b in batches if _images(b) is not None), None)
-    if not is_gaussian(vae.encode(probe[:1].to(device))):
-        return {"skipped": "the importance-sampled likelihood needs a Gaussian posterior"}
-    if has_likelihood(vae):
-        scale = vae.likelihood.metrics().get("scale")
-        likelihood, sigma = f"the model's own: {vae.likelihood.name}", scale
-    elif vae.output == "logits":
-        likelihood, sigma = "bernoulli", None
-    else:
-        if sigma == "auto":
-            sigma = max(math.sqrt(raw_mse), 1e-3)
-            likelihood = "gaussian, sigma = sqrt(MSE) of the decoder mean (auto)"
-        else:
-            sigma = float(sigma)
-            likelihood = "gaussian, fixed sigma"
-    generator = torch.Generator(device=device).manual_seed(seed)
-    nll, neg_elbo, done = [], [], 0
-    for batch in tqdm(batches, disable=not progress, desc=f"NLL ({samples} samples)"):
-        x = _images(batch)
-        if x is None:
-            continue
-        labels = _labels(batch, device)
-        x = x[: limit - done].to(device)
-        labels = None if labels is None else labels[: x.shape[0]]
-        if vae.groups:
-            from .hierarchy import hierarchical_log_weights
-
-            log_w = hierarchical_log_weights(vae, x, samples, sigma if sigma is not None else 1.0, generator,
-                                             labels=labels)
-        else:
-            log_w = importance_log_weights(vae, x, samples, sigma if sigma is not None else 1.0, generator,
-                                           labels=labels)
-        nll.append(-(torch.logsumexp(log_w, 0) - math.log(samples)))
-        neg_elbo.append(-log_w.mean(0))
-        done += x.shape[0]
-        if done >= limit:
-            break
-    nll, neg_elbo = torch.cat(nll), torch.cat(neg_elbo)
-    dims = math.prod(data_shape)
-    mean_nll = float(nll.mean())
-    return {
-        "likelihood": likelihood,
-        "sigma": sigma,
-        "samples": samples,
-        "images": int(nll.numel()),
-        "nats": mean_nll,
-        "nats_std_error": float(nll.std() / math.sqrt(nll.numel())) if nll.numel() > 1 else None,
-        "bits_per_dim": model_bits_per_dim(vae, mean_nll, dims),
-        "neg_elbo_nats": float(neg_elbo.mean()),
-        "neg_elbo_bits_per_dim": model_bits_per_dim(vae, float(neg_elbo.mean()), dims),
-        "dims": dims,
-    }
 
 
 # ------------------------------------------------------------------ reporting

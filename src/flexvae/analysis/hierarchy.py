@@ -35,6 +35,14 @@ class GroupStatistics:
             self.kl.setdefault(name, _Moments()).add(kl)
             self.means.setdefault(name, _Moments()).add(mean)
 
+    def merge(self, parts) -> None:
+        """Become the statistics of every process's part (split.py)."""
+        from .split import merge_moments
+
+        names = list(dict.fromkeys(name for part in parts for name in part.kl))
+        self.kl = {name: merge_moments(p.kl[name] for p in parts if name in p.kl) for name in names}
+        self.means = {name: merge_moments(p.means[name] for p in parts if name in p.means) for name in names}
+
     def result(self) -> dict:
         out = {}
         for name, kl in self.kl.items():

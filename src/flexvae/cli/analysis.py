@@ -23,7 +23,24 @@ def _context(args):
 
 
 def evaluate(args) -> int:
+    """Under torchrun every process evaluates its share of the batches (analysis/split.py); rank 0
+    gathers the sums, runs the sample checks and writes the report."""
+    from ..train.distributed import cleanup, from_environment
+
+    dist = from_environment()
+    try:
+        return _evaluate(args, dist)
+    finally:
+        cleanup(dist)
+
+
+def _evaluate(args, dist) -> int:
+    import torch
+
+    from ..train.distributed import setup
+
     cfg, device, run_dir = _context(args)
+    device = str(setup(dist, torch.device(device)))
     nll_samples = common.count_option(args, "nll_samples", 0, None, "the NLL (0 = skip it)")
     from ..analysis.common import image_dataset, image_loader, write_json
     from ..analysis.evaluate import evaluate_model, format_report
@@ -32,16 +49,22 @@ def evaluate(args) -> int:
     from ..analysis.sample_checks import checks_apply, sample_checks
 
     inception = None
-    if args.fid:  # refused, or its weights loaded, before any work
+    if args.fid and dist.is_main:  # refused, or its weights loaded, before any work
         if not checks_apply(model.vae):
             raise DataError(f"--fid scores prior samples of a continuous unconditional latent; this model's latent is "
                             f"{model.vae.latent.kind}{' and takes labels' if model.vae.takes_labels else ''}")
         from ..analysis.fid import Inception
 
         inception = Inception(args.inception, device)
-    out = common.output_dir(args, run_dir, "evaluation", ("evaluation.json", "evaluation.md"))
+    if dist.is_main:
+        out = common.output_dir(args, run_dir, "evaluation", ("evaluation.json", "evaluation.md"))
     dataset = image_dataset(model, args.input, model.cfg)
-    loader = image_loader(dataset, cfg.encode.batch_size, device, cfg.data.num_workers)
+    if dist.enabled:
+        from ..analysis.split import SplitBatches
+
+        loader = SplitBatches(dataset, cfg.encode.batch_size, device, cfg.data.num_workers, dist)
+    else:
+        loader = image_loader(dataset, cfg.encode.batch_size, device, cfg.data.num_workers)
     sigma = args.nll_sigma or "auto"
     if sigma != "auto":
         try:
@@ -59,6 +82,10 @@ def evaluate(args) -> int:
     data = args.input or model.cfg.data.val_path or f"{model.cfg.data.path} ({model.cfg.data.source})"
     result = {"checkpoint": str(model.path), "step": model.step, "data": str(data),
               "nll_samples": nll_samples, **result}
+    if not dist.is_main:
+        return 0
+    if dist.enabled:
+        result["processes"] = dist.world_size
     if checks_apply(model.vae):
         loader = image_loader(dataset, cfg.encode.batch_size, device, cfg.data.num_workers)
         result.update(sample_checks(model.vae, loader, device, seed=cfg.train.seed, inception=inception))
