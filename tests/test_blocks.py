@@ -268,3 +268,49 @@ def test_new_presets_train_a_step_and_reload_from_their_checkpoint(preset, tmp_p
     columns = next(csv.reader(open(run / "metrics.csv")))
     if preset == "lfq_tokenizer":
         assert {"lfq_commit", "lfq_entropy", "lfq_usage", "lfq_perplexity"} <= set(columns), columns
+
+
+# --- residual VQ ------------------------------------------------------------------------------------
+
+def test_residual_vq_quantizes_residuals_in_turn_and_round_trips_codes():
+    """Against a hand-written greedy residual quantizer with the same codebooks."""
+    from flexvae.latents.rvq import ResidualQuantizer
+
+    torch.manual_seed(0)
+    rvq = ResidualQuantizer(3, 8, 4).eval()
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    z_q, codes, losses = rvq(z)
+    vectors = z.detach().movedim(1, -1).reshape(-1, 4)
+    residual, total, digits = vectors.clone(), torch.zeros_like(vectors), []
+    for quantizer in rvq.quantizers:
+        book = quantizer.embedding.detach()
+        pick = torch.cdist(residual, book).argmin(1)
+        digits.append(pick)
+        total += book[pick]
+        residual -= book[pick]
+    expected_codes = sum(d * 8 ** level for level, d in enumerate(digits)).view(2, 3, 3)
+    assert torch.equal(codes, expected_codes)
+    torch.testing.assert_close(z_q.detach().movedim(1, -1).reshape(-1, 4), total)
+    torch.testing.assert_close(rvq.lookup(codes), z_q.detach())
+    z_q.sum().backward()
+    torch.testing.assert_close(z.grad, torch.ones_like(z))  # straight through
+    assert set(losses) == {"rvq_commit"} and losses["rvq_commit"] > 0
+
+
+def test_residual_vq_matches_vector_quantize_pytorch_with_the_same_codebooks():
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    from flexvae.latents.rvq import ResidualQuantizer
+
+    torch.manual_seed(0)
+    ours = ResidualQuantizer(4, 16, 6).eval()
+    theirs = vqp.ResidualVQ(dim=6, num_quantizers=4, codebook_size=16, kmeans_init=False).eval()
+    with torch.no_grad():
+        for layer, quantizer in zip(theirs.layers, ours.quantizers):
+            layer._codebook.embed.copy_(quantizer.embedding[None])
+    z = torch.randn(3, 6, 5, 5)
+    with torch.no_grad():
+        z_q, codes, _ = ours(z)
+        quantized, indices, _ = theirs(z.movedim(1, -1).reshape(3, 25, 6))
+    torch.testing.assert_close(z_q.movedim(1, -1).reshape(3, 25, 6), quantized, atol=1e-5, rtol=1e-5)
+    combined = sum(indices[..., level] * 16 ** level for level in range(4))
+    assert torch.equal(codes.reshape(3, 25), combined)

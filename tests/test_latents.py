@@ -262,7 +262,8 @@ def test_wrong_encoder_output_for_the_latent_type_is_a_clear_error(latent, chann
 
 
 def test_latent_types_come_from_the_config():
-    assert set(LATENTS.names()) == {"gaussian", "deterministic", "vq", "fsq", "lfq", "bsq", "categorical", "mixed"}
+    assert set(LATENTS.names()) == {"gaussian", "deterministic", "vq", "rvq", "fsq", "lfq", "bsq", "categorical",
+                                    "mixed"}
     cfg = apply_overrides(Config(), ["model.latent=vq", "latent.codebook_size=64", "latent.code_dim=3",
                                      "latent.ema_decay=0.0", "latent.kmeans_init=true"])
     vq = make_latent(cfg).quantizer

@@ -10,6 +10,7 @@ from .base import DiscreteLatent, Latent, PointPosterior, Posterior  # isort: sk
 from .gaussian import DeterministicLatent, DiagonalGaussian, GaussianLatent  # isort: skip
 from .vq import VectorQuantizer, VQLatent, VQParams  # isort: skip
 from .fsq import FiniteScalarQuantizer, FSQLatent, FSQParams  # isort: skip
+from .rvq import ResidualQuantizer, RVQLatent, RVQParams  # isort: skip
 from .binary import BinaryQuantizer, BSQLatent, BSQParams, LFQLatent, LFQParams  # isort: skip
 from .categorical import CategoricalLatent, CategoricalParams, CategoricalPosterior  # isort: skip
 from .mixed import MixedLatent, MixedParams, MixedPosterior  # isort: skip
@@ -22,6 +23,7 @@ __all__ = [
     "DiagonalGaussian", "GaussianLatent", "DeterministicLatent",
     "QuantizedPosterior", "VectorQuantizer", "VQLatent", "VQParams",
     "FiniteScalarQuantizer", "FSQLatent", "FSQParams",
+    "ResidualQuantizer", "RVQLatent", "RVQParams",
     "BinaryQuantizer", "LFQLatent", "LFQParams", "BSQLatent", "BSQParams",
     "CategoricalPosterior", "CategoricalLatent", "CategoricalParams",
     "MixedPosterior", "MixedLatent", "MixedParams",

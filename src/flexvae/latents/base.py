@@ -154,6 +154,10 @@ class Latent(nn.Module):
 class DiscreteLatent(Latent):
     """A latent whose values are integer codes; ``-e`` stores them and ``-d`` decodes them."""
 
+    # Encoding a decoded code gives the code back (vq, fsq, lfq, bsq, categorical). Not so for
+    # residual VQ: the nearest level-0 code to a sum of level codes need not be the one that made it.
+    requantizes_exactly = True
+
     def code_shape(self, latent_shape) -> tuple[int, ...]:
         raise NotImplementedError
 

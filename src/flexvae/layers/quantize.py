@@ -4,6 +4,7 @@
     "VQ_512_64_beta=0.5"        commitment weight 0.5
     "VQ_512_?_decay=0_dead=0"   codebook learned by gradient, no dead-code restart
     "FSQ_8_5_5_5"               4 channels quantized to 8, 5, 5 and 5 levels
+    "RVQ_4_512_?"               residual VQ: 4 codebooks of 512 in turn
     "LFQ_?"                     lookup-free: every channel to its sign (2^channels codes)
     "BSQ_?_entropy=0.05"        binary spherical: signs of the unit-sphere projection
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from ..latents.binary import BinaryQuantizer
 from ..latents.fsq import FiniteScalarQuantizer
+from ..latents.rvq import ResidualQuantizer
 from ..latents.vq import VectorQuantizer
 from ..registry import Arg, register
 
@@ -83,3 +85,24 @@ def _binary_token(name: str, spherical: bool):
 
 LFQLayer = _binary_token("LFQ", spherical=False)
 BSQLayer = _binary_token("BSQ", spherical=True)
+
+
+@register(
+    "RVQ",
+    Arg("levels", doc="codebooks applied in turn to the residual"),
+    Arg("codebook_size", doc="entries per codebook"),
+    Arg("dim", infer="channels", doc="code dimension: the input's channels"),
+    Arg("beta", float, 0.25, doc="commitment loss weight"),
+    Arg("decay", float, 0.99, doc="EMA decay of the codebooks; 0 = learned by gradient"),
+    Arg("dead", float, 0.1, doc="restart codes used less than this fraction of an even share; 0 = never"),
+    doc="residual vector quantization (aux loss rvq_commit); output shape = input shape",
+    aux=True,
+)
+class RVQLayer(ResidualQuantizer):
+    def __init__(self, levels: int, codebook_size: int, dim: int, beta: float = 0.25, decay: float = 0.99,
+                 dead: float = 0.1):
+        super().__init__(levels, codebook_size, dim, beta, decay, dead)
+
+    def forward(self, x):
+        z_q, _, losses = super().forward(x)
+        return z_q, losses
