@@ -296,3 +296,19 @@ def test_cli_attention_model_says_tiling_is_approximate_and_by_how_much(trained,
                                "encoder layer 4 (AttentionBlock")
     assert notes[1].startswith("note: on the first image the tiled reconstructions (in [-1, 1]) differ from the "
                                "untiled ones by ")
+
+
+def test_check_prints_the_receptive_field_and_the_overlap_exact_tiling_takes():
+    from flexvae.build import plan_vae
+    from flexvae.inference.receptive import summary
+    from flexvae.inference.tiling import resolve_tiling
+
+    plan = plan_vae(LOCAL_ENCODER, LOCAL_DECODER, (3, 16, 16))
+    line = summary(plan)
+    torch.manual_seed(0)
+    overlap = resolve_tiling(plan.build().eval(), (3, 16, 16), 64, None).overlap
+    assert line.startswith("receptive field: the encoder reads ") and line.endswith(
+        f"--tile is exact with tiles overlapping by {overlap} px")
+    attention = plan_vae(["C2d_3_8_3_1_1", "Down_8_8", "VAEA_8", "C2d_8_4_3_1_1"], LOCAL_DECODER, (3, 16, 16))
+    assert summary(attention) == ("receptive field: every position (layers that see all of them: encoder layer 3 "
+                                  "(AttentionBlock)); --tile is approximate")

@@ -126,7 +126,8 @@ def _short(text: str, limit: int = 60) -> str:
 def _build_residual(body: StackPlan, shortcut: StackPlan | None):
     from .layers.residual import ResidualSpan
 
-    return ResidualSpan(body.build(), None if shortcut is None else shortcut.build())
+    device = torch.get_default_device()  # the device the enclosing stack is being built on
+    return ResidualSpan(body.build(device), None if shortcut is None else shortcut.build(device))
 
 
 RESIDUAL = LayerType("Res", _build_residual, (), "residual span: shortcut(x) + body(x)")

@@ -51,6 +51,9 @@ def check(args) -> int:
     cfg, config_path = common.load_config(args)
     plan = plan_from_config(cfg, config_path)
     print(plan.table())
+    from ..inference.receptive import summary
+
+    print(summary(plan))
     warning = fit_warning(plan, cfg.train.batch_size, common.device(args, cfg))
     if warning:
         print(warning, file=sys.stderr)

@@ -221,3 +221,29 @@ def layer_names(stack, prefix: str) -> dict:
         for module in layer.modules():
             names[module] = label
     return names
+
+
+def summary(plan) -> str:
+    """One line for ``--check``: how far the encoder and the decoder read around a position, the
+    overlap exact tiling takes, or which layers make tiling approximate (traced on the meta device)."""
+    dims = len(plan.data_shape) - 1
+    if plan.decoder.groups or any(layer.context == "labels" for stack in (plan.encoder, plan.decoder)
+                                  for layer, _ in stack.layers):
+        return "tiling: not for hierarchical or conditional models (they read whole images)"
+    if len(plan.latent_shape) != dims + 1:
+        return "tiling: not for this model (its latent is not a map of positions)"
+    with torch.device("meta"):
+        vae = plan.build("meta").eval()
+    factor = plan.data_shape[-1] // plan.latent_shape[-1]
+    enc = footprint(lambda t: vae.encode(t).mode(), [vae.encoder, vae.latent],
+                    torch.zeros((1, *plan.data_shape), device="meta"), layer_names(vae.encoder, "encoder"))
+    dec = footprint(lambda t: vae.to_image(vae.decode(t)), [vae.decoder],
+                    torch.zeros((1, *plan.latent_shape), device="meta"), layer_names(vae.decoder, "decoder"))
+    reach = (f"the encoder reads {float(max(enc.margin)):.3g} px around each latent position's pixels, the decoder "
+             f"{float(max(dec.margin)):.3g} latent positions around each pixel's")
+    if enc.exact and dec.exact:
+        overlap = max(enc.needed_overlap(), dec.needed_overlap() * factor)
+        return f"receptive field: {reach}; --tile is exact with tiles overlapping by {overlap} px"
+    layers = list(dict.fromkeys(enc.global_layers + dec.global_layers))
+    shown = ", ".join(layers[:4]) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
+    return f"receptive field: every position (layers that see all of them: {shown}); --tile is approximate"

@@ -16,6 +16,7 @@ from .norm_act import DEFAULT_GROUPS, FP32GroupNorm, group_count
 )
 class AttentionBlock(nn.Module):
     checkpoint_unit = True  # recomputed under train.grad_checkpointing = "blocks"
+    receptive_margin = None  # every position attends to every other (tiling: receptive.py)
 
     def __init__(self, channels: int, groups: int = DEFAULT_GROUPS, eps: float = 1e-5):
         super().__init__()

@@ -95,6 +95,7 @@ class Position2d(nn.Module):
 )
 class TransformerBlock(nn.Module):
     checkpoint_unit = True  # recomputed under train.grad_checkpointing = "blocks"
+    receptive_margin = None  # every position attends to every other (tiling: receptive.py)
 
     def __init__(self, heads: int, dim: int = 0, mlp: float = 4.0, eps: float = 1e-6):
         super().__init__()
