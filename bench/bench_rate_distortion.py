@@ -1,10 +1,10 @@
 """Rate against distortion: held-out PSNR, SSIM (and LPIPS where its weights exist) against
 latent size, for the shipped autoencoder families, PCA and JPEG.
 
-Training data: random ``size`` px crops of the bundled photos (assets/photos, 64 px). Held-out
-data: ``size`` px crops of scikit-learn's two sample photographs (china.jpg, flower.jpg, never
-seen in training), shrunk by ``--shrink`` first so their detail is at the training photos'
-scale. For each latent size (values per image: 64, 256, 1,024 by default):
+Training data: random ``size`` px crops of the bundled photos (assets/photos, 64 px) and, where
+scikit-image is installed, of its bundled photographs and textures (shrunk by ``--shrink``).
+Held-out data: ``size`` px crops of scikit-learn's two sample photographs (china.jpg,
+flower.jpg, never seen in training), shrunk by ``--shrink`` the same way. For each latent size (values per image: 64, 256, 1,024 by default):
 
 - conv: the shipped small structures (f4, residual blocks, attention at 8 x 8), the latent's
   channels set to size / 64;
@@ -22,7 +22,8 @@ Gaussian likelihood with its optimal scale (mean squared error), batch 16, AdamW
 
     python bench/bench_rate_distortion.py [--steps 2000] [--sizes 64 256 1024] [--threads 2]
     python bench/bench_rate_distortion.py --tiny     # seconds: what CI runs
-Writes bench/results/rate_distortion.md and .png (the plot needs matplotlib: flexvae[plots]).
+Writes bench/results/rate_distortion.md and .png (pip install "flexvae[bench]": scikit-image for its
+photographs, matplotlib for the plot; without them it trains on the bundled photos and writes no plot).
 """
 
 from __future__ import annotations
@@ -47,22 +48,53 @@ FAMILIES = ("conv", "dcae", "vit")
 
 # --- data ------------------------------------------------------------------------------------------
 
-def training_crops(size: int, count: int, folder: Path, seed: int = 0) -> np.ndarray:
-    """``count`` random ``size`` px crops of the bundled photos, written to ``folder`` as PNGs
-    (what the autoencoders train on) and returned as (N, 3, size, size) floats in [-1, 1]."""
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "cat",
+                  "camera", "moon", "grass", "gravel", "brick", "coins", "clock", "horse")
+
+
+def training_sources(shrink: int) -> tuple[list, str]:
+    """The training photographs as groups of uint8 (H, W, 3) arrays: the bundled photos (64 px),
+    and where scikit-image is installed its bundled photographs and textures (grey ones as RGB),
+    shrunk by ``shrink`` like the held-out photos; and a line saying which."""
+    from PIL import Image
+
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((ROOT / "assets" / "photos").rglob("*.png"))]
+    try:
+        from skimage import data
+    except ImportError:
+        return [images], f"the {len(images)} bundled photos (scikit-image is not installed)"
+    bundled, images = images, []
+    used = []
+    for name in SKIMAGE_PHOTOS:
+        try:
+            array = np.asarray(getattr(data, name)())
+        except Exception:  # an image this scikit-image would download: skipped offline
+            continue
+        image = Image.fromarray(array).convert("RGB")
+        image = image.resize((image.width // shrink, image.height // shrink), Image.LANCZOS)
+        images.append(np.asarray(image))
+        used.append(name)
+    return [bundled, images], (f"the {len(bundled)} bundled photos and {len(used)} of scikit-image's "
+                               f"({', '.join(used)}), half the crops from each group")
+
+
+def training_crops(size: int, count: int, folder: Path, shrink: int = 2, seed: int = 0):
+    """``count`` random ``size`` px crops of the training photographs (each group equally often), written to ``folder`` as PNGs (what the autoencoders train on); returned as
+    (N, 3, size, size) floats in [-1, 1], with the line saying where they came from."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    paths = sorted(p for p in (ROOT / "assets" / "photos").rglob("*.png"))
+    sources, described = training_sources(shrink)
     folder.mkdir(parents=True, exist_ok=True)
     crops = []
     for index in range(count):
-        image = np.asarray(Image.open(paths[index % len(paths)]).convert("RGB"))
+        group = sources[index % len(sources)]
+        image = group[int(rng.integers(len(group)))]
         top, left = rng.integers(0, image.shape[0] - size + 1), rng.integers(0, image.shape[1] - size + 1)
         crop = image[top:top + size, left:left + size]
         Image.fromarray(crop).save(folder / f"{index:05d}.png")
         crops.append(crop)
-    return np.stack(crops).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1
+    return np.stack(crops).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1, described
 
 
 def held_out_crops(size: int, shrink: int, limit: int) -> np.ndarray:
@@ -215,10 +247,10 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "crops"
-        train = training_crops(args.size, args.crops, data)
+        train, args.sources = training_crops(args.size, args.crops, data, args.shrink)
         test = held_out_crops(args.size, args.shrink, args.held_out)
-        print(f"{len(train)} training crops, {len(test)} held-out crops of {args.size} px; {args.threads} threads, "
-              f"load {load:.2f}", flush=True)
+        print(f"{len(train)} training crops of {args.sources}; {len(test)} held-out crops of {args.size} px; "
+              f"{args.threads} threads, load {load:.2f}", flush=True)
         for values in args.sizes:
             for family in args.families:
                 vae, seconds = train_autoencoder(family, values, args.size, data, Path(tmp) / f"{family}_{values}",
@@ -246,8 +278,8 @@ def write_results(args, rows: list, lpips_note, seconds: float, load: float) -> 
     lines = ["# Rate against distortion on held-out photo crops", "",
              f"`python bench/bench_rate_distortion.py{' --tiny' if args.tiny else ''}` (one run: {seconds:.0f} s on "
              f"{platform.machine()} with {args.threads} threads, load {load:.2f} at the start, "
-             f"{os.getloadavg()[0]:.2f} at the end). {args.crops} training crops of {args.size} px from the bundled "
-             f"photos; held-out: {args.held_out} crops of scikit-learn's sample photos (shrunk {args.shrink}x). "
+             f"{os.getloadavg()[0]:.2f} at the end). {args.crops} training crops of {args.size} px from "
+             f"{args.sources}, shrunk {args.shrink}x; held-out: {args.held_out} crops of scikit-learn's sample photos (shrunk {args.shrink}x). "
              f"Autoencoders: {args.steps} steps each, deterministic latent, mean squared error. "
              f"Higher PSNR and SSIM are better" + (", lower LPIPS" if lpips_note is None else
                                                     f"; LPIPS not computed ({lpips_note})") + ".", "",

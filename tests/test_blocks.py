@@ -186,11 +186,7 @@ def test_binary_latents_quantize_to_signs_and_round_trip_codes(kind):
 def test_every_discrete_latent_logs_codebook_usage_and_perplexity():
     for kind, params in (("vq", {}), ("fsq", {}), ("lfq", {"bits": 4}), ("bsq", {"bits": 4})):
         latent = LATENTS.get(kind).build(LATENTS.get(kind).params(**params)).train()
-        if kind == "vq":
-            z = torch.randn(64, latent.quantizer.dim)
-        else:
-            z = torch.randn(64, latent.quantizer.dim)
-        latent(z)
+        latent(torch.randn(64, latent.quantizer.dim))  # a training batch of 64 vectors
         metrics = latent.metrics()
         usage = [v for k, v in metrics.items() if k.endswith("usage")]
         perplexity = [v for k, v in metrics.items() if k.endswith("perplexity")]

@@ -24,9 +24,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import DataError
-from .exact_tiles import tile_starts
-
-TILES_PER_CALL = 16
+from .exact_tiles import TILES_PER_CALL, tile_starts
 
 
 def downsampling_factor(vae, data_shape) -> int:
@@ -184,15 +182,12 @@ def resolve_tiling(vae, data_shape, tile: int, overlap: int | None, parts=("enco
 def _apply(vae, part: str, x: torch.Tensor, tile: int, overlap: int, factor: int, exact: bool | None):
     fn = _encode_fn(vae) if part == "encode" else _decode_fn(vae)
     unit = 1 if part == "encode" else factor
-    dims = x.dim() - 2
-    if exact is None:
-        fp = model_footprint(vae, part, tile // unit, int(x.shape[1]), dims)
-        exact = _exact_in(fp, tile // unit, overlap // unit)
-    if exact:
-        from .exact_tiles import exact_tiled_apply  # noqa: PLC0415
+    if exact is not False:
+        fp = model_footprint(vae, part, tile // unit, int(x.shape[1]), x.dim() - 2)
+        if exact or _exact_in(fp, tile // unit, overlap // unit):
+            from .exact_tiles import exact_tiled_apply
 
-        fp = model_footprint(vae, part, tile // unit, int(x.shape[1]), dims)
-        return exact_tiled_apply(fn, x, tile // unit, overlap // unit, fp)
+            return exact_tiled_apply(fn, x, tile // unit, overlap // unit, fp)
     if part == "encode":
         return tiled_apply(fn, x, tile, overlap, 1, factor)
     return tiled_apply(fn, x, tile // factor, overlap // factor, factor, 1)
