@@ -124,6 +124,10 @@ def exact_tiled_apply(fn, x: torch.Tensor, tile: int, overlap: int, footprint) -
     if all(s <= tile for s in sizes):
         return fn(x)
     per_axis = [owned_ranges(n, tile, overlap, a) for n, a in zip(sizes, footprint.align)]
+    for ranges, n, a in zip(per_axis, sizes, footprint.align):
+        if any(start % a for start, _, _ in ranges):  # the last tile, moved back to end at the border
+            raise ValueError(f"a side of {n} is not a multiple of {a}, the grid this model's layers need tiles "
+                             "to start on; crop the image to a multiple of it")
     for ranges, n, h in zip(per_axis, sizes, footprint.halo()):
         if not check_halo(ranges, n, tile, h):
             raise ValueError(f"tiles of {tile} overlapping by {overlap} leave less than the receptive margin {h}")

@@ -133,9 +133,11 @@ class Tiling(NamedTuple):
     note: str | None = None
 
 
-def _exact_in(footprint, tile: int, overlap: int) -> bool:
+def _exact_in(footprint, tile: int, overlap: int, grid: int = 1) -> bool:
+    """Whether tiles of ``tile`` overlapping by ``overlap`` give the exact output, on images whose
+    sides are multiples of ``grid`` (all in the part's input units)."""
     return (footprint.exact and overlap >= footprint.needed_overlap()
-            and all(tile % a == 0 and (tile - overlap) % a == 0 for a in footprint.align))
+            and all(tile % a == 0 and (tile - overlap) % a == 0 and grid % a == 0 for a in footprint.align))
 
 
 def resolve_tiling(vae, data_shape, tile: int, overlap: int | None, parts=("encode", "decode"),
@@ -175,7 +177,7 @@ def resolve_tiling(vae, data_shape, tile: int, overlap: int | None, parts=("enco
         note = (f"note: --overlap {overlap} is less than the {needed} px this model's receptive field needs for "
                 "exact tiling; tiles are cross-faded, and the output is approximate near tile borders")
     check_tiling(tile, overlap, factor)
-    exact = {part: _exact_in(fp, tile // unit, overlap // unit) for part, (fp, unit) in prints.items()}
+    exact = {part: _exact_in(fp, tile // unit, overlap // unit, factor // unit) for part, (fp, unit) in prints.items()}
     return Tiling(tile, overlap, factor, exact, note)
 
 
@@ -184,7 +186,7 @@ def _apply(vae, part: str, x: torch.Tensor, tile: int, overlap: int, factor: int
     unit = 1 if part == "encode" else factor
     if exact is not False:
         fp = model_footprint(vae, part, tile // unit, int(x.shape[1]), x.dim() - 2)
-        if exact or _exact_in(fp, tile // unit, overlap // unit):
+        if exact or _exact_in(fp, tile // unit, overlap // unit, factor // unit):
             from .exact_tiles import exact_tiled_apply
 
             return exact_tiled_apply(fn, x, tile // unit, overlap // unit, fp)
