@@ -178,6 +178,11 @@ def resolve_tiling(vae, data_shape, tile: int, overlap: int | None, parts=("enco
                 "exact tiling; tiles are cross-faded, and the output is approximate near tile borders")
     check_tiling(tile, overlap, factor)
     exact = {part: _exact_in(fp, tile // unit, overlap // unit, factor // unit) for part, (fp, unit) in prints.items()}
+    if note is None and not all(exact.values()):
+        grids = {part: max(fp.align) * unit for part, (fp, unit) in prints.items() if not exact[part]}
+        note = (f"note: tiling is approximate for this model: exact tiles must start on multiples of "
+                f"{max(grids.values())} px (its layers' grid), more than its downsampling {factor} to which images "
+                "are cropped; tiles are cross-faded")
     return Tiling(tile, overlap, factor, exact, note)
 
 
