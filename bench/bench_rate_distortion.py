@@ -14,6 +14,8 @@ flower.jpg, never seen in training), shrunk by ``--shrink`` the same way. For ea
 - vit: the ViT autoencoder preset's structures (8 px patches, 4 + 4 transformer blocks), a
   4 x 4 latent of size / 16 channels;
 - PCA with that many components, fitted on the training crops (the best linear code);
+- with the ViT: PCA of the 8 px squares with size / 16 components each, the best linear code with
+  the ViT latent's layout (one short vector per patch);
 - JPEG (Pillow, 4:2:0) at the highest quality whose entropy-coded data fits in as many bytes as
   the latent has values (one byte per latent value; JPEG's headers and tables are not counted,
   they are the same for every image).
@@ -121,11 +123,29 @@ def held_out_crops(size: int, shrink: int, limit: int) -> np.ndarray:
 # --- the baselines -----------------------------------------------------------------------------------
 
 def pca_reconstruct(train: np.ndarray, test: np.ndarray, components: int) -> np.ndarray:
+    pca = pca_fit(train.reshape(len(train), -1), components)
+    return pca.inverse_transform(pca.transform(test.reshape(len(test), -1))).reshape(test.shape).clip(-1, 1)
+
+
+def block_pca_reconstruct(train: np.ndarray, test: np.ndarray, components: int, block: int) -> np.ndarray:
+    """PCA of the ``block`` px squares, ``components`` per square: the best linear code with the
+    layout of a patch-wise latent (the ViT's), where each latent position sees only its patch."""
+    def squares(x):
+        n, c, h, w = x.shape
+        x = x.reshape(n, c, h // block, block, w // block, block).transpose(0, 2, 4, 1, 3, 5)
+        return x.reshape(-1, c * block * block)
+
+    n, c, h, w = test.shape
+    codes = squares(test)
+    pca = pca_fit(squares(train), components)
+    out = pca.inverse_transform(pca.transform(codes)).reshape(n, h // block, w // block, c, block, block)
+    return out.transpose(0, 3, 1, 4, 2, 5).reshape(test.shape).clip(-1, 1)
+
+
+def pca_fit(flat: np.ndarray, components: int):
     from sklearn.decomposition import PCA
 
-    flat = train.reshape(len(train), -1)
-    pca = PCA(n_components=min(components, *flat.shape), random_state=0).fit(flat)
-    return pca.inverse_transform(pca.transform(test.reshape(len(test), -1))).reshape(test.shape).clip(-1, 1)
+    return PCA(n_components=min(components, *flat.shape), random_state=0).fit(flat)
 
 
 def jpeg_payload(data: bytes) -> int:
@@ -271,19 +291,34 @@ def main() -> int:
                 print(rows[-1], flush=True)
             rows.append({"values": values, "method": "PCA", **scores(pca_reconstruct(train, test, values), test, lpips),
                          "note": f"fitted on {len(train)} training crops"})
+            if "vit" in args.families and values % (args.size // 8) ** 2 == 0:
+                per_patch = values // (args.size // 8) ** 2
+                rows.append({"values": values, "method": "PCA, 8 px blocks",
+                             **scores(block_pca_reconstruct(train, test, per_patch, 8), test, lpips),
+                             "note": f"{per_patch} per block: the ViT latent's layout"})
             images, payload, fitted = jpeg_reconstruct(test, values)
             rows.append({"values": values, "method": "JPEG", **scores(images, test, lpips),
                          "note": f"{payload:.0f} bytes of data per image on average; {fitted:.0%} fit in {values}"})
-            print(rows[-2], rows[-1], flush=True)
+            print(*(row for row in rows if row["values"] == values and row["method"] not in args.families), flush=True)
     write_results(args, rows, lpips_note, time.perf_counter() - started, load)
     return 0
+
+
+def command_line() -> str:
+    """This run's options, less ``--out`` (a path of this machine)."""
+    words, skip = [], False
+    for word in sys.argv[1:]:
+        if not skip and not word.startswith("--out"):
+            words.append(" " + word)
+        skip = word == "--out"
+    return "".join(words)
 
 
 def write_results(args, rows: list, lpips_note, seconds: float, load: float) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# Rate against distortion on held-out photo crops", "",
-             f"`python bench/bench_rate_distortion.py{''.join(' ' + a for a in sys.argv[1:] if not a.startswith('--out'))}` (one run: {seconds:.0f} s on "
+             f"`python bench/bench_rate_distortion.py{command_line()}` (one run: {seconds:.0f} s on "
              f"{platform.machine()} with {args.threads} threads, load {load:.2f} at the start, "
              f"{os.getloadavg()[0]:.2f} at the end). {args.crops} training crops of {args.size} px from "
              f"{args.sources}, shrunk {args.shrink}x, colour channels in a random order; held-out: {args.held_out} crops of scikit-learn's sample photos (shrunk {args.shrink}x). "

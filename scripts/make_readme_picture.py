@@ -1,4 +1,4 @@
-"""Make assets/readme/default_run.png: the default run's sample grids at steps 200 and 600 (its
+"""Make docs/img/default_run.png: the default run's sample grids at steps 200 and 600 (its
 last, drawn from the prior fitted at the end of the run), stacked and enlarged three times.
 
     python scripts/make_readme_picture.py [RUN]    # RUN: a finished default run (default runs/default)

@@ -1,4 +1,5 @@
-"""The README's tables, examples and error messages are what the code does."""
+"""The README and the docs pages: their tables, examples and error messages are what the code
+does, every page is reachable, and the site builds in strict mode."""
 
 import re
 import subprocess
@@ -9,42 +10,112 @@ from helpers.inprocess import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+DOCS = ROOT / "docs"
+
+
+def page(name: str) -> str:
+    return (DOCS / name).read_text(encoding="utf-8")
 
 
 def run(*args, cwd=ROOT):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_token_and_config_tables_are_current():
+def load_update_script():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("update_readme", ROOT / "scripts" / "update_readme.py")
+    spec = importlib.util.spec_from_file_location("update_docs", ROOT / "scripts" / "update_docs.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    assert script.render(README) == README, "README.md is out of date: run `python scripts/update_readme.py`"
+    return script
 
 
-def test_every_registered_token_is_documented():
+def test_token_and_config_tables_are_current():
+    script = load_update_script()
+    for name, tables in script.PAGES.items():
+        text = page(name)
+        assert script.render(text, tables) == text, f"docs/{name} is out of date: run `python scripts/update_docs.py`"
+
+
+def test_a_stale_reference_table_is_noticed():
+    script = load_update_script()
+    text = page("structures.md").replace("| `VAERB` |", "| `VAERB_renamed` |")
+    assert script.render(text, script.PAGES["structures.md"]) != text
+
+
+def test_every_registered_token_and_config_key_is_documented():
     from flexvae import build  # noqa: F401
+    from flexvae.config import describe_fields
     from flexvae.registry import LAYERS
 
+    tokens, config = page("structures.md"), page("configuration.md")
     for name in LAYERS.names():
-        assert f"| `{name}` |" in README, name
+        assert f"| `{name}` |" in tokens, name
+    for key, _, _ in describe_fields():
+        assert f"| `{key}` |" in config, key
+
+
+def test_readme_is_short_and_reaches_every_page():
+    import yaml
+
+    assert len(README.splitlines()) <= 200
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+
+    def pages(entry):
+        if isinstance(entry, str):
+            yield entry
+        elif isinstance(entry, dict):
+            for value in entry.values():
+                yield from pages(value)
+        else:
+            for value in entry:
+                yield from pages(value)
+
+    listed = set(pages(nav))
+    assert listed == {p.name for p in DOCS.glob("*.md")}, "mkdocs.yml's nav and docs/*.md differ"
+    for name in listed - {"index.md"}:
+        assert f"](docs/{name})" in README, f"the README does not link docs/{name}"
+        assert f"]({name})" in page("index.md"), f"docs/index.md does not link {name}"
+
+
+def test_docs_site_builds_in_strict_mode(tmp_path):
+    """mkdocs --strict fails on a broken link or an unlisted page: the docs pass, and a copy with
+    a broken link does not."""
+    import shutil
+
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict"]
+    result = subprocess.run([*command, "-d", str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "site" / "structures" / "index.html").is_file()
+    copy = tmp_path / "copy"
+    shutil.copytree(DOCS, copy / "docs")
+    shutil.copy(ROOT / "mkdocs.yml", copy / "mkdocs.yml")
+    (copy / "docs" / "modes.md").write_text(page("modes.md") + "\nSee [nowhere](no_such_page.md).\n")
+    broken = subprocess.run([*command, "-d", str(tmp_path / "site2")], cwd=copy, capture_output=True, text=True,
+                            timeout=300)
+    assert broken.returncode != 0 and "no_such_page.md" in broken.stderr
+
+
+def test_readme_and_api_page_show_the_same_five_lines():
+    marker = "A trained run, in five lines"
+    blocks = [text.split(marker, 1)[1].split("```python", 1)[1].split("```", 1)[0] for text in (README, page("python-api.md"))]
+    assert blocks[0] == blocks[1]
 
 
 def test_python_api_example_runs():
     import contextlib
     import io
 
-    block = README.split("## Python API", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    block = page("python-api.md").split("```python", 1)[1].split("```", 1)[0]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(block, "README.md (Python API)", "exec"), {})
+        exec(compile(block, "docs/python-api.md", "exec"), {})
     assert "total parameters" in out.getvalue()
 
 
 def test_error_examples_print_what_the_readme_shows():
-    block = README.split("Mistakes are reported", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    block = page("modes.md").split("Mistakes are reported", 1)[1].split("```text", 1)[1].split("```", 1)[0]
     commands = re.findall(r"^\$ python (.+)$", block, re.M)
     expected = re.findall(r"^(error: .+)$", block, re.M)
     assert len(commands) == len(expected) == 2
@@ -60,9 +131,9 @@ def test_error_examples_print_what_the_readme_shows():
 
 
 def test_plugin_example(tmp_path):
-    code = README.split("# my_layers.py\n", 1)[1].split("```", 1)[0]
+    code = page("structures.md").split("# my_layers.py\n", 1)[1].split("```", 1)[0]
     (tmp_path / "my_layers.py").write_text(code)
-    toml = README.split("```toml\n[model]", 1)[1].split("```", 1)[0]
+    toml = page("structures.md").split("```toml\n[model]", 1)[1].split("```", 1)[0]
     config = tmp_path / "plugin.toml"
     config.write_text(
         "[model]" + toml + "\n"
@@ -127,10 +198,10 @@ def test_conditional_python_example_runs(tmp_path):
                                "train.batch_size=4"])
     with contextlib.redirect_stdout(io.StringIO()):
         Trainer(cfg, config, quiet=True).train()
-    block = README.split("### Labels and conditional models", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    block = page("hierarchical-conditional.md").split("## Labels and conditional models", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     block = block.replace('"runs/digits_cond"', repr(str(tmp_path / "run")))
     names = {"flexvae": __import__("flexvae"), "torch": torch}
-    exec(compile(block, "README.md (conditional)", "exec"), names)
+    exec(compile(block, "docs/hierarchical-conditional.md", "exec"), names)
     assert names["sevens"].shape == (8, 1, 16, 16) and names["halfway"].shape == (8, 1, 16, 16)
 
 
@@ -145,7 +216,7 @@ def test_loss_terms_section_examples_run(tmp_path):
     from flexvae.train.trainer import Trainer
     from helpers.runs import TINY, make_images
 
-    section = README.split("### Loss terms and training stages", 1)[1].split("### Adversarial training", 1)[0]
+    section = page("objectives.md").split("## Loss terms and training stages", 1)[1].split("## Adversarial training", 1)[0]
     for name in [n for n in TERMS.names() if TERMS.layers[n].factory.__module__.startswith("flexvae.")]:
         assert re.search(rf"^\| `{name}[_`]", section, re.M), name
     plugin = tmp_path / "edge_term.py"

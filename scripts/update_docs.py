@@ -1,7 +1,8 @@
-"""Regenerate the token and config tables in README.md from the registry and the config schema.
+"""Regenerate the reference tables of the docs from the code: every token (docs/structures.md)
+from the registry, every config key (docs/configuration.md) from the config schema.
 
-    python scripts/update_readme.py          # rewrite README.md
-    python scripts/update_readme.py --check  # exit 1 if README.md is out of date (used by the tests)
+    python scripts/update_docs.py          # rewrite the pages
+    python scripts/update_docs.py --check  # exit 1 if a page is out of date (the tests run this)
 """
 
 import re
@@ -35,25 +36,33 @@ def config_table() -> str:
     return "\n".join(lines)
 
 
-def render(text: str) -> str:
-    for name, table in (("tokens", token_table()), ("config", config_table())):
+# page -> the generated tables it holds between <!-- NAME:start --> and <!-- NAME:end -->
+PAGES = {"structures.md": {"tokens": token_table}, "configuration.md": {"config": config_table}}
+
+
+def render(text: str, tables: dict, page: str = "the page") -> str:
+    for name, make in tables.items():
         pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
         if not pattern.search(text):
-            raise SystemExit(f"README.md has no <!-- {name}:start --> ... <!-- {name}:end --> block")
+            raise SystemExit(f"{page} has no <!-- {name}:start --> ... <!-- {name}:end --> block")
+        table = make()
         text = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
     return text
 
 
 def main() -> int:
-    readme = ROOT / "README.md"
-    current = readme.read_text(encoding="utf-8")
-    updated = render(current)
-    if "--check" in sys.argv:
+    stale = []
+    for page, tables in PAGES.items():
+        path = ROOT / "docs" / page
+        current = path.read_text(encoding="utf-8")
+        updated = render(current, tables, f"docs/{page}")
         if updated != current:
-            print("README.md is out of date: run `python scripts/update_readme.py`")
-            return 1
-        return 0
-    readme.write_text(updated, encoding="utf-8")
+            stale.append(page)
+            if "--check" not in sys.argv:
+                path.write_text(updated, encoding="utf-8")
+    if stale and "--check" in sys.argv:
+        print(f"out of date: {', '.join('docs/' + page for page in stale)}: run `python scripts/update_docs.py`")
+        return 1
     return 0
 
 
