@@ -127,7 +127,7 @@ def test_round_trip_awkward_values(tmp_path):
         "model.encoder=['conv(3, 32)', \"quote\\\"d\", 'back\\slash']",
         "model.plugins=['my_plugin', 'extra/plugin.py']",
         "loss.kld_weight=1e-4",
-        "loss.gamma=0.1",
+        "loss.sparse_weight=0.1",
         "train.lr=3.0000000000000004e-05",
         "train.betas=[0.5, 0.1234567890123]",
         "train.seed=-7",
@@ -141,7 +141,7 @@ def test_round_trip_awkward_values(tmp_path):
     save_config(cfg, path)
     again = load_config(path)
     assert again == cfg
-    assert again.loss.kld_weight == 1e-4 and again.loss.gamma == 0.1
+    assert again.loss.kld_weight == 1e-4 and again.loss.sparse_weight == 0.1
     assert load_config(path) == config_from_dict(config_to_dict(cfg))
     text = dump_toml(cfg)
     assert text.index("[data]") < text.index("[model]") < text.index("[loss]") < text.index("[train]") \
@@ -362,3 +362,35 @@ def test_resolve_device():
     with pytest.raises(DeviceError, match="'foo' is not one of auto, cpu, cuda, cuda:N or mps"):
         resolve_device("foo")
     assert resolve_device("auto") in ("cuda", "mps", "cpu")
+
+
+# ------------------------------------------------------------------ renamed keys
+OLD_NAMES = {"alpha": ("recon_weight", 2.5), "beta": ("ssim_weight", 0.25), "gamma": ("sparse_weight", 0.125)}
+
+
+def test_old_loss_weight_names_load_as_the_new_ones_with_a_note(tmp_path, capsys):
+    old = tmp_path / "old.toml"
+    old.write_text("[loss]\nobjective = \"weighted\"\n" + "".join(f"{k} = {v}\n" for k, (_, v) in OLD_NAMES.items()))
+    new = tmp_path / "new.toml"
+    new.write_text("[loss]\nobjective = \"weighted\"\n" + "".join(f"{n} = {v}\n" for n, v in OLD_NAMES.values()))
+    assert load_config(old) == load_config(new)
+    assert load_config(new).loss.ssim_weight == 0.25
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {old}: loss.{k} is now called loss.{n} (the old name still works)"
+                     for k, (n, _) in OLD_NAMES.items()]
+    cfg = apply_overrides(Config(), ["loss.beta=0.5"])
+    assert cfg.loss.ssim_weight == 0.5
+    assert "note: --set: loss.beta is now called loss.ssim_weight" in capsys.readouterr().err
+
+
+def test_a_stored_config_with_old_names_loads_quietly(capsys):
+    cfg = config_from_dict({"loss": {"alpha": 3.0}}, "ckpt (stored config)", stored=True)
+    assert cfg.loss.recon_weight == 3.0 and capsys.readouterr().err == ""
+
+
+def test_old_and_new_name_together_is_an_error(tmp_path):
+    path = tmp_path / "both.toml"
+    path.write_text("[loss]\ngamma = 0.1\nsparse_weight = 0.2\n")
+    with pytest.raises(ConfigError, match=r"both.toml: \[loss\] sets both 'gamma' and 'sparse_weight', its new name; "
+                                          r"keep 'sparse_weight'"):
+        load_config(path)

@@ -219,14 +219,14 @@ def test_sparse_term_is_mean_absolute_posterior_mean():
 def test_weights_multiply_their_terms():
     x, out = batch()
     out.aux["commitment"] = torch.tensor(0.25)
-    config = cfg(alpha=2.0, kld_weight=0.3, beta=0.5, gamma=0.7, ssim=True, sparse=True)
+    config = cfg(recon_weight=2.0, kld_weight=0.3, ssim_weight=0.5, sparse_weight=0.7, ssim=True, sparse=True)
     loss = vae_loss(x, out, config)
     terms = loss.terms
     assert set(terms) == {"recon", "kld", "ssim", "sparse", "commitment"}
     expected = 2.0 * terms["recon"] + 0.3 * terms["kld"] + 0.5 * terms["ssim"] + 0.7 * terms["sparse"] + 0.25
     assert loss.total.item() == pytest.approx(expected.item(), rel=1e-6)
     # Each weight really moves the total.
-    for field, value in [("alpha", 3.0), ("kld_weight", 0.9), ("beta", 1.5), ("gamma", 2.0)]:
+    for field, value in [("recon_weight", 3.0), ("kld_weight", 0.9), ("ssim_weight", 1.5), ("sparse_weight", 2.0)]:
         changed = vae_loss(x, out, dataclasses.replace(config, **{field: value}))
         assert changed.total.item() != pytest.approx(loss.total.item())
 

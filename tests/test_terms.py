@@ -33,8 +33,8 @@ def _objective(terms, **loss):
 
 # ------------------------------------------------------------------ grammar and errors
 def test_legacy_keys_are_written_as_term_tokens():
-    cfg = _cfg(objective="weighted", recon="l1", alpha=2.0, kld_weight=1e-4, kld_schedule="linear",
-               kld_warmup_steps=100, ssim=True, beta=0.5, sparse=True, gamma=0.003, perceptual_weight=0.25)
+    cfg = _cfg(objective="weighted", recon="l1", recon_weight=2.0, kld_weight=1e-4, kld_schedule="linear",
+               kld_warmup_steps=100, ssim=True, ssim_weight=0.5, sparse=True, sparse_weight=0.003, perceptual_weight=0.25)
     assert legacy_term_tokens(cfg) == ["Recon_kind=l1_weight=2.0", "KL_weight=0.0001_warmup=100",
                                        "SSIM_kind=auto_weight=0.5", "Sparse_weight=0.003", "LPIPS_weight=0.25"]
     elbo = dataclasses.replace(cfg, loss=LossConfig(objective="elbo", kld_schedule="cyclical", kld_cycle_steps=50))
@@ -147,7 +147,7 @@ def _train(tmp_path, name, *settings, steps=3):
 
 
 def test_terms_declared_as_tokens_train_the_same_weights_as_the_keys(tmp_path):
-    keys = _train(tmp_path, "keys", "loss.ssim=true", "loss.beta=0.5", "loss.kld_weight=0.01",
+    keys = _train(tmp_path, "keys", "loss.ssim=true", "loss.ssim_weight=0.5", "loss.kld_weight=0.01",
                   "loss.kld_schedule=linear", "loss.kld_warmup_steps=2", "loss.sparse=true")
     tokens = _train(tmp_path, "tokens", 'loss.terms=["Recon_kind=mse", "KL_weight=0.01_warmup=2", '
                                         '"SSIM_weight=0.5", "Sparse_weight=0.001"]')

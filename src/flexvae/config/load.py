@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from ..errors import ConfigError
 from ..files import read_small_file
-from .schema import SECTIONS, Config, ModelConfig, StageConfig
+from .schema import RENAMED_KEYS, SECTIONS, Config, ModelConfig, StageConfig
 from .validate import (did_you_mean, fields_of, key_suggestion, latent_key_error, matches, matching,
                        section_fields, unknown_key, unknown_section, validate_value)
 
@@ -68,6 +69,7 @@ def config_from_dict(raw: dict, source: str = "<config>", *, stored: bool = Fals
         known = section_fields(name)
         values = {}
         for key, value in table.items():
+            key = current_name(name, key, source, quiet=stored, beside=table)
             if key not in known:
                 raise unknown_key(name, key, source)
             values[key] = validate_value(SECTIONS[name], name, key, value, source)
@@ -75,6 +77,20 @@ def config_from_dict(raw: dict, source: str = "<config>", *, stored: bool = Fals
     model = sections.get("model", ModelConfig())
     sections["latent"] = latent_params(_latent_type(model.latent), latent_table, source, stored)
     return Config(**sections)
+
+
+def current_name(section: str, key: str, source: str, quiet: bool = False, beside=()) -> str:
+    """A renamed key's name now (with a note unless ``quiet``); any other key as it is. An old
+    name beside its new one in the same table is an error (which would win?)."""
+    new = RENAMED_KEYS.get((section, key))
+    if new is None:
+        return key
+    if new in beside:
+        raise ConfigError(f"{source}: [{section}] sets both '{key}' and '{new}', its new name; keep '{new}'")
+    if not quiet:
+        print(f"note: {source}: {section}.{key} is now called {section}.{new} (the old name still works)",
+              file=sys.stderr)
+    return new
 
 
 def stage_tables(tables, source: str) -> tuple:
@@ -186,6 +202,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
                               "set from the command line")
         if section not in SECTIONS:
             raise unknown_section(section, "--set")
+        key = current_name(section, key, "--set")
         fields = section_fields(section)
         if key not in fields:
             raise unknown_key(section, key, "--set")

@@ -67,7 +67,7 @@ class LossConfig:
         [], "the loss as term tokens, e.g. [\"NLL\", \"KL_weight=1e-4_warmup=1000\", \"LPIPS_weight=0.1\"] (python "
         "train.py --terms lists them); empty = the terms the keys below declare")
     objective: Literal["weighted", "elbo"] = setting(
-        "weighted", "weighted: alpha * recon + kld_weight * KL, per-element means (the original FlexVAE); "
+        "weighted", "weighted: recon_weight * recon + kld_weight * KL, per-element means (the original FlexVAE); "
         "elbo: the likelihood's NLL + kld_weight * KL, summed per image (kld_weight = 1 is the ELBO)")
     likelihood: str = setting(
         "gaussian", "elbo: decoder likelihood: gaussian, laplace, bernoulli, logistic_mixture (8-bit images) or one "
@@ -78,7 +78,7 @@ class LossConfig:
     scale_value: float = setting(0.1, "elbo: the fixed scale, and where learned scales start", POSITIVE)
     mixture_components: int = setting(10, "elbo, logistic_mixture: mixture components", POSITIVE)
     recon: Literal["mse", "l1", "bce"] = setting("mse", "weighted: reconstruction loss: mse, l1 or bce")
-    alpha: float = setting(1.0, "weighted: reconstruction loss weight", NON_NEGATIVE)
+    recon_weight: float = setting(1.0, "weighted: reconstruction loss weight (formerly alpha)", NON_NEGATIVE)
     kld_weight: float = setting(1e-4, "KL divergence weight (its final value under a schedule)", NON_NEGATIVE)
     kld_reduction: Literal["mean", "sum"] = setting(
         "mean", "weighted: KL reduction: mean (per element) or sum (per sample, averaged over the batch)")
@@ -92,12 +92,12 @@ class LossConfig:
     kld_warmup_steps: int = setting(0, "linear schedule: steps to ramp the KL weight from 0", NON_NEGATIVE)
     kld_cycle_steps: int = setting(1000, "cyclical schedule: period length in steps", POSITIVE)
     kld_cycle_ratio: float = setting(0.5, "cyclical schedule: fraction of a period spent ramping", UNIT_OPEN_CLOSED)
-    ssim: bool = setting(False, "add beta * (1 - SSIM) to the loss")
-    beta: float = setting(1.0, "SSIM loss weight", NON_NEGATIVE)
+    ssim: bool = setting(False, "add ssim_weight * (1 - SSIM) to the loss")
+    ssim_weight: float = setting(1.0, "SSIM loss weight (formerly beta)", NON_NEGATIVE)
     ssim_kind: Literal["auto", "ssim", "ms-ssim"] = setting(
         "auto", "SSIM variant: auto (chosen from the image size), ssim or ms-ssim")
-    sparse: bool = setting(False, "add gamma * L1 of the posterior mean to the loss")
-    gamma: float = setting(1e-3, "sparsity loss weight", NON_NEGATIVE)
+    sparse: bool = setting(False, "add sparse_weight * L1 of the posterior mean to the loss")
+    sparse_weight: float = setting(1e-3, "sparsity loss weight (formerly gamma)", NON_NEGATIVE)
     perceptual_weight: float = setting(0.0, "weight of the LPIPS perceptual distance (mean per image); 0 = off",
                                        NON_NEGATIVE)
     perceptual_net: Literal["vgg", "alex"] = setting("vgg", "LPIPS backbone: vgg (VGG16) or alex (AlexNet)")
@@ -219,3 +219,6 @@ class Config:
 # Sections with a fixed schema; [latent] depends on model.latent; [[stage]] is a list of tables.
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("latent", "stage")}
 SECTION_ORDER = [f.name for f in dataclasses.fields(Config) if f.name != "stage"]
+
+# old key -> its name now: still read, with a one-line note (silently from a checkpoint's stored config)
+RENAMED_KEYS = {("loss", "alpha"): "recon_weight", ("loss", "beta"): "ssim_weight", ("loss", "gamma"): "sparse_weight"}

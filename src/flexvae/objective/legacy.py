@@ -1,7 +1,7 @@
 """The [loss] and [adversarial] keys as term tokens: what a config without ``loss.terms`` trains.
 
-    weighted: Recon_kind=<recon>_weight=<alpha>, KL_weight=<kld_weight>[schedule],
-              SSIM_kind=<ssim_kind>_weight=<beta> (ssim), Sparse_weight=<gamma> (sparse),
+    weighted: Recon_kind=<recon>_weight=<recon_weight>, KL_weight=<kld_weight>[schedule],
+              SSIM_kind=<ssim_kind>_weight=<ssim_weight> (ssim), Sparse_weight=<sparse_weight> (sparse),
               LPIPS_weight=<perceptual_weight> (perceptual_weight > 0), Adv (a discriminator)
     elbo:     NLL, KL_weight=<kld_weight>[schedule], then the same SSIM, Sparse, LPIPS and Adv
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 from ..errors import ConfigError
 
 # [loss] keys that declare a term; with loss.terms they must stay at their defaults.
-TERM_KEYS = ("recon", "alpha", "kld_weight", "kld_schedule", "kld_warmup_steps", "kld_cycle_steps",
-             "kld_cycle_ratio", "ssim", "beta", "ssim_kind", "sparse", "gamma", "perceptual_weight")
+TERM_KEYS = ("recon", "recon_weight", "kld_weight", "kld_schedule", "kld_warmup_steps", "kld_cycle_steps",
+             "kld_cycle_ratio", "ssim", "ssim_weight", "ssim_kind", "sparse", "sparse_weight", "perceptual_weight")
 
 
 def _kl_schedule(loss) -> str:
@@ -32,12 +32,12 @@ def legacy_term_tokens(cfg) -> list[str]:
     if loss.objective == "elbo":
         tokens = ["NLL"]
     else:
-        tokens = [f"Recon_kind={loss.recon}_weight={loss.alpha!r}"]
+        tokens = [f"Recon_kind={loss.recon}_weight={loss.recon_weight!r}"]
     tokens.append(f"KL_weight={loss.kld_weight!r}{_kl_schedule(loss)}")
     if loss.ssim:
-        tokens.append(f"SSIM_kind={loss.ssim_kind}_weight={loss.beta!r}")
+        tokens.append(f"SSIM_kind={loss.ssim_kind}_weight={loss.ssim_weight!r}")
     if loss.sparse:
-        tokens.append(f"Sparse_weight={loss.gamma!r}")
+        tokens.append(f"Sparse_weight={loss.sparse_weight!r}")
     if loss.perceptual_weight > 0:
         tokens.append(f"LPIPS_weight={loss.perceptual_weight!r}")
     if cfg.adversarial.discriminator:
