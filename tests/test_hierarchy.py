@@ -10,7 +10,7 @@ from torch.distributions import Normal, kl_divergence
 
 from flexvae.build import plan_vae
 from flexvae.errors import StructureError
-from flexvae.hierarchy import ForwardState
+from flexvae.forward_state import ForwardState
 from flexvae.train.guard import MIN_HISTORY, SpikeGuard
 from helpers.inprocess import run_in_process
 from helpers.runs import TINY, make_images

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flexvae.hierarchy import ForwardState
+from flexvae.forward_state import ForwardState
 from flexvae.build import Stack, trace
 from flexvae.dsl import parse_structure, parse_token
 from flexvae.errors import FlexVAEError, StructureError

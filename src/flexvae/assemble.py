@@ -132,7 +132,7 @@ def data_shape(cfg) -> tuple[int, ...]:
     return (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
 
 
-def make_likelihood(cfg, channels: int):
+def likelihood_from_config(cfg, channels: int):
     """The decoder likelihood (objective/likelihoods.py): loss.likelihood under the elbo objective;
     the weighted objective's criterion (mse, l1 or bce) otherwise, so a model always has one."""
     loss = cfg.loss
@@ -156,7 +156,7 @@ def make_likelihood(cfg, channels: int):
 def plan_specs(encoder, decoder, shape, cfg, classes=None) -> VAEPlan:
     """Plan token lists for ``shape`` with the config's latent and the decoder output its likelihood
     needs; ``classes``: the labels' class names (context tokens and class latents use their count)."""
-    likelihood = make_likelihood(cfg, shape[0])
+    likelihood = likelihood_from_config(cfg, shape[0])
     proper = likelihood is not None and likelihood.proper
     channels = likelihood.param_channels(shape[0]) if proper else None
     reason = "" if not proper else (
@@ -224,7 +224,7 @@ def build_model(plan: VAEPlan, cfg, device=None, scaling_factor: float | None = 
 
     factor = cfg.model.scaling_factor if scaling_factor is None else scaling_factor
     model = plan.build(device, scaling_factor=factor, output=output_kind(cfg),
-                       likelihood=make_likelihood(cfg, plan.data_shape[0]))
+                       likelihood=likelihood_from_config(cfg, plan.data_shape[0]))
     if cfg.loss.balance == "learned" and cfg.loss.objective == "weighted":
         model.balance = LossBalance().to(device or "cpu")
     prior = build_prior(cfg.model.prior, model.latent_shape, plan.data_shape, model.latent.kind)
@@ -240,7 +240,7 @@ def objective_state(cfg, channels: int) -> dict:
     from .objective.balance import LossBalance
 
     state = {}
-    likelihood = make_likelihood(cfg, channels)
+    likelihood = likelihood_from_config(cfg, channels)
     if likelihood is not None:
         state.update({f"likelihood.{k}": v for k, v in likelihood.state_dict().items()})
     if cfg.loss.balance == "learned" and cfg.loss.objective == "weighted":

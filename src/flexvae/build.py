@@ -16,9 +16,9 @@ import torch
 
 from . import layers  # noqa: F401  (registers the built-in tokens)
 from .dsl.grammar import TokenSpec
-from .hierarchy import ForwardState
+from .forward_state import ForwardState
 from .latents import GaussianLatent, Latent
-from .layers.hierarchy import scale_groups, scale_residual_blocks
+from .layers.latent_groups import scale_groups, scale_residual_blocks
 from .model import VAE, Stack
 from .registry import LAYERS, LayerType, Registry
 from .utils import format_shape

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .hierarchy import ForwardState, group_kls
+from .forward_state import ForwardState, group_kls
 from .latents.base import DiscreteLatent, Latent, Posterior
-from .layers.hierarchy import LatentGroup
+from .layers.latent_groups import LatentGroup
 
 # What the decoder outputs: image values, Bernoulli logits, or logistic-mixture parameters.
 OUTPUTS = ("value", "logits", "mixture")
@@ -18,7 +18,7 @@ OUTPUTS = ("value", "logits", "mixture")
 class Stack(nn.Sequential):
     """A built token list. ``forward`` returns the output; ``forward_aux`` also returns the
     auxiliary losses of layers registered with ``aux=True`` (quantizers), by name. Both take
-    ``context``: the pass's hierarchy.ForwardState (labels, kept activations, latent groups)
+    ``context``: the pass's forward_state.ForwardState (labels, kept activations, latent groups)
     for the layers that read it; labels alone (or None) are wrapped in one.
 
     Gradient checkpointing (recompute activations in the backward pass instead of storing
@@ -33,7 +33,7 @@ class Stack(nn.Sequential):
         self.aux_flags = tuple(aux_flags or (False,) * count)
         self.has_aux = any(self.aux_flags)
         # Layers that also take the pass's ForwardState: context tokens (kind "labels", they read
-        # the labels), Keep ("keep") and latent groups ("group"); see hierarchy.py.
+        # the labels), Keep ("keep") and latent groups ("group"); see forward_state.py.
         kinds = tuple(context_kinds or (None,) * count)
         self.context_flags = tuple(kind is not None for kind in kinds)
         self.has_context = any(self.context_flags)

@@ -72,7 +72,7 @@ def evaluate_model(vae, batches, *, nll_samples: int | None = None, nll_sigma="a
     groups = None
     learned_prior = vae.prior is not None  # its KL: the one-sample Monte Carlo estimate, seeded per batch
     if vae.groups:
-        from .hierarchy import GroupStatistics
+        from .latent_groups import GroupStatistics
 
         groups = GroupStatistics()
     data_shape = None

@@ -116,7 +116,7 @@ def likelihood_estimate(vae, batches, samples, sigma, limit, raw_mse, data_shape
         x = x[: limit - start].to(device)
         labels = None if labels is None else labels[: x.shape[0]]
         if vae.groups:
-            from .hierarchy import hierarchical_log_weights
+            from .latent_groups import hierarchical_log_weights
 
             log_w = hierarchical_log_weights(vae, x, samples, sigma if sigma is not None else 1.0, generator,
                                              labels=labels)

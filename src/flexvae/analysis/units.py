@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..data import save_grid
-from ..hierarchy import ForwardState
+from ..forward_state import ForwardState
 
 UNITS_PER_GROUP = 4
 

@@ -1,4 +1,4 @@
-"""Command line: ``python train.py -t`` (the original's flags) and ``flexvae train`` (subcommands).
+"""Command line: ``python train.py -t`` (FlexVAE's flags) and ``flexvae train`` (subcommands).
 
 The only part of the package that knows argparse: ``modes.py`` holds the table of modes and
 builds both parsers from it; the handlers (``handlers.py``, ``analysis.py``) call library

@@ -159,7 +159,7 @@ def pictures(args) -> int:
     else:
         print(f"prior samples: {prior_grid(model.vae, out / 'prior.png', seed=cfg.train.seed)}")
     if model.vae.groups:
-        from ..analysis.hierarchy import partial_posterior_grid
+        from ..analysis.latent_groups import partial_posterior_grid
 
         partial_posterior_grid(model.vae, images[:8], out / "partial_posterior.png", seed=cfg.train.seed)
         print(f"partial posterior (row k: the first k of the groups top, {', '.join(model.vae.groups)} "

@@ -19,7 +19,7 @@ class Source:
     path: Path
     layout: str  # diffusers or original
     tensors: dict
-    config: dict  # diffusers config (given, or inferred from the original's shapes)
+    config: dict  # diffusers config (given, or inferred from the tensor shapes of the Stable Diffusion checkpoint)
     notes: list[str] = field(default_factory=list)
 
 

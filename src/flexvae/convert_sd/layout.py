@@ -150,7 +150,7 @@ def sd_layout(arch: dict) -> tuple[list[Layer], list[Layer]]:
     dec.append(Layer(f"C2d_{latent}_{prev}_3_1_1", "conv", "decoder.conv_in", "decoder.conv_in"))
     dec += _mid("decoder", prev, groups, attn)
     for k, ch in enumerate(reversed(chans)):
-        level = levels - 1 - k  # the original numbers decoder levels from the output side
+        level = levels - 1 - k  # Stable Diffusion's checkpoints number decoder levels from the output side
         for j in range(n + 1):
             dec.append(Layer(_resnet(prev, ch, groups), "resnet", f"decoder.up_blocks.{k}.resnets.{j}",
                              f"decoder.up.{level}.block.{j}"))

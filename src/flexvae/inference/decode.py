@@ -11,7 +11,7 @@ import torch
 from ..checkpoint import LoadedModel
 from ..data import save_image
 from ..errors import DataError, shown_path
-from ..hierarchy import ForwardState
+from ..forward_state import ForwardState
 from ..fits import refuse_unless_fits
 from .latent_files import load_groups, load_latent_file, write_manifest
 from .paths import CODES_SUFFIX, MANIFEST, in_output_folder, output_names, safe_output_path

@@ -31,7 +31,7 @@ class AttentionBlock(nn.Module):
         h = self.group_norm(x)
         h = h.reshape(batch, channels, -1).transpose(1, 2)  # (B, C, N) -> (B, N, C), N = prod(spatial)
         q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, N, C)
-        # Every position attends to every other: no mask, is_causal=False (the original masked causally).
+        # Every position attends to every other: no mask, is_causal=False (an image has no order).
         h = F.scaled_dot_product_attention(q, k, v, is_causal=False).squeeze(1)
         h = self.to_out(h).transpose(1, 2).reshape(batch, channels, *spatial)
         return x + h

@@ -2,7 +2,7 @@
 position in the encoder or the decoder (a conditional VAE).
 
 A context layer takes ``(x, labels)``, or ``(x, state)`` with the pass's ``ForwardState``
-holding them (hierarchy.py). ``labels`` is either class indices (B,), where -1
+holding them (forward_state.py). ``labels`` is either class indices (B,), where -1
 means "no label", or class weights (B, K) or (B, K + 1) (interpolating between classes; see
 ``class_weights``). The embedding table has K + 1 rows: row K is the "no label" embedding
 (trained on the unlabelled images of a partly labelled folder, zero at the start). ``K``
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..hierarchy import labels_of
+from ..forward_state import labels_of
 from ..registry import Arg, register
 
 

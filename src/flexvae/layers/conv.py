@@ -1,4 +1,4 @@
-"""Convolutions: C1d/C2d/C3d (the original's C2d argument order), transposed variants and
+"""Convolutions: C1d/C2d/C3d (in, out, kernel, stride, padding: FlexVAE's C2d order), transposed variants and
 the stride-2 downsampling convolution ``Down``."""
 
 import torch.nn as nn
@@ -30,7 +30,7 @@ def _conv_args(transposed=False):
 
 
 register("C1d", *_conv_args(), doc="1D convolution (nn.Conv1d)", dims=1)(nn.Conv1d)
-register("C2d", *_conv_args(), doc="2D convolution (nn.Conv2d), as in the original FlexVAE", dims=2)(nn.Conv2d)
+register("C2d", *_conv_args(), doc="2D convolution (nn.Conv2d)", dims=2)(nn.Conv2d)
 register("C3d", *_conv_args(), doc="3D convolution (nn.Conv3d)", dims=3)(nn.Conv3d)
 register("CT1d", *_conv_args(True), doc="1D transposed convolution (nn.ConvTranspose1d)", dims=1)(
     nn.ConvTranspose1d

@@ -1,4 +1,5 @@
-"""The residual block of the original FlexVAE (and of the Stable Diffusion autoencoder)."""
+"""The VAE residual block: (GroupNorm, SiLU, 3x3 conv) twice plus the input, through a 1x1 conv
+when the channels change; the block of FlexVAE and of the Stable Diffusion autoencoder."""
 
 import torch.nn as nn
 import torch.nn.functional as F

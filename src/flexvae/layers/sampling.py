@@ -14,7 +14,7 @@ def _pool_args():
 
 
 def _pool(cls):
-    """nn pooling class with the original's MaxP_kernel[_stride] argument order."""
+    """nn pooling class taking MaxP_kernel[_stride] (kernel first, as FlexVAE's structure files write it)."""
 
     def make(kernel_size: int, stride: int = 0, padding: int = 0):
         return cls(kernel_size, stride=stride or kernel_size, padding=padding)
@@ -24,7 +24,7 @@ def _pool(cls):
 
 
 register("MaxP1d", *_pool_args(), doc="1D max pooling", dims=1)(_pool(nn.MaxPool1d))
-register("MaxP", *_pool_args(), doc="2D max pooling (the original's MaxP)", dims=2)(_pool(nn.MaxPool2d))
+register("MaxP", *_pool_args(), doc="2D max pooling", dims=2)(_pool(nn.MaxPool2d))
 register("MaxP3d", *_pool_args(), doc="3D max pooling", dims=3)(_pool(nn.MaxPool3d))
 register("AvgP1d", *_pool_args(), doc="1D average pooling", dims=1)(_pool(nn.AvgPool1d))
 register("AvgP", *_pool_args(), doc="2D average pooling", dims=2)(_pool(nn.AvgPool2d))
@@ -36,7 +36,7 @@ register("AvgP3d", *_pool_args(), doc="3D average pooling", dims=3)(_pool(nn.Avg
     Arg("scale_factor", doc="multiplier for every spatial size"),
     Arg("mode", str, "nearest", choices=("nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear"),
         doc="interpolation (linear/bilinear/trilinear must match the data's dims)"),
-    doc="upsampling (nearest by default, as the original's UpS), any dims",
+    doc="upsampling (nearest by default), any dims",
 )
 class Upsample(nn.Upsample):
     def __init__(self, scale_factor: int, mode: str = "nearest"):

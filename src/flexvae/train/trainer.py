@@ -207,7 +207,7 @@ class Trainer:
             noises = latent_noises(self.model.latent, plan.latent_shape, micro, tcfg.seed, self.step, self.dist,
                                    self.device)
             groups = group_noises(plan.decoder.groups, micro, tcfg.seed, self.step, self.dist, self.device)
-            result = self._train_step([MicroBatch(images, labels[i] if labels else None, noises[i] if noises else None,
+            result = self._step_or_uncompiled([MicroBatch(images, labels[i] if labels else None, noises[i] if noises else None,
                                                   groups[i] if groups else None) for i, images in enumerate(micro)])
         except TrainingError as exc:
             kept = (f"the last checkpoint ({self.last_saved.name}) is kept" if self.last_saved is not None
@@ -225,7 +225,7 @@ class Trainer:
         self.stages.enter(stage, self.model, self.optimizer, self.scheduler, self.cfg.train, self.step, self.dist)
         self.log(f"step {self.step}: {stage.title()}")
 
-    def _train_step(self, micro) -> StepResult:
+    def _step_or_uncompiled(self, micro) -> StepResult:
         """A training step; when the compiled model fails on its first step, say so and
         train the same model without compilation."""
         def run():

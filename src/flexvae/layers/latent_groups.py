@@ -1,5 +1,5 @@
 """Hierarchy tokens: ``Keep`` names an encoder activation, ``Z`` draws a latent group in the
-decoder from it (see flexvae/hierarchy.py).
+decoder from it (see flexvae/forward_state.py).
 
     encoder: [..., "Keep_name=s8", ...]          keep this activation as "s8"
     decoder: [..., "Z_16_enc=s8", ...]           a group of 16 channels at this position
@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..hierarchy import ForwardState, GroupPosterior, gaussian_log_density, split_gaussian
+from ..forward_state import ForwardState, GroupPosterior, gaussian_log_density, split_gaussian
 from ..registry import Arg, register
 from .conv import conv_nd
 

@@ -1,6 +1,6 @@
 """What the layers of one forward pass share beyond the tensor they transform: the labels
 (context tokens), the encoder activations kept by name (``Keep`` tokens) and the latent
-groups drawn in the decoder (``Z`` tokens, layers/hierarchy.py).
+groups drawn in the decoder (``Z`` tokens, layers/latent_groups.py).
 
 A hierarchical VAE is the usual encoder -> latent -> decoder, whose decoder also holds latent
 groups: each ``Z`` token draws z_i from a prior p(z_i | decoder state) or, when the encoder

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..data import save_grid
-from ..hierarchy import ForwardState, gaussian_log_density
+from ..forward_state import ForwardState, gaussian_log_density
 from .measures import ACTIVE_THRESHOLD, _Moments, _per_channel, model_log_likelihood
 
 
