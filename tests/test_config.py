@@ -39,15 +39,15 @@ def error_of(fn, *args, **kwargs) -> str:
 
 
 # ------------------------------------------------------------------ defaults
-def test_defaults_from_none():
-    cfg = load_config(None)
-    assert cfg == Config()
-    assert cfg.data.image_size == 32 and cfg.data.channels == 3
-    assert cfg.model.latent == "gaussian" and cfg.model.plugins == []
-    assert cfg.loss.kld_weight == 1e-4 and cfg.loss.kld_reduction == "mean"
-    assert cfg.train.betas == [0.9, 0.999] and cfg.train.device == "auto"
-    assert cfg.encode.format == "safetensors"
-    assert cfg.mem.probe_sizes == [1, 2, 4]
+def test_no_config_an_empty_file_and_the_written_defaults_are_the_same_config(tmp_path):
+    """Every way of asking for the defaults gives the same Config, and the defaults written as
+    TOML read back to it (so the schema's defaults pass their own validation)."""
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    written = tmp_path / "defaults.toml"
+    save_config(Config(), written)
+    assert load_config(None) == load_config(empty) == config_from_dict({}) == load_config(written)
+    assert "[loss]" in written.read_text() and "[[stage]]" not in written.read_text()
 
 
 def test_empty_file_is_defaults(tmp_path):
