@@ -321,7 +321,8 @@ def write_results(args, rows: list, lpips_note, seconds: float, load: float) -> 
              f"`python bench/bench_rate_distortion.py{command_line()}` (one run: {seconds:.0f} s on "
              f"{platform.machine()} with {args.threads} threads, load {load:.2f} at the start, "
              f"{os.getloadavg()[0]:.2f} at the end). {args.crops} training crops of {args.size} px from "
-             f"{args.sources}, shrunk {args.shrink}x, colour channels in a random order; held-out: {args.held_out} crops of scikit-learn's sample photos (shrunk {args.shrink}x). "
+             f"{args.sources}, shrunk {args.shrink}x, colour channels in a random order; held-out: "
+             f"{args.held_out} crops of scikit-learn's sample photos (shrunk {args.shrink}x). "
              f"Autoencoders: {args.steps} steps each, deterministic latent, mean squared error. "
              f"Higher PSNR and SSIM are better" + (", lower LPIPS" if lpips_note is None else
                                                     f"; LPIPS not computed ({lpips_note})") + ".", "",
