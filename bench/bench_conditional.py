@@ -21,7 +21,6 @@ Prints a Markdown table and writes it to bench/results/conditional.md.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from common import load_text, start
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,14 +81,14 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    start("bench_conditional", args.threads)
     from flexvae.analysis.conditional import class_accuracy, conditional_score
     from flexvae.analysis.generation import fit_classifier
     from flexvae.checkpoint import load_run
     from flexvae.config import load_config
 
     started = time.perf_counter()
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load_start = load_text()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -120,9 +121,9 @@ def main() -> int:
 
     lines = ["| model | figure | value | train s |", "|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load_end = load_text()
     footer = (f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-              f"load average {load_start:.2f} at the start and {load_end:.2f} at the end; {args.steps} steps each; "
+              f"{load_start} at the start and {load_end} at the end; {args.steps} steps each; "
               f"the scoring classifier's held-out accuracy on real digits {classifier_accuracy:.3f}; "
               f"total {time.perf_counter() - started:.0f} s")
     table = "\n".join(lines) + "\n" + footer + "\n"

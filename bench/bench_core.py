@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import finish, interleaved, load_text, ratio_of_medians, seconds, start
 from flexvae.build import plan_vae
 from flexvae.dsl import parse_structure
 
@@ -168,14 +167,6 @@ def hand_step(model, x):
     return recon
 
 
-def timed(fn, *args) -> float:
-    start = time.perf_counter()
-    out = fn(*args)
-    if out.is_cuda:
-        torch.cuda.synchronize(out.device)
-    return time.perf_counter() - start
-
-
 def compare(name: str, preset: str, hand: HandVAE, image_size: int, batch: int, reps: int, warmup: int,
             device="cpu") -> dict:
     """Time the DSL model against its hand-written twin on ``device``; prints and returns the figures."""
@@ -198,19 +189,17 @@ def compare(name: str, preset: str, hand: HandVAE, image_size: int, batch: int, 
     for _ in range(warmup):
         dsl_step(dsl, x)
         hand_step(hand, x)
-    dsl_times, hand_times = [], []
-    for _ in range(reps):  # interleaved, so drifts in machine load hit both alike
-        dsl_times.append(timed(dsl_step, dsl, x))
-        hand_times.append(timed(hand_step, hand, x))
-    dsl_median, hand_median = statistics.median(dsl_times), statistics.median(hand_times)
+    found = interleaved({"dsl": lambda: dsl_step(dsl, x), "hand": lambda: hand_step(hand, x)}, reps, device)
+    dsl_times, hand_times = found["dsl"].all, found["hand"].all
+    ratio = ratio_of_medians(found["dsl"], found["hand"])
     params = sum(p.numel() for p in dsl.parameters())
-    print(f"{name}: batch {batch}, {data_shape}, {params:,} parameters, {reps} reps after {warmup} warm-up")
-    print(f"  DSL  median {dsl_median * 1e3:9.1f} ms   (min {min(dsl_times) * 1e3:.1f})")
-    print(f"  hand median {hand_median * 1e3:9.1f} ms   (min {min(hand_times) * 1e3:.1f})")
-    print(f"  ratio DSL / hand = {dsl_median / hand_median:.3f}   (goal <= 1.02; "
-          f"ratio of minima {min(dsl_times) / min(hand_times):.3f})")
+    print(f"{name}: batch {batch}, {data_shape}, {params:,} parameters, {reps} interleaved reps (A B B A) after "
+          f"{warmup} warm-up; {load_text()}")
+    print(f"  DSL  median {found['dsl'].median * 1e3:9.1f} ms   (min {min(dsl_times) * 1e3:.1f})")
+    print(f"  hand median {found['hand'].median * 1e3:9.1f} ms   (min {min(hand_times) * 1e3:.1f})")
+    print(f"  ratio DSL / hand = {ratio}   (goal <= 1.02; ratio of minima {min(dsl_times) / min(hand_times):.3f})")
     return {"batch": batch, "data_shape": data_shape, "params": params, "reps": reps,
-            "dsl_median": dsl_median, "hand_median": hand_median, "ratio": dsl_median / hand_median,
+            "dsl_median": found["dsl"].median, "hand_median": found["hand"].median, "ratio": ratio.value,
             "ratio_of_minima": min(dsl_times) / min(hand_times)}
 
 
@@ -218,7 +207,7 @@ def one_step_seconds(hand: HandVAE, image_size: int) -> float:
     """Seconds for one hand-written forward + backward (used to pick the benchmark size)."""
     x = torch.zeros(1, 3, image_size, image_size)
     hand_step(hand, x)  # first call pays one-time costs
-    return timed(hand_step, hand, x)
+    return seconds(lambda: hand_step(hand, x))
 
 
 # ----------------------------------------------------------------- structure checking
@@ -240,12 +229,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--reps", type=int, default=15, help="timed repetitions per model (small preset)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     began = time.perf_counter()
-
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"{platform.processor() or platform.machine()} / torch {torch.__version__} / "
-          f"{torch.get_num_threads()} threads / {os.cpu_count()} CPUs / load average {load:.2f}")
+    start("bench_core", args.threads)
 
     # The first meta-device trace in a process pays torch's one-time lazy imports; time it
     # now, before section 1 traces anything.
@@ -277,11 +262,9 @@ def main() -> None:
           f"total {parse_median + trace_median:.3f} s  (goal < 1 s)")
     specs = parse_structure(tokens, source="long_encoder.json")
     plan = plan_vae(specs, decoder, data_shape)
-    start = time.perf_counter()
-    plan.build()
     print(f"  real build of its {plan.encoder.params + plan.decoder.params:,} parameters: "
-          f"{time.perf_counter() - start:.3f} s")
-    print(f"\ntotal bench time {time.perf_counter() - began:.1f} s")
+          f"{seconds(plan.build):.3f} s")
+    finish(began)
 
 
 if __name__ == "__main__":

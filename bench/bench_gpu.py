@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from common import load_text, start
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +41,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_gpu: PyTorch sees no CUDA device on this machine; nothing measured")
         return 2
-    torch.set_num_threads(args.threads)
+    start("bench_gpu", args.threads)
     os.chdir(REPO)
     import bench_sd_vae
     import bench_speed
@@ -97,7 +99,7 @@ def main() -> int:
         print(f"   {bench_speed.MEM_CHECK_STEPS} steps at -mem's confirmed batch size: "
               + (f"FAILED ({check.error})" if check.error else "OK, no out-of-memory"))
     print(f"   base fp32 eager step {base_timing.step_s * 1e3:.1f} ms" if base_timing and base_timing.step_s else "")
-    print(f"   total {time.perf_counter() - began:.0f} s; load average {os.getloadavg()[0]:.2f}")
+    print(f"   total {time.perf_counter() - began:.0f} s; {load_text()}")
     return 0
 
 

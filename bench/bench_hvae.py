@@ -14,7 +14,7 @@ from its posterior, 20 samples, each model's own likelihood), KL in nats per ima
 units per group (Cov_x E[z_u] > 0.01), and the generation score of 500 prior samples (the
 fraction a logistic regression of the real digits classifies with p > 0.9, and the entropy of
 the predicted classes). Step time: ``Trainer.step_once`` on one in-memory batch, hvae,
-flat-size and flat-same alternating in rounds (ABC, CBA, ...); the ratio of the median round
+flat-size and flat-same alternating in rounds (ABC, CBA, ...); the ratio of the median step
 times, min..max of the per-round ratios.
 
     python bench/bench_hvae.py [--steps 1500] [--threads 2] [--rounds 6] [--round-steps 20]
@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from common import interleaved, load_text, ratio_of_medians, start
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,19 +110,12 @@ def step_times(config_items, rounds: int, round_steps: int) -> dict:
         trainer.model.train()
         for _ in range(3):  # warm-up
             trainer.step_once([images])
-    times = {name: [] for name in trainers}
-    for r in range(rounds):
-        order = list(trainers) if r % 2 == 0 else list(reversed(trainers))
-        for name in order:
-            trainer, images = trainers[name]
-            began = time.perf_counter()
-            for _ in range(round_steps):
-                trainer.step_once([images])
-            times[name].append((time.perf_counter() - began) / round_steps)
-    found = {name: statistics.median(values) for name, values in times.items()}
+    steps = {name: (lambda t=trainer, i=images: t.step_once([i])) for name, (trainer, images) in trainers.items()}
+    series = interleaved(steps, rounds, per_round=round_steps)
+    found = {name: one.median for name, one in series.items()}
     for reference in ("flat-size", "flat-same"):
-        ratios = [a / b for a, b in zip(times["hvae"], times[reference])]
-        found[f"vs {reference}"] = (found["hvae"] / found[reference], min(ratios), max(ratios))
+        ratio = ratio_of_medians(series["hvae"], series[reference])
+        found[f"vs {reference}"] = (ratio.value, ratio.low, ratio.high)
     return found
 
 
@@ -133,11 +126,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--round-steps", type=int, default=20)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    start("bench_hvae", args.threads)
+    load_start = load_text()
     from flexvae.config import load_config
     from flexvae.train.trainer import Trainer
 
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     started = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,14 +159,13 @@ def main() -> int:
                      f"{r['nll']['bits_per_dim']:.3f} | {kl_total(r):.1f} | {active(r)} | {gen['confident']:.2f} | "
                      f"{gen['class_entropy']:.2f} of {gen['max_entropy']:.2f} | {seconds:.0f} |")
     lines += ["", f"Step time, {args.rounds} rounds x {args.round_steps} steps of batch 64 (median s per step; "
-              "ratio of medians, min..max of the rounds):", "",
+              "ratio of medians, min..max of the rounds' medians):", "",
               "| hvae | flat-size | flat-same | hvae / flat-size | hvae / flat-same |", "|---|---|---|---|---|",
               f"| {timing['hvae']:.4f} | {timing['flat-size']:.4f} | {timing['flat-same']:.4f} | "
               + " | ".join(f"{r:.3f} ({lo:.3f}..{hi:.3f})" for r, lo, hi in (timing["vs flat-size"], timing["vs flat-same"]))
               + " |"]
-    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     footer = (f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-              f"load average {load_start:.2f} at the start and {load_end:.2f} at the end; {args.steps} steps each; "
+              f"{load_start} at the start and {load_text()} at the end; {args.steps} steps each; "
               f"total {time.perf_counter() - started:.0f} s")
     table = "\n".join(lines) + "\n" + footer + "\n"
     print(table)

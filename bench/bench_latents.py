@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from common import finish, start
+
 from flexvae.build import build_vae
 from flexvae.config import Config
 from flexvae.data import open_dataset
@@ -155,7 +157,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated subset of the latent names")
     parser.add_argument("--out", default=str(ROOT / "bench/results/latents.md"))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    start("bench_latents", args.threads)
     images = load_images()
     chosen = variants()
     if args.only:
@@ -171,6 +174,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n", encoding="utf-8")
+    finish(began)
 
 
 if __name__ == "__main__":

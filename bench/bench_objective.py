@@ -20,9 +20,9 @@ Goal: at most 1.03 for the steps. Prints only; nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,15 +31,10 @@ from pathlib import Path
 
 import torch
 
+from common import finish, interleaved, load_text, ratio_of_medians, start
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "digits.toml"
-
-
-def load_line() -> str:
-    try:
-        return "load average %.2f %.2f %.2f" % os.getloadavg()
-    except OSError:
-        return "load average unknown"
 
 
 def bare_loss(model, images, noise):
@@ -100,18 +95,11 @@ def step_comparison(images, rounds: int, block: int, threads: int) -> None:
         trainer.model.train()
         bare.train()
         trainer_block(), bare_block()  # warm-up
-        times = {"trainer": [], "bare": []}
-        for r in range(rounds):
-            for name in (("trainer", "bare") if r % 2 == 0 else ("bare", "trainer")):
-                began = time.perf_counter()
-                (trainer_block if name == "trainer" else bare_block)()
-                times[name].append((time.perf_counter() - began) / block)
-        ratios = [t / b for t, b in zip(times["trainer"], times["bare"])]
-        print(f"1. steps ({rounds} rounds of {block} steps each, interleaved; {threads} threads; {load_line()})")
-        print(f"   trainer {statistics.median(times['trainer']) * 1e3:.2f} ms/step, bare loop "
-              f"{statistics.median(times['bare']) * 1e3:.2f} ms/step; ratio of medians "
-              f"{statistics.median(times['trainer']) / statistics.median(times['bare']):.3f} "
-              f"(per round {min(ratios):.3f}..{max(ratios):.3f}; goal <= 1.03)")
+        times = interleaved({"trainer": trainer_block, "bare": bare_block}, rounds)
+        print(f"1. steps ({rounds} rounds of {block} steps each, interleaved; {threads} threads; {load_text()})")
+        print(f"   trainer {times['trainer'].median / block * 1e3:.2f} ms/step, bare loop "
+              f"{times['bare'].median / block * 1e3:.2f} ms/step; ratio of medians "
+              f"{ratio_of_medians(times['trainer'], times['bare'])} (goal <= 1.03)")
 
 
 BARE_SCRIPT = '''
@@ -148,28 +136,25 @@ for step in range({steps}):
 
 def process_comparison(images, rounds: int, steps: int, threads: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
-    times = {"train.py -t": [], "bare script": []}
     with tempfile.TemporaryDirectory() as out:
         script = Path(out) / "bare.py"
         script.write_text(BARE_SCRIPT.format(bench=str(REPO / "bench"), threads=threads, config=str(CONFIG),
                                              images=str(images), steps=steps))
-        for r in range(rounds):
-            for name in (("train.py -t", "bare script") if r % 2 == 0 else ("bare script", "train.py -t")):
-                if name == "bare script":
-                    command = [sys.executable, str(script)]
-                else:
-                    command = [sys.executable, str(REPO / "train.py"), "-t", "-c", str(CONFIG), "--fresh",
-                               "--set", f"train.out_dir={out}/run{r}", "--set", f"data.path={images}",
-                               "--set", f"train.max_steps={steps}", "--set", "train.device=cpu",
-                               "--set", "train.fit_prior=0"]
-                began = time.perf_counter()
-                subprocess.run(command, check=True, capture_output=True, env=env, cwd=REPO)
-                times[name].append(time.perf_counter() - began)
+        runs = itertools.count()
+
+        def train_py():
+            subprocess.run([sys.executable, str(REPO / "train.py"), "-t", "-c", str(CONFIG), "--fresh",
+                            "--set", f"train.out_dir={out}/run{next(runs)}", "--set", f"data.path={images}",
+                            "--set", f"train.max_steps={steps}", "--set", "train.device=cpu",
+                            "--set", "train.fit_prior=0"], check=True, capture_output=True, env=env, cwd=REPO)
+
+        def bare_script():
+            subprocess.run([sys.executable, str(script)], check=True, capture_output=True, env=env, cwd=REPO)
+
+        times = interleaved({"train.py -t": train_py, "bare script": bare_script}, rounds)
     a, b = times["train.py -t"], times["bare script"]
-    ratios = [x / y for x, y in zip(a, b)]
-    print(f"2. whole process ({rounds} rounds of {steps} steps, interleaved; {threads} threads; {load_line()})")
-    print(f"   train.py -t {statistics.median(a):.2f} s, bare script {statistics.median(b):.2f} s; ratio of medians "
-          f"{statistics.median(a) / statistics.median(b):.3f} (per round {min(ratios):.3f}..{max(ratios):.3f}); "
+    print(f"2. whole process ({rounds} rounds of {steps} steps, interleaved; {threads} threads; {load_text()})")
+    print(f"   train.py -t {a.median:.2f} s, bare script {b.median:.2f} s; ratio of medians {ratio_of_medians(a, b)}; "
           "start-up counts: the bare script decodes its PNGs one by one, -t fills its cache in parallel")
 
 
@@ -181,15 +166,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-process", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    start("bench_objective", args.threads)
     with tempfile.TemporaryDirectory() as data:
         subprocess.run([sys.executable, str(REPO / "scripts" / "make_digits.py"), data, "--holdout", "0.25"],
                        check=True, capture_output=True)
         images = Path(data) / "train"
-        print(f"torch {torch.__version__}, {os.cpu_count()} CPUs")
         step_comparison(images, args.rounds, args.block, args.threads)
         if not args.skip_process:
             process_comparison(images, max(2, args.rounds // 2), args.steps, args.threads)
+    finish(began)
 
 
 if __name__ == "__main__":

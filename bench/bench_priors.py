@@ -28,7 +28,6 @@ Prints Markdown tables and writes them to bench/results/priors.md.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import tempfile
@@ -37,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from common import load_text, start
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -223,16 +224,16 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=10, help="photos: random splits of the two-sample test")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    start("bench_priors", args.threads)
     started = time.perf_counter()
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load_start = load_text()
     lines: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         digits(args, Path(tmp), lines)
         photos(args, Path(tmp), lines)
-    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load_end = load_text()
     lines.append(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-                 f"load average {load_start:.2f} at the start and {load_end:.2f} at the end; total "
+                 f"{load_start} at the start and {load_end} at the end; total "
                  f"{time.perf_counter() - started:.0f} s")
     text = "\n".join(lines) + "\n"
     print(text)

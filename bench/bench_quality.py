@@ -27,7 +27,6 @@ Prints a Markdown table and writes it to bench/results/quality.md.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import shutil
 import subprocess
@@ -38,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from common import load_text, start
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +126,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated objectives")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    start("bench_quality", args.threads)
     from flexvae.config import load_config
     from flexvae.train.trainer import Trainer
 
@@ -159,9 +160,8 @@ def main() -> int:
               "prior p>0.9", "class entropy", "train s")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += [format_row(*row) for row in rows]
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("n/a",)
     footer = (f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-              f"load average {load[0]:.2f} at the end; {args.steps_photos} steps on photos, {args.steps_digits} "
+              f"{load_text()} at the end; {args.steps_photos} steps on photos, {args.steps_digits} "
               f"on digits; total {time.perf_counter() - started:.0f} s")
     table = "\n".join(lines) + "\n" + footer + "\n"
     print(table)

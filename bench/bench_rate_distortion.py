@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -43,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from common import load_text, start
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("conv", "dcae", "vit")
@@ -266,9 +266,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.tiny:
         args.steps, args.sizes, args.crops, args.held_out = 20, [64], 64, 16
-    torch.set_num_threads(args.threads)
+    start("bench_rate_distortion", args.threads)
     torch.manual_seed(0)
-    started, load = time.perf_counter(), os.getloadavg()[0]
+    started, load = time.perf_counter(), load_text()
     lpips, lpips_note = lpips_scorer()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -277,7 +277,7 @@ def main() -> int:
         test = held_out_crops(args.size, args.shrink, args.held_out)
         args.held_out = len(test)  # at most --held-out: the two photos hold so many
         print(f"{len(train)} training crops of {args.sources}; {len(test)} held-out crops of {args.size} px; "
-              f"{args.threads} threads, load {load:.2f}", flush=True)
+              f"{args.threads} threads, {load}", flush=True)
         for values in args.sizes:
             for family in args.families:
                 vae, seconds = train_autoencoder(family, values, args.size, data, Path(tmp) / f"{family}_{values}",
@@ -319,8 +319,8 @@ def write_results(args, rows: list, lpips_note, seconds: float, load: float) -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# Rate against distortion on held-out photo crops", "",
              f"`python bench/bench_rate_distortion.py{command_line()}` (one run: {seconds:.0f} s on "
-             f"{platform.machine()} with {args.threads} threads, load {load:.2f} at the start, "
-             f"{os.getloadavg()[0]:.2f} at the end). {args.crops} training crops of {args.size} px from "
+             f"{platform.machine()} with {args.threads} threads, {load} at the start, "
+             f"{load_text()} at the end). {args.crops} training crops of {args.size} px from "
              f"{args.sources}, shrunk {args.shrink}x, colour channels in a random order; held-out: "
              f"{args.held_out} crops of scikit-learn's sample photos (shrunk {args.shrink}x). "
              f"Autoencoders: {args.steps} steps each, deterministic latent, mean squared error. "

@@ -18,15 +18,15 @@ Needs diffusers (a test-only dependency). No network access: nothing is download
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import statistics
 import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+from common import finish, interleaved, load_text, ratio_of_medians, start
 
 SD = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
           up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
@@ -68,21 +68,13 @@ def train_flexvae(vae, x):
     (vae.decode(posterior.mean).float() - x).abs().mean().backward()
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, model, x, device, autocast):
-    sync(device)
+def run(fn, model, x, autocast):
+    """One call of ``fn`` as timed: inference without autograd, a training step with it."""
     grad = fn in (train_diffusers, train_flexvae)
-    start = time.perf_counter()
     with (nullcontext() if grad else torch.inference_mode()), autocast:
         fn(model, x)
-    sync(device)
     if grad:
         model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
 
 
 @torch.inference_mode()
@@ -111,22 +103,15 @@ def compare(reference, model, x, device, reps, warmup, dtype=None, train=False):
     reference, model, x = reference.to(device), model.to(device), x.to(device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     ref_fn, flex_fn = (train_diffusers, train_flexvae) if train else (step_diffusers, step_flexvae)
-    for _ in range(warmup):
-        timed(ref_fn, reference, x, device, autocast)
-        timed(flex_fn, model, x, device, autocast)
-    ref_times, flex_times = [], []
-    for i in range(reps):  # interleaved ABBA, so drifts in machine load hit both alike
-        order = ((ref_times, ref_fn, reference), (flex_times, flex_fn, model))
-        for times, fn, vae in (order if i % 2 == 0 else order[::-1]):
-            times.append(timed(fn, vae, x, device, autocast))
-    ref_median, flex_median = statistics.median(ref_times), statistics.median(flex_times)
-    ratios = [f / r for f, r in zip(flex_times, ref_times)]
+    runs = {"diffusers": lambda: run(ref_fn, reference, x, autocast), "flexvae": lambda: run(flex_fn, model, x, autocast)}
+    interleaved(runs, warmup, device)
+    times = interleaved(runs, reps, device)  # A B B A, so drifts in machine load hit both alike
+    ratio = ratio_of_medians(times["flexvae"], times["diffusers"])
     label = (f"{device.type} {'fp32' if dtype is None else str(dtype).replace('torch.', '') + ' autocast'} "
              f"{'training step' if train else 'inference'}")
-    print(f"{label}: diffusers {ref_median * 1e3:.1f} ms, flexvae {flex_median * 1e3:.1f} ms "
-          f"(median of {reps}), ratio of medians flexvae/diffusers {flex_median / ref_median:.3f} "
-          f"(pairs {min(ratios):.3f}..{max(ratios):.3f}; goal <= 1.0) load {os.getloadavg()[0]:.2f}")
-    return flex_median / ref_median
+    print(f"{label}: diffusers {times['diffusers'].median * 1e3:.1f} ms, flexvae {times['flexvae'].median * 1e3:.1f} "
+          f"ms (median of {reps}), ratio of medians flexvae/diffusers {ratio} (goal <= 1.0); {load_text()}")
+    return ratio.value
 
 
 def main() -> None:
@@ -136,9 +121,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per model first")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} CPU threads; input 1x3x{args.size}x{args.size}")
+    began = time.perf_counter()
+    start("bench_sd_vae", args.threads)
+    print(f"{platform.processor() or platform.machine()}; input 1x3x{args.size}x{args.size}")
     with tempfile.TemporaryDirectory() as tmp:
         reference, model = make_models(Path(tmp))
     x = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -156,6 +141,7 @@ def main() -> None:
         cuda = torch.device("cuda")
         compare(reference, model, x, cuda, max(args.reps, 10), max(args.warmup, 3))
         compare(reference, model, x, cuda, max(args.reps, 10), max(args.warmup, 3), dtype=torch.bfloat16)
+    finish(began)
 
 
 if __name__ == "__main__":

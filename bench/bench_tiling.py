@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+import common
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,9 +102,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    common.start("bench_tiling", args.threads)
     x = photos(args.size)[:args.images]
-    print(f"{len(x)} images of {args.size} px; {args.threads} threads, load {os.getloadavg()[0]:.2f}")
+    print(f"{len(x)} images of {args.size} px")
     for norms, label in ((False, "convolutions only"), (True, "convolutions + GroupNorm + residual blocks")):
         vae, factor = local_model(norms)
         compare(vae, x, factor, args.tile, label)
@@ -113,7 +116,7 @@ def main() -> None:
         model = load_run(args.ckpt)
         compare(model.vae, x, downsampling_factor(model.vae, model.data_shape), args.tile,
                 f"{Path(args.ckpt).name} (step {model.step})")
-    print(f"load at the end {os.getloadavg()[0]:.2f}")
+    common.finish(began)
 
 
 if __name__ == "__main__":

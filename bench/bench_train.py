@@ -30,13 +30,10 @@ from pathlib import Path
 
 import torch
 
+from common import finish, interleaved, load_text, start
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/config.toml"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------ 1. training
@@ -69,13 +66,8 @@ def train_comparison(cfg, workers: int, steps: int, block: int, warmup: int, out
     def from_memory():
         one_step([memory] * tcfg.grad_accum)
 
-    def timed_block(step_fn) -> float:
-        sync(device)
-        began = time.perf_counter()
-        for _ in range(block):
-            step_fn()
-        sync(device)
-        return block / (time.perf_counter() - began)
+    def block_of(step_fn):
+        return lambda: [step_fn() for _ in range(block)]
 
     for _ in range(warmup):  # starts the workers, fills their prefetch queue, warms the allocator
         from_loader()
@@ -84,11 +76,9 @@ def train_comparison(cfg, workers: int, steps: int, block: int, warmup: int, out
     for _ in range(block):
         trainer._next_batch(batches)
     data_only = block / (time.perf_counter() - began)
-    rates = {"loader": [], "memory": []}
-    for i in range(max(1, steps // block)):
-        order = ("loader", "memory") if i % 2 == 0 else ("memory", "loader")
-        for name in order:
-            rates[name].append(timed_block(from_loader if name == "loader" else from_memory))
+    times = interleaved({"loader": block_of(from_loader), "memory": block_of(from_memory)},
+                        max(1, steps // block), device)
+    rates = {name: [block / t for t in series.all] for name, series in times.items()}
     del batches, loader  # stops the workers
     images_per_step = tcfg.batch_size * tcfg.grad_accum
     pairs = [r / m for r, m in zip(rates["loader"], rates["memory"])]
@@ -117,36 +107,26 @@ def encode_comparison(cfg, reps: int, workers_list, out_root: Path) -> list[dict
     count, batch_size = len(folder), cfg.encode.batch_size
 
     @torch.no_grad()
-    def model_only() -> float:
-        sync(device)
-        began = time.perf_counter()
-        for start in range(0, count, batch_size):
-            ctx.vae.encode_latents(images[start:start + batch_size]).float().cpu()
-        sync(device)
-        return count / (time.perf_counter() - began)
+    def model_only() -> None:
+        for first in range(0, count, batch_size):
+            ctx.vae.encode_latents(images[first:first + batch_size]).float().cpu()
 
     results = []
     run = 0
     for workers in workers_list:
-        def end_to_end() -> float:
+        def end_to_end() -> None:
             nonlocal run
             run += 1
-            began = time.perf_counter()
             summary = encode_folder(ctx, cfg.data.path, out_root / f"latents_{run}", fmt=cfg.encode.format,
                                     batch_size=batch_size, num_workers=workers, device=str(device), progress=False)
-            elapsed = time.perf_counter() - began
             assert summary["encoded"] == count, summary
-            return count / elapsed
 
         # encode_folder starts no worker processes for a couple of batches' worth of images
         effective = 0 if count <= 2 * batch_size else workers
 
         end_to_end(), model_only()  # warm-up
-        rates = {"files": [], "model": []}
-        for i in range(reps):
-            order = (("files", end_to_end), ("model", model_only))
-            for name, fn in order if i % 2 == 0 else order[::-1]:
-                rates[name].append(fn())
+        times = interleaved({"files": end_to_end, "model": model_only}, reps, device)
+        rates = {name: [count / t for t in series.all] for name, series in times.items()}
         pairs = [f / m for f, m in zip(rates["files"], rates["model"])]
         results.append({"workers": workers, "effective_workers": effective, "images": count, "batch": batch_size,
                         "files": statistics.median(rates["files"]), "model": statistics.median(rates["model"]),
@@ -176,14 +156,13 @@ def main() -> None:
     args = parser.parse_args()
     os.chdir(REPO)  # the config names its structures and images relative to the repository
     warnings.filterwarnings("ignore", message="skipping unreadable image")
-    torch.set_num_threads(args.threads)
+    start("bench_train", args.threads)
 
     from flexvae.config import load_config
 
     cfg = load_config(args.config)
     workers_list = [int(w) for w in args.workers.split(",")]
-    print(f"{platform.processor() or platform.machine()} / {os.cpu_count()} CPUs / torch {torch.__version__} / "
-          f"{torch.get_num_threads()} threads / device {_device(cfg)}")
+    print(f"{platform.processor() or platform.machine()}, device {_device(cfg)}")
     print(f"config {args.config}: {cfg.data.image_size} px, batch {cfg.train.batch_size} x {cfg.train.grad_accum}, "
           f"images from {cfg.data.path}, default num_workers {cfg.data.num_workers}")
     began = time.perf_counter()
@@ -199,9 +178,9 @@ def main() -> None:
                       f"{r['loader'] * r['images_per_step']:7.1f} img/s"
                       f" | memory {r['memory']:6.2f} steps/s {r['memory'] * r['images_per_step']:7.1f} img/s"
                       f" | ratio {r['ratio']:.3f} (pairs {r['spread'][0]:.2f}..{r['spread'][1]:.2f}) goal >= 0.97"
-                      f" | data path alone {r['data_only']:6.1f} batches/s | load {os.getloadavg()[0]:.2f}{default}")
+                      f" | data path alone {r['data_only']:6.1f} batches/s | {load_text()}{default}")
         if args.skip_encode:
-            print(f"\ntotal bench time {time.perf_counter() - began:.1f} s")
+            finish(began)
             return
 
         print(f"\n2. -e throughput: encode_folder end to end vs encode_latents on in-memory images "
@@ -211,8 +190,8 @@ def main() -> None:
             print(f"  num_workers={r['workers']} (runs with {r['effective_workers']}): files {r['files']:7.1f} img/s"
                   f" | model only {r['model']:7.1f} img/s"
                   f" | ratio {r['ratio']:.3f} (pairs {r['spread'][0]:.2f}..{r['spread'][1]:.2f}) goal >= 0.90"
-                  f"  ({r['images']} images, batch {r['batch']}) | load {os.getloadavg()[0]:.2f}{default}")
-    print(f"\ntotal bench time {time.perf_counter() - began:.1f} s")
+                  f"  ({r['images']} images, batch {r['batch']}) | {load_text()}{default}")
+    finish(began)
 
 
 if __name__ == "__main__":
