@@ -50,7 +50,7 @@ import torch._dynamo
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, flops, speed_settings, bench_core, bench_train
 
-from common import GiB, Machine, choose_threads, describe_machine, first_line, load_text, release  # noqa: E402
+from common import GiB, Machine, describe_machine, first_line, load_text, release, start  # noqa: E402
 from flops import measure_peaks  # noqa: E402
 from speed_settings import (BASELINE, CONFIG, FASTEST, PRESET, Timing, plan_cases, prepare_setting,  # noqa: E402
                             rate_text, run_case, timed_step)
@@ -243,8 +243,7 @@ def main() -> None:
 
     os.chdir(REPO)  # the config names its structures and images relative to the repository
     warnings.filterwarnings("ignore", message="skipping unreadable image")
-    threads, threads_reason = choose_threads(args.threads)
-    torch.set_num_threads(threads)
+    start("bench_speed", args.threads)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU compiles
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: this PyTorch sees no CUDA device")
@@ -256,7 +255,7 @@ def main() -> None:
     from flexvae.config import apply_overrides, load_config
 
     began = time.perf_counter()
-    machine = describe_machine(device, args.peak_tflops, threads_reason)
+    machine = describe_machine(device, args.peak_tflops)
     print(f"bench_speed on {device}" + (" (--quick)" if args.quick else ""))
     print("\n".join(f"  {line}" for line in machine.lines))
     print("  training steps run the real Trainer path (prepare + train_step + scheduler) on one synthetic "
