@@ -55,6 +55,46 @@ def test_every_registered_token_and_config_key_is_documented():
         assert f"| `{key}` |" in config, key
 
 
+def test_every_mode_option_and_public_name_is_in_the_reference():
+    """The generated reference against the parsers and ``flexvae.__all__``, read independently
+    of the generator: every mode's flag and subcommand, every option of both parsers (with the
+    modes that read it), every exported name with its signature."""
+    import inspect
+
+    import flexvae
+    from flexvae.cli.modes import MODES, OPTION_MODES, flexvae_parser, mode_parser, train_py_parser
+
+    reference = page("reference.md")
+    for mode in MODES:
+        assert f"| `{mode.flag}" in reference and f"` | `{mode.name}" in reference, mode.name
+    option_rows = {line.split(" | ")[0]: line for line in reference.splitlines() if line.startswith("| `-")}
+    every = {f for a in train_py_parser()._actions for f in a.option_strings}
+    for mode in MODES:  # the subcommands' parsers
+        every |= {f for a in mode_parser(mode, "flexvae")._actions for f in a.option_strings}
+    documented = {f.strip("` ") for row in option_rows for f in row.strip("| ").split(",")}
+    flags = {mode.flag for mode in MODES}
+    assert every - flags - {"-h", "--help", "--version"} <= documented
+    for dest, modes in OPTION_MODES.items():
+        row = next(line for key, line in option_rows.items() if f"`--{dest.replace('_', '-')}`" in key)
+        assert all(f"`{next(m.flag for m in MODES if m.name == name)}`" in row.split(" | ")[2] for name in modes), dest
+    assert {mode.name for mode in MODES} == set(flexvae_parser()._subparsers._group_actions[0].choices)
+    for name in flexvae.__all__:
+        if name == "__version__":
+            continue
+        assert f"### `{name}`" in reference, name
+        obj = getattr(flexvae, name)
+        if inspect.isfunction(obj):
+            for parameter in inspect.signature(obj).parameters:
+                assert parameter in reference.split(f"### `{name}`")[1].split("###")[0], (name, parameter)
+
+
+def test_a_stale_cli_or_api_reference_is_noticed():
+    script = load_update_script()
+    text = page("reference.md")
+    for changed in (text.replace("| `--tile` |", "| `--tiles` |"), text.replace("### `load_run`", "### `load_runs`")):
+        assert script.render(changed, script.PAGES["reference.md"]) != changed
+
+
 def test_readme_is_short_and_reaches_every_page():
     import yaml
 

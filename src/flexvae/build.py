@@ -298,6 +298,7 @@ class VAEPlan:
         )
 
     def table(self) -> str:
+        """The per-layer table of both stacks (shapes, parameters) with the latent between them."""
         return "\n\n".join([
             format_table(self.encoder, f"encoder ({self.encoder.source})"),
             f"latent: {self.latent.kind}, shape {format_shape(self.latent_shape)}",

@@ -58,6 +58,7 @@ class Stack(nn.Sequential):
         return out
 
     def forward_aux(self, x, context=None):
+        """(output, auxiliary losses of the ``aux`` layers by name) for input ``x``."""
         if not isinstance(context, ForwardState):  # labels alone (or none): the pass's state is one object
             context = ForwardState(labels=context)
         aux = {}
@@ -95,6 +96,9 @@ class Stack(nn.Sequential):
 
 @dataclass
 class VAEOutput:
+    """What ``VAE.forward`` returns: the decoder output, the top latent's posterior and its
+    draw ``z``, auxiliary losses of quantizers, and a hierarchy's group posteriors by name."""
+
     recon: torch.Tensor  # decoder output: values, or logits when the loss is bce
     posterior: Posterior
     z: torch.Tensor  # the raw latent the decoder saw
@@ -145,6 +149,7 @@ class VAE(nn.Module):
 
     @property
     def classes(self) -> int | None:
+        """How many classes a conditional model knows (None for an unconditional one)."""
         return None if self.class_names is None else len(self.class_names)
 
     @property
@@ -230,6 +235,7 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, labels=None) -> torch.Tensor:
+        """Images decoded from the posterior means of ``x``, in [-1, 1]."""
         return self.to_image(self.reconstruct_raw(x, labels)[0])
 
     def reconstruct_raw(self, x: torch.Tensor, labels=None):

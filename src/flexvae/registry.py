@@ -47,9 +47,11 @@ class Arg:
 
     @property
     def required(self) -> bool:
+        """Whether the token must give this argument (it has no default)."""
         return self.default is REQUIRED
 
     def describe(self) -> str:
+        """``name`` or ``name=default`` as the token reference shows it."""
         text = self.name + ("..." if self.variadic else "")
         if not self.required:
             text += f"={_show(self.default)}"

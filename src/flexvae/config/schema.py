@@ -203,6 +203,9 @@ class MemConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """A whole run's settings, one section per TOML table (``load_config`` reads them; every
+    key is on the configuration page); ``stage`` holds the training phases, if any."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     # The parameters of the latent type model.latent names (its registered dataclass).

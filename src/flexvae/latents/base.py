@@ -63,9 +63,11 @@ class Posterior:
     mean: torch.Tensor
 
     def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """A draw from q (``noise`` given: the draw it makes; ``generator``: its seed)."""
         raise NotImplementedError
 
     def mode(self) -> torch.Tensor:
+        """The most likely value of q: the mean of a Gaussian, the chosen code of a quantizer."""
         raise NotImplementedError
 
     def kl_elements(self) -> torch.Tensor:
@@ -73,6 +75,7 @@ class Posterior:
         return torch.zeros_like(self.mean)
 
     def kl(self) -> torch.Tensor:
+        """KL(q || prior) per sample, summed over every latent element: (B,)."""
         return batch_sum(self.kl_elements())
 
     def kl_groups(self) -> torch.Tensor:
@@ -85,6 +88,7 @@ class Posterior:
         return torch.zeros_like(self.mean)
 
     def aux_losses(self) -> dict:
+        """Losses the latent adds to the objective by name (commitment, codebook, entropy terms)."""
         return {}
 
     def observe(self, labels: torch.Tensor) -> None:
@@ -128,18 +132,23 @@ class Latent(nn.Module):
         return cls(**asdict(params))
 
     def latent_shape(self, encoder_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The latent's shape (without batch) for the encoder output's shape."""
         raise NotImplementedError
 
     def forward(self, h: torch.Tensor, step: int | None = None) -> Posterior:
+        """The posterior q(z | x) of the encoder output ``h``; ``step``: the training step, for schedules."""
         raise NotImplementedError
 
     def noise_shape(self, latent_shape) -> tuple[int, ...] | None:
+        """Shape of the noise a draw of q needs, or None for a latent that draws none."""
         return None
 
     def sample_prior(self, n: int, latent_shape, generator=None, device=None) -> torch.Tensor:
+        """``n`` raw latents drawn from the latent's own prior."""
         raise NotImplementedError
 
     def metrics(self) -> dict:
+        """Logged statistics that are not losses (codebook usage, perplexity), as floats."""
         return {}
 
     def class_probs(self, posterior: Posterior) -> torch.Tensor:
@@ -159,6 +168,7 @@ class DiscreteLatent(Latent):
     requantizes_exactly = True
 
     def code_shape(self, latent_shape) -> tuple[int, ...]:
+        """Shape of the integer codes (without batch) for a latent of ``latent_shape``."""
         raise NotImplementedError
 
     def codes(self, posterior: Posterior, z: torch.Tensor | None = None) -> torch.Tensor:

@@ -45,6 +45,8 @@ class LatentRegistry:
         self._types: dict[str, LatentType] = {}
 
     def register(self, name: str, params: type = NoParams, doc: str = ""):
+        """Class decorator: the latent type ``name`` (``model.latent = "name"``) with its
+        settings dataclass ``params`` (the config's ``[latent]`` keys) and a one-line ``doc``."""
         if not dataclasses.is_dataclass(params):
             raise TypeError(f"latent {name!r}: params must be a dataclass, got {params!r}")
 

@@ -38,6 +38,9 @@ from .validation import validate, validation_batches
 from .step import MicroBatch, StepResult, lr_factor, make_optimizer, random_flip, train_step
 
 class Trainer:
+    """A training run of ``cfg``: its model, optimizer, schedule, EMA and run directory.
+    ``train()`` runs (or resumes) the whole loop; ``step_once`` is one optimizer step."""
+
     def __init__(self, cfg, config_path=None, fresh: bool = False, device: str | None = None, quiet: bool = False,
                  verbose: bool = False, overwrite: bool = False):
         self.cfg, self.overwrite = cfg, overwrite  # overwrite: files in the run directory not of its record
@@ -81,11 +84,13 @@ class Trainer:
         self.last_saved: Path | None = None
 
     def log(self, text: str) -> None:
+        """Print a line unless the trainer is quiet."""
         if not self.quiet:
             print(text, flush=True)
 
     # ---------------------------------------------------------------- state
     def resume(self) -> bool:
+        """Load the run directory's latest checkpoint (weights, optimizer, EMA, RNG, data position); False when there is none."""
         found = list_checkpoints(self.run_dir)
         if not found:
             return False
@@ -130,6 +135,7 @@ class Trainer:
         set_peak_lr(self.optimizer, self.scheduler, tcfg.lr, step, tcfg)
 
     def save(self) -> Path:
+        """Write a checkpoint of the current step atomically and return its path."""
         meta = checkpoint_metadata(self.cfg, self.plan, self.step, self.model.scaling_factor)
         train_state = {
             "optimizer": self.optimizer.state_dict(),
@@ -190,6 +196,7 @@ class Trainer:
                 return self.runtime.to_input(batch.images), labels
 
     def write_samples(self, fixed: torch.Tensor, labels: torch.Tensor | None = None) -> Path:
+        """A PNG grid of reconstructions of ``fixed`` and prior samples at the current step."""
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         return write_samples(self.model, fixed, labels, self.cfg.train.seed, path)
 
@@ -267,6 +274,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- loop
     def train(self) -> Path | None:
+        """Train to ``train.max_steps`` (resuming where the run stopped), then fit the prior if configured: the last checkpoint's path, or None when the run had already reached ``max_steps``."""
         previous = on_sigterm(raise_terminated)
         try:
             # the run directory is an output folder: only files of its record are replaced (outputs.py)
