@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers.doc_blocks import blocks, pages, run_by
 from helpers.inprocess import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,16 +139,16 @@ def test_docs_site_builds_in_strict_mode(tmp_path):
 
 
 def test_readme_and_api_page_show_the_same_five_lines():
-    marker = "A trained run, in five lines"
-    blocks = [text.split(marker, 1)[1].split("```python", 1)[1].split("```", 1)[0] for text in (README, page("python-api.md"))]
-    assert blocks[0] == blocks[1]
+    shown = run_by("test_trained_run_api_example")
+    assert [b.page for b in shown] == ["README.md", "python-api.md"]
+    assert shown[0].code == shown[1].code
 
 
 def test_python_api_example_runs():
     import contextlib
     import io
 
-    block = page("python-api.md").split("```python", 1)[1].split("```", 1)[0]
+    [block] = [b.code for b in run_by("test_python_api_example_runs")]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(block, "docs/python-api.md", "exec"), {})
@@ -155,7 +156,7 @@ def test_python_api_example_runs():
 
 
 def test_error_examples_print_what_the_readme_shows():
-    block = page("modes.md").split("Mistakes are reported", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    [block] = [b.code for b in run_by("test_error_examples_print_what_the_readme_shows")]
     commands = re.findall(r"^\$ python (.+)$", block, re.M)
     expected = re.findall(r"^(error: .+)$", block, re.M)
     assert len(commands) == len(expected) == 2
@@ -171,12 +172,11 @@ def test_error_examples_print_what_the_readme_shows():
 
 
 def test_plugin_example(tmp_path):
-    code = page("structures.md").split("# my_layers.py\n", 1)[1].split("```", 1)[0]
+    code, toml = [b.code for b in run_by("test_plugin_example")]
     (tmp_path / "my_layers.py").write_text(code)
-    toml = page("structures.md").split("```toml\n[model]", 1)[1].split("```", 1)[0]
     config = tmp_path / "plugin.toml"
     config.write_text(
-        "[model]" + toml + "\n"
+        toml + "\n"
         'decoder = ["C2d_4_16_3_1_1", "SiLU", "C2d_16_3_3_1_1"]\n'
         "[data]\nimage_size = 16\n"
     )
@@ -206,7 +206,7 @@ def test_trained_run_api_example(tmp_path):
                                                             f"model.decoder={ROOT / 'structures/tiny_decoder.json'}"])
     with contextlib.redirect_stdout(io.StringIO()):
         Trainer(cfg, quiet=True).train()
-    block = README.split("A trained run, in five lines", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    block = run_by("test_trained_run_api_example")[0].code
     assert len([line for line in block.splitlines() if line.strip()]) == 5
     block = block.replace('"runs/default"', repr(str(tmp_path / "run"))).replace(
         '"assets/photos/chelsea/001.png"', repr(str(ROOT / "assets/photos/chelsea/001.png")))
@@ -238,7 +238,7 @@ def test_conditional_python_example_runs(tmp_path):
                                "train.batch_size=4"])
     with contextlib.redirect_stdout(io.StringIO()):
         Trainer(cfg, config, quiet=True).train()
-    block = page("hierarchical-conditional.md").split("## Labels and conditional models", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    [block] = [b.code for b in run_by("test_conditional_python_example_runs")]
     block = block.replace('"runs/digits_cond"', repr(str(tmp_path / "run")))
     names = {"flexvae": __import__("flexvae"), "torch": torch}
     exec(compile(block, "docs/hierarchical-conditional.md", "exec"), names)
@@ -260,8 +260,8 @@ def test_loss_terms_section_examples_run(tmp_path):
     for name in [n for n in TERMS.names() if TERMS.layers[n].factory.__module__.startswith("flexvae.")]:
         assert re.search(rf"^\| `{name}[_`]", section, re.M), name
     plugin = tmp_path / "edge_term.py"
-    plugin.write_text(section.split("```python", 1)[1].split("```", 1)[0])
-    loss_block, stage_block = [b.split("```", 1)[0] for b in section.split("```toml")[1:3]]
+    loss_block, plugin_code, stage_block = [b.code for b in run_by("test_loss_terms_section_examples_run")]
+    plugin.write_text(plugin_code)
     cfg = config_from_dict(tomllib.loads(loss_block), "README")
     check_loss_config(cfg, (3, 32, 32))
     stages = config_from_dict(tomllib.loads(stage_block), "README").stage
@@ -272,3 +272,52 @@ def test_loss_terms_section_examples_run(tmp_path):
                                  'loss.terms=["Recon", "KL_weight=0.0001", "EdgeL1_power=2_weight=0.3"]'])
     Trainer(run_cfg, TINY, quiet=True).train()
     assert "edge" in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+
+
+def test_structure_and_config_blocks_load(tmp_path):
+    """The JSON structures and TOML fragments the guides show: structures parse and trace,
+    config fragments load as configs, the matrix file loads as a matrix."""
+    import json
+    import tomllib
+
+    from flexvae.analysis.matrix import load_matrix
+    from flexvae.build import plan_vae
+    from flexvae.config.load import config_from_dict
+    from flexvae.dsl import parse_structure
+
+    shown = run_by("test_structure_and_config_blocks_load")
+    assert [b.lang for b in shown] == ["toml", "toml", "json", "json"]  # analysis, priors, structures x 2
+    matrix_file = tmp_path / "matrix.toml"
+    matrix_file.write_text(shown[0].code.replace('"configs/tiny_test.toml"', repr(str(ROOT / "configs/tiny_test.toml"))))
+    matrix = load_matrix(matrix_file)
+    assert len(matrix.axes) == 3 and all(len(values) == 2 for values in matrix.axes.values())
+    assert config_from_dict(tomllib.loads(shown[1].code)).model.prior == "Vamp_components=50"
+    encoder = json.loads(shown[2].code)
+    plan = plan_vae(encoder, ["C2d_4_32_3_1_1", "UpS_2", "C2d_32_3_3_1_1"], (3, 32, 32))
+    assert plan.latent_shape == (4, 16, 16)
+    dcae = json.loads(shown[3].code)
+    assert [spec.name for spec in parse_structure(dcae, source="structures.md")] == ["C2d", "Res", "Res", "Res"]
+    plan = plan_vae(dcae, ["C2d_64_3_3_1_1"], (3, 32, 32))  # down by S2C, back up by C2S: 128 channels
+    assert plan.latent_shape == (64, 32, 32)
+
+
+def test_every_code_block_runs_in_a_test_or_says_why_not():
+    """Above each fenced block of the README and docs/: ``runs in test_NAME`` naming a test of
+    this file that takes its blocks from ``run_by`` (so the block it runs is this one), or
+    ``not run: why``."""
+    import inspect
+
+    found = [b for path in pages() for b in blocks(path)]
+    assert len(found) >= 30
+    this = sys.modules[__name__]
+    for block in found:
+        where = f"{block.page}:{block.line}"
+        assert block.mark is not None, f"{where}: no <!-- runs in test_... --> or <!-- not run: ... --> above the block"
+        if block.mark.startswith("not run: "):
+            assert len(block.mark) > len("not run: ") + 5, f"{where}: say why it is not run"
+            continue
+        name = block.mark.removeprefix("runs in ")
+        assert name != block.mark, f"{where}: unknown mark {block.mark!r}"
+        test = getattr(this, name, None)
+        assert callable(test), f"{where}: no test named {name}"
+        assert f'run_by("{name}")' in inspect.getsource(test), f"{where}: {name} does not take its blocks from run_by"
