@@ -213,9 +213,16 @@ def test_format_table_lists_positions_tokens_shapes_and_true_parameter_total():
 
 
 def test_build_vae_with_deterministic_latent():
+    """The code is the encoder's output itself, the reconstruction the decoder's output of it,
+    and the KL is zero."""
+    torch.manual_seed(0)
     model = build_vae(ENCODER[:2] + ["C2d_8_2_3_1_1"], DECODER, DATA, DeterministicLatent())
-    out = model(torch.randn(2, *DATA))
-    assert out.recon.shape == (2, *DATA)
+    x = torch.randn(2, *DATA)
+    out = model(x)
+    code = model.encoder(x)
+    assert torch.equal(out.z, code) and torch.equal(out.posterior.mode(), code)
+    assert torch.equal(out.recon, model.decoder(code))
+    assert torch.equal(out.posterior.kl(), torch.zeros(2))
 
 
 @pytest.mark.parametrize("token", ["VAERB_?_4", "Down_?_4", "C2d_?_4_1", "MaxP_2"])

@@ -1,16 +1,24 @@
 """The README and the docs pages: their tables, examples and error messages are what the code
 does, every page is reachable, and the site builds in strict mode."""
 
+from __future__ import annotations
+
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers.doc_blocks import blocks, pages, run_by
 from helpers.inprocess import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
 DOCS = ROOT / "docs"
 
 
@@ -63,7 +71,13 @@ def test_every_mode_option_and_public_name_is_in_the_reference():
     import inspect
 
     import flexvae
-    from flexvae.cli.modes import MODES, OPTION_MODES, flexvae_parser, mode_parser, train_py_parser
+    from flexvae.cli.modes import (
+        MODES,
+        OPTION_MODES,
+        flexvae_parser,
+        mode_parser,
+        train_py_parser,
+    )
 
     reference = page("reference.md")
     for mode in MODES:
@@ -148,11 +162,21 @@ def test_python_api_example_runs():
     import contextlib
     import io
 
+    import torch
+    from torch.distributions import Normal, kl_divergence
+
     [block] = [b.code for b in run_by("test_python_api_example_runs")]
-    out = io.StringIO()
+    out, names = io.StringIO(), {}
     with contextlib.redirect_stdout(out):
-        exec(compile(block, "docs/python-api.md", "exec"), {})
-    assert "total parameters" in out.getvalue()
+        exec(compile(block, "docs/python-api.md", "exec"), names)
+    vae, result = names["vae"], names["out"]
+    total = re.findall(r"^total parameters: ([\d,]+)$", out.getvalue(), re.M)
+    assert len(total) == 2  # the encoder's table, then the decoder's: together, what was built
+    assert sum(int(t.replace(",", "")) for t in total) == sum(p.numel() for p in vae.parameters())
+    mean, logvar = result.posterior.mean, result.posterior.logvar
+    expected = kl_divergence(Normal(mean, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).flatten(1).sum(1)
+    assert torch.allclose(names["kl"], expected, atol=1e-4)  # "(4,), summed over every non-batch dim"
+    assert torch.allclose(result.recon, vae.decoder(result.z), atol=1e-5)
 
 
 def test_error_examples_print_what_the_readme_shows():
@@ -278,6 +302,7 @@ def test_structure_and_config_blocks_load(tmp_path):
     """The JSON structures and TOML fragments the guides show: structures parse and trace,
     config fragments load as configs, the matrix file loads as a matrix."""
     import json
+
     import tomllib
 
     from flexvae.analysis.matrix import load_matrix
@@ -321,3 +346,20 @@ def test_every_code_block_runs_in_a_test_or_says_why_not():
         test = getattr(this, name, None)
         assert callable(test), f"{where}: no test named {name}"
         assert f'run_by("{name}")' in inspect.getsource(test), f"{where}: {name} does not take its blocks from run_by"
+
+
+def test_the_python_quickstart_works_outside_a_clone(tmp_path, monkeypatch):
+    import torch
+
+    import flexvae
+
+    monkeypatch.chdir(tmp_path)  # no structures/ here: the shipped presets are found, as configs find them
+    plan = flexvae.plan_vae("structures/small_encoder.json", "structures/small_decoder.json", (3, 32, 32))
+    vae = plan.build()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = vae.encode_latents(x)
+    assert not z.requires_grad and not vae.decode_latents(z).requires_grad
+    assert not vae.sample_prior(2).requires_grad
+    assert vae.encode(x).mode().requires_grad and vae.decode(z).requires_grad  # for training code
+    with pytest.raises(ValueError, match="gaussian latent has no class part"):
+        vae.class_probs(x)

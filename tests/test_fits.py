@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
-
 from flexvae.build import plan_vae
 from flexvae.fits import GiB, lower_bound
 from flexvae.latents import LATENTS

@@ -8,12 +8,56 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from flexvae.errors import CheckpointError
 from flexvae.fitted_prior import FittedPrior, choose_covariance, fit_mixture, prior_path
 from helpers.inprocess import run_in_process
-from helpers.runs import make_images, tiny
+from helpers.runs import TINY, make_images, tiny
+
+
+# ------------------------------------------------------------------ the file: untrusted input
+def _write(path, tensors, meta):
+    save_file(tensors, str(path), metadata={"flexvae_prior": json.dumps(meta)})
+
+
+# ------------------------------------------------------------------ the modes
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prior")
+    images = make_images(root / "images", 8)
+    run = root / "run"
+    assert run_in_process(["-t", *tiny(images, run, "--set", "train.max_steps=2")]).returncode == 0
+    return {"images": images, "run": run}
+
+
+CLASSES = ("a", "b", "c")
+
+
+# the tiny structures with the label embedded in the encoder and FiLM in the decoder
+COND_ENCODER = '["C2d_3_8_3_1_1", "CtxCat_3", "VAERB_11_8", "Down_?_8", "GN_4_?", "SiLU", "C2d_?_4_3_1_1"]'
+
+
+COND_DECODER = '["C2d_2_8_3_1_1", "CtxFiLM_?", "VAERB_8_8", "UpS_2", "C2d_?_8_3_1_1", "GN_4_8", "SiLU", "C2d_8_3_3_1_1"]'
+
+
+def labelled_folder(root, per_class: int = 4, classes=CLASSES, unlabelled: int = 0):
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            values = rng.integers(0, 80, (20, 20, 3)) + 80 * c
+            Image.fromarray(values.astype(np.uint8)).save(root / name / f"{i}.png")
+    for i in range(unlabelled):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / f"free{i}.png")
+    return root
+
+
+def cond_args(images, run, *extra):
+    return ["-c", TINY, "--set", f"train.out_dir={run}", "--set", f"data.path={images}", "--set", "data.labels=folders",
+            "--set", f"model.encoder={COND_ENCODER}", "--set", f"model.decoder={COND_DECODER}",
+            "--set", "data.num_workers=0", "--set", "train.device=cpu", *extra]
 
 
 def test_a_one_component_full_mixture_is_the_data_mean_and_covariance_and_samples_follow_it():
@@ -50,11 +94,6 @@ def test_auto_covariance_is_full_only_with_enough_images(images, covariance):
         choose_covariance("full", 10**9, 16384, 1)
 
 
-# ------------------------------------------------------------------ the file: untrusted input
-def _write(path, tensors, meta):
-    save_file(tensors, str(path), metadata={"flexvae_prior": json.dumps(meta)})
-
-
 @pytest.mark.parametrize("tensors, meta, words", [
     ({"all.weights": torch.ones(2), "all.means": torch.zeros(2, 4), "all.factor": torch.ones(2, 4)},
      {"latent_shape": [5]}, "a prior for latents of shape (5,), the model's are (4,)"),
@@ -87,16 +126,6 @@ def test_save_and_load_round_trip(tmp_path):
         assert torch.equal(loaded.mixtures[2][name], value.float())
     draws = loaded.sample(6, generator=torch.Generator().manual_seed(0), labels=torch.tensor([0, 2, 0, 2, 2, 0]))
     assert draws.shape == (6, 1, 2, 3)
-
-
-# ------------------------------------------------------------------ the modes
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prior")
-    images = make_images(root / "images", 8)
-    run = root / "run"
-    assert run_in_process(["-t", *tiny(images, run, "--set", "train.max_steps=2")]).returncode == 0
-    return {"images": images, "run": run}
 
 
 def test_fit_prior_then_sample_uses_it_and_the_model_prior_on_request(run, tmp_path):
@@ -254,3 +283,55 @@ def test_a_class_with_one_image_gets_one_component_at_it_with_the_pooled_varianc
         torch.testing.assert_close(variance, pooled.var(0) + 1e-6, rtol=1e-6, atol=1e-6)
     alone = fit_mixture(one, 10, "diag", seed=0)  # nothing to pool: unit variances
     torch.testing.assert_close(alone["factor"][0], torch.full((3,), (1 + 1e-6) ** 0.5, dtype=torch.float64))
+
+
+def test_a_conditional_model_fits_one_prior_per_class_and_samples_the_classes_asked_for(tmp_path):
+    import flexvae
+
+    images = labelled_folder(tmp_path / "images", per_class=4)
+    run = tmp_path / "run"
+    assert run_in_process(["-t", *cond_args(images, run, "--set", "train.max_steps=2")]).returncode == 0
+    fitted = run_in_process(["--fit-prior", *cond_args(images, run, "--ckpt", run, "--components", "1")])
+    assert fitted.returncode == 0, fitted.stderr
+    assert f"one per class ({len(CLASSES)})" in fitted.stdout
+    loaded = flexvae.load_run(run)
+    prior = loaded.vae.fitted_prior
+    assert prior.per_class and sorted(prior.mixtures) == list(range(len(CLASSES)))
+    # a one-component mixture per class is that class's encoded mean and spread: a draw with a tiny
+    # temperature is the mean of its class
+    z = prior.sample(3, generator=torch.Generator().manual_seed(0), labels=torch.tensor([0, 1, 2]),
+                     temperature=1e-6)
+    for c in range(3):
+        torch.testing.assert_close(z[c].flatten(), prior.mixtures[c]["means"][0].float(), rtol=0, atol=1e-5)
+    out = tmp_path / "samples"
+    proc = run_in_process(["-sample", *cond_args(images, run, "--ckpt", run, "--count", "4", "--output", out,
+                                                 "--classes", f"{CLASSES[1]},{CLASSES[2]}")])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "made_by.json").read_text())["classes"] == f"{CLASSES[1]},{CLASSES[2]}"
+    inter = run_in_process(["-inter", *cond_args(images, run, "--ckpt", run, "--classes",
+                                                 f"{CLASSES[0]},{CLASSES[1]}", "--steps", "3")])
+    assert inter.returncode == 0, inter.stderr
+
+
+@pytest.mark.slow
+def test_a_conditional_model_fits_one_flow_per_class(tmp_path):
+    import flexvae
+    from flexvae.priors.flow import FlowNetwork
+
+    images = labelled_folder(tmp_path / "images", per_class=4)
+    run = tmp_path / "run"
+    assert run_in_process(["-t", *cond_args(images, run, "--set", "train.max_steps=2")]).returncode == 0
+    fitted = run_in_process(["--fit-prior", *cond_args(images, run, "--ckpt", run, "--density", "flow")])
+    assert fitted.returncode == 0, fitted.stderr
+    assert "a RealNVP flow of 4 couplings" in fitted.stdout and f"one per class ({len(CLASSES)})" in fitted.stdout
+    prior = flexvae.load_run(run).vae.fitted_prior
+    assert prior.density == "flow" and all(isinstance(f, FlowNetwork) for f in prior.mixtures.values())
+    labels = torch.tensor([0, 1, 2, 0])
+    a, b = (prior.sample(4, generator=torch.Generator().manual_seed(0), labels=labels) for _ in range(2))
+    assert torch.equal(a, b)
+    # each class's rows are drawn from that class's flow, classes in order from one generator
+    generator = torch.Generator().manual_seed(0)
+    expected = {c: prior.mixtures[c].sample(n, generator) for c, n in ((0, 2), (1, 1), (2, 1))}
+    torch.testing.assert_close(a.flatten(1)[[0, 3]], expected[0])
+    torch.testing.assert_close(a.flatten(1)[1:2], expected[1])
+    torch.testing.assert_close(a.flatten(1)[2:3], expected[2])

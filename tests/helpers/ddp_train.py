@@ -1,4 +1,4 @@
-"""Run by tests/test_runtime.py under torchrun: train, then save this process's weights.
+"""Run by tests/train/test_runtime.py under torchrun: train, then save this process's weights.
 
     python -m torch.distributed.run --nproc_per_node=2 tests/helpers/ddp_train.py OUT_DIR [CONFIG.toml] KEY=VALUE...
 """

@@ -1,6 +1,6 @@
 """Per-tensor sums of a shipped preset's weights after a few training steps on the CPU: the
-reference the objective refactor is checked against (tests/test_terms.py). Run as a script it
-prints them as JSON (tests/data/preset_sums.json was written by the code before the objective
+reference the objective refactor is checked against (tests/objective/test_terms.py). Run as a script it
+prints them as JSON (tests/helpers/preset_sums.json was written by the code before the objective
 module existed: ``PYTHONPATH=<old>/src python tests/helpers/preset_sums.py``)."""
 
 from __future__ import annotations
