@@ -28,7 +28,7 @@ from flexvae.build import plan_vae
 from flexvae.dsl import parse_structure
 
 STRUCTURES = Path(__file__).resolve().parents[1] / "structures"
-KLD_WEIGHT = 1e-4
+KL_WEIGHT = 1e-4
 
 
 # ----------------------------------------------------------------- hand-written twin
@@ -148,7 +148,7 @@ def copy_weights(source: nn.Module, target: nn.Module) -> None:
 # ----------------------------------------------------------------- timing
 def loss_of(recon, x, mean, logvar):
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
-    return F.mse_loss(recon, x) + KLD_WEIGHT * kl.mean()
+    return F.mse_loss(recon, x) + KL_WEIGHT * kl.mean()
 
 
 def dsl_step(model, x):

@@ -67,7 +67,7 @@ def neg_elbo(run, folder) -> float:
     objective = Objective.from_config(run.cfg, run.data_shape, setup=False)
     loader = image_loader(image_dataset(run, str(folder), run.cfg), 256, "cpu", 0)
     terms = objective_terms(run.vae.eval(), objective, loader, "cpu", seed=0)
-    return terms["nll"] + terms["kld"]
+    return terms["nll"] + terms["kl"]
 
 
 def draw(vae, n: int, prior: str) -> np.ndarray:

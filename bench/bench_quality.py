@@ -9,9 +9,9 @@ Data (both offline):
 Objectives (the same structures, seed, batches and steps per data set):
     weighted       the original formula and the old default: mse + 1e-4 * per-element KL
     elbo-trap      the textbook ELBO written with the original formula: mean mse + 1 * KL sum
-    elbo-sigma     loss.objective = elbo, gaussian with the optimal (calibrated) sigma, kld_weight 1
-    elbo-learned   elbo, gaussian with a learned per-channel sigma, kld_weight 1
-    elbo-bernoulli elbo, bernoulli likelihood, kld_weight 1 (digits only: near-binary images)
+    elbo-sigma     loss.objective = elbo, gaussian with the optimal (calibrated) sigma, kl_weight 1
+    elbo-learned   elbo, gaussian with a learned per-channel sigma, kl_weight 1
+    elbo-bernoulli elbo, bernoulli likelihood, kl_weight 1 (digits only: near-binary images)
 
 Columns: held-out PSNR and SSIM (posterior mean), NLL in bits/dim (importance-sampled, 20
 samples, each model's own likelihood; the weighted models use sigma = sqrt(MSE)), KL in nats
@@ -44,10 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 OBJECTIVES = {
     "weighted": [],
-    "elbo-trap": ["loss.kld_reduction=sum", "loss.kld_weight=1"],
-    "elbo-sigma": ["loss.objective=elbo", "loss.scale=optimal", "loss.kld_weight=1"],
-    "elbo-learned": ["loss.objective=elbo", "loss.scale=channel", "loss.kld_weight=1"],
-    "elbo-bernoulli": ["loss.objective=elbo", "loss.likelihood=bernoulli", "loss.kld_weight=1"],
+    "elbo-trap": ["loss.kl_reduction=sum", "loss.kl_weight=1"],
+    "elbo-sigma": ["loss.objective=elbo", "loss.scale=optimal", "loss.kl_weight=1"],
+    "elbo-learned": ["loss.objective=elbo", "loss.scale=channel", "loss.kl_weight=1"],
+    "elbo-bernoulli": ["loss.objective=elbo", "loss.likelihood=bernoulli", "loss.kl_weight=1"],
 }
 DATA = {"photos": ["elbo-bernoulli"], "digits": []}  # objectives left out per data set
 
@@ -73,8 +73,8 @@ def base_overrides(data: str, train: Path, steps: int, run: Path) -> tuple[Path,
               "train.device=cpu", f"train.save_every={steps}", f"train.sample_every={steps}"]
     config = ROOT / "configs" / ("digits.toml" if data == "digits" else "config.toml")
     # every objective starts from the built-in loss settings of the original formula
-    reset = ["loss.objective=weighted", "loss.scale=learned", "loss.kld_weight=0.0001", "loss.recon=mse",
-             "loss.kld_reduction=mean"]
+    reset = ["loss.objective=weighted", "loss.scale=learned", "loss.kl_weight=0.0001", "loss.recon=mse",
+             "loss.kl_reduction=mean"]
     return config, common + reset
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -153,6 +154,13 @@ def similarity_loss_value(image: torch.Tensor, target: torch.Tensor, kind: str =
 
 
 # ------------------------------------------------------------------ metrics.csv
+def current_column(name: str) -> str:
+    """A metrics.csv column's name now: runs before KL had one spelling logged ``kld``,
+    ``kld_weight``, ``kld_top``, ``kld_<group>``, ``balance_kld``...; they are ``kl``,
+    ``kl_weight``... now."""
+    return re.sub(r"(^|_)kld(?=_|$)", r"\1kl", name)
+
+
 def _fmt(value):
     return f"{value:.6g}" if isinstance(value, float) else value
 
@@ -181,7 +189,8 @@ class MetricsLog:
         if self.columns is None:  # a new (or empty) file: the header first
             self.columns = list(row)
             csv.writer(text).writerow(self.columns)
-        csv.writer(text).writerow([_fmt(row.get(c, "")) for c in self.columns])
+        # a resumed run of an older version keeps its header: its old column names take the new values
+        csv.writer(text).writerow([_fmt(row.get(c, row.get(current_column(c), ""))) for c in self.columns])
         self._append(text.getvalue().encode("utf-8"))
         if self.board is not None:
             for key, value in row.items():
@@ -206,7 +215,7 @@ class MetricsLog:
 
 def read_metrics(path) -> dict[str, list[float]]:
     """A metrics.csv as columns of floats (blank or unreadable cells become NaN), rows sorted
-    by step; DataError when the file is missing or has no rows."""
+    by step, columns under their current names; DataError when the file is missing or has no rows."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no training history: {path} not found")
@@ -221,6 +230,6 @@ def read_metrics(path) -> dict[str, list[float]]:
         except (TypeError, ValueError):
             return math.nan
 
-    columns = {name: [number(row.get(name)) for row in rows] for name in rows[0] if name is not None}
+    columns = {current_column(name): [number(row.get(name)) for row in rows] for name in rows[0] if name is not None}
     order = sorted(range(len(rows)), key=lambda i: columns["step"][i])
     return {name: [values[i] for i in order] for name, values in columns.items()}

@@ -175,14 +175,14 @@ def test_evaluate_reports_the_runs_own_loss_terms(tiny_model):
     assert terms["terms"] == ["Recon_kind=mse_weight=1.0", "KL_weight=0.0001"] and terms["images"] == 24
     from flexvae.analysis.split import batch_generator
 
-    recon = kld = 0.0
+    recon = kl = 0.0
     with torch.no_grad():
         for index, batch in enumerate(image_loader(dataset, 8)):
             out = tiny_model.vae(batch.images, sample=True, generator=batch_generator("cpu", 3, index))
             recon += float(F.mse_loss(out.recon, batch.images)) * len(batch.images) / 24
-            kld += float(out.posterior.kl_elements().mean()) * len(batch.images) / 24
-    assert terms["recon"] == pytest.approx(recon, rel=1e-6) and terms["kld"] == pytest.approx(kld, rel=1e-6)
-    assert terms["loss"] == pytest.approx(recon + 1e-4 * kld, rel=1e-6)
+            kl += float(out.posterior.kl_elements().mean()) * len(batch.images) / 24
+    assert terms["recon"] == pytest.approx(recon, rel=1e-6) and terms["kl"] == pytest.approx(kl, rel=1e-6)
+    assert terms["loss"] == pytest.approx(recon + 1e-4 * kl, rel=1e-6)
     assert "the run's loss" in format_report(result)
 
 
@@ -302,9 +302,9 @@ def test_matrix_runs_each_combination_once(tiny_run, tmp_path):
     spec.write_text(spec.read_text().replace('"train.max_steps" = 2', '"train.max_steps" = 1'))
     fewer = run_matrix(spec, quiet=True, log=lambda *_: None)
     assert [r["status"] for r in fewer["rows"]] == ["skipped: already at step 2 (beyond train.max_steps = 1)"] * 2
-    spec.write_text(spec.read_text().replace('"train.max_steps" = 1', '"train.max_steps" = 2\n"loss.kld_weight" = 0.01'))
+    spec.write_text(spec.read_text().replace('"train.max_steps" = 1', '"train.max_steps" = 2\n"loss.kl_weight" = 0.01'))
     changed = run_matrix(spec, quiet=True, log=lambda *_: None)
-    assert [r["status"] for r in changed["rows"]] == ["retrained: settings changed (loss.kld_weight)"] * 2
+    assert [r["status"] for r in changed["rows"]] == ["retrained: settings changed (loss.kl_weight)"] * 2
     assert all((p.parent.parent / "previous").is_dir() for p in ckpts)  # the old runs were moved aside
 
 

@@ -478,13 +478,13 @@ def test_silent_conversions_get_one_note_each(tmp_path):
         "train on grey",
         "note: images are downscaled to 16 x 16 (data.image_size); 5 of 5 are 40 x 40"]
     resumed = run_in_process(["-t", *args, "--set", "train.max_steps=2", "--set", "train.lr=0.005",
-                              "--set", "loss.kld_weight=0.5"])
+                              "--set", "loss.kl_weight=0.5"])
     assert resumed.returncode == 0, resumed.stderr
     assert "note: resuming with train.max_steps = 2 (the checkpoint was trained with 1)" in resumed.stdout
     assert "note: resuming with train.lr = 0.005 (the checkpoint was trained with 0.001)" in resumed.stdout
-    assert "note: resuming with loss.kld_weight = 0.5 (the checkpoint was trained with " in resumed.stdout
+    assert "note: resuming with loss.kl_weight = 0.5 (the checkpoint was trained with " in resumed.stdout
     again = run_in_process(["-t", *args, "--set", "train.max_steps=2", "--set", "train.lr=0.005",
-                            "--set", "loss.kld_weight=0.5"])
+                            "--set", "loss.kl_weight=0.5"])
     assert "resuming with" not in again.stdout  # the same settings: nothing to say
     out = run_in_process(["-i", *tiny(folder, run, "--input", folder, "--output", tmp_path / "out", "--labels",
                                       "folders")])

@@ -44,12 +44,15 @@ def error_of(fn, *args, **kwargs) -> str:
 # Where the shipped default config departs from the built-in defaults: the default model is a
 # real VAE (the calibrated ELBO), while the built-in defaults keep the original's formula so
 # that the original's configs (and stored checkpoints' configs) mean what they meant.
-DEFAULT_CONFIG_CHANGES = {"loss.objective": '"elbo"', "loss.scale": '"optimal"', "loss.kld_weight": "1.0",
+DEFAULT_CONFIG_CHANGES = {"loss.objective": '"elbo"', "loss.scale": '"optimal"', "loss.kl_weight": "1.0",
                           "train.fit_prior": "10"}
 
 
 # ------------------------------------------------------------------ renamed keys
-OLD_NAMES = {"alpha": ("recon_weight", 2.5), "beta": ("ssim_weight", 0.25), "gamma": ("sparse_weight", 0.125)}
+OLD_NAMES = {"alpha": ("recon_weight", 2.5), "beta": ("ssim_weight", 0.25), "gamma": ("sparse_weight", 0.125),
+             "kld_weight": ("kl_weight", 0.5), "kld_reduction": ("kl_reduction", '"sum"'),
+             "kld_schedule": ("kl_schedule", '"cyclical"'), "kld_warmup_steps": ("kl_warmup_steps", 7),
+             "kld_cycle_steps": ("kl_cycle_steps", 300), "kld_cycle_ratio": ("kl_cycle_ratio", 0.25)}
 
 
 # ------------------------------------------------------------------ defaults
@@ -133,7 +136,7 @@ def test_round_trip_awkward_values(tmp_path):
         'data.val_path="tab\\there\\nnewline ünïcødé ✓ \\u0001"',
         "model.encoder=['conv(3, 32)', \"quote\\\"d\", 'back\\slash']",
         "model.plugins=['my_plugin', 'extra/plugin.py']",
-        "loss.kld_weight=1e-4",
+        "loss.kl_weight=1e-4",
         "loss.sparse_weight=0.1",
         "train.lr=3.0000000000000004e-05",
         "train.betas=[0.5, 0.1234567890123]",
@@ -148,7 +151,7 @@ def test_round_trip_awkward_values(tmp_path):
     save_config(cfg, path)
     again = load_config(path)
     assert again == cfg
-    assert again.loss.kld_weight == 1e-4 and again.loss.sparse_weight == 0.1
+    assert again.loss.kl_weight == 1e-4 and again.loss.sparse_weight == 0.1
     assert load_config(path) == config_from_dict(config_to_dict(cfg))
     text = dump_toml(cfg)
     assert text.index("[data]") < text.index("[model]") < text.index("[loss]") < text.index("[train]") \
@@ -231,7 +234,7 @@ def test_range_errors():
     assert "'data.num_workers' must be >= 0, got -1" in error_of(config_from_dict, {"data": {"num_workers": -1}})
     assert "'mem.margin' must be in (0, 1], got 1.5" in error_of(config_from_dict, {"mem": {"margin": 1.5}})
     assert "'train.ema_decay' must be in (0, 1), got 1.0" in error_of(config_from_dict, {"train": {"ema_decay": 1}})
-    assert "'loss.kld_cycle_ratio'" in error_of(config_from_dict, {"loss": {"kld_cycle_ratio": 0.0}})
+    assert "'loss.kl_cycle_ratio'" in error_of(config_from_dict, {"loss": {"kl_cycle_ratio": 0.0}})
     assert "exactly 2 entries" in error_of(config_from_dict, {"train": {"betas": [0.9]}})
     assert "at least 2 entries" in error_of(config_from_dict, {"mem": {"probe_sizes": [4]}})
     msg = error_of(config_from_dict, {"mem": {"probe_sizes": [1, 0]}})
@@ -377,7 +380,7 @@ def test_old_loss_weight_names_load_as_the_new_ones_with_a_note(tmp_path, capsys
     new = tmp_path / "new.toml"
     new.write_text("[loss]\nobjective = \"weighted\"\n" + "".join(f"{n} = {v}\n" for n, v in OLD_NAMES.values()))
     assert load_config(old) == load_config(new)
-    assert load_config(new).loss.ssim_weight == 0.25
+    assert load_config(new).loss.ssim_weight == 0.25 and load_config(new).loss.kl_cycle_steps == 300
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert notes == [f"note: {old}: loss.{k} is now called loss.{n} (the old name still works)"
                      for k, (n, _) in OLD_NAMES.items()]

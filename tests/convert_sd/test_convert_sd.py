@@ -293,7 +293,7 @@ def test_fine_tuning_continues_from_the_imported_weights(tmp_path):
     cfg = config_from_dict({
         "data": {"path": str(_images(tmp_path / "images", 4, 32)), "image_size": 32, "num_workers": 0},
         "model": {"encoder": enc, "decoder": dec, "scaling_factor": 0.18215},
-        "loss": {"kld_weight": 1e-6},
+        "loss": {"kl_weight": 1e-6},
         "train": {"batch_size": 2, "max_steps": 2, "lr": 1e-12, "weight_decay": 0.0, "out_dir": str(run),
                   "device": "cpu", "save_every": 2, "sample_every": 2, "log_every": 1},
     })

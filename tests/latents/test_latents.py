@@ -272,7 +272,7 @@ def test_quantizer_metrics_are_logged_but_never_added_to_the_loss():
     model, x = model_for("vq"), smooth_images()
     cfg = train_cfg()
     result = train_step(model, [x], make_optimizer(model, cfg.train), cfg, 0)
-    assert set(result.terms) == {"recon", "kld", "vq_commit"}
+    assert set(result.terms) == {"recon", "kl", "vq_commit"}
     assert set(model.metrics()) == {"vq_usage", "vq_perplexity"}
     assert 0 < model.metrics()["vq_usage"] <= 1
 
@@ -320,7 +320,7 @@ def test_quantizer_tokens_inside_encoder_and_decoder_add_named_losses():
     loss = vae_loss(x, out, Config().loss)
     for name in out.aux:
         assert torch.equal(loss.terms[name], out.aux[name].float())
-    expected = loss.terms["recon"] + loss.kld_weight * loss.terms["kld"] + sum(out.aux.values())
+    expected = loss.terms["recon"] + loss.kl_weight * loss.terms["kl"] + sum(out.aux.values())
     assert loss.total.item() == pytest.approx(expected.item(), rel=1e-6)
     loss.total.backward()
     assert model.encoder[0].weight.grad.abs().sum() > 0

@@ -31,8 +31,8 @@ def test_mixed_latent_kl_is_the_sum_of_its_parts_against_torch_distributions():
     torch.testing.assert_close(posterior.kl_groups().sum(1), gauss + cat, rtol=1e-5, atol=1e-5)
     assert posterior.kl_groups().shape == (4, 4)  # 3 style channels + the class variable
     parts = posterior.diagnostics()
-    torch.testing.assert_close(parts["kld_style"], gauss.mean())
-    torch.testing.assert_close(parts["kld_class"], cat.mean())
+    torch.testing.assert_close(parts["kl_style"], gauss.mean())
+    torch.testing.assert_close(parts["kl_class"], cat.mean())
     assert latent.latent_shape((9, 2, 2)) == (6, 2, 2)
 
 

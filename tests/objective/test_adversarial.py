@@ -47,7 +47,7 @@ def config(images_dir, out, *overrides):
                               "train.device=cpu", "train.schedule=constant", "train.save_every=3", *overrides])
 
 
-GAN = ("loss.objective=elbo", "loss.likelihood=laplace", "loss.kld_weight=1e-3", "loss.perceptual_weight=1",
+GAN = ("loss.objective=elbo", "loss.likelihood=laplace", "loss.kl_weight=1e-3", "loss.perceptual_weight=1",
        "loss.perceptual_weights=random", f"adversarial.discriminator={SMALL_DISC}", "adversarial.start=2")
 
 
@@ -110,7 +110,7 @@ def test_perceptual_and_adversarial_training_resumes_exactly(photos, tmp_path):
         assert torch.equal(wa[key], wb[key]), key
     header, *rows = (tmp_path / "A" / "metrics.csv").read_text().splitlines()
     columns = header.split(",")
-    for name in ("nll", "kld", "bpd", "perceptual", "g_adv", "adaptive_weight", "d_loss", "logits_real", "logits_fake"):
+    for name in ("nll", "kl", "bpd", "perceptual", "g_adv", "adaptive_weight", "d_loss", "logits_real", "logits_fake"):
         assert name in columns, name
     values = dict(zip(columns, rows[-1].split(",")))
     assert float(values["adaptive_weight"]) > 0

@@ -9,7 +9,7 @@ import torch
 from flexvae.config import LossConfig
 from flexvae.latents import DiagonalGaussian, PointPosterior
 from flexvae.model import VAEOutput
-from flexvae.objective import kl_per_image, kld_term, vae_loss
+from flexvae.objective import kl_per_image, kl_term, vae_loss
 from flexvae.objective.likelihoods import Gaussian
 
 
@@ -68,9 +68,9 @@ def test_free_bits_floor_each_channel_but_leave_the_logged_kl_true():
     kl_per_image(posterior, floor).backward()
     assert mean.grad is None or float(mean.grad.abs().max()) == 0.0  # no KL gradient under the floor
     elbo = vae_loss(x, out, loss_cfg(objective="elbo", free_bits=floor), model=_Model(Gaussian(3)))
-    torch.testing.assert_close(elbo.terms["kld"], out.posterior.kl().mean())
+    torch.testing.assert_close(elbo.terms["kl"], out.posterior.kl().mean())
     # the weighted objective's per-element KL is the per-image one over the elements
-    torch.testing.assert_close(kld_term(out.posterior, "mean", floor), torch.tensor(floor * 2 / 32))
+    torch.testing.assert_close(kl_term(out.posterior, "mean", floor), torch.tensor(floor * 2 / 32))
 
 
 def test_free_bits_work_on_a_categorical_latent_vector():
@@ -86,22 +86,22 @@ def test_free_bits_work_on_a_categorical_latent_vector():
 def test_kl_weight_from_the_config_reaches_the_loss():
     x, out = batch()
     for weight in (0.0, 1e-4, 0.5):
-        loss = vae_loss(x, out, cfg(kld_weight=weight))
-        assert loss.kld_weight == weight
-        assert loss.total.item() == pytest.approx((loss.terms["recon"] + weight * loss.terms["kld"]).item(), rel=1e-6)
+        loss = vae_loss(x, out, cfg(kl_weight=weight))
+        assert loss.kl_weight == weight
+        assert loss.total.item() == pytest.approx((loss.terms["recon"] + weight * loss.terms["kl"]).item(), rel=1e-6)
 
 
 # ------------------------------------------------------------------ KL reduction
 def test_kl_sum_is_mean_times_latent_elements_per_sample():
     _, out = batch(latent=(3, 4, 5, 6))
-    mean_kl = kld_term(out.posterior, "mean")
-    sum_kl = kld_term(out.posterior, "sum")
+    mean_kl = kl_term(out.posterior, "mean")
+    sum_kl = kl_term(out.posterior, "sum")
     assert sum_kl.item() == pytest.approx(mean_kl.item() * 4 * 5 * 6, rel=1e-5)
     assert sum_kl.item() == pytest.approx(out.posterior.kl().mean().item(), rel=1e-6)
     with pytest.raises(ValueError, match="reduction"):
-        kld_term(out.posterior, "max")
+        kl_term(out.posterior, "max")
 
 
 def test_kl_of_a_point_posterior_is_zero():
     posterior = PointPosterior(torch.randn(2, 4, 3, 3))
-    assert kld_term(posterior, "mean").item() == 0 and kld_term(posterior, "sum").item() == 0
+    assert kl_term(posterior, "mean").item() == 0 and kl_term(posterior, "sum").item() == 0

@@ -229,18 +229,18 @@ def test_the_mass_of_each_8bit_bin_matches_scipy_and_bits_per_dim_are_never_nega
 def test_elbo_objective_is_the_negative_elbo_per_dimension():
     x, out = output()
     lik = Gaussian(3, "fixed", 0.1)
-    loss = vae_loss(x, out, loss_cfg(objective="elbo", kld_weight=1.0), model=_Model(lik))
+    loss = vae_loss(x, out, loss_cfg(objective="elbo", kl_weight=1.0), model=_Model(lik))
     nll = -D.Normal(out.recon, 0.1).log_prob(x).flatten(1).sum(1)
     q = D.Normal(out.posterior.mean, torch.exp(0.5 * out.posterior.logvar))
     kl = D.kl_divergence(q, D.Normal(0.0, 1.0)).flatten(1).sum(1)
     dims = 3 * 8 * 8
     torch.testing.assert_close(loss.terms["nll"], nll.mean(), rtol=1e-5, atol=1e-3)
-    torch.testing.assert_close(loss.terms["kld"], kl.mean(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(loss.terms["kl"], kl.mean(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(loss.total, (nll + kl).mean() / dims, rtol=1e-5, atol=1e-5)
     mass = torch.from_numpy(_scipy_bin_mass("gaussian", out.recon.detach().double().numpy(), x.double().numpy(), 0.1))
     expected_bpd = (-mass + kl.double()).mean() / (dims * math.log(2))  # of the 8-bit bins' mass
     torch.testing.assert_close(loss.terms["bpd"].double(), expected_bpd, rtol=1e-5, atol=1e-4)
-    beta = vae_loss(x, out, loss_cfg(objective="elbo", kld_weight=4.0), model=_Model(lik))
+    beta = vae_loss(x, out, loss_cfg(objective="elbo", kl_weight=4.0), model=_Model(lik))
     torch.testing.assert_close(beta.total, (nll + 4 * kl).mean() / dims, rtol=1e-5, atol=1e-5)
 
 

@@ -125,24 +125,24 @@ def test_sparse_term_is_mean_absolute_posterior_mean():
 def test_weights_multiply_their_terms():
     x, out = batch()
     out.aux["commitment"] = torch.tensor(0.25)
-    config = cfg(recon_weight=2.0, kld_weight=0.3, ssim_weight=0.5, sparse_weight=0.7, ssim=True, sparse=True)
+    config = cfg(recon_weight=2.0, kl_weight=0.3, ssim_weight=0.5, sparse_weight=0.7, ssim=True, sparse=True)
     loss = vae_loss(x, out, config)
     terms = loss.terms
-    assert set(terms) == {"recon", "kld", "ssim", "sparse", "commitment"}
-    expected = 2.0 * terms["recon"] + 0.3 * terms["kld"] + 0.5 * terms["ssim"] + 0.7 * terms["sparse"] + 0.25
+    assert set(terms) == {"recon", "kl", "ssim", "sparse", "commitment"}
+    expected = 2.0 * terms["recon"] + 0.3 * terms["kl"] + 0.5 * terms["ssim"] + 0.7 * terms["sparse"] + 0.25
     assert loss.total.item() == pytest.approx(expected.item(), rel=1e-6)
     # Each weight really moves the total.
-    for field, value in [("recon_weight", 3.0), ("kld_weight", 0.9), ("ssim_weight", 1.5), ("sparse_weight", 2.0)]:
+    for field, value in [("recon_weight", 3.0), ("kl_weight", 0.9), ("ssim_weight", 1.5), ("sparse_weight", 2.0)]:
         changed = vae_loss(x, out, dataclasses.replace(config, **{field: value}))
         assert changed.total.item() != pytest.approx(loss.total.item())
 
 
 def test_scheduled_weight_is_used_in_the_total():
     x, out = batch()
-    config = cfg(kld_weight=0.4, kld_schedule="linear", kld_warmup_steps=10)
+    config = cfg(kl_weight=0.4, kl_schedule="linear", kl_warmup_steps=10)
     loss = vae_loss(x, out, config, step=5)
-    assert loss.kld_weight == pytest.approx(0.2)
-    assert loss.total.item() == pytest.approx((loss.terms["recon"] + 0.2 * loss.terms["kld"]).item(), rel=1e-6)
+    assert loss.kl_weight == pytest.approx(0.2)
+    assert loss.total.item() == pytest.approx((loss.terms["recon"] + 0.2 * loss.terms["kl"]).item(), rel=1e-6)
 
 
 def test_loss_backpropagates():
@@ -172,7 +172,7 @@ def test_a_step_split_into_micro_batches_is_the_step_of_the_whole_batch(settings
     from flexvae.objective.likelihoods import make_likelihood
     from flexvae.train.step import MicroBatch, make_optimizer, train_step
 
-    cfg = load_config(None, ["train.lr=1e-12", "train.grad_clip=0", "loss.kld_weight=1", "data.image_size=8"])
+    cfg = load_config(None, ["train.lr=1e-12", "train.grad_clip=0", "loss.kl_weight=1", "data.image_size=8"])
     torch.manual_seed(0)
     likelihood = make_likelihood(settings["likelihood"], 3, settings["scale"]) if "likelihood" in settings else None
     model = plan_vae(["C2d_3_8_3_1_1", "SiLU", "C2d_8_4_3_2_1"], ["UpS_2", "C2d_2_3_3_1_1"], (3, 8, 8)).build(
@@ -203,13 +203,13 @@ def test_a_step_split_into_micro_batches_is_the_step_of_the_whole_batch(settings
 def test_learned_balance_trains_one_log_weight_per_term():
     x, out = output()
     balance = LossBalance()
-    loss = vae_loss(x, out, loss_cfg(balance="learned", kld_weight=0.5), model=_Model(balance=balance))
+    loss = vae_loss(x, out, loss_cfg(balance="learned", kl_weight=0.5), model=_Model(balance=balance))
     loss.total.backward()
-    recon, kld = loss.terms["recon"].detach(), loss.terms["kld"].detach()
+    recon, kl = loss.terms["recon"].detach(), loss.terms["kl"].detach()
     # d/ds (w exp(-s) L + s) at s = 0 is 1 - w L
     assert balance.log_weights["recon"].grad.item() == pytest.approx(1 - float(recon), rel=1e-5)
-    assert balance.log_weights["kld"].grad.item() == pytest.approx(1 - 0.5 * float(kld), rel=1e-5)
-    assert float(loss.total.detach()) == pytest.approx(float(recon + 0.5 * kld), rel=1e-6)
+    assert balance.log_weights["kl"].grad.item() == pytest.approx(1 - 0.5 * float(kl), rel=1e-5)
+    assert float(loss.total.detach()) == pytest.approx(float(recon + 0.5 * kl), rel=1e-6)
 
 
 def test_balance_with_the_elbo_is_refused():

@@ -6,7 +6,7 @@ import pytest
 
 from flexvae.config import LossConfig
 from flexvae.objective import (
-    kld_weight_at,
+    kl_weight_at,
 )
 
 
@@ -17,18 +17,18 @@ def cfg(**changes) -> LossConfig:
 # ------------------------------------------------------------------ KL schedules
 @pytest.mark.parametrize("step", [0, 1, 500, 10_000])
 def test_constant_schedule(step):
-    assert kld_weight_at(step, cfg(kld_weight=0.3)) == pytest.approx(0.3)
+    assert kl_weight_at(step, cfg(kl_weight=0.3)) == pytest.approx(0.3)
 
 
 @pytest.mark.parametrize("step, expected", [(0, 0.0), (25, 0.25), (50, 0.5), (100, 1.0), (101, 1.0), (1000, 1.0)])
 def test_linear_schedule(step, expected):
-    config = cfg(kld_weight=0.02, kld_schedule="linear", kld_warmup_steps=100)
-    # kld_weight * min(1, step / kld_warmup_steps)
-    assert kld_weight_at(step, config) == pytest.approx(0.02 * expected)
+    config = cfg(kl_weight=0.02, kl_schedule="linear", kl_warmup_steps=100)
+    # kl_weight * min(1, step / kl_warmup_steps)
+    assert kl_weight_at(step, config) == pytest.approx(0.02 * expected)
 
 
 def test_linear_schedule_without_warmup_is_constant():
-    assert kld_weight_at(0, cfg(kld_weight=0.02, kld_schedule="linear", kld_warmup_steps=0)) == pytest.approx(0.02)
+    assert kl_weight_at(0, cfg(kl_weight=0.02, kl_schedule="linear", kl_warmup_steps=0)) == pytest.approx(0.02)
 
 
 @pytest.mark.parametrize(
@@ -38,5 +38,5 @@ def test_linear_schedule_without_warmup_is_constant():
 )
 def test_cyclical_schedule(step, ratio, expected):
     # Within each period of 100 steps: ramp from 0 over the first `ratio` of it, then hold.
-    config = cfg(kld_weight=2.0, kld_schedule="cyclical", kld_cycle_steps=100, kld_cycle_ratio=ratio)
-    assert kld_weight_at(step, config) == pytest.approx(2.0 * expected)
+    config = cfg(kl_weight=2.0, kl_schedule="cyclical", kl_cycle_steps=100, kl_cycle_ratio=ratio)
+    assert kl_weight_at(step, config) == pytest.approx(2.0 * expected)

@@ -137,11 +137,11 @@ TOY_LIKELIHOOD = textwrap.dedent('''
 
 # ------------------------------------------------------------------ grammar and errors
 def test_legacy_keys_are_written_as_term_tokens():
-    cfg = _cfg(objective="weighted", recon="l1", recon_weight=2.0, kld_weight=1e-4, kld_schedule="linear",
-               kld_warmup_steps=100, ssim=True, ssim_weight=0.5, sparse=True, sparse_weight=0.003, perceptual_weight=0.25)
+    cfg = _cfg(objective="weighted", recon="l1", recon_weight=2.0, kl_weight=1e-4, kl_schedule="linear",
+               kl_warmup_steps=100, ssim=True, ssim_weight=0.5, sparse=True, sparse_weight=0.003, perceptual_weight=0.25)
     assert legacy_term_tokens(cfg) == ["Recon_kind=l1_weight=2.0", "KL_weight=0.0001_warmup=100",
                                        "SSIM_kind=auto_weight=0.5", "Sparse_weight=0.003", "LPIPS_weight=0.25"]
-    elbo = dataclasses.replace(cfg, loss=LossConfig(objective="elbo", kld_schedule="cyclical", kld_cycle_steps=50))
+    elbo = dataclasses.replace(cfg, loss=LossConfig(objective="elbo", kl_schedule="cyclical", kl_cycle_steps=50))
     assert legacy_term_tokens(elbo) == ["NLL", "KL_weight=0.0001_cycle=50_ratio=0.5"]
 
 
@@ -221,8 +221,8 @@ def test_a_term_outside_its_steps_is_not_computed_and_logs_nan():
 
 
 def test_terms_declared_as_tokens_train_the_same_weights_as_the_keys(tmp_path):
-    keys = _train(tmp_path, "keys", "loss.ssim=true", "loss.ssim_weight=0.5", "loss.kld_weight=0.01",
-                  "loss.kld_schedule=linear", "loss.kld_warmup_steps=2", "loss.sparse=true")
+    keys = _train(tmp_path, "keys", "loss.ssim=true", "loss.ssim_weight=0.5", "loss.kl_weight=0.01",
+                  "loss.kl_schedule=linear", "loss.kl_warmup_steps=2", "loss.sparse=true")
     tokens = _train(tmp_path, "tokens", 'loss.terms=["Recon_kind=mse", "KL_weight=0.01_warmup=2", '
                                         '"SSIM_weight=0.5", "Sparse_weight=0.001"]')
     for (name, a), (_, b) in zip(keys.model.state_dict().items(), tokens.model.state_dict().items()):

@@ -255,7 +255,7 @@ def test_two_processes_train_a_vampprior_with_free_bits_as_one_process(tmp_path)
     common = [f"data.path={images}", "data.num_workers=0", "train.max_steps=3", "train.save_every=3",
               "train.grad_accum=2", "train.lr=1e-4", "train.grad_clip=0", "train.log_every=1",
               "loss.objective=elbo", "loss.scale=optimal", "loss.free_bits=0.2", "model.prior=Vamp_components=3"]
-    assert_two_processes_match_one(tmp_path, common, columns=("loss", "nll", "kld"))
+    assert_two_processes_match_one(tmp_path, common, columns=("loss", "nll", "kl"))
 
 
 def test_a_prior_from_a_plugin_file_is_one_class_and_one_decorator(tmp_path):

@@ -127,7 +127,7 @@ def test_resumed_mixed_run_equals_an_uninterrupted_one(tmp_path):
     weights = [k for k in whole if k.startswith("model.")]
     assert weights and all(torch.equal(whole[k], split[k]) for k in weights)
     header = (tmp_path / "whole" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"kld_style", "kld_class", "tau", "label_acc", "label_purity"} <= set(header)
+    assert {"kl_style", "kl_class", "tau", "label_acc", "label_purity"} <= set(header)
 
 
 @pytest.mark.slow

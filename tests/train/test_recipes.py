@@ -58,7 +58,7 @@ def test_sd_ft_mse_trains_the_decoder_alone(tmp_path):
     changed, encoder = _changed(before, trainer.model, "encoder.")
     assert encoder and not changed  # the encoder, and so the latent space, is bitwise the imported one
     assert _changed(before, trainer.model, "decoder.")[0]
-    assert {"recon", "perceptual"} <= set(rows[-1]) and "kld" not in rows[-1]
+    assert {"recon", "perceptual"} <= set(rows[-1]) and "kl" not in rows[-1]
     ema = load_file(str(sorted((tmp_path / "run" / "checkpoints").glob("*.safetensors"))[-1]))
     assert all(torch.equal(ema[f"ema.{k}"], before[k]) for k in encoder)
 

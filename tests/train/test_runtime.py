@@ -299,7 +299,7 @@ def test_two_processes_share_free_bits_and_the_optimal_scale_of_the_global_batch
     common = [f"data.path={images}", "data.num_workers=0", "train.max_steps=3", "train.save_every=3",
               "train.grad_accum=2", "train.lr=1e-4", "train.grad_clip=0", "train.log_every=1",
               "loss.objective=elbo", "loss.scale=optimal", "loss.free_bits=0.2"]
-    assert_two_processes_match_one(tmp_path, common, columns=("loss", "nll", "kld", "scale"))
+    assert_two_processes_match_one(tmp_path, common, columns=("loss", "nll", "kl", "scale"))
 
 
 @pytest.mark.slow
@@ -385,4 +385,4 @@ def test_two_processes_train_a_hierarchy_like_one(tmp_path):
     common = [f"data.path={images}", "data.num_workers=0", f"model.encoder={H_ENCODER}", f"model.decoder={H_DECODER}",
               "loss.objective=elbo", "train.max_steps=4", "train.save_every=4", "train.grad_accum=2", "train.lr=1e-4",
               "train.grad_clip=0", "train.log_every=1", "train.skip_spikes=true"]
-    assert_two_processes_match_one(tmp_path, common, columns=("loss", "kld_x8", "kld_x16"))
+    assert_two_processes_match_one(tmp_path, common, columns=("loss", "kl_x8", "kl_x16"))

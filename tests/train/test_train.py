@@ -238,7 +238,7 @@ def test_hierarchical_run_logs_groups_resumes_exactly_and_round_trips(tmp_path):
     weights = [k for k in whole if k.startswith("model.")]
     assert any("posterior" in k for k in weights) and all(torch.equal(whole[k], split[k]) for k in weights)
     header = (tmp_path / "whole" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"kld_top", "kld_x8", "kld_x16", "skipped", "skip_threshold"} <= set(header)
+    assert {"kl_top", "kl_x8", "kl_x16", "skipped", "skip_threshold"} <= set(header)
     vae = flexvae.load_model(tmp_path / "whole")
     assert vae.groups == ["x8", "x16"]
     x = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -260,3 +260,47 @@ def test_verbose_without_torchinfo_prints_the_structures_table(tmp_path, monkeyp
     proc = run_in_process(["-t", *tiny(images, tmp_path / "run", "--set", "train.max_steps=1", "--verbose")])
     assert proc.returncode == 0, proc.stderr
     assert "total parameters: 2,620" in proc.stdout and "pip install torchinfo" in proc.stdout
+
+
+def test_a_run_from_before_kl_had_one_spelling_resumes_and_keeps_its_columns(tmp_path):
+    """An older version's run (metrics columns kld, kld_weight, balance_kld; the balance's
+    weight balance.log_weights.kld in its checkpoint; loss.kld_* keys in its config) resumes:
+    its metrics.csv keeps its header and the new rows fill the old columns, and the columns read
+    back under the names of today."""
+    import csv
+
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from flexvae.files import write_bytes, write_text
+    from flexvae.metrics import read_metrics
+    from flexvae.outputs import writing_into
+
+    images = random_images(tmp_path / "images", 4)
+    run = tmp_path / "run"
+    sets = [f"data.path={images}", f"train.out_dir={run}", "train.device=cpu", "loss.objective=weighted",
+            "loss.balance=learned", "train.ema=true", "train.log_every=1", "train.fit_prior=0"]
+    Trainer(load_config(TINY, sets + ["train.max_steps=2"]), TINY, quiet=True).train()
+    # make it the older version's run, as that version would have written it (and recorded it)
+    [path] = list_checkpoints(run)
+    with safe_open(str(path), "pt") as fh:
+        metadata = fh.metadata()
+    tensors = {name.replace("balance.log_weights.kl", "balance.log_weights.kld"): value
+               for name, value in load_file(path).items()}
+    assert sum(name.endswith("log_weights.kld") for name in tensors) == 2  # the weights and their EMA
+    metrics, config = run / "metrics.csv", run / "config.toml"
+    with writing_into(run, flag="train.out_dir"):
+        write_bytes(path, save(tensors, metadata=metadata))
+        write_text(metrics, metrics.read_text().replace(",kl,kl_weight,", ",kld,kld_weight,")
+                   .replace("balance_kl,", "balance_kld,"))
+        write_text(config, config.read_text().replace("kl_", "kld_"))
+
+    Trainer(load_config(TINY, sets + ["train.max_steps=4", "loss.kld_weight=0.0001"]), TINY, quiet=True).train()
+    with open(metrics, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [row["step"] for row in rows] == ["1", "2", "3", "4"]
+    assert all(row["kld"] and row["kld_weight"] and row["balance_kld"] for row in rows)
+    assert "kl" not in rows[0]
+    history = read_metrics(metrics)
+    assert len(history["kl"]) == 4 and not any(np.isnan(history["kl"])) and "kld" not in history
+    assert load_checkpoint(list_checkpoints(run)[-1]).model_state["balance.log_weights.kl"].shape == ()

@@ -21,7 +21,7 @@ from ..data import save_grid
 from ..errors import DataError
 from .probe import labelled_images
 
-DIAGNOSTICS = (("kld_style", "kld_class"), ("tau",), ("label_acc", "label_purity"))
+DIAGNOSTICS = (("kl_style", "kl_class"), ("tau",), ("label_acc", "label_purity"))
 DIAGNOSTIC_TITLES = ("KL per part (nats per image)", "class temperature", "agreement with the labels")
 
 

@@ -175,7 +175,7 @@ def final_losses(run_dir: Path) -> dict:
         columns = read_metrics(run_dir / METRICS_FILE)
     except DataError:
         return {}
-    skip = {"step", "kld_weight", "lr", "grad_norm", "images_per_s"}
+    skip = {"step", "kl_weight", "lr", "grad_norm", "images_per_s"}
     return {f"final_{key}": values[-1] for key, values in columns.items()
             if key not in skip and not math.isnan(values[-1])}
 

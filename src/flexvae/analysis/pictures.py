@@ -27,8 +27,8 @@ from ..files import atomic_open, write_text
 from . import require
 
 # Not plotted as loss terms; the class diagnostics have their own plot (conditional.py).
-NOT_LOSS_TERMS = ("step", "kld_weight", "lr", "grad_norm", "images_per_s", "stage", "skipped", "skip_threshold",
-                  "kld_style", "kld_class", "tau", "label_acc", "label_purity")
+NOT_LOSS_TERMS = ("step", "kl_weight", "lr", "grad_norm", "images_per_s", "stage", "skipped", "skip_threshold",
+                  "kl_style", "kl_class", "tau", "label_acc", "label_purity")
 
 
 # ------------------------------------------------------------------ traversal
@@ -140,10 +140,10 @@ def plot_history(columns: dict, out_dir, kl_history: dict | None = None) -> list
     fig.tight_layout()
     written.append(_save(fig, out / "history_losses.png"))
 
-    present = [c for c in ("lr", "kld_weight", "grad_norm") if c in columns]
+    present = [c for c in ("lr", "kl_weight", "grad_norm") if c in columns]
     if present:
         fig, axes = _figure(1, len(present))
-        titles = {"lr": "learning rate", "kld_weight": "KL weight", "grad_norm": "gradient norm (before clipping)"}
+        titles = {"lr": "learning rate", "kl_weight": "KL weight", "grad_norm": "gradient norm (before clipping)"}
         for ax, name in zip(axes, present):
             values = [v for v in columns[name] if math.isfinite(v)]
             ax.plot(steps, columns[name], color="C1")

@@ -151,6 +151,12 @@ def _ordered_keys(keys: list[str], header: dict[str, str]) -> list[str]:
     return order + [k for k in keys if k not in listed]
 
 
+def _current_key(name: str) -> str:
+    """A weight's name now: before KL had one spelling, the learned balance's KL log-weight was
+    ``balance.log_weights.kld``."""
+    return name[:-1] if name == "balance.log_weights.kld" else name
+
+
 def load_checkpoint(path: str | os.PathLike, *, with_train_state: bool = True) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint` (never unpickles).
 
@@ -189,8 +195,8 @@ def load_checkpoint(path: str | os.PathLike, *, with_train_state: bool = True) -
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{path}: corrupt checkpoint metadata: 'flexvae' is not an object")
 
-    model_state = {k[len(_MODEL):]: v for k, v in tensors.items() if k.startswith(_MODEL)}
-    ema = {k[len(_EMA):]: v for k, v in tensors.items() if k.startswith(_EMA)}
+    model_state = {_current_key(k[len(_MODEL):]): v for k, v in tensors.items() if k.startswith(_MODEL)}
+    ema = {_current_key(k[len(_EMA):]): v for k, v in tensors.items() if k.startswith(_EMA)}
     train_state = None
     if skeleton is not None:
         try:

@@ -67,8 +67,8 @@ class LossConfig:
         [], "the loss as term tokens, e.g. [\"NLL\", \"KL_weight=1e-4_warmup=1000\", \"LPIPS_weight=0.1\"] (python "
         "train.py --terms lists them); empty = the terms the keys below declare")
     objective: Literal["weighted", "elbo"] = setting(
-        "weighted", "weighted: recon_weight * recon + kld_weight * KL, per-element means (the original FlexVAE); "
-        "elbo: the likelihood's NLL + kld_weight * KL, summed per image (kld_weight = 1 is the ELBO)")
+        "weighted", "weighted: recon_weight * recon + kl_weight * KL, per-element means (the original FlexVAE); "
+        "elbo: the likelihood's NLL + kl_weight * KL, summed per image (kl_weight = 1 is the ELBO)")
     likelihood: str = setting(
         "gaussian", "elbo: decoder likelihood: gaussian, laplace, bernoulli, logistic_mixture (8-bit images) or one "
         "a plugin registers (objective.register_likelihood)")
@@ -79,19 +79,19 @@ class LossConfig:
     mixture_components: int = setting(10, "elbo, logistic_mixture: mixture components", POSITIVE)
     recon: Literal["mse", "l1", "bce"] = setting("mse", "weighted: reconstruction loss: mse, l1 or bce")
     recon_weight: float = setting(1.0, "weighted: reconstruction loss weight (formerly alpha)", NON_NEGATIVE)
-    kld_weight: float = setting(1e-4, "KL divergence weight (its final value under a schedule)", NON_NEGATIVE)
-    kld_reduction: Literal["mean", "sum"] = setting(
+    kl_weight: float = setting(1e-4, "KL divergence weight (its final value under a schedule)", NON_NEGATIVE)
+    kl_reduction: Literal["mean", "sum"] = setting(
         "mean", "weighted: KL reduction: mean (per element) or sum (per sample, averaged over the batch)")
     free_bits: float = setting(
         0.0, "KL floor in nats per latent channel (per group for categorical latents), averaged over the batch: "
         "a channel under it gets no KL gradient", NON_NEGATIVE)
     balance: Literal["fixed", "learned"] = setting(
         "fixed", "weighted: learned = each term's weight w is trained as w * exp(-s) * term + s")
-    kld_schedule: Literal["constant", "linear", "cyclical"] = setting(
+    kl_schedule: Literal["constant", "linear", "cyclical"] = setting(
         "constant", "KL weight schedule: constant, linear (warmup) or cyclical")
-    kld_warmup_steps: int = setting(0, "linear schedule: steps to ramp the KL weight from 0", NON_NEGATIVE)
-    kld_cycle_steps: int = setting(1000, "cyclical schedule: period length in steps", POSITIVE)
-    kld_cycle_ratio: float = setting(0.5, "cyclical schedule: fraction of a period spent ramping", UNIT_OPEN_CLOSED)
+    kl_warmup_steps: int = setting(0, "linear schedule: steps to ramp the KL weight from 0", NON_NEGATIVE)
+    kl_cycle_steps: int = setting(1000, "cyclical schedule: period length in steps", POSITIVE)
+    kl_cycle_ratio: float = setting(0.5, "cyclical schedule: fraction of a period spent ramping", UNIT_OPEN_CLOSED)
     ssim: bool = setting(False, "add ssim_weight * (1 - SSIM) to the loss")
     ssim_weight: float = setting(1.0, "SSIM loss weight (formerly beta)", NON_NEGATIVE)
     ssim_kind: Literal["auto", "ssim", "ms-ssim"] = setting(
@@ -224,4 +224,6 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in 
 SECTION_ORDER = [f.name for f in dataclasses.fields(Config) if f.name != "stage"]
 
 # old key -> its name now: still read, with a one-line note (silently from a checkpoint's stored config)
-RENAMED_KEYS = {("loss", "alpha"): "recon_weight", ("loss", "beta"): "ssim_weight", ("loss", "gamma"): "sparse_weight"}
+RENAMED_KEYS = {("loss", "alpha"): "recon_weight", ("loss", "beta"): "ssim_weight", ("loss", "gamma"): "sparse_weight",
+                **{("loss", f"kld_{rest}"): f"kl_{rest}" for rest in ("weight", "reduction", "schedule", "warmup_steps",
+                                                                     "cycle_steps", "cycle_ratio")}}

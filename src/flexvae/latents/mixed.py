@@ -139,8 +139,8 @@ class MixedPosterior(Posterior):
     def diagnostics(self) -> dict:
         log_q = F.log_softmax(self.logits.float(), dim=1)
         found = {
-            "kld_style": batch_sum(self.gaussian.kl_elements().float()).mean().detach(),
-            "kld_class": (log_q.exp() * (log_q + math.log(self.classes))).sum(1).mean().detach(),
+            "kl_style": batch_sum(self.gaussian.kl_elements().float()).mean().detach(),
+            "kl_class": (log_q.exp() * (log_q + math.log(self.classes))).sum(1).mean().detach(),
             "tau": torch.tensor(float(self.tau)),
         }
         if self.labels is not None:

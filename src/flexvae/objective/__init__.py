@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from . import adversarial, contrast, equivariance, kl, perceptual, reconstruction, similarity, sparsity  # noqa: F401
 from .balance import BALANCED_TERMS, LossBalance
-from .kl import kl_per_image, kld_term
-from .legacy import kld_weight_at
+from .kl import kl_per_image, kl_term
+from .legacy import kl_weight_at
 from .likelihoods import LIKELIHOODS, Likelihood, make_likelihood, register_likelihood
 from .objective import Objective, ObjectiveOutput
 from .reconstruction import reconstruction_loss
@@ -26,7 +26,7 @@ from .schedule import Schedule
 from .term import TERMS, Arg, Term, TermInputs, register_term
 
 __all__ = ["Arg", "BALANCED_TERMS", "LIKELIHOODS", "Likelihood", "LossBalance", "Objective", "ObjectiveOutput",
-           "Schedule", "TERMS", "Term", "TermInputs", "check_loss_config", "image_of", "kl_per_image", "kld_term", "kld_weight_at",
+           "Schedule", "TERMS", "Term", "TermInputs", "check_loss_config", "image_of", "kl_per_image", "kl_term", "kl_weight_at",
            "make_likelihood", "reconstruction_loss", "register_likelihood", "register_term", "vae_loss"]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-BALANCED_TERMS = ("recon", "kld", "ssim", "sparse", "perceptual")
+BALANCED_TERMS = ("recon", "kl", "ssim", "sparse", "perceptual")
 LOG_WEIGHT_LIMIT = 12.0  # |s| of a learned balance: exp(12) ~ 1.6e5
 
 

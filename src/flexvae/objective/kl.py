@@ -29,7 +29,7 @@ def kl_per_image(posterior, free_bits: float = 0.0, groups=None, kl_means=None) 
                for part, means in zip(parts, kl_means))
 
 
-def kld_term(posterior, reduction: str, free_bits: float = 0.0, groups=None, kl_means=None) -> torch.Tensor:
+def kl_term(posterior, reduction: str, free_bits: float = 0.0, groups=None, kl_means=None) -> torch.Tensor:
     """'mean': mean over every latent element (with decoder groups, their elements count too);
     'sum': sum over each sample's latent elements, averaged over the batch (the ELBO's KL)."""
     if reduction == "mean":
@@ -43,12 +43,12 @@ def kld_term(posterior, reduction: str, free_bits: float = 0.0, groups=None, kl_
 
 
 @register_term("KL", Arg("reduction", str, FROM_CONFIG, "weighted objective: mean (per latent element) or sum "
-                                                         "(per image); default loss.kld_reduction",
+                                                         "(per image); default loss.kl_reduction",
                          choices=("mean", "sum")),
                Arg("free_bits", float, FROM_CONFIG, "KL floor in nats per latent channel; default loss.free_bits"),
                doc="KL(q(z|x) || p(z)) of the latent and every latent group (elbo: nats per image)")
 class KL(Term):
-    log_name = "kld"
+    log_name = "kl"
 
     def __init__(self, reduction=FROM_CONFIG, free_bits=FROM_CONFIG, settings=None, objective: str = "weighted"):
         super().__init__()
@@ -56,17 +56,17 @@ class KL(Term):
             raise ValueError(f"free_bits must be at least 0, found {free_bits}")
         self.elbo = objective == "elbo"
         self.per_image = self.elbo
-        self.reduction = reduction if reduction is not FROM_CONFIG else getattr(settings, "kld_reduction", "mean")
+        self.reduction = reduction if reduction is not FROM_CONFIG else getattr(settings, "kl_reduction", "mean")
         self.free_bits = free_bits if free_bits is not FROM_CONFIG else getattr(settings, "free_bits", 0.0)
 
     def logged(self):
-        return ("kld",)
+        return ("kl",)
 
     def forward(self, batch):
         out = batch.out
         if self.elbo:  # logged: the true KL; in the loss: with free bits
             value = kl_per_image(out.posterior, self.free_bits, out.groups, batch.kl_means)
             if self.free_bits > 0 or out.groups:  # else the same number
-                batch.extra["kld"] = out.kl().mean()
+                batch.extra["kl"] = out.kl().mean()
             return value
-        return kld_term(out.posterior, self.reduction, self.free_bits, out.groups, batch.kl_means)
+        return kl_term(out.posterior, self.reduction, self.free_bits, out.groups, batch.kl_means)

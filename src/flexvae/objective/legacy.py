@@ -1,9 +1,9 @@
 """The [loss] and [adversarial] keys as term tokens: what a config without ``loss.terms`` trains.
 
-    weighted: Recon_kind=<recon>_weight=<recon_weight>, KL_weight=<kld_weight>[schedule],
+    weighted: Recon_kind=<recon>_weight=<recon_weight>, KL_weight=<kl_weight>[schedule],
               SSIM_kind=<ssim_kind>_weight=<ssim_weight> (ssim), Sparse_weight=<sparse_weight> (sparse),
               LPIPS_weight=<perceptual_weight> (perceptual_weight > 0), Adv (a discriminator)
-    elbo:     NLL, KL_weight=<kld_weight>[schedule], then the same SSIM, Sparse, LPIPS and Adv
+    elbo:     NLL, KL_weight=<kl_weight>[schedule], then the same SSIM, Sparse, LPIPS and Adv
 
 Numbers are written with ``repr``, which reads back to the same float: the weights, and so
 the trained weights, are bitwise those of the keys.
@@ -15,15 +15,15 @@ from __future__ import annotations
 from ..errors import ConfigError
 
 # [loss] keys that declare a term; with loss.terms they must stay at their defaults.
-TERM_KEYS = ("recon", "recon_weight", "kld_weight", "kld_schedule", "kld_warmup_steps", "kld_cycle_steps",
-             "kld_cycle_ratio", "ssim", "ssim_weight", "ssim_kind", "sparse", "sparse_weight", "perceptual_weight")
+TERM_KEYS = ("recon", "recon_weight", "kl_weight", "kl_schedule", "kl_warmup_steps", "kl_cycle_steps",
+             "kl_cycle_ratio", "ssim", "ssim_weight", "ssim_kind", "sparse", "sparse_weight", "perceptual_weight")
 
 
 def _kl_schedule(loss) -> str:
-    if loss.kld_schedule == "linear" and loss.kld_warmup_steps > 0:
-        return f"_warmup={loss.kld_warmup_steps}"
-    if loss.kld_schedule == "cyclical":
-        return f"_cycle={loss.kld_cycle_steps}_ratio={loss.kld_cycle_ratio!r}"
+    if loss.kl_schedule == "linear" and loss.kl_warmup_steps > 0:
+        return f"_warmup={loss.kl_warmup_steps}"
+    if loss.kl_schedule == "cyclical":
+        return f"_cycle={loss.kl_cycle_steps}_ratio={loss.kl_cycle_ratio!r}"
     return ""
 
 
@@ -33,7 +33,7 @@ def legacy_term_tokens(cfg) -> list[str]:
         tokens = ["NLL"]
     else:
         tokens = [f"Recon_kind={loss.recon}_weight={loss.recon_weight!r}"]
-    tokens.append(f"KL_weight={loss.kld_weight!r}{_kl_schedule(loss)}")
+    tokens.append(f"KL_weight={loss.kl_weight!r}{_kl_schedule(loss)}")
     if loss.ssim:
         tokens.append(f"SSIM_kind={loss.ssim_kind}_weight={loss.ssim_weight!r}")
     if loss.sparse:
@@ -75,9 +75,9 @@ def reconstruction_kind(cfg) -> str:
     return cfg.loss.recon
 
 
-def kld_weight_at(step: int, loss) -> float:
+def kl_weight_at(step: int, loss) -> float:
     """The KL weight the [loss] keys give after ``step`` optimizer steps (their KL term's schedule)."""
     from ..dsl.grammar import parse_token
     from .schedule import Schedule
 
-    return Schedule.from_spec(parse_token(f"KL_weight={loss.kld_weight!r}{_kl_schedule(loss)}")).weight_at(step)
+    return Schedule.from_spec(parse_token(f"KL_weight={loss.kl_weight!r}{_kl_schedule(loss)}")).weight_at(step)

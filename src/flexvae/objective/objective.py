@@ -35,14 +35,14 @@ from .term import TERMS, Term, TermInputs
 
 
 # The [loss] key that declares each term when loss.terms is empty (legacy.py).
-LEGACY_KEYS = {"SSIM": "ssim", "LPIPS": "perceptual_weight", "Sparse": "sparse", "Recon": "recon", "KL": "kld_weight"}
+LEGACY_KEYS = {"SSIM": "ssim", "LPIPS": "perceptual_weight", "Sparse": "sparse", "Recon": "recon", "KL": "kl_weight"}
 
 
 @dataclass
 class ObjectiveOutput:
     total: torch.Tensor
     terms: dict  # name -> unweighted scalar tensor (logged)
-    kld_weight: float
+    kl_weight: float
 
 
 def _bind(spec, data_shape):
@@ -157,8 +157,8 @@ class Objective(nn.Module):
         out = batch.out
         logged.update(out.posterior.diagnostics())  # logged, not optimised (per-part KL, temperature ...)
         if out.groups:  # a hierarchy: each group's KL in nats per image, and the top latent's
-            logged["kld_top"] = out.posterior.kl().float().mean().detach()
-            logged.update({f"kld_{name}": group.kl().float().mean().detach() for name, group in out.groups.items()})
+            logged["kl_top"] = out.posterior.kl().float().mean().detach()
+            logged.update({f"kl_{name}": group.kl().float().mean().detach() for name, group in out.groups.items()})
         for term, schedule in late:
             batch.rest = total
             value, contribution = self._evaluate(term, schedule, batch, balance)

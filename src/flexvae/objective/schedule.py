@@ -9,8 +9,8 @@ Every term token takes these keywords beside its own arguments:
     cycle=P     cyclical (Fu et al. 2019): within each period of P steps, ramp from 0 to W over
     ratio=R     the first R of it (default 0.5), then hold
 
-``"KL_weight=1e-4_warmup=1000"`` is the KL weight the [loss] keys kld_schedule = "linear",
-kld_warmup_steps = 1000 describe, to the bit.
+``"KL_weight=1e-4_warmup=1000"`` is the KL weight the [loss] keys kl_schedule = "linear",
+kl_warmup_steps = 1000 describe, to the bit.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ class StepResult:
 
     loss: float
     raw_terms: dict
-    kld_weight: float
+    kl_weight: float
     grad_norm: float
     extra: dict = field(default_factory=dict)  # floats already on the CPU (the discriminator's terms)
 
@@ -116,10 +116,10 @@ def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, objective: 
     scale = likelihood.using_global_scale(split and split.log_scale) if hasattr(likelihood, "using_global_scale") \
         else contextlib.nullcontext()
     with scale:
-        loss_sum, totals, kld_weight = _micro_batches(runtime, batches, cfg, step, objective, on, split, log)
+        loss_sum, totals, kl_weight = _micro_batches(runtime, batches, cfg, step, objective, on, split, log)
     loss_value = float(loss_sum)  # the step's one wait for the device: a non-finite loss stops here
     if not math.isfinite(loss_value):
-        shown = StepResult(loss_value, totals, kld_weight, float("nan")).terms
+        shown = StepResult(loss_value, totals, kl_weight, float("nan")).terms
         raise TrainingError(
             f"the loss became {loss_value} at step {step + 1} ({', '.join(f'{k}={v:.4g}' for k, v in shown.items())}). "
             "Lower train.lr, raise train.grad_clip or check the data"
@@ -147,14 +147,14 @@ def train_step(runtime: Runtime, batches, optimizer, cfg, step: int, objective: 
         if adversarial:
             objective.term("Adv").pairs.clear()
         extra = dict.fromkeys(objective.discriminator_names()[2:], float("nan"))
-    return StepResult(loss_value, totals, kld_weight, grad_norm, extra)
+    return StepResult(loss_value, totals, kl_weight, grad_norm, extra)
 
 
 def _micro_batches(runtime, batches, cfg, step, objective, on, split, log=True):
     """Forward and backward of every micro-batch; (loss, logged terms, KL weight) of the step,
     the loss and terms as tensors on the device."""
     totals: dict = {}
-    loss_sum, kld_weight = 0.0, 0.0
+    loss_sum, kl_weight = 0.0, 0.0
     model = runtime.model
     for index, micro in enumerate(batches):
         images = micro.images
@@ -173,5 +173,5 @@ def _micro_batches(runtime, batches, cfg, step, objective, on, split, log=True):
         for name, value in losses.terms.items():
             value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
             totals[name] = totals.get(name, 0.0) + value / len(batches)
-        kld_weight = losses.kld_weight
-    return loss_sum, totals, kld_weight
+        kl_weight = losses.kl_weight
+    return loss_sum, totals, kl_weight

@@ -364,7 +364,7 @@ class Trainer:
             values = mean_across(self.dist, {"loss": result.loss, **result.terms}, self.device)
             row = {
                 "step": self.step, **values,
-                "kld_weight": result.kld_weight, "lr": self.scheduler.get_last_lr()[0],
+                "kl_weight": result.kl_weight, "lr": self.scheduler.get_last_lr()[0],
                 "grad_norm": result.grad_norm, **({"stage": self.stage.number} if self.stage is not None else {}),
                 **({} if self.guard is None else {"skipped": self.guard.skipped,
                                                    "skip_threshold": self.guard.threshold()}),
