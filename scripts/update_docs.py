@@ -7,6 +7,8 @@ mode and option (docs/reference.md) from the parsers, and the public Python API
     python scripts/update_docs.py --check  # exit 1 if a page is out of date (the tests run this)
 """
 
+import dataclasses
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -76,8 +78,6 @@ def cli_table() -> str:
 
 
 def _first_paragraph(obj) -> str:
-    import inspect
-
     doc = inspect.getdoc(obj) or ""
     if doc.startswith(f"{getattr(obj, '__name__', '')}("):  # the text dataclasses make up, not a doc
         return ""
@@ -87,9 +87,6 @@ def _first_paragraph(obj) -> str:
 def _default(value) -> str:
     """A parameter's default as the reader would write it: a class by its name, a long or
     object-like repr as ``...``."""
-    import dataclasses
-    import inspect
-
     if inspect.isclass(value):
         return value.__name__
     text = repr(value)
@@ -99,8 +96,6 @@ def _default(value) -> str:
 
 
 def _annotation(annotation) -> str:
-    import inspect
-
     if isinstance(annotation, str):
         return annotation.strip("'\"")
     return annotation.__name__ if inspect.isclass(annotation) else inspect.formatannotation(annotation)
@@ -108,8 +103,6 @@ def _annotation(annotation) -> str:
 
 def _signature(obj) -> str:
     """``(name: type = default, ...) -> type`` with annotations as written in the source."""
-    import inspect
-
     try:
         signature = inspect.signature(obj)
     except (TypeError, ValueError):
@@ -140,8 +133,6 @@ def _signature(obj) -> str:
 def api_reference() -> str:
     """Every name of ``flexvae.__all__``: its signature and the first paragraph of its doc; for
     a class, each public method's signature and first sentence."""
-    import inspect
-
     import flexvae
 
     lines = []
