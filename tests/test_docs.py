@@ -14,11 +14,7 @@ from helpers.doc_blocks import blocks, pages, run_by
 from helpers.inprocess import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-
-
 DOCS = ROOT / "docs"
 
 

@@ -32,8 +32,6 @@ from flexvae.build import build_vae
 from flexvae.checkpoint import load_run as load_model
 
 REPO = Path(__file__).resolve().parents[2]
-
-
 TINY = REPO / "configs" / "tiny_test.toml"
 
 

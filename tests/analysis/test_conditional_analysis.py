@@ -18,15 +18,11 @@ CLASSES = ("a", "b", "c")
 
 # the tiny structures with the label embedded in the encoder and FiLM in the decoder
 COND_ENCODER = '["C2d_3_8_3_1_1", "CtxCat_3", "VAERB_11_8", "Down_?_8", "GN_4_?", "SiLU", "C2d_?_4_3_1_1"]'
-
-
 COND_DECODER = '["C2d_2_8_3_1_1", "CtxFiLM_?", "VAERB_8_8", "UpS_2", "C2d_?_8_3_1_1", "GN_4_8", "SiLU", "C2d_8_3_3_1_1"]'
 
 
 # a mixed latent: 5 encoder channels = 2 x 1 style channel + 3 class logits; the decoder takes 1 + 3
 MIXED_ENCODER = '["C2d_3_8_3_1_1", "VAERB_8_8", "Down_?_8", "GN_4_?", "SiLU", "C2d_?_5_3_1_1"]'
-
-
 MIXED_DECODER = '["C2d_4_8_3_1_1", "VAERB_8_8", "UpS_2", "C2d_?_8_3_1_1", "GN_4_8", "SiLU", "C2d_8_3_3_1_1"]'
 
 

@@ -33,15 +33,9 @@ from helpers.runs import make_images as random_images
 from helpers.runs import tiny
 
 REPO = Path(__file__).resolve().parents[2]
-
-
 TINY = "configs/tiny_test.toml"
-
-
 READABLE = ["cats/a.png", "cats/b.png", "cats/deep/c.JPG", "cats/deep/d.jpeg", "dogs/e.png",
             "dogs/f.png", "grey.png", "wide.png"]
-
-
 BROKEN = ["broken.png", "dogs/truncated.png"]
 
 

@@ -24,8 +24,6 @@ from helpers.inprocess import run_in_process
 from helpers.runs import make_images, tiny
 
 REPO = Path(__file__).resolve().parents[2]
-
-
 TINY = REPO / "configs" / "tiny_test.toml"
 
 

@@ -25,21 +25,11 @@ from helpers.inprocess import run_in_process  # noqa: E402
 
 diffusers = pytest.importorskip(
     "diffusers", reason="diffusers is a test-only dependency (pip install -e .[test]); it is the reference here")
-
-
 ROOT = Path(__file__).resolve().parents[2]
-
-
 TOL = 1e-4
-
-
 TINY = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=2, sample_size=16)
-
-
 SD = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
           sample_size=512, scaling_factor=0.18215)
-
-
 SDXL = {**SD, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
 
 

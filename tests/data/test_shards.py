@@ -19,8 +19,6 @@ from flexvae.errors import DataError
 from flexvae.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
-
-
 TINY = REPO / "configs" / "tiny_test.toml"
 
 

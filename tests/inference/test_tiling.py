@@ -73,8 +73,6 @@ def _random_structures(seed: int, dims: int):
 
 
 LOCAL_ENCODER = ["C2d_3_8_3_1_1", "VAERB_8_8", "Down_?_8", "GN_4_?", "SiLU", "C2d_?_4_3_1_1"]
-
-
 LOCAL_DECODER = ["C2d_2_8_3_1_1", "VAERB_8_8", "UpS_2", "C2d_?_8_3_1_1", "GN_4_8", "SiLU", "C2d_8_3_3_1_1"]
 
 

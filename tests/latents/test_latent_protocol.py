@@ -26,8 +26,6 @@ from flexvae.latents.base import PointPosterior
 from flexvae.latents.registry import register_latent
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "flexvae"
-
-
 DATA = (3, 16, 16)
 
 

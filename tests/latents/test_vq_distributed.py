@@ -14,14 +14,8 @@ from flexvae.layers.quantize import VQLayer
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with the gloo backend")]
-
-
 WORLD, STEPS, CODES, DIM = 2, 6, 16, 4
-
-
 FAR = 50.0  # the initial offset of the codebook's second half: those codes get no vectors (dead)
-
-
 SCENARIOS = {
     # EMA codebook, no restarts: compared with one process on the global batches as well.
     "ema": lambda: VectorQuantizer(CODES, DIM, decay=0.9),

@@ -82,8 +82,6 @@ EXAMPLES = {
     "FSQ": [(["FSQ_8_5_5"], (3, 4, 4)), (["FSQ_3"], (1, 2, 2, 2)), (["C2d_4_4_1", "FSQ_8_5_5_5"], (4, 4, 4)),
             (["FSQ_3_3"], (2, 6))],
 }
-
-
 IGNORE_THEIR_INPUT = {"Const"}  # tokens whose output does not depend on their input
 
 

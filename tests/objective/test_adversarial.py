@@ -18,11 +18,7 @@ from flexvae.train.distributed import DistInfo
 from flexvae.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
-
-
 TINY = REPO / "configs" / "tiny_test.toml"
-
-
 SMALL_DISC = "structures/small_discriminator.json"
 
 

@@ -97,8 +97,6 @@ def output(seed=0):
 
 
 REPO = Path(__file__).resolve().parents[2]
-
-
 TINY = REPO / "configs" / "tiny_test.toml"
 
 

@@ -33,8 +33,6 @@ else:
 
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
 TINY = ROOT / "configs" / "tiny_test.toml"
 
 

@@ -18,8 +18,6 @@ from flexvae.train.trainer import Trainer
 from helpers.runs import REPO
 
 PHOTOS = REPO / "assets" / "photos"
-
-
 pytestmark = pytest.mark.slow
 
 

@@ -69,8 +69,6 @@ def _losses(run_dir):
 
 CATEGORICAL_DECODER = '["C2d_?_8_3_1_1", "VAERB_8_8_dropout=0.3", "UpS_2", "C2d_?_8_3_1_1", "Drop_0.2", "GN_4_8", ' \
                       '"SiLU", "C2d_8_3_3_1_1"]'
-
-
 LATENT_SETTINGS = {
     "gaussian": [],
     # Gumbel noise and dropout masks are drawn for the global batch as well
@@ -97,8 +95,6 @@ def _two_identical_replicas(out_dir, arguments) -> dict:
 
 # the tiny structures for 16 px RGB with two groups, for runs through train.py
 H_ENCODER = '["C2d_3_8_3_1_1", "Keep_name=x16", "Down_?_8", "Keep_name=x8", "GN_4_?", "SiLU", "C2d_?_4_3_1_1"]'
-
-
 H_DECODER = '["C2d_2_8_3_1_1", "Z_2_enc=x8", "UpS_2", "C2d_?_8_3_1_1", "Z_2_enc=x16_hidden=8", "GN_4_8", "SiLU", ' \
             '"C2d_8_3_3_1_1"]'
 

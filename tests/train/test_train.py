@@ -85,8 +85,6 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 # the tiny structures for 16 px RGB with two groups, for runs through train.py
 H_ENCODER = '["C2d_3_8_3_1_1", "Keep_name=x16", "Down_?_8", "Keep_name=x8", "GN_4_?", "SiLU", "C2d_?_4_3_1_1"]'
-
-
 H_DECODER = '["C2d_2_8_3_1_1", "Z_2_enc=x8", "UpS_2", "C2d_?_8_3_1_1", "Z_2_enc=x16_hidden=8", "GN_4_8", "SiLU", ' \
             '"C2d_8_3_3_1_1"]'
 
