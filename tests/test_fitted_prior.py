@@ -8,13 +8,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from flexvae.errors import CheckpointError
 from flexvae.fitted_prior import FittedPrior, choose_covariance, fit_mixture, prior_path
 from helpers.inprocess import run_in_process
-from helpers.runs import TINY, make_images, tiny
+from helpers.labelled import (
+    CLASSES,
+    cond_args,
+    labelled_folder,
+)
+from helpers.runs import make_images, tiny
 
 
 # ------------------------------------------------------------------ the file: untrusted input
@@ -30,32 +34,6 @@ def run(tmp_path_factory):
     run = root / "run"
     assert run_in_process(["-t", *tiny(images, run, "--set", "train.max_steps=2")]).returncode == 0
     return {"images": images, "run": run}
-
-
-CLASSES = ("a", "b", "c")
-
-
-# the tiny structures with the label embedded in the encoder and FiLM in the decoder
-COND_ENCODER = '["C2d_3_8_3_1_1", "CtxCat_3", "VAERB_11_8", "Down_?_8", "GN_4_?", "SiLU", "C2d_?_4_3_1_1"]'
-COND_DECODER = '["C2d_2_8_3_1_1", "CtxFiLM_?", "VAERB_8_8", "UpS_2", "C2d_?_8_3_1_1", "GN_4_8", "SiLU", "C2d_8_3_3_1_1"]'
-
-
-def labelled_folder(root, per_class: int = 4, classes=CLASSES, unlabelled: int = 0):
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            values = rng.integers(0, 80, (20, 20, 3)) + 80 * c
-            Image.fromarray(values.astype(np.uint8)).save(root / name / f"{i}.png")
-    for i in range(unlabelled):
-        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / f"free{i}.png")
-    return root
-
-
-def cond_args(images, run, *extra):
-    return ["-c", TINY, "--set", f"train.out_dir={run}", "--set", f"data.path={images}", "--set", "data.labels=folders",
-            "--set", f"model.encoder={COND_ENCODER}", "--set", f"model.decoder={COND_DECODER}",
-            "--set", "data.num_workers=0", "--set", "train.device=cpu", *extra]
 
 
 def test_a_one_component_full_mixture_is_the_data_mean_and_covariance_and_samples_follow_it():

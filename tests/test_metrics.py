@@ -1,13 +1,11 @@
 """metrics.py: SSIM, MS-SSIM and PSNR against hand-computed values and pytorch-msssim."""
 
-import dataclasses
 import math
 
 import pytest
 import pytorch_msssim
 import torch
 
-from flexvae.config import LossConfig
 from flexvae.latents import DiagonalGaussian
 from flexvae.metrics import (
     ms_ssim_over_scales,
@@ -23,21 +21,7 @@ from flexvae.objective import (
     check_loss_config,
     vae_loss,
 )
-
-
-def cfg(**changes) -> LossConfig:
-    return dataclasses.replace(LossConfig(), **changes)
-
-
-def batch(shape=(2, 3, 16, 16), latent=(2, 4, 4, 4), seed=0):
-    """Images in [-1, 1], a nearby reconstruction and a posterior."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.rand(shape, generator=generator) * 2 - 1
-    recon = (x + 0.2 * torch.randn(shape, generator=generator)).clamp(-1, 1)
-    mean = torch.randn(latent, generator=generator)
-    logvar = torch.randn(latent, generator=generator)
-    posterior = DiagonalGaussian(mean, logvar)
-    return x, VAEOutput(recon, posterior, posterior.mean)
+from helpers.losses import batch, cfg
 
 
 # ---------------------------------------------------------------- SSIM family

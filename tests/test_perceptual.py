@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import urllib.error
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,12 +10,8 @@ import torch
 from flexvae.errors import ConfigError
 from flexvae.perceptual import backbone_state, load_perceptual
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("in_repo")  # configs name their structures from the repository root
 
-
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO)
 
 
 @pytest.fixture(scope="module")

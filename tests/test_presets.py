@@ -13,11 +13,6 @@ from flexvae.objective.adversarial import plan_discriminator
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO)
-
-
 # ------------------------------------------------------------------ presets
 SHIPPED = sorted(p for p in (REPO / "configs").glob("*.toml") if p.name != "matrix_example.toml")
 
@@ -56,6 +51,7 @@ def test_new_presets_train_a_step_and_reload_from_their_checkpoint(preset, tmp_p
         assert {"lfq_commit", "lfq_entropy", "lfq_usage", "lfq_perplexity"} <= set(columns), columns
 
 
+@pytest.mark.usefixtures("in_repo")
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_every_shipped_config_plans_with_its_discriminator(path):
     from flexvae.assemble import plan_from_config
@@ -69,6 +65,7 @@ def test_every_shipped_config_plans_with_its_discriminator(path):
         assert plan_discriminator(cfg.adversarial.discriminator, plan.data_shape, path).params > 0
 
 
+@pytest.mark.usefixtures("in_repo")
 def test_the_latent_configs_differ_only_in_the_latent():
     kinds = {}
     for path in REPO.glob("configs/latent_*.toml"):

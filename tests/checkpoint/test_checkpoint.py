@@ -6,12 +6,10 @@ import json
 import os
 import random
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
@@ -28,12 +26,15 @@ from flexvae.checkpoint import (
     unflatten_state,
 )
 from flexvae.checkpoint import format as ckpt
-from flexvae.config import load_config
 from flexvae.errors import CheckpointError
 from flexvae.train.rng import capture_rng_state, restore_rng_state
-from flexvae.train.trainer import Trainer
 from helpers.inprocess import run_in_process
-from helpers.runs import TINY, make_images, tiny
+from helpers.labelled import (
+    cond_args,
+    labelled_folder,
+)
+from helpers.runs import make_images, tiny
+from helpers.tiny_training import train
 
 
 def assert_same(a, b, where="<root>"):
@@ -113,57 +114,6 @@ def draws():
     return python, np.random.rand(3).tolist(), np.random.randn(), torch.rand(3)
 
 
-CLASSES = ("a", "b", "c")
-
-
-# the tiny structures with the label embedded in the encoder and FiLM in the decoder
-COND_ENCODER = '["C2d_3_8_3_1_1", "CtxCat_3", "VAERB_11_8", "Down_?_8", "GN_4_?", "SiLU", "C2d_?_4_3_1_1"]'
-COND_DECODER = '["C2d_2_8_3_1_1", "CtxFiLM_?", "VAERB_8_8", "UpS_2", "C2d_?_8_3_1_1", "GN_4_8", "SiLU", "C2d_8_3_3_1_1"]'
-
-
-def labelled_folder(root, per_class: int = 4, classes=CLASSES, unlabelled: int = 0):
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            values = rng.integers(0, 80, (20, 20, 3)) + 80 * c
-            Image.fromarray(values.astype(np.uint8)).save(root / name / f"{i}.png")
-    for i in range(unlabelled):
-        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / f"free{i}.png")
-    return root
-
-
-def cond_args(images, run, *extra):
-    return ["-c", TINY, "--set", f"train.out_dir={run}", "--set", f"data.path={images}", "--set", "data.labels=folders",
-            "--set", f"model.encoder={COND_ENCODER}", "--set", f"model.decoder={COND_DECODER}",
-            "--set", "data.num_workers=0", "--set", "train.device=cpu", *extra]
-
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-
-
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO)
-
-
-# ---------------------------------------------------------------- training
-def config(images_dir, out, *overrides):
-    return load_config(TINY, [f"train.out_dir={out}", f"data.path={images_dir}", "data.num_workers=0",
-                              "train.device=cpu", "train.schedule=constant", "train.save_every=3", *overrides])
-
-
-def train(images_dir, out, *overrides):
-    trainer = Trainer(config(images_dir, out, *overrides), TINY, quiet=True)
-    trainer.train()
-    return trainer
-
-
-@pytest.fixture(scope="module")
-def photos():
-    return REPO / "assets" / "photos"
 
 
 def test_flatten_round_trip_is_exact():
@@ -456,6 +406,7 @@ def test_a_run_has_config_as_well_as_cfg(tmp_path):
     assert run.config is run.cfg and run.config.train.max_steps == 1
 
 
+@pytest.mark.usefixtures("in_repo")
 @pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
 def test_elbo_models_rebuild_from_the_checkpoint_with_their_likelihood(photos, tmp_path, likelihood):
     train(photos, tmp_path / "run", "train.max_steps=2", "loss.objective=elbo", f"loss.likelihood={likelihood}",

@@ -117,11 +117,6 @@ def run_cli(*args, cwd):
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO)
-
-
 def test_committed_structures_are_the_generated_ones():
     enc, dec = sd_structures()
     assert json.loads((ROOT / "structures/sd_vae_encoder.json").read_text()) == enc
@@ -378,6 +373,7 @@ def test_import_never_replaces_a_file_of_the_users(tmp_path):
         assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.usefixtures("in_repo")
 def test_an_sd_import_under_the_recipe_config_rebuilds_with_a_fresh_laplace_scale(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     from flexvae.convert_sd import import_weights

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from flexvae.data.labels import input_labels, keep_fraction, read_labels
 from flexvae.errors import DataError
-
-CLASSES = ("a", "b", "c")
-
-
-def labelled_folder(root, per_class: int = 4, classes=CLASSES, unlabelled: int = 0):
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            values = rng.integers(0, 80, (20, 20, 3)) + 80 * c
-            Image.fromarray(values.astype(np.uint8)).save(root / name / f"{i}.png")
-    for i in range(unlabelled):
-        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / f"free{i}.png")
-    return root
+from helpers.labelled import CLASSES, labelled_folder
 
 
 # ------------------------------------------------------------------ labels

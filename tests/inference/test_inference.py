@@ -32,9 +32,17 @@ from flexvae.inference import (
     safe_output_path,
     save_latent,
 )
+from helpers.hierarchy import h_args
 from helpers.inprocess import run_in_process
-from helpers.runs import TINY, tiny
+from helpers.labelled import (
+    CLASSES,
+    MIXED_COND_ENCODER,
+    cond_args,
+    labelled_folder,
+    mixed_args,
+)
 from helpers.runs import make_images as random_images
+from helpers.runs import tiny
 
 REPO = Path(__file__).resolve().parents[2]
 READABLE = ["a.png", "sub/b.png", "sub/deeper/c.jpg", "sub/deeper/d.PNG", "e.jpeg"]
@@ -91,57 +99,6 @@ def latent_files(root: Path, suffix=".safetensors") -> dict[str, torch.Tensor]:
 def manifest(root: Path) -> dict[str, dict]:
     lines = (root / "manifest.jsonl").read_text().splitlines()
     return {entry["path"]: entry for entry in map(json.loads, lines)}
-
-
-CLASSES = ("a", "b", "c")
-
-
-# the tiny structures with the label embedded in the encoder and FiLM in the decoder
-COND_ENCODER = '["C2d_3_8_3_1_1", "CtxCat_3", "VAERB_11_8", "Down_?_8", "GN_4_?", "SiLU", "C2d_?_4_3_1_1"]'
-COND_DECODER = '["C2d_2_8_3_1_1", "CtxFiLM_?", "VAERB_8_8", "UpS_2", "C2d_?_8_3_1_1", "GN_4_8", "SiLU", "C2d_8_3_3_1_1"]'
-
-
-# a mixed latent: 5 encoder channels = 2 x 1 style channel + 3 class logits; the decoder takes 1 + 3
-MIXED_ENCODER = '["C2d_3_8_3_1_1", "VAERB_8_8", "Down_?_8", "GN_4_?", "SiLU", "C2d_?_5_3_1_1"]'
-MIXED_COND_ENCODER = '["C2d_3_8_3_1_1", "CtxCat_3", "VAERB_11_8", "Down_?_8", "GN_4_?", "SiLU", "C2d_?_5_3_1_1"]'
-MIXED_DECODER = '["C2d_4_8_3_1_1", "VAERB_8_8", "UpS_2", "C2d_?_8_3_1_1", "GN_4_8", "SiLU", "C2d_8_3_3_1_1"]'
-
-
-def labelled_folder(root, per_class: int = 4, classes=CLASSES, unlabelled: int = 0):
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            values = rng.integers(0, 80, (20, 20, 3)) + 80 * c
-            Image.fromarray(values.astype(np.uint8)).save(root / name / f"{i}.png")
-    for i in range(unlabelled):
-        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / f"free{i}.png")
-    return root
-
-
-def cond_args(images, run, *extra):
-    return ["-c", TINY, "--set", f"train.out_dir={run}", "--set", f"data.path={images}", "--set", "data.labels=folders",
-            "--set", f"model.encoder={COND_ENCODER}", "--set", f"model.decoder={COND_DECODER}",
-            "--set", "data.num_workers=0", "--set", "train.device=cpu", *extra]
-
-
-def mixed_args(images, run, *extra):
-    return ["-c", TINY, "--set", f"train.out_dir={run}", "--set", f"data.path={images}", "--set", "data.labels=folders",
-            "--set", "model.latent=mixed", "--set", "latent.classes=0", "--set", f"model.decoder={MIXED_DECODER}",
-            "--set", f"model.encoder={MIXED_ENCODER}",
-            "--set", "data.num_workers=0", "--set", "train.device=cpu", *extra]
-
-
-# the tiny structures for 16 px RGB with two groups, for runs through train.py
-H_ENCODER = '["C2d_3_8_3_1_1", "Keep_name=x16", "Down_?_8", "Keep_name=x8", "GN_4_?", "SiLU", "C2d_?_4_3_1_1"]'
-H_DECODER = '["C2d_2_8_3_1_1", "Z_2_enc=x8", "UpS_2", "C2d_?_8_3_1_1", "Z_2_enc=x16_hidden=8", "GN_4_8", "SiLU", ' \
-            '"C2d_8_3_3_1_1"]'
-
-
-def h_args(images, run, *extra):
-    return ["-c", TINY, "--set", f"train.out_dir={run}", "--set", f"data.path={images}",
-            "--set", f"model.encoder={H_ENCODER}", "--set", f"model.decoder={H_DECODER}",
-            "--set", "data.num_workers=0", "--set", "train.device=cpu", *extra]
 
 
 # ------------------------------------------------------------ output paths

@@ -27,7 +27,6 @@ from flexvae.latents import (
     LATENTS,
     CategoricalLatent,
     DeterministicLatent,
-    DiagonalGaussian,
     FSQLatent,
     GaussianLatent,
     VectorQuantizer,
@@ -36,9 +35,9 @@ from flexvae.latents import (
 from flexvae.latents.binary import BinaryQuantizer
 from flexvae.latents.categorical import temperature
 from flexvae.latents.fsq import FiniteScalarQuantizer
-from flexvae.model import VAEOutput
 from flexvae.objective import vae_loss
 from flexvae.train.step import make_optimizer, train_step
+from helpers.losses import output
 
 DATA = (3, 16, 16)
 
@@ -78,23 +77,6 @@ def smooth_images(n=4, seed=1):
 def train_cfg(lr=3e-3):
     cfg = Config()
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=lr))
-
-
-def grid_images(shape=(3, 3, 5, 4), seed=0):
-    """8-bit images on [-1, 1], with the extreme levels present."""
-    generator = torch.Generator().manual_seed(seed)
-    levels = torch.randint(0, 256, shape, generator=generator)
-    levels.view(-1)[:2] = torch.tensor([0, 255])
-    return levels.float() / 127.5 - 1
-
-
-def output(seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    x = grid_images((4, 3, 8, 8), seed)
-    recon = x + 0.1 * torch.randn(x.shape, generator=generator)
-    posterior = DiagonalGaussian(torch.randn(4, 2, 4, 4, generator=generator),
-                                 torch.randn(4, 2, 4, 4, generator=generator) - 1)
-    return x, VAEOutput(recon, posterior, posterior.mean)
 
 
 # ------------------------------------------------------------------ gradients

@@ -7,8 +7,7 @@ import torch
 
 from flexvae.build import plan_vae
 from flexvae.errors import StructureError
-
-CLASSES = ("a", "b", "c")
+from helpers.labelled import CLASSES
 
 
 # ------------------------------------------------------------------ context tokens

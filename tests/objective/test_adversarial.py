@@ -3,8 +3,6 @@ training that resumes exactly."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,16 +13,12 @@ from flexvae.config import load_config
 from flexvae.errors import StructureError
 from flexvae.objective.adversarial import Adversary, plan_discriminator
 from flexvae.train.distributed import DistInfo
-from flexvae.train.trainer import Trainer
+from helpers.runs import TINY
+from helpers.tiny_training import train
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "configs" / "tiny_test.toml"
+pytestmark = pytest.mark.usefixtures("in_repo")  # configs name their structures from the repository root
+
 SMALL_DISC = "structures/small_discriminator.json"
-
-
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO)
 
 
 def images(n=3, size=32, seed=0):
@@ -37,25 +31,8 @@ def adversary(*overrides):
     return Adversary(cfg, TINY, (3, 16, 16), "cpu", DistInfo())
 
 
-# ---------------------------------------------------------------- training
-def config(images_dir, out, *overrides):
-    return load_config(TINY, [f"train.out_dir={out}", f"data.path={images_dir}", "data.num_workers=0",
-                              "train.device=cpu", "train.schedule=constant", "train.save_every=3", *overrides])
-
-
 GAN = ("loss.objective=elbo", "loss.likelihood=laplace", "loss.kl_weight=1e-3", "loss.perceptual_weight=1",
        "loss.perceptual_weights=random", f"adversarial.discriminator={SMALL_DISC}", "adversarial.start=2")
-
-
-def train(images_dir, out, *overrides):
-    trainer = Trainer(config(images_dir, out, *overrides), TINY, quiet=True)
-    trainer.train()
-    return trainer
-
-
-@pytest.fixture(scope="module")
-def photos():
-    return REPO / "assets" / "photos"
 
 
 def test_hinge_discriminator_loss_and_r1_match_their_formulas():

@@ -1,59 +1,14 @@
 """objective/kl.py: the KL term, its weight, and free bits."""
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
-from flexvae.config import LossConfig
 from flexvae.latents import DiagonalGaussian, PointPosterior
-from flexvae.model import VAEOutput
 from flexvae.objective import kl_per_image, kl_term, vae_loss
 from flexvae.objective.likelihoods import Gaussian
-
-
-def grid_images(shape=(3, 3, 5, 4), seed=0):
-    """8-bit images on [-1, 1], with the extreme levels present."""
-    generator = torch.Generator().manual_seed(seed)
-    levels = torch.randint(0, 256, shape, generator=generator)
-    levels.view(-1)[:2] = torch.tensor([0, 255])
-    return levels.float() / 127.5 - 1
-
-
-# -------------------------------------------------------------------- objective
-def loss_cfg(**changes):
-    return dataclasses.replace(LossConfig(), **changes)
-
-
-class _Model(torch.nn.Module):
-    def __init__(self, likelihood=None, balance=None):
-        super().__init__()
-        self.likelihood, self.balance = likelihood, balance
-
-
-def output(seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    x = grid_images((4, 3, 8, 8), seed)
-    recon = x + 0.1 * torch.randn(x.shape, generator=generator)
-    posterior = DiagonalGaussian(torch.randn(4, 2, 4, 4, generator=generator),
-                                 torch.randn(4, 2, 4, 4, generator=generator) - 1)
-    return x, VAEOutput(recon, posterior, posterior.mean)
-
-
-def cfg(**changes) -> LossConfig:
-    return dataclasses.replace(LossConfig(), **changes)
-
-
-def batch(shape=(2, 3, 16, 16), latent=(2, 4, 4, 4), seed=0):
-    """Images in [-1, 1], a nearby reconstruction and a posterior."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.rand(shape, generator=generator) * 2 - 1
-    recon = (x + 0.2 * torch.randn(shape, generator=generator)).clamp(-1, 1)
-    mean = torch.randn(latent, generator=generator)
-    logvar = torch.randn(latent, generator=generator)
-    posterior = DiagonalGaussian(mean, logvar)
-    return x, VAEOutput(recon, posterior, posterior.mean)
+from helpers.losses import TinyOutputModel, batch, cfg, loss_cfg, output
 
 
 def test_free_bits_floor_each_channel_but_leave_the_logged_kl_true():
@@ -67,7 +22,7 @@ def test_free_bits_floor_each_channel_but_leave_the_logged_kl_true():
     posterior = DiagonalGaussian(mean, out.posterior.logvar)
     kl_per_image(posterior, floor).backward()
     assert mean.grad is None or float(mean.grad.abs().max()) == 0.0  # no KL gradient under the floor
-    elbo = vae_loss(x, out, loss_cfg(objective="elbo", free_bits=floor), model=_Model(Gaussian(3)))
+    elbo = vae_loss(x, out, loss_cfg(objective="elbo", free_bits=floor), model=TinyOutputModel(Gaussian(3)))
     torch.testing.assert_close(elbo.terms["kl"], out.posterior.kl().mean())
     # the weighted objective's per-element KL is the per-image one over the elements
     torch.testing.assert_close(kl_term(out.posterior, "mean", floor), torch.tensor(floor * 2 / 32))

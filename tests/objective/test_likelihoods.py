@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributions as D
 
-from flexvae.config import LossConfig, load_config
 from flexvae.errors import StructureError
-from flexvae.latents import DiagonalGaussian
-from flexvae.model import VAEOutput
 from flexvae.objective import vae_loss
 from flexvae.objective.likelihoods import (
     Bernoulli,
@@ -23,14 +18,9 @@ from flexvae.objective.likelihoods import (
     make_likelihood,
 )
 from flexvae.train.trainer import Trainer
-
-
-def grid_images(shape=(3, 3, 5, 4), seed=0):
-    """8-bit images on [-1, 1], with the extreme levels present."""
-    generator = torch.Generator().manual_seed(seed)
-    levels = torch.randint(0, 256, shape, generator=generator)
-    levels.view(-1)[:2] = torch.tensor([0, 255])
-    return levels.float() / 127.5 - 1
+from helpers.losses import TinyOutputModel, grid_images, loss_cfg, output
+from helpers.runs import TINY
+from helpers.tiny_training import config, train
 
 
 # ------------------------------------------------------------- logistic mixture
@@ -74,52 +64,6 @@ def _scipy_bin_mass(name, mean, x, scale):
     right = low > mean  # take the difference where it keeps its precision
     mass = np.where(right, dist.sf(low) - dist.sf(high), dist.cdf(high) - dist.cdf(low))
     return np.log(mass).reshape(mean.shape[0], -1).sum(1)
-
-
-# -------------------------------------------------------------------- objective
-def loss_cfg(**changes):
-    return dataclasses.replace(LossConfig(), **changes)
-
-
-class _Model(torch.nn.Module):
-    def __init__(self, likelihood=None, balance=None):
-        super().__init__()
-        self.likelihood, self.balance = likelihood, balance
-
-
-def output(seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    x = grid_images((4, 3, 8, 8), seed)
-    recon = x + 0.1 * torch.randn(x.shape, generator=generator)
-    posterior = DiagonalGaussian(torch.randn(4, 2, 4, 4, generator=generator),
-                                 torch.randn(4, 2, 4, 4, generator=generator) - 1)
-    return x, VAEOutput(recon, posterior, posterior.mean)
-
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "configs" / "tiny_test.toml"
-
-
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO)
-
-
-# ---------------------------------------------------------------- training
-def config(images_dir, out, *overrides):
-    return load_config(TINY, [f"train.out_dir={out}", f"data.path={images_dir}", "data.num_workers=0",
-                              "train.device=cpu", "train.schedule=constant", "train.save_every=3", *overrides])
-
-
-def train(images_dir, out, *overrides):
-    trainer = Trainer(config(images_dir, out, *overrides), TINY, quiet=True)
-    trainer.train()
-    return trainer
-
-
-@pytest.fixture(scope="module")
-def photos():
-    return REPO / "assets" / "photos"
 
 
 @pytest.mark.parametrize("scale", ["fixed", "learned", "channel"])
@@ -227,7 +171,7 @@ def test_the_mass_of_each_8bit_bin_matches_scipy_and_bits_per_dim_are_never_nega
 def test_elbo_objective_is_the_negative_elbo_per_dimension():
     x, out = output()
     lik = Gaussian(3, "fixed", 0.1)
-    loss = vae_loss(x, out, loss_cfg(objective="elbo", kl_weight=1.0), model=_Model(lik))
+    loss = vae_loss(x, out, loss_cfg(objective="elbo", kl_weight=1.0), model=TinyOutputModel(lik))
     nll = -D.Normal(out.recon, 0.1).log_prob(x).flatten(1).sum(1)
     q = D.Normal(out.posterior.mean, torch.exp(0.5 * out.posterior.logvar))
     kl = D.kl_divergence(q, D.Normal(0.0, 1.0)).flatten(1).sum(1)
@@ -238,7 +182,7 @@ def test_elbo_objective_is_the_negative_elbo_per_dimension():
     mass = torch.from_numpy(_scipy_bin_mass("gaussian", out.recon.detach().double().numpy(), x.double().numpy(), 0.1))
     expected_bpd = (-mass + kl.double()).mean() / (dims * math.log(2))  # of the 8-bit bins' mass
     torch.testing.assert_close(loss.terms["bpd"].double(), expected_bpd, rtol=1e-5, atol=1e-4)
-    beta = vae_loss(x, out, loss_cfg(objective="elbo", kl_weight=4.0), model=_Model(lik))
+    beta = vae_loss(x, out, loss_cfg(objective="elbo", kl_weight=4.0), model=TinyOutputModel(lik))
     torch.testing.assert_close(beta.total, (nll + 4 * kl).mean() / dims, rtol=1e-5, atol=1e-5)
 
 
@@ -285,6 +229,7 @@ def test_the_logistic_mixture_image_is_the_mixture_mean_of_samples_drawn_from_it
     np.testing.assert_allclose(image, x.mean(0), atol=0.01)
 
 
+@pytest.mark.usefixtures("in_repo")
 def test_a_mixture_likelihood_needs_a_decoder_with_its_channels(photos, tmp_path):
     with pytest.raises(StructureError, match=r"needs \(30, 16, 16\): 30 channels"):
         Trainer(config(photos, tmp_path / "run", "loss.objective=elbo", "loss.likelihood=logistic_mixture",

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexvae.config import LossConfig
 from flexvae.errors import ConfigError
 from flexvae.latents import DiagonalGaussian
 from flexvae.metrics import similarity_loss_value as ssim_value
@@ -17,49 +16,7 @@ from flexvae.objective import (
     reconstruction_loss,
     vae_loss,
 )
-
-
-def cfg(**changes) -> LossConfig:
-    return dataclasses.replace(LossConfig(), **changes)
-
-
-def batch(shape=(2, 3, 16, 16), latent=(2, 4, 4, 4), seed=0):
-    """Images in [-1, 1], a nearby reconstruction and a posterior."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.rand(shape, generator=generator) * 2 - 1
-    recon = (x + 0.2 * torch.randn(shape, generator=generator)).clamp(-1, 1)
-    mean = torch.randn(latent, generator=generator)
-    logvar = torch.randn(latent, generator=generator)
-    posterior = DiagonalGaussian(mean, logvar)
-    return x, VAEOutput(recon, posterior, posterior.mean)
-
-
-def grid_images(shape=(3, 3, 5, 4), seed=0):
-    """8-bit images on [-1, 1], with the extreme levels present."""
-    generator = torch.Generator().manual_seed(seed)
-    levels = torch.randint(0, 256, shape, generator=generator)
-    levels.view(-1)[:2] = torch.tensor([0, 255])
-    return levels.float() / 127.5 - 1
-
-
-# -------------------------------------------------------------------- objective
-def loss_cfg(**changes):
-    return dataclasses.replace(LossConfig(), **changes)
-
-
-class _Model(torch.nn.Module):
-    def __init__(self, likelihood=None, balance=None):
-        super().__init__()
-        self.likelihood, self.balance = likelihood, balance
-
-
-def output(seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    x = grid_images((4, 3, 8, 8), seed)
-    recon = x + 0.1 * torch.randn(x.shape, generator=generator)
-    posterior = DiagonalGaussian(torch.randn(4, 2, 4, 4, generator=generator),
-                                 torch.randn(4, 2, 4, 4, generator=generator) - 1)
-    return x, VAEOutput(recon, posterior, posterior.mean)
+from helpers.losses import TinyOutputModel, batch, cfg, loss_cfg, output
 
 
 # ------------------------------------------------------------------ reconstruction
@@ -203,7 +160,7 @@ def test_a_step_split_into_micro_batches_is_the_step_of_the_whole_batch(settings
 def test_learned_balance_trains_one_log_weight_per_term():
     x, out = output()
     balance = LossBalance()
-    loss = vae_loss(x, out, loss_cfg(balance="learned", kl_weight=0.5), model=_Model(balance=balance))
+    loss = vae_loss(x, out, loss_cfg(balance="learned", kl_weight=0.5), model=TinyOutputModel(balance=balance))
     loss.total.backward()
     recon, kl = loss.terms["recon"].detach(), loss.terms["kl"].detach()
     # d/ds (w exp(-s) L + s) at s = 0 is 1 - w L

@@ -1,17 +1,12 @@
 """objective/schedule.py: the KL weight schedules against their formulas."""
 
-import dataclasses
 
 import pytest
 
-from flexvae.config import LossConfig
 from flexvae.objective import (
     kl_weight_at,
 )
-
-
-def cfg(**changes) -> LossConfig:
-    return dataclasses.replace(LossConfig(), **changes)
+from helpers.losses import cfg
 
 
 # ------------------------------------------------------------------ KL schedules

@@ -40,16 +40,6 @@ def _changed(before, model, prefix):
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO)
-
-
-@pytest.fixture(scope="module")
-def photos():
-    return REPO / "assets" / "photos"
-
-
 def test_sd_ft_mse_trains_the_decoder_alone(tmp_path):
     trainer, before, rows = _train(REPO / "configs" / "sd_ft_mse.toml", tmp_path, f"data.path={PHOTOS}",
                                    "data.image_size=32", "train.grad_accum=1", "train.max_steps=2")
@@ -100,6 +90,7 @@ def test_ae_lego_twin_recipe_trains_on_labelled_digits(tmp_path):
     assert float(last["contrast"]) < float(first["contrast"]) and float(last["align"]) < float(first["align"])
 
 
+@pytest.mark.usefixtures("in_repo")
 @pytest.mark.slow
 def test_the_photos_gan_recipe_trains(photos, tmp_path):
     """configs/photos_gan.toml as shipped (LPIPS VGG16, PatchGAN) for a few steps, with an untrained

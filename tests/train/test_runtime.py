@@ -27,11 +27,10 @@ from flexvae.train.runtime import flip_mask, prepare, sample_noise
 from flexvae.train.step import MicroBatch, make_optimizer, train_step
 from flexvae.train.trainer import Trainer
 from helpers.ddp import train_two_and_one
+from helpers.hierarchy import H_DECODER, H_ENCODER
 from helpers.runs import TINY, make_images
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
 
 
 @pytest.fixture
@@ -91,12 +90,6 @@ def _two_identical_replicas(out_dir, arguments) -> dict:
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     return rank0
-
-
-# the tiny structures for 16 px RGB with two groups, for runs through train.py
-H_ENCODER = '["C2d_3_8_3_1_1", "Keep_name=x16", "Down_?_8", "Keep_name=x8", "GN_4_?", "SiLU", "C2d_?_4_3_1_1"]'
-H_DECODER = '["C2d_2_8_3_1_1", "Z_2_enc=x8", "UpS_2", "C2d_?_8_3_1_1", "Z_2_enc=x16_hidden=8", "GN_4_8", "SiLU", ' \
-            '"C2d_8_3_3_1_1"]'
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -255,6 +248,17 @@ def test_two_processes_train_an_elbo_model_with_a_discriminator(tmp_path, images
     assert {"d_loss", "g_adv", "adaptive_weight"} <= set(header)
 
 
+def two_and_one(args, tmp_path):
+    """train.py with ``args`` under torchrun with two processes (--output tmp/two), then alone
+    (--output tmp/one); each must succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    for name, launcher in (("two", torchrun), ("one", [sys.executable])):
+        done = subprocess.run([*launcher, "train.py", *args, "--output", str(tmp_path / name)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_encode_splits_the_folder_across_processes(tmp_path, images):
     from flexvae.checkpoint import checkpoint_metadata, checkpoint_name, save_checkpoint
@@ -265,15 +269,8 @@ def test_encode_splits_the_folder_across_processes(tmp_path, images):
     ckpt = save_checkpoint(tmp_path / "run" / "checkpoints" / checkpoint_name(1), model.state_dict(),
                            checkpoint_metadata(cfg, plan, 1, 1.0))
     (images / "broken.png").write_text("not an image")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = ["-e", "-c", str(TINY), "--ckpt", str(ckpt), "--input", str(images), "--set", "encode.batch_size=4"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                          "train.py", *args, "--output", str(tmp_path / "two")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "train.py", *args, "--output", str(tmp_path / "one")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
+    two_and_one(["-e", "-c", str(TINY), "--ckpt", str(ckpt), "--input", str(images), "--set", "encode.batch_size=4"],
+                tmp_path)
     manifest = (tmp_path / "two" / "manifest.jsonl").read_text()
     assert manifest == (tmp_path / "one" / "manifest.jsonl").read_text()
     assert len(manifest.splitlines()) == 13 and '"status": "failed"' in manifest
@@ -352,16 +349,8 @@ def test_evaluation_split_across_two_processes_reports_what_one_process_does(tmp
     model, plan = model_from_config(cfg)
     ckpt = save_checkpoint(tmp_path / "run" / "checkpoints" / checkpoint_name(1), model.state_dict(),
                            checkpoint_metadata(cfg, plan, 1, 1.0))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = ["-eval", "-c", str(TINY), "--ckpt", str(ckpt), "--input", str(images), "--set", "encode.batch_size=3",
-            "--nll-samples", "4"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                          "train.py", *args, "--output", str(tmp_path / "two")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "train.py", *args, "--output", str(tmp_path / "one")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
+    two_and_one(["-eval", "-c", str(TINY), "--ckpt", str(ckpt), "--input", str(images), "--set", "encode.batch_size=3",
+                 "--nll-samples", "4"], tmp_path)
     a, b = (json.loads((tmp_path / run / "evaluation.json").read_text()) for run in ("two", "one"))
     assert a.pop("processes") == 2 and a["images"] == b["images"] == 12
     for section in ("reconstruction", "kl", "nll", "objective"):

@@ -19,12 +19,12 @@ from flexvae.train import trainer as trainer_module
 from flexvae.train.sampler import StreamSampler
 from flexvae.train.step import lr_factor, random_flip
 from flexvae.train.trainer import Trainer
+from helpers.hierarchy import h_args
 from helpers.inprocess import run_in_process
 from helpers.runs import TINY, tiny
 from helpers.runs import make_images as random_images
 
-REPO = Path(__file__).resolve().parents[2]
-
+pytestmark = pytest.mark.usefixtures("in_repo")  # configs name their structures from the repository root
 
 
 
@@ -48,11 +48,6 @@ def make_images(root: Path, good: int, broken: int) -> Path:
         else:
             bad.write_text("not a PNG")
     return root
-
-
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO)  # the tiny config names its structures relative to the repository
 
 
 @pytest.fixture(scope="module")
@@ -81,18 +76,6 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert keys and keys == [k for k in wb if k.startswith(("model.", "ema."))]
     for key in keys:
         assert torch.allclose(wa[key], wb[key], rtol=0, atol=1e-6), key
-
-
-# the tiny structures for 16 px RGB with two groups, for runs through train.py
-H_ENCODER = '["C2d_3_8_3_1_1", "Keep_name=x16", "Down_?_8", "Keep_name=x8", "GN_4_?", "SiLU", "C2d_?_4_3_1_1"]'
-H_DECODER = '["C2d_2_8_3_1_1", "Z_2_enc=x8", "UpS_2", "C2d_?_8_3_1_1", "Z_2_enc=x16_hidden=8", "GN_4_8", "SiLU", ' \
-            '"C2d_8_3_3_1_1"]'
-
-
-def h_args(images, run, *extra):
-    return ["-c", TINY, "--set", f"train.out_dir={run}", "--set", f"data.path={images}",
-            "--set", f"model.encoder={H_ENCODER}", "--set", f"model.decoder={H_DECODER}",
-            "--set", "data.num_workers=0", "--set", "train.device=cpu", *extra]
 
 
 # ------------------------------------------------------------------ resume
