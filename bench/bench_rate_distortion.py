@@ -13,7 +13,11 @@ flower.jpg, never seen in training), shrunk by ``--shrink`` the same way. For ea
   space-to-channel / channel-to-space shortcuts), f32: a 1 x 1 latent of ``size`` channels;
 - vit: the ViT autoencoder preset's structures (8 px patches, 4 + 4 transformer blocks), a
   4 x 4 latent of size / 16 channels;
-- PCA with that many components, fitted on the training crops (the best linear code);
+- pca: the PCA autoencoder preset (configs/pca_ae.toml): a PCA code of the whole crop with
+  ``size`` components, set from the training crops before the first step, then a bias-free
+  convolutional decoder span that starts as the identity and trains alone;
+- PCA with that many components, fitted on the training crops and their mirror images (the
+  autoencoders train with random flips: the same data), the best linear code;
 - with the ViT: PCA of the 8 px squares with size / 16 components each, the best linear code with
   the ViT latent's layout (one short vector per patch);
 - JPEG (Pillow, 4:2:0) at the highest quality whose entropy-coded data fits in as many bytes as
@@ -46,7 +50,9 @@ import torch
 from common import load_text, start
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("conv", "dcae", "vit")
+FAMILIES = ("conv", "dcae", "vit", "pca")
+# the preset each family trains (its loss, stages); the structures are sized per latent below
+PRESET = {"pca": "pca_ae.toml"}
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -121,6 +127,11 @@ def held_out_crops(size: int, shrink: int, limit: int) -> np.ndarray:
 
 
 # --- the baselines -----------------------------------------------------------------------------------
+
+def as_trained(train: np.ndarray) -> np.ndarray:
+    """The training crops as the autoencoders see them (data.flip): each one and its mirror image."""
+    return np.concatenate([train, train[..., ::-1]])
+
 
 def pca_reconstruct(train: np.ndarray, test: np.ndarray, components: int) -> np.ndarray:
     pca = pca_fit(train.reshape(len(train), -1), components)
@@ -203,6 +214,10 @@ def structures(family: str, values: int, size: int):
         channels = values // (size // 8) ** 2
         encoder, decoder = load("vit_ae_encoder.json"), load("vit_ae_decoder.json")
         return encoder[:-1] + [f"C2d_?_{channels}_1_1_0"], [f"C2d_{channels}_128_1_1_0"] + decoder[1:]
+    if family == "pca":  # a global code: the PCA of the whole crop, then a nonlinear decoder span
+        pixels = 3 * size * size
+        encoder, decoder = load("pca_ae_encoder.json"), load("pca_ae_decoder.json")
+        return encoder[:-1] + [f"PCA_{pixels}_{values}"], [f"PCAInv_{values}_{pixels}", f"Reshape_3_{size}_{size}"] + decoder[2:]
     raise ValueError(family)
 
 
@@ -214,7 +229,7 @@ def train_autoencoder(family: str, values: int, size: int, data: Path, run: Path
     encoder, decoder = structures(family, values, size)
     (run.parent / f"{run.name}_enc.json").write_text(json.dumps(encoder))
     (run.parent / f"{run.name}_dec.json").write_text(json.dumps(decoder))
-    cfg = load_config(ROOT / "configs" / "config.toml", [
+    cfg = load_config(ROOT / "configs" / PRESET.get(family, "config.toml"), [
         f"data.path={data}", f"data.image_size={size}", "data.flip=true", f"train.out_dir={run}",
         f"train.max_steps={steps}", f"train.save_every={steps}", f"train.sample_every={steps}", "train.device=cpu",
         "data.num_workers=0", "train.fit_prior=0", "model.latent=deterministic", f"train.lr={lr}",
@@ -289,12 +304,13 @@ def main() -> int:
                 rows.append({"values": values, "method": family, **scores(recon, test, lpips),
                              "note": f"{params / 1e6:.1f}M parameters, {args.steps} steps, {seconds:.0f} s"})
                 print(rows[-1], flush=True)
-            rows.append({"values": values, "method": "PCA", **scores(pca_reconstruct(train, test, values), test, lpips),
-                         "note": f"fitted on {len(train)} training crops"})
+            reconstruction = pca_reconstruct(as_trained(train), test, values)
+            rows.append({"values": values, "method": "PCA", **scores(reconstruction, test, lpips),
+                         "note": f"fitted on the {len(train)} training crops and their mirror images"})
             if "vit" in args.families and values % (args.size // 8) ** 2 == 0:
                 per_patch = values // (args.size // 8) ** 2
                 rows.append({"values": values, "method": "PCA, 8 px blocks",
-                             **scores(block_pca_reconstruct(train, test, per_patch, 8), test, lpips),
+                             **scores(block_pca_reconstruct(as_trained(train), test, per_patch, 8), test, lpips),
                              "note": f"{per_patch} per block: the ViT latent's layout"})
             images, payload, fitted = jpeg_reconstruct(test, values)
             rows.append({"values": values, "method": "JPEG", **scores(images, test, lpips),

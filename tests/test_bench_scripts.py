@@ -19,10 +19,14 @@ def test_rate_distortion_bench_runs_at_tiny_size_and_writes_its_table(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = out.with_suffix(".md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| 64 |")]
-    assert [row.split(" | ")[1] for row in rows] == ["conv", "dcae", "vit", "PCA", "PCA, 8 px blocks", "JPEG"]
+    assert [row.split(" | ")[1] for row in rows] == ["conv", "dcae", "vit", "pca", "PCA", "PCA, 8 px blocks", "JPEG"]
     for row in rows:
         psnr = float(row.split(" | ")[2])
         assert 5 < psnr < 60, row
+    # the PCA preset starts as the PCA of the same crops (and their mirror images), and 20 steps of
+    # its span, which starts as the identity, move it little
+    psnr = {row.split(" | ")[1]: float(row.split(" | ")[2]) for row in rows}
+    assert abs(psnr["pca"] - psnr["PCA"]) < 0.5, psnr
     assert "threads, load" in table
     assert "`python bench/bench_rate_distortion.py --tiny`" in table  # the command, without this machine's path
 

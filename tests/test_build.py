@@ -14,10 +14,11 @@ from flexvae.latents import DeterministicLatent
 STRUCTURES = Path(__file__).resolve().parents[1] / "structures"
 # Preset name -> image side it is traced at. Large presets are only traced on the meta device.
 PRESET_SIZES = {"original": 256, "fixed256": 256, "small": 32, "tiny": 16, "sd_vae": 256, "digits_hvae": 16,
-                "photos_hvae": 32, "dcae_f32": 64, "vit_ae": 64, "lfq_tokenizer": 64}
+                "photos_hvae": 32, "dcae_f32": 64, "vit_ae": 64, "lfq_tokenizer": 64, "pca_ae": 32}
 PRESET_CHANNELS = {"digits_hvae": 1}  # grey; the others take RGB
 # Presets made for another latent than the Gaussian: (latent type, its [latent] settings)
-PRESET_LATENTS = {"dcae_f32": ("deterministic", {}), "lfq_tokenizer": ("lfq", {"bits": 10})}
+PRESET_LATENTS = {"dcae_f32": ("deterministic", {}), "lfq_tokenizer": ("lfq", {"bits": 10}),
+                  "pca_ae": ("deterministic", {})}
 BUILT_FOR_REAL = {"small", "tiny"}
 PRESETS = sorted({p.name.rsplit("_", 1)[0] for p in STRUCTURES.glob("*_encoder.json")})
 

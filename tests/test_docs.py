@@ -305,9 +305,10 @@ def test_structure_and_config_blocks_load(tmp_path):
     from flexvae.build import plan_vae
     from flexvae.config.load import config_from_dict
     from flexvae.dsl import parse_structure
+    from flexvae.latents import DeterministicLatent
 
     shown = run_by("test_structure_and_config_blocks_load")
-    assert [b.lang for b in shown] == ["toml", "toml", "json", "json"]  # analysis, priors, structures x 2
+    assert [b.lang for b in shown] == ["toml", "toml", "json", "json", "json"]  # analysis, priors, structures x 3
     matrix_file = tmp_path / "matrix.toml"
     matrix_file.write_text(shown[0].code.replace('"configs/tiny_test.toml"', repr(str(ROOT / "configs/tiny_test.toml"))))
     matrix = load_matrix(matrix_file)
@@ -320,6 +321,9 @@ def test_structure_and_config_blocks_load(tmp_path):
     assert [spec.name for spec in parse_structure(dcae, source="structures.md")] == ["C2d", "Res", "Res", "Res"]
     plan = plan_vae(dcae, ["C2d_64_3_3_1_1"], (3, 32, 32))  # down by S2C, back up by C2S: 128 channels
     assert plan.latent_shape == (64, 32, 32)
+    pca_decoder = json.loads(shown[4].code)  # with the PCA it mirrors, on 32 px images
+    plan = plan_vae(["Flat", "PCA_3072_64"], pca_decoder, (3, 32, 32), DeterministicLatent())
+    assert plan.latent_shape == (64,) and [s.name for s in plan.decoder.specs] == ["PCAInv", "Reshape", "Res"]
 
 
 def test_every_code_block_runs_in_a_test_or_says_why_not():

@@ -19,6 +19,7 @@ from .dsl.grammar import TokenSpec
 from .forward_state import ForwardState
 from .latents import GaussianLatent, Latent
 from .layers.latent_groups import scale_groups, scale_residual_blocks
+from .layers.pca import check_mirrors
 from .model import VAE, Stack
 from .registry import LAYERS, LayerType, Registry
 from .utils import format_shape
@@ -341,6 +342,7 @@ def plan_vae(encoder, decoder, data_shape, latent: Latent | None = None, *,
             f"the decoder's output has shape {format_shape(dec.out_shape)}, but it must reproduce "
             f"the input shape {format_shape(data_shape)} (channels, then spatial sizes)"
         )
+    check_mirrors(enc, dec)  # each decoder PCAInv mirrors an encoder PCA
     return VAEPlan(data_shape, enc, dec, latent, latent_shape)
 
 

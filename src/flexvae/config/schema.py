@@ -151,6 +151,9 @@ class TrainConfig:
     sample_every: int = setting(200, "write reconstruction samples every N steps", POSITIVE)
     log_every: int = setting(10, "log losses every N steps", POSITIVE)
     val_every: int = setting(0, "validate on data.val_path every N steps (and at the end); 0 = off", NON_NEGATIVE)
+    init_images: int = setting(
+        2048, "images a fresh run reads before its first step to fit the layers set from the data (PCA tokens), "
+        "their mirror images too with data.flip; the whole data set when it has fewer", POSITIVE)
     fit_prior: int = setting(
         0, "at the end of the run, fit a Gaussian mixture of N components to the encoded training images: the prior "
         "every sampling path then uses (fit-prior; needs scikit-learn); 0 = off", NON_NEGATIVE)

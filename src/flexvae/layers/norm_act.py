@@ -80,6 +80,17 @@ class LayerNorm(nn.LayerNorm):
     pass
 
 
+@register("Center", doc="subtract from each channel its mean over all positions (per sample)", dims=(1, 2, 3))
+class Center(nn.Module):
+    """x minus its per-sample, per-channel spatial mean: what follows sees only the variation
+    within the image (before bias-free convolutions, a flat image then gives exactly zero)."""
+
+    receptive_margin = None  # the mean is over every position
+
+    def forward(self, x):
+        return x - x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
 register("SiLU", doc="x * sigmoid(x)")(nn.SiLU)
 register("ReLU", doc="max(x, 0)")(nn.ReLU)
 register("LReLU", Arg("negative_slope", float, 0.01, doc="slope for x < 0"), doc="leaky ReLU")(nn.LeakyReLU)

@@ -1,4 +1,4 @@
-"""Residual spans and DC-AE's non-parametric shortcuts.
+"""Residual spans, the ReZero gain and DC-AE's non-parametric shortcuts.
 
 A residual span in a structure file, ``{"residual": [tokens], "shortcut": "TOKEN"}``, builds a
 ``ResidualSpan``: shortcut(x) + body(x), the shortcut the identity when none is named. With it
@@ -16,6 +16,7 @@ through every down- and up-sampling block:
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -35,6 +36,25 @@ class ResidualSpan(nn.Module):
 
     def forward(self, x):
         return self.shortcut(x) + self.body(x)
+
+
+@register(
+    "Gain",
+    Arg("init", float, 0.0, doc="its starting value"),
+    doc="multiply by one learned scalar; Gain_0 last in a residual body starts the span as its shortcut (ReZero)",
+)
+class Gain(nn.Module):
+    """ReZero (Bachlechner et al. 2021): a residual body ending in a zero gain adds nothing at
+    first, so a span added to a working model starts by leaving it as it is."""
+
+    receptive_margin = 0
+
+    def __init__(self, init: float = 0.0):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self, x):
+        return x * self.gain
 
 
 @register(

@@ -54,6 +54,15 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def broadcast_parameters(info: DistInfo, model) -> None:
+    """Every process takes rank 0's parameters and buffers (after a change made outside the
+    optimizer, which DDP only synchronised when it wrapped the model)."""
+    if not info.enabled or not dist.is_initialized():
+        return
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor.data, src=0)
+
+
 def mean_across(info: DistInfo, values: dict[str, float], device) -> dict[str, float]:
     """Average logged scalars over processes, so rank 0 logs the global batch's values."""
     if not info.enabled or not values:

@@ -15,15 +15,16 @@ import torch
 from ..assemble import model_from_config, open_training_data
 from ..checkpoint import (checkpoint_metadata, checkpoint_name, list_checkpoints, load_checkpoint, load_run,
                           prune_checkpoints, save_checkpoint)
-from ..data import SkipLog, make_loader
+from ..data import SkipLog, make_loader, sample_items
 from ..data.cache import CachedLoader, fill_cache
 from ..device import resolve_device
 from ..errors import Interrupted, Terminated, TrainingError
 from ..files import RunLock
+from ..layers.pca import fit_to_data, fits_to_data
 from ..metrics import MetricsLog
 from ..objective import Objective, check_loss_config
 from ..outputs import writing_into
-from .distributed import barrier, cleanup, from_environment, mean_across, setup
+from .distributed import barrier, broadcast_parameters, cleanup, from_environment, mean_across, setup
 from .ema import EMA
 from .guard import SpikeGuard
 from .run_dir import adopt_unrecorded_run, check_resumable, resume_lines, save_run_config, set_aside_run_outputs, tidy_resumed_run
@@ -288,13 +289,16 @@ class Trainer:
 
     def _train(self) -> Path | None:
         tcfg = self.cfg.train
-        if self.resume() and self.dist.is_main:
+        resumed = self.resume()
+        if resumed and self.dist.is_main:
             tidy_resumed_run(self.run_dir, self.step)
         if self.step >= tcfg.max_steps:
             self.log(f"{self.run_dir} already reached train.max_steps = {tcfg.max_steps}; nothing to do")
             return None
         dataset, loader = self._loader()  # a missing data folder fails before the summary is printed
         self._announce(dataset)
+        if not resumed:
+            self._fit_to_data(dataset)
         started = time.perf_counter()
         batches, loader_size = iter(loader), 0
         fixed, fixed_labels = fixed_batch(dataset, self.cfg.train.seed, self.device, self.cfg.data.path)
@@ -349,6 +353,30 @@ class Trainer:
             write_samples(loaded.vae, *fixed, self.cfg.train.seed, self.last_saved.parent.parent / "samples"
                           / self.last_saved.with_suffix(".png").name)
         self.log(note)
+
+    def _fit_to_data(self, dataset) -> None:
+        """Before a fresh run's first step: the layers set from the data (PCA tokens, layers/pca.py),
+        from train.init_images images drawn with the run's seed (the same on every process)."""
+        if not fits_to_data(self.model):
+            return
+        images, labels = sample_items(dataset, self.cfg.train.init_images, self.cfg.train.seed)
+        if images is None:
+            raise TrainingError(f"no readable image in {self.cfg.data.path} to fit the PCA layers to")
+        if self.cfg.data.flip:  # the data as training sees it: mirror images too
+            images = torch.cat([images, images.flip(-1)])
+            labels = None if labels is None else torch.cat([labels, labels])
+        mirrors = " and their mirror images" if self.cfg.data.flip else ""
+        self.log(f"fitting the PCA layers to {len(images) // (2 if mirrors else 1)} training images{mirrors} "
+                 f"(train.init_images = {self.cfg.train.init_images})")
+        images = self.runtime.to_input(images)
+        labels = None if labels is None or self._dataset is None else labels.to(self.device)
+        more = (f"raise train.init_images (now {self.cfg.train.init_images})" if len(dataset) > self.cfg.train.init_images
+                else f"{self.cfg.data.path} has no more readable images: use more")
+        for line in fit_to_data(self.model, images, labels, more=more):
+            self.log(line)
+        broadcast_parameters(self.dist, self.model)  # the same fit everywhere: rank 0's copy settles it
+        if self.ema is not None:
+            self.ema = EMA(self.model, self.cfg.train.ema_decay)
 
     def _announce(self, dataset) -> None:
         for line in announce(self, dataset):
