@@ -234,6 +234,7 @@ def train_autoencoder(family: str, values: int, size: int, data: Path, run: Path
         f"train.max_steps={steps}", f"train.save_every={steps}", f"train.sample_every={steps}", "train.device=cpu",
         "data.num_workers=0", "train.fit_prior=0", "model.latent=deterministic", f"train.lr={lr}",
         f"train.warmup_steps={min(200, steps // 10)}", "train.batch_size=16", "train.ema=false",
+        f"train.init_images={len(list(data.glob('*.png')))}",  # a PCA layer sees every crop, as the PCA row does
         f"model.encoder={run.parent / f'{run.name}_enc.json'}", f"model.decoder={run.parent / f'{run.name}_dec.json'}"])
     tick = time.perf_counter()
     Trainer(cfg, None, quiet=True).train()
