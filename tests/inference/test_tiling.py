@@ -348,3 +348,14 @@ def test_every_local_2d_token_example_tiles_exactly():
             torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5, msg=lambda m: f"{tokens}: {m}")
             checked += 1
     assert checked >= 30
+
+
+def test_a_model_whose_latent_is_one_vector_cannot_be_tiled_and_says_so():
+    from flexvae.errors import DataError
+    from flexvae.inference.tiling import downsampling_factor
+    from flexvae.latents import DeterministicLatent
+
+    vae = build_vae(["Flat", "Lin_48_8"], ["Lin_8_48", "Reshape_3_4_4"], (3, 4, 4), DeterministicLatent())
+    with pytest.raises(DataError, match=r"^--tile: the model's latent is one vector of 8 values for the whole 4 x 4 px "
+                                        r"image, not a map of positions: it cannot be tiled; leave --tile out"):
+        downsampling_factor(vae, (3, 4, 4))

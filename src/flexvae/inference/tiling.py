@@ -30,6 +30,10 @@ from .exact_tiles import TILES_PER_CALL, tile_starts
 def downsampling_factor(vae, data_shape) -> int:
     """Pixels per latent position along each side (8 for the SD autoencoder)."""
     sides, latent_sides = tuple(int(s) for s in data_shape[1:]), tuple(int(s) for s in vae.latent_shape[1:])
+    if not latent_sides:
+        raise DataError(f"--tile: the model's latent is one vector of {vae.latent_shape[0]} values for the whole "
+                        f"{' x '.join(map(str, sides))} px image, not a map of positions: it cannot be tiled; "
+                        "leave --tile out (images are resized to the training size)")
     if len(sides) != len(latent_sides) or any(s % l for s, l in zip(sides, latent_sides)) or len(
             {s // l for s, l in zip(sides, latent_sides)}) != 1:
         raise DataError(f"--tile: the model maps {sides} px to latent positions {latent_sides}, not one whole "
