@@ -66,9 +66,6 @@ class PrincipalComponents(nn.Linear):
     doc="linear layer set to the inverse of the encoder's mirrored PCA before the first step, then trained",
 )
 class PrincipalComponentsInverse(nn.Linear):
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features)
-
     @torch.no_grad()
     def mirror(self, pca: PrincipalComponents, mean: torch.Tensor) -> None:
         """W^T y + mean: the inverse of ``pca`` (fitted to inputs of this ``mean``) on its components."""
