@@ -230,17 +230,31 @@ class OutputFolder:
                 self._record.close()
                 self._record = None
 
-    def _add(self, rel: str, digest: str, stat_key: list[int]) -> None:
-        """One line of the record (the lock held)."""
+    def start_record(self) -> None:
+        """Create the record (its header) now, before any file is written: where several
+        processes write into one folder, one of them does this before the others start."""
+        with self._lock:
+            self._open_record()
+
+    def _open_record(self) -> bool:
+        """Open the record for appending (the lock held), writing its header when it is new;
+        False when the folder's record is not ours."""
         self._load()
         if self._foreign_record:
-            return  # not ours to append to; the files stay unrecorded (foreign) to a later run
+            return False
         if self._record is None:  # opened once for the folder's lifetime (closed by writing_into)
             fresh = not self.record_path.exists()
             self.root.mkdir(parents=True, exist_ok=True)
             self._record = open(self.record_path, "a", encoding="utf-8", newline="\n")
             if fresh:
                 self._record.write(json.dumps(HEADER) + "\n")
+                self._record.flush()
+        return True
+
+    def _add(self, rel: str, digest: str, stat_key: list[int]) -> None:
+        """One line of the record (the lock held)."""
+        if not self._open_record():
+            return  # not ours to append to; the files stay unrecorded (foreign) to a later run
         self._record.write(json.dumps({"path": rel, "sha256": digest, "stat": stat_key}) + "\n")
         self._record.flush()
         self._hashes.setdefault(rel, set()).add(digest)

@@ -407,3 +407,29 @@ def test_native_size_reconstructs_at_each_images_own_resolution(tmp_path):
     assert run_in_process(["-t", *args, "--set", "train.max_steps=1"]).returncode == 0
     proc = run_in_process(["-i", *args, "--input", images, "--output", tmp_path / "n2", "--native-size"])
     assert proc.returncode == 1 and "--native-size: this model cannot reconstruct 20 x 20 images" in proc.stderr
+
+
+def test_under_torchrun_no_process_writes_before_every_process_has_checked_the_folder(ctx, images, tmp_path,
+                                                                                      monkeypatch):
+    """Each process checks every target of the folder (files flexvae did not write are refused
+    before anything is written); a process that started writing before another had checked would
+    make that one refuse the first's new latents. So the first barrier comes before any write, and
+    rank 0 has begun the record by then. Rank 0 of two, the barrier stopping the run there."""
+    from flexvae.outputs import HEADER, RECORD
+    from flexvae.train import distributed
+    from flexvae.train.distributed import DistInfo
+
+    out = tmp_path / "latents"
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def barrier(info):
+        seen.append((sorted(p.name for p in out.rglob("*.safetensors")), (out / RECORD).read_text()))
+        raise Stop
+
+    monkeypatch.setattr(distributed, "barrier", barrier)
+    with pytest.raises(Stop):
+        encode(ctx, images, out, dist=DistInfo(rank=0, world_size=2))
+    assert seen == [([], json.dumps(HEADER) + "\n")]

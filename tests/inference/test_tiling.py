@@ -5,6 +5,8 @@ round trip."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -319,8 +321,9 @@ def test_check_prints_the_receptive_field_and_the_overlap_exact_tiling_takes():
                                   "(AttentionBlock)); --tile is approximate")
 
 
-def test_every_local_2d_token_example_tiles_exactly():
+def test_every_local_2d_token_example_tiles_exactly(monkeypatch):
     """For every token example on 2D maps: if the footprint calls it local, tiled = untiled."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "layers"))  # also when run alone
     from test_layers import EXAMPLES
 
     from flexvae.inference.exact_tiles import exact_tiled_apply

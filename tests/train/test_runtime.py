@@ -281,6 +281,14 @@ def test_encode_splits_the_folder_across_processes(tmp_path, images):
     stats = [json.loads((tmp_path / run / "latent_stats.json").read_text()) for run in ("one", "two")]
     assert stats[0]["encoded"] == stats[1]["encoded"] == 12
     assert stats[0]["latent_std"] == pytest.approx(stats[1]["latent_std"], rel=1e-6)
+    # both processes wrote into one folder and its one record: rank 0 began it before either wrote
+    # (so its first line is the header, written once) and every file is recorded as flexvae's
+    from flexvae.outputs import HEADER, RECORD, OutputFolder
+
+    lines = [json.loads(line) for line in (tmp_path / "two" / RECORD).read_text().splitlines()]
+    assert lines[0] == HEADER and lines.count(HEADER) == 1
+    record = OutputFolder(tmp_path / "two")
+    assert all(record.is_ours(tmp_path / "two" / f"{i}.safetensors") for i in range(12))
 
 
 @pytest.mark.slow

@@ -88,6 +88,10 @@ def _encode(ctx: LoadedModel, input_dir, out_root, folder, *, fmt="safetensors",
     if stale and dist.is_main:
         print(f"note: {stale} latent(s) in {out_root} came from another checkpoint or other settings; "
               f"encoding them again with {made_by['checkpoint']} (step {made_by['step']})", file=sys.stderr)
+    if dist.enabled:  # every process has checked the whole folder before any writes into it
+        if dist.is_main:
+            folder.start_record()  # one header, written before the other processes append
+        barrier(dist)
     todo = todo[dist.rank::dist.world_size]
     if len(todo) <= 2 * batch_size:
         num_workers = 0  # starting worker processes costs more than a couple of batches
